@@ -1,0 +1,139 @@
+"""Blur nodes in ONNX: building the fixed depthwise blur, and recognizing one already in a graph.
+
+A blur is a depthwise Conv (group = C, weight [C, 1, k...]) with constant, non-negative taps that
+sum to one, the same in every channel. Reflect/replicate padding is a Pad node in front of it; zero
+padding goes through the Conv's own `pads`. Channels-last tensors are transposed to channels-first
+around it, since ONNX's Conv is channels-first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from aa_deploy import filters, graph
+
+MARK = "aa_deploy.blur"  # metadata key on every node this tool inserts
+ONNX_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "zero": "constant"}
+
+
+@dataclass(frozen=True)
+class BlurSpec:
+    """Everything that defines one blur of one tensor (equal specs on one tensor share a node)."""
+
+    channels: int
+    rank: int
+    channel_axis: int
+    axes: tuple[int, ...]  # axes of the tensor being blurred
+    taps: tuple[tuple[float, ...], ...]  # per axis
+    strides: tuple[int, ...]  # per axis
+    pads: tuple[tuple[int, int], ...]  # per axis
+    pad_mode: str  # reflect | replicate | zero
+
+
+def is_fixed_blur(node: ir.Node | None) -> bool:
+    """A depthwise Conv whose constant taps are non-negative, sum to one and match in every channel."""
+    if not graph.is_onnx(node, "Conv") or len(node.inputs) < 2:
+        return False
+    weight = graph.const_array(node.inputs[1])
+    if weight is None or weight.ndim < 3 or weight.shape[1] != 1:
+        return False
+    if node.attributes.get_int("group", 1) != weight.shape[0]:
+        return False
+    w = weight.astype(np.float64).reshape(weight.shape[0], -1)
+    return bool(
+        (w >= 0).all() and np.allclose(w.sum(axis=1), 1.0, atol=1e-3) and np.allclose(w, w[:1], atol=1e-6)
+    )
+
+
+def reads_blurred(value: ir.Value) -> bool:
+    """True when `value` comes straight out of a fixed blur (through Pad/Transpose glue)."""
+    producer = value.producer()
+    for _ in range(4):
+        if producer is None:
+            return False
+        if is_fixed_blur(producer):
+            return True
+        if not graph.is_onnx(producer, "Pad", "Transpose", "Identity"):
+            return False
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+    return False
+
+
+class BlurBuilder:
+    """Creates blur nodes in one graph with fresh, collision-free names."""
+
+    def __init__(self, g: ir.Graph) -> None:
+        self.graph = g
+        self.names = {n.name for n in g.all_nodes() if n.name}
+        self.names |= {v.name for n in g.all_nodes() for v in (*n.inputs, *n.outputs) if v is not None and v.name}
+        self.names |= {v.name for v in (*g.inputs, *g.initializers.values()) if v.name}
+        self.count = 0
+
+    def _fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def _const(self, base: str, array: np.ndarray) -> ir.Value:
+        name = self._fresh(base)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+        value.const_value = ir.tensor(array, name=name)
+        self.graph.register_initializer(value)
+        return value
+
+    def build(self, source: ir.Value, spec: BlurSpec, dtype: np.dtype, bias: ir.Value | None = None) -> tuple[list[ir.Node], ir.Value]:
+        """Nodes computing blur(source) (+ bias), not yet inserted, and the blurred value."""
+        self.count += 1
+        tag = f"aa_blur{self.count}"
+        meta = {MARK: "1"}
+        nodes: list[ir.Node] = []
+        r = spec.rank
+        # Axis numbers in the channels-first view of the tensor.
+        to_first = spec.channel_axis != 1
+        first_axes = tuple(a + 1 for a in spec.axes) if to_first else spec.axes
+        x = source
+        if to_first:
+            perm = [0, r - 1, *range(1, r - 1)]
+            nodes.append(ir.node("Transpose", [x], {"perm": perm}, name=self._fresh(f"{tag}/to_nc"), metadata_props=meta))
+            x = nodes[-1].outputs[0]
+        conv_pads = [0] * (2 * (r - 2))
+        if any(p != (0, 0) for p in spec.pads):
+            if spec.pad_mode == "zero":
+                for a, (lo, hi) in zip(first_axes, spec.pads):
+                    conv_pads[a - 2], conv_pads[a - 2 + r - 2] = lo, hi
+            else:
+                pads = [0] * (2 * r)
+                for a, (lo, hi) in zip(first_axes, spec.pads):
+                    pads[a], pads[a + r] = lo, hi
+                pad_value = self._const(f"{tag}/pads", np.asarray(pads, dtype=np.int64))
+                nodes.append(ir.node("Pad", [x, pad_value], {"mode": ONNX_PAD_MODES[spec.pad_mode]}, name=self._fresh(f"{tag}/pad"), metadata_props=meta))
+                x = nodes[-1].outputs[0]
+        per_axis = [(1.0,)] * (r - 2)
+        strides = [1] * (r - 2)
+        for a, taps, s in zip(first_axes, spec.taps, spec.strides):
+            per_axis[a - 2], strides[a - 2] = taps, s
+        k = filters.kernel(per_axis, dtype=dtype)
+        weight = self._const(f"{tag}/taps", np.broadcast_to(k, (spec.channels, 1, *k.shape)).copy())
+        inputs = [x, weight] + ([bias] if bias is not None else [])
+        nodes.append(
+            ir.node(
+                "Conv", inputs,
+                {"group": spec.channels, "kernel_shape": list(k.shape), "strides": strides, "pads": conv_pads},
+                name=self._fresh(f"{tag}/conv"), metadata_props=meta,
+            )
+        )
+        x = nodes[-1].outputs[0]
+        if to_first:
+            perm = [0, *range(2, r), 1]
+            nodes.append(ir.node("Transpose", [x], {"perm": perm}, name=self._fresh(f"{tag}/to_nhwc"), metadata_props=meta))
+            x = nodes[-1].outputs[0]
+        for node in nodes:
+            for out in node.outputs:
+                out.name = self._fresh(f"{source.name or tag}/{node.name.rsplit('/', 1)[-1]}")
+        return nodes, x

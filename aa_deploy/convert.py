@@ -1,0 +1,88 @@
+"""The conversion pipeline: load -> find sites -> plan -> rewrite -> check -> save."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from aa_deploy import model_io
+from aa_deploy.errors import InputError
+from aa_deploy.plan import Action, Options, plan
+from aa_deploy.sites import find_sites
+from aa_deploy.version import __version__
+
+
+@dataclass
+class Conversion:
+    """What `convert` did: the model, every site's action, and how many blur nodes went in."""
+
+    model: ir.Model
+    actions: list[Action]
+    blurs: int
+
+    @property
+    def changed(self) -> list[Action]:
+        return [a for a in self.actions if a.action != "skip"]
+
+
+def _prepare(model: ir.Model) -> None:
+    """Static shapes for sites whose channel count is not in a weight (pooling, slicing)."""
+    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+
+
+def inspect(model: ir.Model, options: Options = Options()) -> list[Action]:
+    """What `convert` would do to `model` (which is not changed beyond shape annotations)."""
+    _prepare(model)
+    return plan(find_sites(model.graph), options)
+
+
+def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
+    """Insert blurs into `model` in place and record what was done in its metadata."""
+    actions = inspect(model, options)
+    from aa_deploy.rewrite import rewrite
+
+    blurs = rewrite(model.graph, actions)
+    if blurs:
+        model_io.write_metadata(
+            model,
+            {
+                "version": __version__,
+                "options": options.as_dict(),
+                "filter": options.filter_label,
+                "mode": options.mode,
+                "pad": options.pad,
+                "sites": [a.describe() for a in actions],
+            },
+        )
+    return Conversion(model, actions, blurs)
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike | None = None,
+    options: Options = Options(),
+    *,
+    in_place: bool = False,
+    check: bool = True,
+    allow_empty: bool = False,
+) -> Conversion:
+    """Convert the model file `src` and write it to `dst` (atomically; never over `src` unless `in_place`)."""
+    src = Path(src)
+    if in_place:
+        dst = src
+    elif dst is None:
+        raise InputError("no output path given (-o FILE, or --in-place)")
+    dst = Path(dst)
+    if not in_place and dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise InputError(f"{dst}: output would overwrite the input (use --in-place to mean it)")
+    model = model_io.load(src)
+    external = model_io.uses_external_data(model)
+    result = convert_model(model, options)
+    if not result.actions and not allow_empty:
+        raise InputError(f"{src}: no downsampling sites found, nothing to convert")
+    model_io.save(model, dst, external=external, check=check)
+    return result

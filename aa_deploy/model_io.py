@@ -1,0 +1,105 @@
+"""Loading and saving models: lazy external data, atomic writes, the checker, aa-deploy metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from aa_deploy.errors import InputError
+
+META_PREFIX = "aa_deploy."
+MIN_OPSET = 11
+PROTO_LIMIT = 1_800_000_000  # stay under protobuf's 2 GiB with room for the graph
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model; external weights stay on disk (memory-mapped) until used."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    try:
+        model = ir.load(path)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'parse error'})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(model.graph) == 0 or not model.graph.outputs:
+        raise InputError(f"{path}: not a usable ONNX model (empty graph; truncated or not ONNX?)")
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if opset is None or opset < MIN_OPSET:
+        raise InputError(f"{path}: opset {opset} is not supported (aa-deploy needs opset {MIN_OPSET} or newer)")
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and not Path(tensor.path).exists():
+            raise InputError(f"{path}: external data file {tensor.location!r} is missing")
+    return model
+
+
+def uses_external_data(model: ir.Model) -> bool:
+    """True when any initializer lives in an external file, or the weights are too big for one proto."""
+    total = 0
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            return True
+        total += value.const_value.nbytes if value.const_value is not None else 0
+    return total > PROTO_LIMIT
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, external: bool, check: bool = True) -> None:
+    """Write `model` to `path` atomically: a temporary file in the same folder, checked, then renamed.
+
+    With `external`, weights go to `<name>.data` beside it. Nothing is left behind on failure.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: output folder does not exist")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".aa-deploy-", dir=folder))
+    except OSError as e:
+        raise InputError(f"{folder}: cannot write here ({e.strerror or e})") from None
+    try:
+        data_name = path.name + ".data" if external else None
+        ir.save(model, tmp / path.name, external_data=data_name)
+        if check:
+            try:
+                onnx.checker.check_model(str(tmp / path.name), full_check=True)
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+                raise InputError(f"the converted model fails onnx.checker: {str(e).splitlines()[0]}") from None
+        if data_name:
+            os.replace(tmp / data_name, folder / data_name)
+        os.replace(tmp / path.name, path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_metadata(model: ir.Model, fields: dict) -> None:
+    """Record `fields` under the aa_deploy.* keys of the model's metadata_props (JSON values)."""
+    for key, value in fields.items():
+        model.metadata_props[META_PREFIX + key] = value if isinstance(value, str) else json.dumps(value)
+
+
+def read_metadata(model: ir.Model | onnx.ModelProto) -> dict:
+    """The aa_deploy.* metadata of a model (JSON values decoded), {} for an unconverted model."""
+    props = model.metadata_props if isinstance(model, ir.Model) else {p.key: p.value for p in model.metadata_props}
+    out = {}
+    for key, value in props.items():
+        if key.startswith(META_PREFIX):
+            try:
+                out[key.removeprefix(META_PREFIX)] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key.removeprefix(META_PREFIX)] = value
+    return out

@@ -1,0 +1,1 @@
+"""Architectures aa-deploy ships itself, for its bundled trained weights."""

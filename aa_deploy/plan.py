@@ -1,0 +1,155 @@
+"""Deciding what to do at each site: mode, filter taps, padding, fallbacks, shared blurs, skips.
+
+Pure: reads Sites and Options, mutates nothing, so `inspect` prints exactly what `convert` will do.
+The PyTorch twin takes its vocabulary (modes, paddings, the padding fallback) from here too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from aa_deploy import filters
+from aa_deploy.blur_nodes import BlurSpec
+from aa_deploy.sites import Site
+
+MODES = ("auto", "pre", "blurpool")
+PADS = ("reflect", "replicate", "zero")
+POOLING = ("max-pool", "average-pool")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user asked for."""
+
+    filter: str = "triangle"
+    filter_size: int | None = None
+    mode: str = "auto"  # auto: blurpool for pooling, pre for everything else
+    pad: str = "reflect"
+    skip_stem: bool = False
+    include: str | None = None
+    exclude: str | None = None
+
+    def __post_init__(self) -> None:
+        filters.filter_size(self.filter, self.filter_size)  # validates
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.pad not in PADS:
+            raise ValueError(f"pad must be one of {', '.join(PADS)}, not {self.pad!r}")
+        for pattern in (self.include, self.exclude):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"bad regular expression {pattern!r}: {e}") from None
+
+    @property
+    def size(self) -> int:
+        return filters.filter_size(self.filter, self.filter_size)
+
+    @property
+    def filter_label(self) -> str:
+        return f"binomial{self.filter_size}" if self.filter_size is not None else self.filter
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(eq=False)
+class Action:
+    """The decision for one site."""
+
+    site: Site
+    action: str  # pre | blurpool | skip
+    note: str = ""
+    spec: BlurSpec | None = None
+    shared_with: int | None = None  # index of the action whose blur node this one reuses
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        out = self.site.describe() | {"action": self.action, "note": self.note}
+        if self.spec is not None:
+            out |= {"taps": [len(t) for t in self.spec.taps], "pad": self.spec.pad_mode}
+        if self.shared_with is not None:
+            out["shared_with"] = self.shared_with
+        return out
+
+
+def mode_for(kind: str, mode: str) -> str:
+    """The mode a site of `kind` gets under the user's `mode`."""
+    if mode == "auto":
+        return "blurpool" if kind in POOLING else "pre"
+    return mode
+
+
+def pad_mode_for(pad: str, pads: tuple[tuple[int, int], ...], sizes: tuple[int | None, ...]) -> str:
+    """`reflect` needs every pad smaller than its axis: fall back to `replicate` where a map is too small."""
+    if pad == "reflect" and any(size is not None and max(p) >= size for p, size in zip(pads, sizes)):
+        return "replicate"
+    return pad
+
+
+def _selected(site: Site, options: Options) -> str | None:
+    """Why the user's selection leaves `site` out, or None if it is in."""
+    names = (site.name, site.scope)
+    if options.include is not None and not any(re.search(options.include, n) for n in names if n):
+        return f"not matched by --include {options.include}"
+    if options.exclude is not None and any(re.search(options.exclude, n) for n in names if n):
+        return f"matched by --exclude {options.exclude}"
+    return None
+
+
+def plan(sites: list[Site], options: Options) -> list[Action]:
+    """One Action per site, in site order."""
+    actions: list[Action] = []
+    shared: dict[tuple, int] = {}
+    for i, site in enumerate(sites):
+        skip = None
+        if site.protected:
+            skip = "already anti-aliased (reads a fixed blur)"
+        elif options.skip_stem and i == 0:
+            skip = "stem (--skip-stem)"
+        elif options.size == 1:
+            skip = "a 1-tap filter is the identity"
+        elif site.channels is None:
+            skip = "channel count unknown (no static shape information)"
+        else:
+            skip = _selected(site, options)
+        if skip is not None:
+            actions.append(Action(site, "skip", skip))
+            continue
+        mode = mode_for(site.kind, options.mode)
+        note = ""
+        if mode == "blurpool" and site.blurpool is not None:
+            note = f"pre instead of blurpool: {site.blurpool}"
+            mode = "pre"
+        taps = tuple(filters.taps_1d(options.size, s) for s in site.strides)
+        pads = tuple(filters.padding(len(t)) for t in taps)
+        sizes = site.sizes if mode == "pre" else site.extra.get("stride1_sizes", site.sizes)
+        pad_mode = pad_mode_for(options.pad, pads, sizes)
+        if pad_mode != options.pad:
+            note = "; ".join(filter(None, [note, f"reflect -> replicate: map of {min(s for s in sizes if s)} px"]))
+        channels = site.channels if mode == "pre" else site.extra.get("out_channels")
+        if channels is None:
+            actions.append(Action(site, "skip", "output channel count unknown"))
+            continue
+        spec = BlurSpec(
+            channels=channels,
+            rank=site.rank,
+            channel_axis=site.channel_axis,
+            axes=site.axes,
+            taps=taps,
+            strides=(1,) * len(taps) if mode == "pre" else site.strides,
+            pads=pads,
+            pad_mode=pad_mode,
+        )
+        action = Action(site, mode, note, spec)
+        if mode == "pre":
+            key = (id(site.value), spec)
+            if key in shared:
+                action.shared_with = shared[key]
+                action.note = "; ".join(filter(None, [note, f"shares the blur of site {shared[key]}"]))
+            else:
+                shared[key] = i
+        actions.append(action)
+    return actions

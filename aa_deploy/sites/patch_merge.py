@@ -1,0 +1,101 @@
+"""Patch-merging sites (space-to-depth), channels-first or channels-last:
+
+    Slice(step 2) x k -> Concat(channel axis)      (torchvision Swin)    -> blur, then the same
+    Reshape(rank 6) -> Transpose -> Reshape        (timm Swin, NHWC/NCHW) -> blur, then the same
+    SpaceToDepth(blocksize b)                                             -> blur, then the same
+
+A Pad that only these nodes read (exporters leave a no-op one from `F.pad(x, (0, 0, 0, W % 2, ...))`)
+is looked through: the blur goes in front of it, where the PyTorch twin puts it.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from aa_deploy import graph
+from aa_deploy.sites import strided_slice
+from aa_deploy.sites.site import Site
+
+
+def _through_pad(value: ir.Value, readers: tuple[ir.Node, ...]) -> tuple[ir.Value, tuple[ir.Node, ...]]:
+    """(value, readers) moved in front of a Pad that feeds only `readers`."""
+    pad = value.producer()
+    if graph.is_onnx(pad, "Pad") and set(map(id, graph.unique_consumers(value))) <= set(map(id, readers)):
+        if not value.is_graph_output() and graph.dims(pad.inputs[0]) is not None:
+            return pad.inputs[0], (pad,)
+    return value, readers
+
+
+def _slice_concat(node: ir.Node) -> tuple[Site, list[ir.Node]] | None:
+    chains = [strided_slice.chain_from(v.producer()) if v is not None and v.producer() is not None else None for v in node.inputs]
+    if len(chains) < 2 or any(c is None or c.output is not v for c, v in zip(chains, node.inputs)):
+        return None
+    source = chains[0].source
+    if any(c.source is not source or c.strides != chains[0].strides for c in chains):
+        return None
+    x = graph.dims(source)
+    if x is None:
+        return None
+    rank = len(x)
+    concat_axis = node.attributes.get_int("axis", 0) % rank
+    channel_axis = strided_slice.layout(rank, tuple(chains[0].strides), prefer_last=concat_axis == rank - 1)
+    if channel_axis != concat_axis:
+        return None
+    readers = tuple(dict.fromkeys(c.nodes[0] for c in chains))
+    value, readers = _through_pad(source, readers)
+    site = strided_slice.site_for("patch-merge", node, value, readers, chains[0].strides, channel_axis)
+    site.extra["form"] = "Slice+Concat"
+    return site, [n for c in chains for n in c.nodes]
+
+
+def _reshape_transpose(node: ir.Node) -> tuple[Site, list[ir.Node]] | None:
+    x = graph.dims(node.inputs[0])
+    out = graph.dims(node.outputs[0])
+    if out is None or len(out) != 6:
+        target = graph.const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        out = None if target is None or target.size != 6 else tuple(int(d) for d in target)
+    if x is None or len(x) != 4 or out is None:
+        return None
+    readers = graph.unique_consumers(node.outputs[0])
+    if len(readers) != 1 or not graph.is_onnx(readers[0], "Transpose"):
+        return None
+    if out[2] == out[4] and out[2] is not None and out[2] > 1 and x[3] is not None and out[5] == x[3]:
+        channel_axis, stride = 3, out[2]  # (B, H/s, s, W/s, s, C)
+    elif out[3] == out[5] and out[3] is not None and out[3] > 1 and x[1] is not None and out[1] == x[1]:
+        channel_axis, stride = 1, out[3]  # (B, C, H/s, s, W/s, s)
+    else:
+        return None
+    axes = (1, 2) if channel_axis == 3 else (2, 3)
+    value, site_readers = _through_pad(node.inputs[0], (node,))
+    site = strided_slice.site_for("patch-merge", node, value, site_readers, dict.fromkeys(axes, stride), channel_axis)
+    site.extra["form"] = "Reshape+Transpose"
+    return site, [node]
+
+
+def _space_to_depth(node: ir.Node) -> tuple[Site, list[ir.Node]] | None:
+    x = graph.dims(node.inputs[0])
+    b = node.attributes.get_int("blocksize", 1)
+    if x is None or len(x) != 4 or b < 2:
+        return None
+    site = strided_slice.site_for("patch-merge", node, node.inputs[0], (node,), {2: b, 3: b}, 1)
+    site.extra["form"] = "SpaceToDepth"
+    return site, [node]
+
+
+def find(g: ir.Graph, claimed: set[int]) -> list[Site]:
+    """Every patch merge of `g`; claims the nodes it explains so other finders skip them."""
+    sites = []
+    for node in g:
+        if graph.is_onnx(node, "Concat"):
+            found = _slice_concat(node)
+        elif graph.is_onnx(node, "Reshape"):
+            found = _reshape_transpose(node)
+        elif graph.is_onnx(node, "SpaceToDepth"):
+            found = _space_to_depth(node)
+        else:
+            continue
+        if found is not None:
+            site, nodes = found
+            claimed.update(map(id, nodes))
+            sites.append(site)
+    return sites

@@ -1,0 +1,64 @@
+"""The `Site` record: one place in a graph where a feature map is subsampled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from aa_deploy import graph
+
+
+@dataclass(eq=False)
+class Site:
+    """One downsampling site.
+
+    `value` is the tensor that gets subsampled; `readers` are the nodes of this site that read it
+    (the ones rewired to the blurred tensor in `pre` mode); `node` is the node that subsamples.
+    Axes index `value`'s own dims; `channel_axis` is 1 (channels-first) or rank - 1 (channels-last).
+    """
+
+    kind: str
+    node: ir.Node
+    value: ir.Value
+    readers: tuple[ir.Node, ...]
+    axes: tuple[int, ...]
+    strides: tuple[int, ...]
+    channel_axis: int
+    rank: int
+    channels: int | None
+    sizes: tuple[int | None, ...]  # static sizes of `axes` in `value`, None where dynamic
+    blurpool: str | None = None  # why blurpool mode cannot apply here (None: it can)
+    protected: bool = False  # already preceded by a fixed blur
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.node.name or ""
+
+    @property
+    def op(self) -> str:
+        return self.node.op_type
+
+    @property
+    def layout(self) -> str:
+        spatial = "DHW"[-(self.rank - 2):] if self.rank <= 5 else "S" * (self.rank - 2)
+        return ("NC" + spatial) if self.channel_axis == 1 else ("N" + spatial + "C")
+
+    @property
+    def scope(self) -> str:
+        return graph.module_scope(self.node)
+
+    def describe(self) -> dict:
+        """JSON-friendly description (what `inspect` and the metadata record)."""
+        return {
+            "kind": self.kind,
+            "node": self.name,
+            "op": self.op,
+            "scope": self.scope,
+            "tensor": self.value.name,
+            "axes": list(self.axes),
+            "stride": list(self.strides),
+            "channels": self.channels,
+            "layout": self.layout,
+        }

@@ -1,0 +1,85 @@
+"""Strided convolution sites: `Conv(stride s > 1)` of any rank and group count -> blur at stride 1, then Conv.
+
+Not sites: stride-1 Convs, ConvTranspose (upsampling), and fixed blurs themselves (a strided blur is
+an already anti-aliased downsampler).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from aa_deploy import blur_nodes, graph
+from aa_deploy.sites.site import Site
+
+
+def _channels(node: ir.Node) -> int | None:
+    """Input channels: weight dim 1 times group, else the input's static dim 1."""
+    weight = graph.dims(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is not None and len(weight) >= 3 and weight[1] is not None:
+        return weight[1] * node.attributes.get_int("group", 1)
+    x = graph.dims(node.inputs[0])
+    return x[1] if x is not None and len(x) > 1 else None
+
+
+def _spatial_rank(node: ir.Node) -> int | None:
+    kernel = graph.ints(node, "kernel_shape")
+    if kernel is not None:
+        return len(kernel)
+    weight = graph.dims(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is not None:
+        return len(weight) - 2
+    x = graph.dims(node.inputs[0])
+    return None if x is None else len(x) - 2
+
+
+def strided_site(node: ir.Node, kind: str, kernel: tuple[int, ...] | None) -> Site | None:
+    """A Site for a channels-first strided node (Conv or pooling), or None when nothing is strided."""
+    n = _spatial_rank(node) if kernel is None else len(kernel)
+    if n is None:
+        return None
+    strides = graph.ints(node, "strides", [1] * n)
+    if all(s == 1 for s in strides):
+        return None
+    x = node.inputs[0]
+    x_dims = graph.dims(x)
+    axes = tuple(2 + i for i, s in enumerate(strides) if s > 1)
+    sizes = tuple(x_dims[a] if x_dims is not None and a < len(x_dims) else None for a in axes)
+    kernel = kernel or graph.ints(node, "kernel_shape") or tuple((graph.dims(node.inputs[1]) or ())[2:])
+    pads = graph.ints(node, "pads", [0] * (2 * n))
+    dilations = graph.ints(node, "dilations", [1] * n)
+    # Sizes of the map the same node produces at stride 1: what a blurpool-mode blur reads.
+    stride1 = tuple(
+        None if size is None or not kernel else size + pads[a - 2] + pads[a - 2 + n] - dilations[a - 2] * (kernel[a - 2] - 1)
+        for a, size in zip(axes, sizes)
+    )
+    auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+    return Site(
+        kind=kind,
+        node=node,
+        value=x,
+        readers=(node,),
+        axes=axes,
+        strides=tuple(strides[a - 2] for a in axes),
+        channel_axis=1,
+        rank=n + 2,
+        channels=None,
+        sizes=sizes,
+        blurpool=None if auto_pad in ("NOTSET", "") else f"auto_pad={auto_pad}",
+        protected=blur_nodes.reads_blurred(x),
+        extra={"stride1_sizes": stride1},
+    )
+
+
+def find(g: ir.Graph, claimed: set[int]) -> list[Site]:
+    """Every strided Conv of `g` that is not itself a blur."""
+    sites = []
+    for node in g:
+        if not graph.is_onnx(node, "Conv") or id(node) in claimed or blur_nodes.is_fixed_blur(node):
+            continue
+        site = strided_site(node, "strided-conv", None)
+        if site is not None:
+            site.channels = _channels(node)
+            weight = graph.dims(node.inputs[1]) if len(node.inputs) > 1 else None
+            site.extra["out_channels"] = weight[0] if weight else None
+            sites.append(site)
+    return sites

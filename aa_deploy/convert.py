@@ -42,10 +42,14 @@ def inspect(model: ir.Model, options: Options = Options()) -> list[Action]:
 
 def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
     """Insert blurs into `model` in place and record what was done in its metadata."""
+    g = model.graph
+    declared = [(v.shape, v.type) for v in (*g.inputs, *g.outputs)]
     actions = inspect(model, options)
     from aa_deploy.rewrite import rewrite
 
-    blurs = rewrite(model.graph, actions)
+    blurs = rewrite(g, actions)
+    for value, (shape, type_) in zip((*g.inputs, *g.outputs), declared):  # the interface stays as declared
+        value.shape, value.type = shape, type_
     if blurs:
         model_io.write_metadata(
             model,

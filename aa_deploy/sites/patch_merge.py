@@ -4,8 +4,7 @@
     Reshape(rank 6) -> Transpose -> Reshape        (timm Swin, NHWC/NCHW) -> blur, then the same
     SpaceToDepth(blocksize b)                                             -> blur, then the same
 
-A Pad that only these nodes read (exporters leave a no-op one from `F.pad(x, (0, 0, 0, W % 2, ...))`)
-is looked through: the blur goes in front of it, where the PyTorch twin puts it.
+A Pad that only these nodes read is looked through (see `look_through_pad`).
 """
 
 from __future__ import annotations
@@ -14,16 +13,7 @@ import onnx_ir as ir
 
 from aa_deploy import graph
 from aa_deploy.sites import strided_slice
-from aa_deploy.sites.site import Site
-
-
-def _through_pad(value: ir.Value, readers: tuple[ir.Node, ...]) -> tuple[ir.Value, tuple[ir.Node, ...]]:
-    """(value, readers) moved in front of a Pad that feeds only `readers`."""
-    pad = value.producer()
-    if graph.is_onnx(pad, "Pad") and set(map(id, graph.unique_consumers(value))) <= set(map(id, readers)):
-        if not value.is_graph_output() and graph.dims(pad.inputs[0]) is not None:
-            return pad.inputs[0], (pad,)
-    return value, readers
+from aa_deploy.sites.site import Site, look_through_pad
 
 
 def _slice_concat(node: ir.Node) -> tuple[Site, list[ir.Node]] | None:
@@ -42,7 +32,7 @@ def _slice_concat(node: ir.Node) -> tuple[Site, list[ir.Node]] | None:
     if channel_axis != concat_axis:
         return None
     readers = tuple(dict.fromkeys(c.nodes[0] for c in chains))
-    value, readers = _through_pad(source, readers)
+    value, readers = look_through_pad(source, readers)
     site = strided_slice.site_for("patch-merge", node, value, readers, chains[0].strides, channel_axis)
     site.extra["form"] = "Slice+Concat"
     return site, [n for c in chains for n in c.nodes]
@@ -66,7 +56,7 @@ def _reshape_transpose(node: ir.Node) -> tuple[Site, list[ir.Node]] | None:
     else:
         return None
     axes = (1, 2) if channel_axis == 3 else (2, 3)
-    value, site_readers = _through_pad(node.inputs[0], (node,))
+    value, site_readers = look_through_pad(node.inputs[0], (node,))
     site = strided_slice.site_for("patch-merge", node, value, site_readers, dict.fromkeys(axes, stride), channel_axis)
     site.extra["form"] = "Reshape+Transpose"
     return site, [node]

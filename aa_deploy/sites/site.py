@@ -62,3 +62,16 @@ class Site:
             "channels": self.channels,
             "layout": self.layout,
         }
+
+
+def look_through_pad(value: ir.Value, readers: tuple[ir.Node, ...]) -> tuple[ir.Value, tuple[ir.Node, ...]]:
+    """(value, readers) moved in front of a Pad that only `readers` read.
+
+    Exporters turn a module's own padding (`padding_mode='reflect'`, `F.pad(x, (0, 0, 0, W % 2, ...))`
+    in patch merging) into a Pad node; the blur belongs in front of it, where the PyTorch twin puts it.
+    """
+    pad = value.producer()
+    if graph.is_onnx(pad, "Pad") and not value.is_graph_output() and graph.dims(pad.inputs[0]) is not None:
+        if set(map(id, graph.unique_consumers(value))) <= set(map(id, readers)):
+            return pad.inputs[0], (pad,)
+    return value, readers

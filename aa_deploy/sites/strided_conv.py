@@ -9,7 +9,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from aa_deploy import blur_nodes, graph
-from aa_deploy.sites.site import Site
+from aa_deploy.sites.site import Site, look_through_pad
 
 
 def _channels(node: ir.Node) -> int | None:
@@ -79,6 +79,8 @@ def find(g: ir.Graph, claimed: set[int]) -> list[Site]:
         site = strided_site(node, "strided-conv", None)
         if site is not None:
             site.channels = _channels(node)
+            site.value, site.readers = look_through_pad(site.value, site.readers)
+            site.protected = site.protected or blur_nodes.reads_blurred(site.value)
             weight = graph.dims(node.inputs[1]) if len(node.inputs) > 1 else None
             site.extra["out_channels"] = weight[0] if weight else None
             sites.append(site)

@@ -1,0 +1,5 @@
+import sys
+
+from aa_deploy.cli import main
+
+sys.exit(main())

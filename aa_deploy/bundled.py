@@ -1,0 +1,33 @@
+"""The trained model and real images that ship with aa-deploy (see assets/README.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+ASSETS = Path(__file__).parent / "assets"
+RESNET20_WEIGHTS = ASSETS / "resnet20-12fca82f.th"
+CIFAR_TEST = ASSETS / "cifar10_test100.csv"
+
+
+def cifar_test_images() -> tuple[np.ndarray, np.ndarray]:
+    """The 100 bundled CIFAR-10 test images as uint8 NHWC (100, 32, 32, 3) and their labels."""
+    rows = np.loadtxt(CIFAR_TEST, delimiter=",", dtype=np.int64)
+    return rows[:, 1:].reshape(-1, 32, 32, 3).astype(np.uint8), rows[:, 0]
+
+
+def cifar_normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> normalized float32 NCHW, as the CIFAR ResNet checkpoints expect."""
+    from aa_deploy.models.cifar_resnet import MEAN, STD
+
+    x = images.astype(np.float32) / 255.0
+    x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def resnet20():
+    """The bundled trained CIFAR-10 ResNet-20 (eval mode)."""
+    from aa_deploy.models.cifar_resnet import cifar_resnet
+
+    return cifar_resnet(20, RESNET20_WEIGHTS)

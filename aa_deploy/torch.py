@@ -1,0 +1,250 @@
+"""The PyTorch twin: the same anti-aliasing transformation on an nn.Module.
+
+`antialias(model, ...)` wraps every downsampling module it can see, with the taps from
+`aa_deploy.filters` and the modes, paddings and fallbacks from `aa_deploy.plan`, so the ONNX pass
+and the twin compute the same function. It is the reference for parity checks, and a starting
+point for fine-tuning with the blur in place.
+
+Sites it sees: strided Conv1d/2d/3d, MaxPool/AvgPool1d/2d/3d with stride > 1, torchvision's and
+timm's Swin `PatchMerging` (channels-last), and any module declaring `antialias_site =
+"strided-slice"` with a `stride` (e.g. the CIFAR ResNet's option-A shortcut). Sites are numbered in
+`named_modules()` order; `skip_stem` leaves the first one, `include`/`exclude` match module paths.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aa_deploy import filters
+from aa_deploy.plan import POOLING, Options, mode_for, pad_mode_for
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_TORCH_PAD = {"reflect": "reflect", "replicate": "replicate", "zero": "constant"}
+
+
+def _tuple(v, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+class Blur(nn.Module):
+    """Fixed depthwise blur over some spatial axes, with the ONNX pass's padding and fallback rules."""
+
+    def __init__(
+        self, spatial_rank: int, strides: tuple[int, ...], size: int, pad: str, channels_last: bool = False
+    ) -> None:
+        super().__init__()
+        self.strides = strides  # one per spatial axis; 1 = not blurred... unless blurred at stride 1
+        self.pad = pad
+        self.channels_last = channels_last
+        self.blurred = tuple(s > 1 for s in strides)
+        self.conv_strides: tuple[int, ...] = (1,) * spatial_rank
+        taps = [filters.taps_1d(size, s) if b else (1.0,) for s, b in zip(strides, self.blurred)]
+        self.pads = tuple(filters.padding(len(t)) for t in taps)
+        self.register_buffer("kernel", torch.from_numpy(filters.kernel(taps, dtype="float64")), persistent=False)
+
+    def at_stride(self) -> Blur:
+        """This blur applied with the site's stride (blurpool form) instead of stride 1 (pre form)."""
+        self.conv_strides = self.strides
+        return self
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.channels_last:
+            x = x.movedim(-1, 1)
+        sizes = x.shape[2:]
+        mode = pad_mode_for(
+            self.pad, tuple(p for p, b in zip(self.pads, self.blurred) if b), tuple(int(s) for s, b in zip(sizes, self.blurred) if b)
+        )
+        flat = [p for lo_hi in reversed(self.pads) for p in lo_hi]
+        if any(flat):
+            x = F.pad(x, flat, mode=_TORCH_PAD[mode])
+        c = x.shape[1]
+        weight = self.kernel.to(x.dtype).expand(c, 1, *self.kernel.shape)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+        y = conv(x, weight, bias, stride=self.conv_strides, groups=c)
+        return y.movedim(1, -1) if self.channels_last else y
+
+    def extra_repr(self) -> str:
+        return f"kernel={tuple(self.kernel.shape)}, stride={self.conv_strides}, pad={self.pad}"
+
+
+class PreBlur(nn.Module):
+    """`module(blur(x))`: blur at stride 1 in front of an unchanged downsampling module."""
+
+    def __init__(self, module: nn.Module, blur: Blur) -> None:
+        super().__init__()
+        self.blur = blur
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(self.blur(x))
+
+
+class ConvBlurPool(nn.Module):
+    """The conv at stride 1 without its bias, then the blur at the conv's stride, plus the bias."""
+
+    def __init__(self, conv: nn.Module, blur: Blur) -> None:
+        super().__init__()
+        self.conv = conv
+        self.blur = blur.at_stride()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        padding = conv.padding
+        if conv.padding_mode != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = 0
+        fn = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+        y = fn(x, conv.weight, None, 1, padding, conv.dilation, conv.groups)
+        return self.blur(y, bias=conv.bias)
+
+
+class PoolBlurPool(nn.Module):
+    """The pool at stride 1, then the blur at the pool's stride (MaxBlurPool for MaxPool)."""
+
+    def __init__(self, pool: nn.Module, blur: Blur) -> None:
+        super().__init__()
+        self.pool = pool
+        self.blur = blur.at_stride()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool, n = self.pool, x.dim() - 2
+        kernel, padding = _tuple(pool.kernel_size, n), _tuple(pool.padding, n)
+        if all(k >= s + 2 * p for k, s, p in zip(kernel, x.shape[2:], padding)):
+            return pool(x)  # a global pool at this size: not a site, as in the ONNX pass
+        if isinstance(pool, _MAXPOOL):
+            fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
+            y = fn(x, kernel, 1, padding, pool.dilation)
+        else:
+            fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
+            extra = {} if n == 1 else {"divisor_override": pool.divisor_override}
+            y = fn(x, kernel, 1, padding, False, pool.count_include_pad, **extra)
+        return self.blur(y)
+
+
+class GuardedPreBlur(PreBlur):
+    """PreBlur for pools: no blur when the pool acts as a global pool at the input's size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool, n = self.module, x.dim() - 2
+        kernel, padding = _tuple(pool.kernel_size, n), _tuple(pool.padding, n)
+        if all(k >= s + 2 * p for k, s, p in zip(kernel, x.shape[2:], padding)):
+            return pool(x)
+        return super().forward(x)
+
+
+@dataclass
+class TwinSite:
+    """One module the twin changed (or left alone), in the ONNX pass's vocabulary."""
+
+    name: str
+    kind: str
+    strides: tuple[int, ...]
+    action: str
+    note: str = ""
+
+
+def _site_of(module: nn.Module) -> tuple[str, tuple[int, ...], bool] | None:
+    """(kind, per-spatial-axis strides, channels_last) for a downsampling module, else None."""
+    if isinstance(module, (Blur, PreBlur, ConvBlurPool, PoolBlurPool)):
+        return None
+    if isinstance(module, _CONV):
+        strides = _tuple(module.stride, module.weight.dim() - 2)
+        return ("strided-conv", strides, False) if any(s > 1 for s in strides) else None
+    if isinstance(module, _MAXPOOL + _AVGPOOL):
+        n = 1 if isinstance(module, (nn.MaxPool1d, nn.AvgPool1d)) else 2 if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) else 3
+        strides = _tuple(module.stride if module.stride else module.kernel_size, n)
+        kind = "max-pool" if isinstance(module, _MAXPOOL) else "average-pool"
+        return (kind, strides, False) if any(s > 1 for s in strides) else None
+    if type(module).__name__ in ("PatchMerging", "PatchMergingV2") and type(module).__module__.split(".")[0] in ("timm", "torchvision"):
+        return ("patch-merge", (2, 2), True)
+    if getattr(module, "antialias_site", None) == "strided-slice":
+        return ("strided-slice", _tuple(module.stride, 2), False)
+    return None
+
+
+def find_sites(model: nn.Module) -> list[tuple[str, nn.Module, str, tuple[int, ...], bool]]:
+    """(path, module, kind, strides, channels_last) for each site, outermost first, in module order."""
+    found = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        site = _site_of(module)
+        if site is not None:
+            found.append((name, module, *site))
+            inside.append(name)
+    return found
+
+
+def _selected(name: str, options: Options) -> str | None:
+    if options.include is not None and not re.search(options.include, name):
+        return f"not matched by --include {options.include}"
+    if options.exclude is not None and re.search(options.exclude, name):
+        return f"matched by --exclude {options.exclude}"
+    return None
+
+
+def _set(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+
+
+def antialias(
+    model: nn.Module,
+    filter: str = "triangle",
+    mode: str = "auto",
+    pad: str = "reflect",
+    *,
+    filter_size: int | None = None,
+    skip_stem: bool = False,
+    include: str | None = None,
+    exclude: str | None = None,
+    inplace: bool = False,
+) -> tuple[nn.Module, list[TwinSite]]:
+    """The anti-aliased twin of `model` (a copy unless `inplace`) and what was done at each site."""
+    options = Options(filter, filter_size, mode, pad, skip_stem, include, exclude)
+    return antialias_with(model, options, inplace=inplace)
+
+
+def antialias_with(model: nn.Module, options: Options, *, inplace: bool = False) -> tuple[nn.Module, list[TwinSite]]:
+    """`antialias` with an `Options` record (e.g. read back from a converted model's metadata)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = []
+    for i, (name, module, kind, strides, channels_last) in enumerate(find_sites(model)):
+        skip = "stem (--skip-stem)" if options.skip_stem and i == 0 else None
+        if skip is None and options.size == 1:
+            skip = "a 1-tap filter is the identity"
+        skip = skip or _selected(name, options)
+        if skip is not None:
+            report.append(TwinSite(name, kind, strides, "skip", skip))
+            continue
+        blur = Blur(len(strides), strides, options.size, options.pad, channels_last)
+        site_mode = mode_for(kind, options.mode)
+        note = ""
+        if site_mode == "blurpool" and kind == "strided-conv":
+            new: nn.Module = ConvBlurPool(module, blur)
+        elif site_mode == "blurpool" and kind in POOLING and not module.ceil_mode:
+            new = PoolBlurPool(module, blur)
+        else:
+            if site_mode == "blurpool":
+                note = "pre instead of blurpool: " + ("ceil_mode=1" if kind in POOLING else "slicing")
+            site_mode = "pre"
+            new = GuardedPreBlur(module, blur) if kind in POOLING else PreBlur(module, blur)
+        _set(model, name, new)
+        report.append(TwinSite(name, kind, strides, site_mode, note))
+    return model, report
+
+
+def options_from_metadata(metadata: dict) -> Options:
+    """The Options a converted model was made with (its aa_deploy.options metadata)."""
+    return Options(**metadata["options"])

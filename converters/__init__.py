@@ -1,0 +1,1 @@
+"""Turning models into deployable artifacts: PyTorch -> ONNX, ONNX -> runtime sessions."""

@@ -1,0 +1,33 @@
+"""ONNX Runtime sessions behind the runner interface `run(feeds) -> outputs`."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+class OnnxRuntimeRunner:
+    """One ONNX Runtime session; `run` maps input names to arrays and returns all outputs."""
+
+    def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None) -> None:
+        available = ort.get_available_providers()
+        name = PROVIDERS.get(provider, provider)
+        if name not in available:
+            raise RuntimeError(f"ONNX Runtime provider {name} is not available here (have: {', '.join(available)})")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=[name])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The first output for a single-input model."""
+        return self.run({self.input_names[0]: x})[0]

@@ -1,0 +1,123 @@
+"""The `aa-deploy` CLI on good and bad input: one-line errors, exit codes, no partial output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from aa_deploy.cli import main
+from tests import graphs as G
+
+
+@pytest.fixture
+def conv_onnx(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(G.conv_model(["N", 3, 16, 16]), path)
+    return path
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aa_deploy", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, needle: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert needle in lines[0]
+
+
+def test_convert_writes_a_runnable_model_and_prints_the_table(conv_onnx, tmp_path):
+    out = tmp_path / "model.aa.onnx"
+    proc = cli("convert", conv_onnx, "--filter", "binomial", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "stage/conv.0" in proc.stdout and "strided-conv" in proc.stdout and "changed 1 of 1" in proc.stdout
+    y = ort.InferenceSession(str(out)).run(None, {"X": np.ones((2, 3, 16, 16), np.float32)})[0]
+    assert y.shape == (2, 4, 8, 8)
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".aa-deploy-")]  # no temporary left over
+
+
+def test_inspect_json_lists_the_plan(conv_onnx, capsys):
+    assert main(["inspect", str(conv_onnx), "--json", "--mode", "blurpool"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [(p["node"], p["action"], p["stride"]) for p in plan] == [("stage/conv.0", "blurpool", [2, 2])]
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(cli("convert", tmp_path / "nope.onnx", "-o", tmp_path / "o.onnx"), 2, "no such file")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_not_onnx_and_truncated(tmp_path, conv_onnx):
+    text = tmp_path / "notes.onnx"
+    text.write_text("hello, this is not a model\n" * 20)
+    assert_one_line_error(cli("inspect", text), 2, "not a")
+    data = conv_onnx.read_bytes()
+    for cut in (len(data) // 3, len(data) - 7, 0):
+        bad = tmp_path / f"cut{cut}.onnx"
+        bad.write_bytes(data[:cut])
+        proc = cli("convert", bad, "-o", tmp_path / "o.onnx")
+        assert_one_line_error(proc, 2, str(bad))
+        assert not (tmp_path / "o.onnx").exists()
+
+
+def test_model_without_sites(tmp_path):
+    m = G.model([helper.make_node("Relu", ["X"], ["Y"])], [G.inp("X", [1, 3, 4, 4])], [G.out("Y", 4)])
+    path = tmp_path / "relu.onnx"
+    onnx.save(m, path)
+    assert_one_line_error(cli("convert", path, "-o", tmp_path / "o.onnx"), 2, "no downsampling sites")
+    assert not (tmp_path / "o.onnx").exists()
+    proc = cli("inspect", path)
+    assert proc.returncode == 1 and "no downsampling sites" in proc.stdout
+
+
+def test_input_is_never_overwritten_without_in_place(conv_onnx):
+    before = conv_onnx.read_bytes()
+    assert_one_line_error(cli("convert", conv_onnx, "-o", conv_onnx), 2, "overwrite the input")
+    assert conv_onnx.read_bytes() == before
+    assert cli("convert", conv_onnx, "--in-place", "-q").returncode == 0
+    assert conv_onnx.read_bytes() != before
+    assert cli("convert", conv_onnx, "--in-place", "-q").returncode == 0  # idempotent
+
+
+def test_bad_options_and_missing_output(conv_onnx):
+    assert_one_line_error(cli("convert", conv_onnx, "--filter-size", "9", "-o", "x.onnx"), 2, "filter size")
+    assert_one_line_error(cli("convert", conv_onnx, "--include", "(", "-o", "x.onnx"), 2, "regular expression")
+    assert_one_line_error(cli("convert", conv_onnx), 2, "-o FILE")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(conv_onnx, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert_one_line_error(cli("convert", conv_onnx, "-o", ro / "o.onnx"), 2, "cannot write")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_missing_output_folder(conv_onnx, tmp_path):
+    assert_one_line_error(cli("convert", conv_onnx, "-o", tmp_path / "no" / "o.onnx"), 2, "does not exist")
+
+
+def test_external_data_in_external_data_out(tmp_path):
+    m = G.conv_model([1, 3, 16, 16], c_out=64)
+    src = tmp_path / "ext.onnx"
+    onnx.save(m, src, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    out = tmp_path / "out" / "ext.aa.onnx"
+    out.parent.mkdir()
+    assert cli("convert", src, "-o", out, "-q").returncode == 0
+    assert (out.parent / "ext.aa.onnx.data").exists()
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16), dtype=np.float32)
+    assert ort.InferenceSession(str(out)).run(None, {"X": x})[0].shape == (1, 64, 8, 8)
+    (tmp_path / "ext.onnx.data").unlink()
+    assert_one_line_error(cli("inspect", src), 2, "external data")

@@ -1,0 +1,302 @@
+"""Each site kind on small synthetic graphs: found with the right facts, and converted exactly.
+
+The reference: a site that reads the graph input X in `pre` mode must satisfy
+converted(X) == original(np_blur(X)), with the blur written out independently in tests/graphs.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+import aa_deploy
+from aa_deploy.sites import find_sites
+from tests import graphs as G
+
+
+def run(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(m.SerializeToString()).run(None, {"X": x})[0]
+
+
+def convert(m: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, aa_deploy.Conversion]:
+    model = ir.serde.deserialize_model(m)
+    result = aa_deploy.convert_model(model, aa_deploy.Options(**options))
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto, result
+
+
+def sites_of(m: onnx.ModelProto):
+    model = ir.serde.deserialize_model(m)
+    aa_deploy.inspect(model)
+    return find_sites(model.graph)
+
+
+def assert_pre_exact(m, x, axes, filt="triangle", pad="reflect", channel_last=False, **options):
+    converted, result = convert(m, filter=filt, pad=pad, mode="pre", **options)
+    expected = run(m, G.np_blur(x, axes, filt, pad))
+    np.testing.assert_allclose(run(converted, x), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(run(m, x) - expected).max() > 1e-3  # the blur mattered
+    return result
+
+
+RNG = np.random.default_rng(0)
+
+
+# -- strided Conv -------------------------------------------------------------------------------
+@pytest.mark.parametrize("filt", ["rect", "triangle", "binomial"])
+@pytest.mark.parametrize("pad", ["reflect", "replicate", "zero"])
+def test_strided_conv2d_pre_matches_numpy(filt, pad):
+    m = G.conv_model([2, 3, 12, 10])
+    x = RNG.standard_normal((2, 3, 12, 10), dtype=np.float32)
+    result = assert_pre_exact(m, x, (2, 3), filt, pad)
+    (site,) = [a.site for a in result.actions]
+    assert (site.kind, site.strides, site.channels, site.layout) == ("strided-conv", (2, 2), 3, "NCHW")
+
+
+def test_conv1d_and_conv3d():
+    m1 = G.conv_model([1, 2, 16], kernel=(3,), strides=(2,))
+    assert_pre_exact(m1, RNG.standard_normal((1, 2, 16), dtype=np.float32), (2,))
+    m3 = G.conv_model([1, 2, 6, 8, 8], kernel=(3, 3, 3), strides=(2, 2, 2))
+    assert_pre_exact(m3, RNG.standard_normal((1, 2, 6, 8, 8), dtype=np.float32), (2, 3, 4))
+
+
+def test_asymmetric_stride_blurs_only_the_strided_axis():
+    m = G.conv_model([1, 3, 8, 16], strides=(2, 1))
+    result = assert_pre_exact(m, RNG.standard_normal((1, 3, 8, 16), dtype=np.float32), (2,))
+    assert result.actions[0].site.axes == (2,)
+
+
+def test_depthwise_and_grouped_conv_channels_from_weight():
+    m = G.conv_model([1, 6, 8, 8], c_out=6, group=6)
+    result = assert_pre_exact(m, RNG.standard_normal((1, 6, 8, 8), dtype=np.float32), (2, 3))
+    assert result.actions[0].site.channels == 6
+    m = G.conv_model([1, 6, 8, 8], c_out=4, group=2)
+    assert sites_of(m)[0].channels == 6
+
+
+def test_dynamic_batch_and_spatial_dims():
+    m = G.conv_model(["N", 3, "H", "W"])
+    for shape in [(1, 3, 8, 8), (3, 3, 14, 10)]:
+        assert_pre_exact(m, RNG.standard_normal(shape, dtype=np.float32), (2, 3))
+
+
+def test_weights_from_constant_and_constant_of_shape_opset11_and_odd_names():
+    w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w/0.weight"], value=G.const("w", w), name="a/b.c"),
+        helper.make_node("Conv", ["X", "w/0.weight"], ["t"], strides=[2, 2], pads=[1, 1, 1, 1], name="stage.1/conv:0"),
+        helper.make_node("ConstantOfShape", ["shape"], ["w2"], value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.1])),
+        helper.make_node("Conv", ["t", "w2"], ["Y"], strides=[2, 2], pads=[1, 1, 1, 1], name="stage.2/conv"),
+    ]
+    m = G.model(nodes, [G.inp("X", ["N", 3, 16, 16])], [G.out("Y", 4)], [G.ints("shape", [2, 4, 3, 3])], opset=11)
+    sites = sites_of(m)
+    assert [(s.name, s.channels) for s in sites] == [("stage.1/conv:0", 3), ("stage.2/conv", 4)]
+    converted, result = convert(m, skip_stem=True)
+    x = RNG.standard_normal((2, 3, 16, 16), dtype=np.float32)
+    assert [a.action for a in result.actions] == ["skip", "pre"]
+    assert run(converted, x).shape == run(m, x).shape
+
+
+def test_conv_blurpool_moves_bias_after_the_blur():
+    m = G.conv_model([1, 3, 12, 12], c_out=4, bias=True)
+    converted, result = convert(m, mode="blurpool", pad="zero")
+    assert result.actions[0].action == "blurpool"
+    x = RNG.standard_normal((1, 3, 12, 12), dtype=np.float32)
+    # Reference: the same conv at stride 1 without bias (ONNX Runtime), blurred at stride 2 (NumPy), plus bias.
+    stride1 = G.conv_model([1, 3, 12, 12], c_out=4, strides=(1, 1), bias=False)
+    bias = onnx.numpy_helper.to_array(m.graph.initializer[1]).reshape(1, -1, 1, 1)
+    expected = G.np_blur(run(stride1, x), (2, 3), "triangle", "zero", stride=2) + bias
+    np.testing.assert_allclose(run(converted, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_not_sites_stride1_convtranspose_global_pool():
+    w = G.const("w", RNG.standard_normal((3, 3, 3, 3)).astype(np.float32))
+    nodes = [
+        helper.make_node("Conv", ["X", "w"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("ConvTranspose", ["a", "w"], ["b"], strides=[2, 2]),
+        helper.make_node("AveragePool", ["b"], ["c"], kernel_shape=[17, 17], strides=[17, 17]),
+        helper.make_node("GlobalMaxPool", ["c"], ["Y"]),
+    ]
+    m = G.model(nodes, [G.inp("X", [1, 3, 8, 8])], [G.out("Y", 4)], [w])
+    assert sites_of(m) == []
+
+
+# -- pooling --------------------------------------------------------------------------------------
+def test_maxpool_default_is_maxblurpool():
+    nodes = [helper.make_node("MaxPool", ["X"], ["Y"], kernel_shape=[2, 2], strides=[2, 2], name="pool")]
+    m = G.model(nodes, [G.inp("X", [2, 3, 8, 8])], [G.out("Y", 4)])
+    converted, result = convert(m)
+    assert result.actions[0].action == "blurpool"
+    x = RNG.standard_normal((2, 3, 8, 8), dtype=np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(x, (2, 2), axis=(2, 3))
+    expected = G.np_blur(windows.max(axis=(-1, -2)), (2, 3), "triangle", "reflect", stride=2)
+    np.testing.assert_allclose(run(converted, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_average_pool_pre_and_ceil_mode_falls_back_to_pre():
+    nodes = [helper.make_node("AveragePool", ["X"], ["Y"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)]
+    m = G.model(nodes, [G.inp("X", [1, 3, 9, 9])], [G.out("Y", 4)])
+    result = assert_pre_exact(m, RNG.standard_normal((1, 3, 9, 9), dtype=np.float32), (2, 3))
+    converted, result = convert(m, mode="blurpool")
+    assert result.actions[0].action == "pre" and "ceil_mode" in result.actions[0].note
+
+
+def test_reflect_falls_back_to_replicate_on_tiny_maps():
+    nodes = [helper.make_node("MaxPool", ["X"], ["Y"], kernel_shape=[2, 2], strides=[2, 2])]
+    m = G.model(nodes, [G.inp("X", [1, 3, 2, 4])], [G.out("Y", 4)])
+    converted, result = convert(m)  # blurpool: the stride-1 map is 1x3
+    assert result.actions[0].spec.pad_mode == "replicate" and "replicate" in result.actions[0].note
+    x = RNG.standard_normal((1, 3, 2, 4), dtype=np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(x, (2, 2), axis=(2, 3)).max(axis=(-1, -2))
+    expected = G.np_blur(windows, (2, 3), "triangle", "replicate", stride=2)
+    np.testing.assert_allclose(run(converted, x), expected, rtol=1e-5, atol=1e-6)
+
+
+# -- strided Slice ----------------------------------------------------------------------------------
+def slice_chain(x_shape, axes, name="s"):
+    nodes, inits, src = [], [G.ints("st", [0]), G.ints("en", [2**62]), G.ints("step", [2])], "X"
+    for i, a in enumerate(axes):
+        inits.append(G.ints(f"ax{i}", [a]))
+        nodes.append(helper.make_node("Slice", [src, "st", "en", f"ax{i}", "step"], [f"{name}{i}"], name=f"{name}/{i}"))
+        src = f"{name}{i}"
+    return nodes, inits, src
+
+
+def test_strided_slice_chain_nchw_is_one_site():
+    nodes, inits, last = slice_chain([1, 4, 8, 8], [2, 3])
+    nodes.append(helper.make_node("Identity", [last], ["Y"]))
+    m = G.model(nodes, [G.inp("X", [1, 4, 8, 8])], [G.out("Y", 4)], inits)
+    result = assert_pre_exact(m, RNG.standard_normal((1, 4, 8, 8), dtype=np.float32), (2, 3))
+    (a,) = result.actions
+    assert (a.site.kind, a.site.axes, a.site.layout, a.site.channels) == ("strided-slice", (2, 3), "NCHW", 4)
+
+
+def test_strided_slice_nhwc():
+    nodes, inits, last = slice_chain([1, 8, 8, 5], [1, 2])
+    nodes.append(helper.make_node("Identity", [last], ["Y"]))
+    m = G.model(nodes, [G.inp("X", [1, 8, 8, 5])], [G.out("Y", 4)], inits)
+    result = assert_pre_exact(m, RNG.standard_normal((1, 8, 8, 5), dtype=np.float32), (1, 2))
+    assert result.actions[0].site.layout == "NHWC" and result.actions[0].site.channels == 5
+
+
+def test_channel_slicing_is_not_a_site():
+    nodes, inits, last = slice_chain([1, 8, 8, 8], [1, 3])
+    nodes.append(helper.make_node("Identity", [last], ["Y"]))
+    m = G.model(nodes, [G.inp("X", [1, 8, 8, 8])], [G.out("Y", 4)], inits)
+    assert sites_of(m) == []
+
+
+def test_conv_and_shortcut_share_one_blur():
+    w = G.const("w", RNG.standard_normal((4, 4, 3, 3)).astype(np.float32))
+    nodes, inits, last = slice_chain([1, 4, 8, 8], [2, 3])
+    nodes += [
+        helper.make_node("Conv", ["X", "w"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", last], ["Y"]),
+    ]
+    m = G.model(nodes, [G.inp("X", [1, 4, 8, 8])], [G.out("Y", 4)], [w, *inits])
+    result = assert_pre_exact(m, RNG.standard_normal((1, 4, 8, 8), dtype=np.float32), (2, 3))
+    assert result.blurs == 1 and result.actions[1].shared_with == 0
+
+
+# -- patch merging ----------------------------------------------------------------------------------
+def test_patch_merge_slice_concat_nhwc():
+    inits = [G.ints("e", [2**62, 2**62]), G.ints("ax", [1, 2]), G.ints("step", [2, 2])]
+    nodes, parts = [], []
+    for i, (h, w) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
+        inits.append(G.ints(f"b{i}", [h, w]))
+        nodes.append(helper.make_node("Slice", ["X", f"b{i}", "e", "ax", "step"], [f"p{i}"]))
+        parts.append(f"p{i}")
+    nodes.append(helper.make_node("Concat", parts, ["Y"], axis=-1, name="merge"))
+    m = G.model(nodes, [G.inp("X", ["N", 8, 8, 3])], [G.out("Y", 4)], inits)
+    result = assert_pre_exact(m, RNG.standard_normal((2, 8, 8, 3), dtype=np.float32), (1, 2))
+    (a,) = result.actions
+    assert (a.site.kind, a.site.layout, a.site.channels, result.blurs) == ("patch-merge", "NHWC", 3, 1)
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_patch_merge_reshape_transpose_behind_a_noop_pad(layout):
+    c = 3
+    if layout == "NHWC":
+        shape, target, perm = [2, 8, 8, c], [2, 4, 2, 4, 2, c], [0, 1, 3, 4, 2, 5]
+        axes, flat = (1, 2), [2, 4, 4, 4 * c]
+    else:
+        shape, target, perm = [2, c, 8, 8], [2, c, 4, 2, 4, 2], [0, 1, 3, 5, 2, 4]
+        axes, flat = (2, 3), [2, 4 * c, 4, 4]
+    nodes = [
+        helper.make_node("Pad", ["X", "pads"], ["padded"], mode="constant"),
+        helper.make_node("Reshape", ["padded", "t6"], ["r6"]),
+        helper.make_node("Transpose", ["r6"], ["tr"], perm=perm),
+        helper.make_node("Reshape", ["tr", "t4"], ["Y"]),
+    ]
+    inits = [G.ints("pads", [0] * 8), G.ints("t6", target), G.ints("t4", flat)]
+    m = G.model(nodes, [G.inp("X", shape)], [G.out("Y", 4)], inits)
+    result = assert_pre_exact(m, RNG.standard_normal(shape, dtype=np.float32), axes)
+    (a,) = result.actions
+    assert (a.site.kind, a.site.layout, a.site.channels, a.site.op) == ("patch-merge", layout, c, "Reshape")
+
+
+def test_space_to_depth():
+    nodes = [helper.make_node("SpaceToDepth", ["X"], ["Y"], blocksize=2)]
+    m = G.model(nodes, [G.inp("X", [1, 3, 8, 8])], [G.out("Y", 4)])
+    result = assert_pre_exact(m, RNG.standard_normal((1, 3, 8, 8), dtype=np.float32), (2, 3))
+    assert result.actions[0].site.kind == "patch-merge"
+
+
+# -- idempotence, selection, metadata -----------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["pre", "blurpool"])
+def test_converting_twice_adds_nothing(mode):
+    nodes = [
+        helper.make_node("Conv", ["X", "w"], ["a"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["a"], ["Y"], kernel_shape=[2, 2], strides=[2, 2]),
+    ]
+    m = G.model(nodes, [G.inp("X", [1, 3, 16, 16])], [G.out("Y", 4)], [G.const("w", RNG.standard_normal((4, 3, 3, 3)).astype(np.float32))])
+    once, first = convert(m, mode=mode)
+    assert first.blurs == 2
+    twice, second = convert(once)
+    assert second.blurs == 0
+    assert len(twice.graph.node) == len(once.graph.node)
+
+
+def test_existing_antialiased_cnns_style_blur_is_recognized():
+    # antialiased-cnns BlurPool: reflect Pad -> depthwise [1,2,1]x[1,2,1]/16 Conv with stride 2, after a stride-1 MaxPool.
+    k = np.outer([1, 2, 1], [1, 2, 1]).astype(np.float32) / 16
+    nodes = [
+        helper.make_node("MaxPool", ["X"], ["a"], kernel_shape=[2, 2], strides=[1, 1]),
+        helper.make_node("Pad", ["a", "p"], ["b"], mode="reflect"),
+        helper.make_node("Conv", ["b", "blur"], ["c"], strides=[2, 2], group=3),
+        helper.make_node("Conv", ["c", "w"], ["Y"], strides=[2, 2], pads=[1, 1, 1, 1]),
+    ]
+    inits = [G.ints("p", [0, 0, 1, 1, 0, 0, 1, 1]), G.const("blur", np.broadcast_to(k, (3, 1, 3, 3)).copy()),
+             G.const("w", RNG.standard_normal((4, 3, 3, 3)).astype(np.float32))]
+    m = G.model(nodes, [G.inp("X", [1, 3, 16, 16])], [G.out("Y", 4)], inits)
+    _, result = convert(m)
+    assert [(a.site.name or a.site.op, a.action) for a in result.actions] == [("Conv", "skip")]
+    assert "already" in result.actions[0].note and result.blurs == 0
+
+
+def test_include_exclude_on_node_names():
+    m = G.conv_model([1, 3, 8, 8])
+    assert convert(m, exclude=r"^stage/")[1].actions[0].action == "skip"
+    assert convert(m, include=r"conv\.0$")[1].actions[0].action == "pre"
+    assert convert(m, include="nothing")[1].actions[0].action == "skip"
+
+
+def test_metadata_records_what_was_done():
+    converted, result = convert(G.conv_model([1, 3, 8, 8]), filter="binomial", pad="zero")
+    meta = aa_deploy.model_io.read_metadata(converted)
+    assert meta["filter"] == "binomial" and meta["pad"] == "zero" and meta["version"] == aa_deploy.__version__
+    assert meta["options"]["filter"] == "binomial"
+    assert [s["node"] for s in meta["sites"]] == ["stage/conv.0"]
+
+
+def test_input_output_names_shapes_and_dtypes_kept():
+    m = G.conv_model(["N", 3, "H", "W"])
+    converted, _ = convert(m)
+    for a, b in ((m.graph.input, converted.graph.input), (m.graph.output, converted.graph.output)):
+        assert [(v.name, v.type.tensor_type.elem_type, str(v.type.tensor_type.shape)) for v in a] == \
+               [(v.name, v.type.tensor_type.elem_type, str(v.type.tensor_type.shape)) for v in b]

@@ -24,8 +24,8 @@ class ZooModel:
 # name -> (spec, input size, expected number of downsampling sites)
 ZOO = {
     "cifar_resnet20": ("aa:cifar10_resnet20", 32, 4),
-    "resnet18": ("torchvision:resnet18", 64, 5),
-    "resnet50": ("torchvision:resnet50", 64, 5),
+    "resnet18": ("torchvision:resnet18", 64, 8),
+    "resnet50": ("torchvision:resnet50", 64, 8),
     "mobilenet_v3_small": ("torchvision:mobilenet_v3_small", 64, 5),
     "densenet121": ("torchvision:densenet121", 64, 5),
     "efficientnet_b0": ("torchvision:efficientnet_b0", 64, 5),

@@ -218,6 +218,37 @@ def test_patch_merge_slice_concat_nhwc():
     assert (a.site.kind, a.site.layout, a.site.channels, result.blurs) == ("patch-merge", "NHWC", 3, 1)
 
 
+def test_patch_merge_slices_sharing_a_prefix_slice():
+    # What the dynamo exporter makes of torchvision Swin: x[..., 0::2, 0::2, :] and x[..., 0::2, 1::2, :]
+    # share the Slice over H, so the Slices form a tree, not chains.
+    inits = [G.ints("e", [2**62]), G.ints("h", [1]), G.ints("w", [2]), G.ints("two", [2]), G.ints("z", [0]), G.ints("o", [1])]
+    nodes = [
+        helper.make_node("Slice", ["X", "z", "e", "h", "two"], ["even_h"]),
+        helper.make_node("Slice", ["X", "o", "e", "h", "two"], ["odd_h"]),
+    ]
+    parts = []
+    for src in ("even_h", "odd_h"):
+        for start in ("z", "o"):
+            nodes.append(helper.make_node("Slice", [src, start, "e", "w", "two"], [f"{src}{start}"]))
+            parts.append(f"{src}{start}")
+    nodes.append(helper.make_node("Concat", parts, ["Y"], axis=3))
+    m = G.model(nodes, [G.inp("X", [1, 6, 6, 4])], [G.out("Y", 4)], inits)
+    result = assert_pre_exact(m, RNG.standard_normal((1, 6, 6, 4), dtype=np.float32), (1, 2))
+    assert [(a.site.kind, a.site.layout) for a in result.actions] == [("patch-merge", "NHWC")] and result.blurs == 1
+
+
+def test_window_partition_is_not_a_patch_merge():
+    # Swin attention: (B, H, W, C) -> (B, H/7, 7, W/7, 7, C) -> (0, 1, 3, 2, 4, 5) -> (B*nW, 49, C)
+    nodes = [
+        helper.make_node("Reshape", ["X", "t6"], ["r6"]),
+        helper.make_node("Transpose", ["r6"], ["tr"], perm=[0, 1, 3, 2, 4, 5]),
+        helper.make_node("Reshape", ["tr", "t3"], ["Y"]),
+    ]
+    inits = [G.ints("t6", [1, 2, 7, 2, 7, 8]), G.ints("t3", [4, 49, 8])]
+    m = G.model(nodes, [G.inp("X", [1, 14, 14, 8])], [G.out("Y", 3)], inits)
+    assert sites_of(m) == []
+
+
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 def test_patch_merge_reshape_transpose_behind_a_noop_pad(layout):
     c = 3

@@ -17,25 +17,40 @@ from aa_deploy.sites.site import Site, look_through_pad
 
 
 def _slice_concat(node: ir.Node) -> tuple[Site, list[ir.Node]] | None:
-    chains = [strided_slice.chain_from(v.producer()) if v is not None and v.producer() is not None else None for v in node.inputs]
-    if len(chains) < 2 or any(c is None or c.output is not v for c, v in zip(chains, node.inputs)):
+    paths = [strided_slice.path_to_source(v) for v in node.inputs if v is not None]
+    if len(paths) < 2 or any(not nodes for _, _, nodes in paths):
         return None
-    source = chains[0].source
-    if any(c.source is not source or c.strides != chains[0].strides for c in chains):
+    source, strides, _ = paths[0]
+    if any(src is not source or steps != strides for src, steps, _ in paths):
         return None
     x = graph.dims(source)
     if x is None:
         return None
     rank = len(x)
     concat_axis = node.attributes.get_int("axis", 0) % rank
-    channel_axis = strided_slice.layout(rank, tuple(chains[0].strides), prefer_last=concat_axis == rank - 1)
+    channel_axis = strided_slice.layout(rank, tuple(strides), prefer_last=concat_axis == rank - 1)
     if channel_axis != concat_axis:
         return None
-    readers = tuple(dict.fromkeys(c.nodes[0] for c in chains))
+    readers = tuple(dict.fromkeys(nodes[-1] for _, _, nodes in paths))
     value, readers = look_through_pad(source, readers)
-    site = strided_slice.site_for("patch-merge", node, value, readers, chains[0].strides, channel_axis)
+    site = strided_slice.site_for("patch-merge", node, value, readers, strides, channel_axis)
     site.extra["form"] = "Slice+Concat"
-    return site, [n for c in chains for n in c.nodes]
+    return site, [n for _, _, nodes in paths for n in nodes]
+
+
+def _gathers_into_channels(transpose: ir.Node, channel_axis: int, merged: int) -> bool:
+    """True when the Reshape after `transpose` folds the s x s cells into the channel axis.
+
+    A window partition has the same Reshape and Transpose but folds the windows into the batch.
+    """
+    readers = graph.unique_consumers(transpose.outputs[0])
+    if len(readers) != 1 or not graph.is_onnx(readers[0], "Reshape", "Flatten"):
+        return False
+    out = graph.dims(readers[0].outputs[0])
+    if (out is None or len(out) != 4) and graph.is_onnx(readers[0], "Reshape"):
+        target = graph.const_array(readers[0].inputs[1])
+        out = None if target is None else tuple(int(d) for d in target)
+    return out is not None and len(out) == 4 and out[channel_axis] == merged
 
 
 def _reshape_transpose(node: ir.Node) -> tuple[Site, list[ir.Node]] | None:
@@ -49,11 +64,18 @@ def _reshape_transpose(node: ir.Node) -> tuple[Site, list[ir.Node]] | None:
     readers = graph.unique_consumers(node.outputs[0])
     if len(readers) != 1 or not graph.is_onnx(readers[0], "Transpose"):
         return None
+    perm = graph.ints(readers[0], "perm", range(5, -1, -1))
+    # Space-to-depth keeps the coarse axes next to the batch and gathers the s-sized axes with the
+    # channels; a window partition (Swin's attention) does the opposite and is not a site.
     if out[2] == out[4] and out[2] is not None and out[2] > 1 and x[3] is not None and out[5] == x[3]:
         channel_axis, stride = 3, out[2]  # (B, H/s, s, W/s, s, C)
+        merges = set(perm[:3]) == {0, 1, 3} and set(perm[3:]) == {2, 4, 5}
     elif out[3] == out[5] and out[3] is not None and out[3] > 1 and x[1] is not None and out[1] == x[1]:
         channel_axis, stride = 1, out[3]  # (B, C, H/s, s, W/s, s)
+        merges = perm[0] == 0 and set(perm[1:4]) == {1, 3, 5} and set(perm[4:]) == {2, 4}
     else:
+        return None
+    if not merges or not _gathers_into_channels(readers[0], channel_axis, stride * stride * x[channel_axis]):
         return None
     axes = (1, 2) if channel_axis == 3 else (2, 3)
     value, site_readers = look_through_pad(node.inputs[0], (node,))

@@ -2,32 +2,17 @@
 
     Slice(step s) [-> Slice(step s) on another axis ...] -> blur at stride 1, then the same Slices
 
-Exporters emit one Slice per axis, so a chain of strided Slices (each the only reader of the last)
-is one site over the union of their axes. Layout: strided axes within 2..r-1 read as channels-first,
+Exporters emit one Slice per axis, so a strided Slice and the strided Slices below it are one site
+over the union of their axes. Layout: strided axes within 2..r-1 read as channels-first,
 within 1..r-2 as channels-last (channels-first where both fit, e.g. one strided axis 2 of a 4-D map).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import onnx_ir as ir
 
 from aa_deploy import blur_nodes, graph
 from aa_deploy.sites.site import Site
-
-
-@dataclass
-class Chain:
-    """Strided Slices applied one after another to `source`."""
-
-    source: ir.Value
-    nodes: list[ir.Node]
-    strides: dict[int, int]  # axis -> total step
-
-    @property
-    def output(self) -> ir.Value:
-        return self.nodes[-1].outputs[0]
 
 
 def slice_steps(node: ir.Node) -> dict[int, int] | None:
@@ -45,30 +30,52 @@ def slice_steps(node: ir.Node) -> dict[int, int] | None:
     return strided or None
 
 
-def chain_from(node: ir.Node) -> Chain | None:
-    """The chain of strided Slices that starts at `node` (None if `node` is not a strided Slice)."""
-    steps = slice_steps(node)
-    if steps is None:
-        return None
-    chain = Chain(node.inputs[0], [node], dict(steps))
-    while True:
-        readers = graph.unique_consumers(chain.output)
-        if len(readers) != 1 or chain.output.is_graph_output():
-            return chain
-        more = slice_steps(readers[0])
-        if more is None:
-            return chain
-        chain.nodes.append(readers[0])
-        for axis, step in more.items():
-            chain.strides[axis] = chain.strides.get(axis, 1) * step
+def _merge(total: dict[int, int], more: dict[int, int]) -> dict[int, int]:
+    out = dict(total)
+    for axis, step in more.items():
+        out[axis] = out.get(axis, 1) * step
+    return out
 
 
-def starts_chain(node: ir.Node) -> bool:
-    """True for a strided Slice that does not continue a chain begun upstream."""
+def is_root(node: ir.Node) -> bool:
+    """A strided Slice whose input does not come out of another strided Slice."""
     if slice_steps(node) is None:
         return False
     producer = node.inputs[0].producer()
-    return producer is None or slice_steps(producer) is None or len(graph.unique_consumers(node.inputs[0])) != 1
+    return producer is None or slice_steps(producer) is None
+
+
+def tree_from(root: ir.Node) -> tuple[list[ir.Node], dict[int, int]]:
+    """The strided Slices fed (directly or through each other) by `root`, and the total step per axis.
+
+    Exporters share common prefixes (x[..., 0::2, 0::2, :] and x[..., 0::2, 1::2, :] read one Slice
+    over H), so the Slices below a root form a tree; its strides are the largest path products.
+    """
+    nodes, strides = [root], dict(slice_steps(root))
+    frontier = [(root, strides)]
+    while frontier:
+        node, total = frontier.pop()
+        for reader in graph.unique_consumers(node.outputs[0]):
+            more = slice_steps(reader)
+            if more is not None and reader not in nodes:
+                nodes.append(reader)
+                path = _merge(total, more)
+                frontier.append((reader, path))
+                strides = {a: max(strides.get(a, 1), s) for a, s in (strides | path).items()}
+    return nodes, strides
+
+
+def path_to_source(value: ir.Value) -> tuple[ir.Value, dict[int, int], list[ir.Node]]:
+    """Walk back from `value` through strided Slices: (source, total steps, the Slices on the way)."""
+    steps: dict[int, int] = {}
+    nodes: list[ir.Node] = []
+    producer = value.producer()
+    while producer is not None and slice_steps(producer) is not None:
+        steps = _merge(steps, slice_steps(producer))
+        nodes.append(producer)
+        value = producer.inputs[0]
+        producer = value.producer()
+    return value, steps, nodes
 
 
 def layout(rank: int, axes: tuple[int, ...], prefer_last: bool = False) -> int | None:
@@ -112,12 +119,12 @@ def find(g: ir.Graph, claimed: set[int]) -> list[Site]:
     """Every chain of strided Slices over spatial axes not already claimed by a patch merge."""
     sites = []
     for node in g:
-        if id(node) in claimed or not starts_chain(node):
+        if id(node) in claimed or not is_root(node):
             continue
-        chain = chain_from(node)
-        rank = len(graph.dims(chain.source))
-        channel_axis = layout(rank, tuple(chain.strides))
+        _, strides = tree_from(node)
+        rank = len(graph.dims(node.inputs[0]))
+        channel_axis = layout(rank, tuple(strides))
         if channel_axis is None:
             continue
-        sites.append(site_for("strided-slice", node, chain.source, (node,), chain.strides, channel_axis))
+        sites.append(site_for("strided-slice", node, node.inputs[0], (node,), strides, channel_axis))
     return sites

@@ -1,0 +1,51 @@
+"""The bundled trained ResNet-20 on the bundled real CIFAR-10 test images, and the demo command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import aa_deploy
+from aa_deploy import bundled
+from aa_deploy.torch import antialias_with, options_from_metadata
+from converters.export import export
+from converters.onnxruntime import OnnxRuntimeRunner
+
+
+@pytest.fixture(scope="module")
+def resnet20_onnx(tmp_path_factory):
+    return export(bundled.resnet20(), tmp_path_factory.mktemp("r20") / "resnet20.onnx", (2, 3, 32, 32))
+
+
+def test_bundled_model_reaches_its_known_accuracy():
+    images, labels = bundled.cifar_test_images()
+    assert images.shape == (100, 32, 32, 3) and list(labels[:5]) == [3, 8, 8, 0, 6]
+    with torch.no_grad():
+        pred = bundled.resnet20()(torch.from_numpy(bundled.cifar_normalize(images))).argmax(1).numpy()
+    assert (pred == labels).mean() == pytest.approx(0.94)  # the figure shared/README.md gives
+
+
+@pytest.mark.parametrize("filt", ["rect", "triangle", "binomial"])
+def test_converted_resnet20_matches_twin_on_real_images(resnet20_onnx, tmp_path, filt):
+    out = tmp_path / "r20.aa.onnx"
+    result = aa_deploy.convert(resnet20_onnx, out, aa_deploy.Options(filter=filt))
+    assert [a.site.kind for a in result.actions] == ["strided-conv", "strided-slice"] * 2
+    assert result.blurs == 2  # conv and option-A shortcut share one blur per block
+    meta = aa_deploy.model_io.read_metadata(aa_deploy.model_io.load(out))
+    twin, _ = antialias_with(bundled.resnet20(), options_from_metadata(meta))
+    x = bundled.cifar_normalize(bundled.cifar_test_images()[0])
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(x)).numpy()
+    got = OnnxRuntimeRunner(out)(x)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_demo_runs_the_chain_and_prints_the_table():
+    proc = subprocess.run([sys.executable, "-m", "aa_deploy", "demo"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "original" in proc.stdout and "anti-aliased (triangle)" in proc.stdout and "94.0" in proc.stdout

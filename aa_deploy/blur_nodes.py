@@ -43,9 +43,7 @@ def is_fixed_blur(node: ir.Node | None) -> bool:
     if node.attributes.get_int("group", 1) != weight.shape[0]:
         return False
     w = weight.astype(np.float64).reshape(weight.shape[0], -1)
-    return bool(
-        (w >= 0).all() and np.allclose(w.sum(axis=1), 1.0, atol=1e-3) and np.allclose(w, w[:1], atol=1e-6)
-    )
+    return bool((w >= 0).all() and np.allclose(w.sum(axis=1), 1.0, atol=1e-3) and np.allclose(w, w[:1], atol=1e-6))
 
 
 def reads_blurred(value: ir.Value) -> bool:
@@ -82,12 +80,16 @@ class BlurBuilder:
 
     def _const(self, base: str, array: np.ndarray) -> ir.Value:
         name = self._fresh(base)
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+        value = ir.Value(
+            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        )
         value.const_value = ir.tensor(array, name=name)
         self.graph.register_initializer(value)
         return value
 
-    def build(self, source: ir.Value, spec: BlurSpec, dtype: np.dtype, bias: ir.Value | None = None) -> tuple[list[ir.Node], ir.Value]:
+    def build(
+        self, source: ir.Value, spec: BlurSpec, dtype: np.dtype, bias: ir.Value | None = None
+    ) -> tuple[list[ir.Node], ir.Value]:
         """Nodes computing blur(source) (+ bias), not yet inserted, and the blurred value."""
         self.count += 1
         tag = f"aa_blur{self.count}"
@@ -100,7 +102,9 @@ class BlurBuilder:
         x = source
         if to_first:
             perm = [0, r - 1, *range(1, r - 1)]
-            nodes.append(ir.node("Transpose", [x], {"perm": perm}, name=self._fresh(f"{tag}/to_nc"), metadata_props=meta))
+            nodes.append(
+                ir.node("Transpose", [x], {"perm": perm}, name=self._fresh(f"{tag}/to_nc"), metadata_props=meta)
+            )
             x = nodes[-1].outputs[0]
         conv_pads = [0] * (2 * (r - 2))
         if any(p != (0, 0) for p in spec.pads):
@@ -112,7 +116,15 @@ class BlurBuilder:
                 for a, (lo, hi) in zip(first_axes, spec.pads):
                     pads[a], pads[a + r] = lo, hi
                 pad_value = self._const(f"{tag}/pads", np.asarray(pads, dtype=np.int64))
-                nodes.append(ir.node("Pad", [x, pad_value], {"mode": ONNX_PAD_MODES[spec.pad_mode]}, name=self._fresh(f"{tag}/pad"), metadata_props=meta))
+                nodes.append(
+                    ir.node(
+                        "Pad",
+                        [x, pad_value],
+                        {"mode": ONNX_PAD_MODES[spec.pad_mode]},
+                        name=self._fresh(f"{tag}/pad"),
+                        metadata_props=meta,
+                    )
+                )
                 x = nodes[-1].outputs[0]
         per_axis = [(1.0,)] * (r - 2)
         strides = [1] * (r - 2)
@@ -123,15 +135,19 @@ class BlurBuilder:
         inputs = [x, weight] + ([bias] if bias is not None else [])
         nodes.append(
             ir.node(
-                "Conv", inputs,
+                "Conv",
+                inputs,
                 {"group": spec.channels, "kernel_shape": list(k.shape), "strides": strides, "pads": conv_pads},
-                name=self._fresh(f"{tag}/conv"), metadata_props=meta,
+                name=self._fresh(f"{tag}/conv"),
+                metadata_props=meta,
             )
         )
         x = nodes[-1].outputs[0]
         if to_first:
             perm = [0, *range(2, r), 1]
-            nodes.append(ir.node("Transpose", [x], {"perm": perm}, name=self._fresh(f"{tag}/to_nhwc"), metadata_props=meta))
+            nodes.append(
+                ir.node("Transpose", [x], {"perm": perm}, name=self._fresh(f"{tag}/to_nhwc"), metadata_props=meta)
+            )
             x = nodes[-1].outputs[0]
         for node in nodes:
             for out in node.outputs:

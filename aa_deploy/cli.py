@@ -21,9 +21,13 @@ EXIT_OK, EXIT_NOTHING, EXIT_INPUT = 0, 1, 2
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--filter", default="triangle", choices=["rect", "triangle", "binomial"], help="blur filter (default: triangle)")
+    p.add_argument(
+        "--filter", default="triangle", choices=["rect", "triangle", "binomial"], help="blur filter (default: triangle)"
+    )
     p.add_argument("--filter-size", type=int, metavar="N", help="binomial row of N taps, 1..7 (overrides --filter)")
-    p.add_argument("--mode", default="auto", choices=MODES, help="pre, blurpool, or auto: blurpool for pooling, pre elsewhere")
+    p.add_argument(
+        "--mode", default="auto", choices=MODES, help="pre, blurpool, or auto: blurpool for pooling, pre elsewhere"
+    )
     p.add_argument("--pad", default="reflect", choices=PADS, help="padding of the blur (default: reflect)")
     p.add_argument("--skip-stem", action="store_true", help="leave the first downsampling site untouched")
     p.add_argument("--include", metavar="REGEX", help="only sites whose node name or module scope matches")
@@ -48,7 +52,11 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     elif not actions:
         console.print(f"{args.model}: no downsampling sites found")
     else:
-        print_sites(actions, f"{args.model}: {len(actions)} sites, {sum(a.action != 'skip' for a in actions)} to change", console)
+        print_sites(
+            actions,
+            f"{args.model}: {len(actions)} sites, {sum(a.action != 'skip' for a in actions)} to change",
+            console,
+        )
     return EXIT_OK if actions else EXIT_NOTHING
 
 
@@ -66,9 +74,14 @@ def _convert(args: argparse.Namespace, console: Console) -> int:
         print_sites(result.actions, f"{args.model} -> {out}", console)
     changed = len(result.changed)
     if result.blurs == 0:
-        console.print(f"nothing added: none of the {len(result.actions)} sites needed a blur (see the table); wrote {out}")
+        console.print(
+            f"nothing added: none of the {len(result.actions)} sites needed a blur (see the table); wrote {out}"
+        )
     else:
-        console.print(f"changed {changed} of {len(result.actions)} sites with {result.blurs} blur nodes in {seconds:.2f} s; wrote {out}")
+        console.print(
+            f"changed {changed} of {len(result.actions)} sites with {result.blurs} blur nodes "
+            f"in {seconds:.2f} s; wrote {out}"
+        )
     return EXIT_OK
 
 

@@ -51,7 +51,10 @@ def run_demo(console: Console, workdir: Path | None = None) -> int:
         table = Table(title="ResNet-20 on 100 real CIFAR-10 test images", title_justify="left")
         for column in ("model", "top-1 %", "circular-shift agreement %", "max |ONNX - PyTorch|"):
             table.add_column(column)
-        for name, run, err in (("original", run_plain, err_plain), (f"anti-aliased ({options.filter})", run_aa, err_aa)):
+        for name, run, err in (
+            ("original", run_plain, err_plain),
+            (f"anti-aliased ({options.filter})", run_aa, err_aa),
+        ):
             acc = 100.0 * float((top1(run, x) == labels).mean())
             agree = 100.0 * circular_agreement(run, x, max_shift=2)
             table.add_row(name, f"{acc:.1f}", f"{agree:.1f}", f"{err:.1e}")

@@ -15,7 +15,7 @@ frequency pi / s. Example: triangle at stride 4 is [1, 2, 3, 4, 3, 2, 1] / 16.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -34,7 +34,7 @@ def filter_size(name: str | None = None, size: int | None = None) -> int:
     return NAMED_SIZES[name]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _taps(size: int, stride: int) -> tuple[float, ...]:
     box = np.ones(max(stride, 2), dtype=np.float64)
     row = np.ones(1, dtype=np.float64)

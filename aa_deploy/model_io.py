@@ -29,7 +29,10 @@ def load(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.load(path)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'parse error'})") from None
+        raise InputError(
+            f"{path}: not a readable ONNX model "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'parse error'})"
+        ) from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     if len(model.graph) == 0 or not model.graph.outputs:

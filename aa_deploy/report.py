@@ -20,8 +20,16 @@ def sites_table(actions: list[Action], title: str) -> Table:
             taps = "x".join(str(len(t)) for t in a.spec.taps)
             action = f"{a.action} {taps} {a.spec.pad_mode}"
         table.add_row(
-            str(i), s.name, s.scope, s.kind, s.op, "x".join(map(str, s.strides)),
-            str(s.channels if s.channels is not None else "?"), s.layout, action, a.note,
+            str(i),
+            s.name,
+            s.scope,
+            s.kind,
+            s.op,
+            "x".join(map(str, s.strides)),
+            str(s.channels if s.channels is not None else "?"),
+            s.layout,
+            action,
+            a.note,
         )
     return table
 

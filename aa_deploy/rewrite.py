@@ -17,7 +17,10 @@ from aa_deploy.plan import Action
 
 
 def _dtype(action: Action) -> np.dtype:
-    for value in (action.site.value, *(n.inputs[1] for n in action.site.readers if len(n.inputs) > 1 and n.inputs[1] is not None)):
+    for value in (
+        action.site.value,
+        *(n.inputs[1] for n in action.site.readers if len(n.inputs) > 1 and n.inputs[1] is not None),
+    ):
         if value.dtype is not None and value.dtype.is_floating_point():
             return value.dtype.numpy()
     return np.dtype(np.float32)

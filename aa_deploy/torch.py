@@ -60,7 +60,9 @@ class Blur(nn.Module):
             x = x.movedim(-1, 1)
         sizes = x.shape[2:]
         mode = pad_mode_for(
-            self.pad, tuple(p for p, b in zip(self.pads, self.blurred) if b), tuple(int(s) for s, b in zip(sizes, self.blurred) if b)
+            self.pad,
+            tuple(p for p, b in zip(self.pads, self.blurred) if b),
+            tuple(int(s) for s, b in zip(sizes, self.blurred) if b),
         )
         flat = [p for lo_hi in reversed(self.pads) for p in lo_hi]
         if any(flat):
@@ -159,11 +161,20 @@ def _site_of(module: nn.Module) -> tuple[str, tuple[int, ...], bool] | None:
         strides = _tuple(module.stride, module.weight.dim() - 2)
         return ("strided-conv", strides, False) if any(s > 1 for s in strides) else None
     if isinstance(module, _MAXPOOL + _AVGPOOL):
-        n = 1 if isinstance(module, (nn.MaxPool1d, nn.AvgPool1d)) else 2 if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) else 3
+        n = (
+            1
+            if isinstance(module, (nn.MaxPool1d, nn.AvgPool1d))
+            else 2
+            if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d))
+            else 3
+        )
         strides = _tuple(module.stride if module.stride else module.kernel_size, n)
         kind = "max-pool" if isinstance(module, _MAXPOOL) else "average-pool"
         return (kind, strides, False) if any(s > 1 for s in strides) else None
-    if type(module).__name__ in ("PatchMerging", "PatchMergingV2") and type(module).__module__.split(".")[0] in ("timm", "torchvision"):
+    if type(module).__name__ in ("PatchMerging", "PatchMergingV2") and type(module).__module__.split(".")[0] in (
+        "timm",
+        "torchvision",
+    ):
         return ("patch-merge", (2, 2), True)
     if getattr(module, "antialias_site", None) == "strided-slice":
         return ("strided-slice", _tuple(module.stride, 2), False)

@@ -8,26 +8,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+# Peak RSS from VmHWM: ru_maxrss is carried over from the (torch-laden) parent across fork/exec.
 CHILD = """
-import resource, sys, time
+import sys, time
 t0 = time.perf_counter()
 import aa_deploy
 t1 = time.perf_counter()
 result = aa_deploy.convert(sys.argv[1], sys.argv[2])
 t2 = time.perf_counter()
-print(t1 - t0, t2 - t1, len(result.actions), result.blurs, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(t1 - t0, t2 - t1, len(result.actions), result.blurs, hwm)
 """
 
 
 def measure(onnx_path: Path, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(onnx_path), str(out)], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(onnx_path), str(out)], capture_output=True, text=True, check=True
+    )
     import_s, convert_s, sites, blurs, rss_kb = proc.stdout.split()
     return {
         "model_mb": round(onnx_path.stat().st_size / 2**20, 1),

@@ -71,13 +71,21 @@ def export(
 ) -> Path:
     """Export `model` to `path` with the dynamo exporter (BatchNorm folded by its optimizer)."""
     path = Path(path)
+    if dynamic_batch and input_shape[0] == 1:
+        input_shape = (2, *input_shape[1:])  # torch.export specializes a size-1 example dim to 1
     example = (torch.rand(*input_shape),)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model.eval(), example, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
-            input_names=[input_name], output_names=[output_name], verbose=False,
+            model.eval(),
+            example,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic,
+            input_names=[input_name],
+            output_names=[output_name],
+            verbose=False,
         )
     program.save(str(path))
     return path

@@ -25,7 +25,9 @@ def conv_onnx(tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aa_deploy", *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "aa_deploy", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, needle: str) -> None:
@@ -112,7 +114,9 @@ def test_missing_output_folder(conv_onnx, tmp_path):
 def test_external_data_in_external_data_out(tmp_path):
     m = G.conv_model([1, 3, 16, 16], c_out=64)
     src = tmp_path / "ext.onnx"
-    onnx.save(m, src, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    onnx.save(
+        m, src, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0
+    )
     out = tmp_path / "out" / "ext.aa.onnx"
     out.parent.mkdir()
     assert cli("convert", src, "-o", out, "-q").returncode == 0

@@ -90,7 +90,9 @@ def test_weights_from_constant_and_constant_of_shape_opset11_and_odd_names():
     nodes = [
         helper.make_node("Constant", [], ["w/0.weight"], value=G.const("w", w), name="a/b.c"),
         helper.make_node("Conv", ["X", "w/0.weight"], ["t"], strides=[2, 2], pads=[1, 1, 1, 1], name="stage.1/conv:0"),
-        helper.make_node("ConstantOfShape", ["shape"], ["w2"], value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.1])),
+        helper.make_node(
+            "ConstantOfShape", ["shape"], ["w2"], value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.1])
+        ),
         helper.make_node("Conv", ["t", "w2"], ["Y"], strides=[2, 2], pads=[1, 1, 1, 1], name="stage.2/conv"),
     ]
     m = G.model(nodes, [G.inp("X", ["N", 3, 16, 16])], [G.out("Y", 4)], [G.ints("shape", [2, 4, 3, 3])], opset=11)
@@ -221,7 +223,14 @@ def test_patch_merge_slice_concat_nhwc():
 def test_patch_merge_slices_sharing_a_prefix_slice():
     # What the dynamo exporter makes of torchvision Swin: x[..., 0::2, 0::2, :] and x[..., 0::2, 1::2, :]
     # share the Slice over H, so the Slices form a tree, not chains.
-    inits = [G.ints("e", [2**62]), G.ints("h", [1]), G.ints("w", [2]), G.ints("two", [2]), G.ints("z", [0]), G.ints("o", [1])]
+    inits = [
+        G.ints("e", [2**62]),
+        G.ints("h", [1]),
+        G.ints("w", [2]),
+        G.ints("two", [2]),
+        G.ints("z", [0]),
+        G.ints("o", [1]),
+    ]
     nodes = [
         helper.make_node("Slice", ["X", "z", "e", "h", "two"], ["even_h"]),
         helper.make_node("Slice", ["X", "o", "e", "h", "two"], ["odd_h"]),
@@ -285,7 +294,12 @@ def test_converting_twice_adds_nothing(mode):
         helper.make_node("Conv", ["X", "w"], ["a"], strides=[2, 2], pads=[1, 1, 1, 1]),
         helper.make_node("MaxPool", ["a"], ["Y"], kernel_shape=[2, 2], strides=[2, 2]),
     ]
-    m = G.model(nodes, [G.inp("X", [1, 3, 16, 16])], [G.out("Y", 4)], [G.const("w", RNG.standard_normal((4, 3, 3, 3)).astype(np.float32))])
+    m = G.model(
+        nodes,
+        [G.inp("X", [1, 3, 16, 16])],
+        [G.out("Y", 4)],
+        [G.const("w", RNG.standard_normal((4, 3, 3, 3)).astype(np.float32))],
+    )
     once, first = convert(m, mode=mode)
     assert first.blurs == 2
     twice, second = convert(once)
@@ -294,7 +308,8 @@ def test_converting_twice_adds_nothing(mode):
 
 
 def test_existing_antialiased_cnns_style_blur_is_recognized():
-    # antialiased-cnns BlurPool: reflect Pad -> depthwise [1,2,1]x[1,2,1]/16 Conv with stride 2, after a stride-1 MaxPool.
+    # antialiased-cnns BlurPool after a stride-1 MaxPool:
+    # reflect Pad -> depthwise [1,2,1]x[1,2,1]/16 Conv with stride 2.
     k = np.outer([1, 2, 1], [1, 2, 1]).astype(np.float32) / 16
     nodes = [
         helper.make_node("MaxPool", ["X"], ["a"], kernel_shape=[2, 2], strides=[1, 1]),
@@ -302,8 +317,11 @@ def test_existing_antialiased_cnns_style_blur_is_recognized():
         helper.make_node("Conv", ["b", "blur"], ["c"], strides=[2, 2], group=3),
         helper.make_node("Conv", ["c", "w"], ["Y"], strides=[2, 2], pads=[1, 1, 1, 1]),
     ]
-    inits = [G.ints("p", [0, 0, 1, 1, 0, 0, 1, 1]), G.const("blur", np.broadcast_to(k, (3, 1, 3, 3)).copy()),
-             G.const("w", RNG.standard_normal((4, 3, 3, 3)).astype(np.float32))]
+    inits = [
+        G.ints("p", [0, 0, 1, 1, 0, 0, 1, 1]),
+        G.const("blur", np.broadcast_to(k, (3, 1, 3, 3)).copy()),
+        G.const("w", RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+    ]
     m = G.model(nodes, [G.inp("X", [1, 3, 16, 16])], [G.out("Y", 4)], inits)
     _, result = convert(m)
     assert [(a.site.name or a.site.op, a.action) for a in result.actions] == [("Conv", "skip")]
@@ -329,5 +347,6 @@ def test_input_output_names_shapes_and_dtypes_kept():
     m = G.conv_model(["N", 3, "H", "W"])
     converted, _ = convert(m)
     for a, b in ((m.graph.input, converted.graph.input), (m.graph.output, converted.graph.output)):
-        assert [(v.name, v.type.tensor_type.elem_type, str(v.type.tensor_type.shape)) for v in a] == \
-               [(v.name, v.type.tensor_type.elem_type, str(v.type.tensor_type.shape)) for v in b]
+        assert [(v.name, v.type.tensor_type.elem_type, str(v.type.tensor_type.shape)) for v in a] == [
+            (v.name, v.type.tensor_type.elem_type, str(v.type.tensor_type.shape)) for v in b
+        ]

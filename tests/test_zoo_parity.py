@@ -20,7 +20,9 @@ from tests.conftest import ZOO
 
 pytestmark = pytest.mark.zoo
 
-COMBOS = list(itertools.product(("rect", "triangle", "binomial"), ("auto", "pre", "blurpool"), ("reflect", "replicate", "zero")))
+COMBOS = list(
+    itertools.product(("rect", "triangle", "binomial"), ("auto", "pre", "blurpool"), ("reflect", "replicate", "zero"))
+)
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -40,7 +42,10 @@ def test_zoo_parity_all_options(name, zoo_model, tmp_path):
         if len(result.actions) != expected_sites or len(twin_sites) != expected_sites:
             failures.append(f"{filt}/{mode}/{pad}: {len(result.actions)} ONNX sites, {len(twin_sites)} twin sites")
         elif [s.action for s in twin_sites] != [a.action for a in result.actions]:
-            failures.append(f"{filt}/{mode}/{pad}: actions differ {[s.action for s in twin_sites]} vs {[a.action for a in result.actions]}")
+            failures.append(
+                f"{filt}/{mode}/{pad}: actions differ "
+                f"{[s.action for s in twin_sites]} vs {[a.action for a in result.actions]}"
+            )
         assert all(a.action != "skip" for a in result.actions), [a.describe() for a in result.actions]
         runner = OnnxRuntimeRunner(out_path)
         with torch.no_grad():

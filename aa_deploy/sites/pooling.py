@@ -26,7 +26,11 @@ def _is_global(node: ir.Node, kernel: tuple[int, ...]) -> bool:
 def _blurpool_obstacle(node: ir.Node) -> str | None:
     if node.attributes.get_int("ceil_mode", 0):
         return "ceil_mode=1"
-    if len(node.outputs) > 1 and node.outputs[1] is not None and (node.outputs[1].consumers() or node.outputs[1].is_graph_output()):
+    if (
+        len(node.outputs) > 1
+        and node.outputs[1] is not None
+        and (node.outputs[1].consumers() or node.outputs[1].is_graph_output())
+    ):
         return "MaxPool indices are used"
     return None
 

@@ -42,7 +42,7 @@ class Site:
 
     @property
     def layout(self) -> str:
-        spatial = "DHW"[-(self.rank - 2):] if self.rank <= 5 else "S" * (self.rank - 2)
+        spatial = "DHW"[-(self.rank - 2) :] if self.rank <= 5 else "S" * (self.rank - 2)
         return ("NC" + spatial) if self.channel_axis == 1 else ("N" + spatial + "C")
 
     @property

@@ -49,7 +49,9 @@ def strided_site(node: ir.Node, kind: str, kernel: tuple[int, ...] | None) -> Si
     dilations = graph.ints(node, "dilations", [1] * n)
     # Sizes of the map the same node produces at stride 1: what a blurpool-mode blur reads.
     stride1 = tuple(
-        None if size is None or not kernel else size + pads[a - 2] + pads[a - 2 + n] - dilations[a - 2] * (kernel[a - 2] - 1)
+        None
+        if size is None or not kernel
+        else size + pads[a - 2] + pads[a - 2 + n] - dilations[a - 2] * (kernel[a - 2] - 1)
         for a, size in zip(axes, sizes)
     )
     auto_pad = node.attributes.get_string("auto_pad", "NOTSET")

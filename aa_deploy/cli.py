@@ -21,9 +21,7 @@ EXIT_OK, EXIT_NOTHING, EXIT_INPUT = 0, 1, 2
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--filter", default="triangle", choices=["rect", "triangle", "binomial"], help="blur filter (default: triangle)"
-    )
+    p.add_argument("--filter", choices=["rect", "triangle", "binomial"], help="blur filter (default: triangle)")
     p.add_argument("--filter-size", type=int, metavar="N", help="binomial row of N taps, 1..7 (overrides --filter)")
     p.add_argument(
         "--mode", default="auto", choices=MODES, help="pre, blurpool, or auto: blurpool for pooling, pre elsewhere"
@@ -36,7 +34,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> Options:
     try:
-        return Options(args.filter, args.filter_size, args.mode, args.pad, args.skip_stem, args.include, args.exclude)
+        return Options(
+            args.filter or "triangle", args.filter_size, args.mode, args.pad, args.skip_stem, args.include, args.exclude
+        )
     except ValueError as e:
         raise InputError(str(e)) from None
 
@@ -85,6 +85,78 @@ def _convert(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(d) for d in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise InputError(f"bad shape {text!r}: write it as 3x224x224") from None
+
+
+def _export(args: argparse.Namespace, console: Console) -> int:
+    from converters.export import export, load_model
+
+    model, trained = load_model(args.model, args.weights)
+    shape = _shape(args.input_shape) or ((3, 32, 32) if args.model.startswith("aa:") else (3, 224, 224))
+    export(model, args.output, (2, *shape), dynamic_batch=not args.static_batch, opset=args.opset)
+    weights = "trained weights" if trained else "RANDOM weights (no --weights given; seeded, so verify rebuilds them)"
+    console.print(
+        f"exported {args.model} with {weights}, input N x {'x'.join(map(str, shape))}, opset {args.opset} -> {args.output}"
+    )
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace, console: Console) -> int:
+    from aa_deploy.parity import DEFAULT_TOLERANCE, Tolerance, verify, write_json, write_junit
+    from calibration.images import Preprocess
+
+    base = DEFAULT_TOLERANCE.get(args.precision)
+    if base is None:
+        raise InputError(f"precision must be one of {', '.join(DEFAULT_TOLERANCE)}")
+    tol = Tolerance(
+        args.atol if args.atol is not None else base.atol,
+        args.rtol if args.rtol is not None else base.rtol,
+        args.min_top1 if args.min_top1 is not None else base.min_top1,
+    )
+    options = _options(args) if args.antialiased and (args.filter or args.filter_size) else None
+    preprocess = None
+    if args.preprocess:
+        preprocess = Preprocess.from_file(args.preprocess)
+    elif args.size or args.mean or args.std:
+        kw = {"size": args.size or 224}
+        if args.mean:
+            kw["mean"] = tuple(float(v) for v in args.mean.split(","))
+        if args.std:
+            kw["std"] = tuple(float(v) for v in args.std.split(","))
+        preprocess = Preprocess(**kw)
+    result = verify(
+        args.model,
+        args.reference,
+        antialiased=True if args.antialiased else (False if args.plain else None),
+        options=options,
+        change=args.change,
+        backend=args.backend,
+        provider=args.provider,
+        precision=args.precision,
+        tolerance=tol,
+        images=args.images,
+        preprocess=preprocess,
+        count=args.count,
+        seed=args.seed,
+        input_shape=_shape(args.input_shape),
+        weights=args.weights,
+    )
+    from aa_deploy.report import print_parity
+
+    print_parity(result, console)
+    if args.report:
+        write_json(result, args.report)
+    if args.junit:
+        write_junit(result, args.junit)
+    return EXIT_OK if result.passed else EXIT_NOTHING
+
+
 def _demo(args: argparse.Namespace, console: Console) -> int:
     from aa_deploy.demo import run_demo
 
@@ -110,6 +182,54 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="no site table")
     _add_options(c)
     c.set_defaults(run=_convert)
+
+    e = sub.add_parser("export", help="export a PyTorch model to ONNX (torch.onnx dynamo exporter)")
+    e.add_argument("model", help="timm:NAME, torchvision:NAME, aa:cifar10_resnet20 or package.module:factory")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--weights", help="checkpoint (state_dict) to load; without it the weights are random")
+    e.add_argument("--input-shape", metavar="CxHxW", help="input shape without batch (default 3x224x224)")
+    e.add_argument("--static-batch", action="store_true", help="no dynamic batch axis")
+    e.add_argument("--opset", type=int, default=18)
+    e.set_defaults(run=_export)
+
+    v = sub.add_parser("verify", help="numerical parity of an ONNX model against its PyTorch reference")
+    v.add_argument("model")
+    v.add_argument("--reference", required=True, help="timm:NAME, torchvision:NAME, aa:NAME or package.module:factory")
+    v.add_argument("--weights", help="checkpoint for the reference")
+    g = v.add_mutually_exclusive_group()
+    g.add_argument(
+        "--antialiased",
+        action="store_true",
+        help="compare with the twin (default when the model records aa-deploy options)",
+    )
+    g.add_argument("--plain", action="store_true", help="compare with the plain model")
+    g.add_argument(
+        "--change",
+        action="store_true",
+        help="report how much conversion changed the outputs vs the plain model (never fails)",
+    )
+    v.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    v.add_argument(
+        "--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"], help="ONNX Runtime execution provider"
+    )
+    v.add_argument("--precision", default="fp32", help="fp32, fp16 or int8: picks the default tolerances")
+    v.add_argument("--atol", type=float)
+    v.add_argument("--rtol", type=float)
+    v.add_argument("--min-top1", type=float, help="least top-1 agreement for classifier outputs")
+    v.add_argument("--images", help="image folder, or bundled:cifar10 (default: deterministic random inputs)")
+    v.add_argument(
+        "--count", type=int, default=8, help="number of inputs (random) or at most this many images (0: all)"
+    )
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--input-shape", metavar="CxHxW", help="for models with dynamic spatial dims")
+    v.add_argument("--size", type=int, help="image crop size (default: the model's input size)")
+    v.add_argument("--mean", help="normalization mean, e.g. 0.485,0.456,0.406")
+    v.add_argument("--std", help="normalization std, e.g. 0.229,0.224,0.225")
+    v.add_argument("--preprocess", help="JSON file with size, resize, mean, std")
+    v.add_argument("--report", help="write the JSON report here")
+    v.add_argument("--junit", help="write a JUnit XML file here")
+    _add_options(v)
+    v.set_defaults(run=_verify)
 
     d = sub.add_parser("demo", help="the whole chain on the bundled trained CIFAR-10 ResNet-20 and test images")
     d.add_argument("--workdir", help="keep the exported and converted models here (default: a temporary folder)")

@@ -36,3 +36,39 @@ def sites_table(actions: list[Action], title: str) -> Table:
 
 def print_sites(actions: list[Action], title: str, console: Console | None = None) -> None:
     (console or Console()).print(sites_table(actions, title))
+
+
+def print_parity(result, console: Console) -> None:
+    """The parity (or change) table and a one-line verdict."""
+    label = "change vs plain model" if result.kind == "change" else "parity"
+    table = Table(
+        title=f"{label}: {result.model} on {result.backend} ({result.precision}) vs {result.reference}"
+        + (" twin" if result.reference_antialiased else ""),
+        title_justify="left",
+    )
+    for column in ("output", "shape", "max abs", "max rel", "min cosine", "top-1 agree", "top-5 agree", "result"):
+        table.add_column(column)
+    for o in result.outputs:
+        verdict = "changed" if result.kind == "change" else ("pass" if o.passed else f"FAIL: {o.failure}")
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+        table.add_row(
+            o.name,
+            "x".join(map(str, o.shape)),
+            f"{o.max_abs:.3g}",
+            f"{o.max_rel:.3g}",
+            f"{o.cosine_min:.6f}",
+            pct(o.top1_agreement),
+            pct(o.top5_agreement),
+            verdict,
+        )
+    console.print(table)
+    inputs = result.inputs
+    console.print(f"inputs: {inputs.get('count')} x {inputs.get('shape')} from {inputs.get('source')}")
+    if result.kind == "change":
+        console.print("CHANGE (not a failure): how much the anti-aliasing moved the outputs")
+    else:
+        tol = result.tolerance
+        console.print(
+            ("PASS" if result.passed else "FAIL")
+            + f" (atol {tol['atol']:g}, rtol {tol['rtol']:g}, min top-1 {tol['min_top1']:g})"
+        )

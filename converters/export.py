@@ -16,8 +16,18 @@ from aa_deploy.errors import InputError
 DEFAULT_OPSET = 18
 
 
-def load_model(spec: str, weights: str | os.PathLike | None = None) -> tuple[nn.Module, bool]:
-    """(model in eval mode, whether it holds trained weights) for a model name."""
+def load_model(spec: str, weights: str | os.PathLike | None = None, seed: int = 0) -> tuple[nn.Module, bool]:
+    """(model in eval mode, whether it holds trained weights) for a model name.
+
+    Without weights the model is randomly initialized from `seed`, so `export` and `verify` in
+    different processes build the same model.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _load_model(spec, weights)
+
+
+def _load_model(spec: str, weights: str | os.PathLike | None) -> tuple[nn.Module, bool]:
     source, _, name = spec.partition(":")
     if not name:
         raise InputError(f"model name {spec!r}: expected timm:NAME, torchvision:NAME, aa:NAME or module:factory")
@@ -71,6 +81,8 @@ def export(
 ) -> Path:
     """Export `model` to `path` with the dynamo exporter (BatchNorm folded by its optimizer)."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: output folder does not exist")
     if dynamic_batch and input_shape[0] == 1:
         input_shape = (2, *input_shape[1:])  # torch.export specializes a size-1 example dim to 1
     example = (torch.rand(*input_shape),)
@@ -87,5 +99,10 @@ def export(
             output_names=[output_name],
             verbose=False,
         )
-    program.save(str(path))
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        program.save(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

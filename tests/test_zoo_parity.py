@@ -58,3 +58,16 @@ def test_zoo_parity_all_options(name, zoo_model, tmp_path):
         change = float(np.abs(ref - plain).max()) / (float(np.abs(plain).max()) + 1e-12)
         assert change > 1e-3, f"{filt}/{mode}/{pad}: the blur did not change the outputs ({change:.1e})"
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_verify_gate(name, zoo_model, tmp_path):
+    """The release checks through `aa_deploy.verify`: plain export vs plain model, converted vs twin."""
+    zoo = zoo_model(name)
+    images = "bundled:cifar10" if name == "cifar_resnet20" else None
+    plain = aa_deploy.verify(zoo.onnx, zoo.module, images=images, count=4)
+    assert plain.passed, plain.outputs
+    converted = tmp_path / "aa.onnx"
+    aa_deploy.convert(zoo.onnx, converted)
+    result = aa_deploy.verify(converted, zoo.module, images=images, count=4)
+    assert result.passed and result.reference_antialiased["filter"] == "triangle", result.outputs

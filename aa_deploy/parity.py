@@ -1,0 +1,360 @@
+"""Numerical parity of an ONNX model on a backend against its PyTorch reference (plain or twin).
+
+Backends and the reference are runners (`run(feeds) -> outputs`), so the comparison knows nothing
+about either side. A parity check can fail; a `change` check (converted model against the plain
+original) only reports how much the anti-aliasing moved the outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aa_deploy import model_io
+from aa_deploy.errors import InputError
+from aa_deploy.plan import Options
+from aa_deploy.version import __version__
+
+SCHEMA = "aa-deploy.parity/1"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass when max|got - ref| <= atol + rtol * max|ref| and, for classifiers, top-1 agreement >= min_top1."""
+
+    atol: float
+    rtol: float
+    min_top1: float
+
+
+DEFAULT_TOLERANCE = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-4, min_top1=0.99),
+    "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_top1=0.95),
+    "int8": Tolerance(atol=0.5, rtol=0.1, min_top1=0.85),
+}
+
+
+@dataclass
+class OutputParity:
+    """Agreement of one output."""
+
+    name: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float  # max|got - ref| / max|ref|
+    cosine_min: float  # lowest per-sample cosine similarity
+    top1_agreement: float | None  # classifiers (2-D outputs) only
+    top5_agreement: float | None  # share of samples whose reference top-1 is in the top-5
+    passed: bool
+    failure: str = ""
+
+
+@dataclass
+class ParityResult:
+    """The whole check, as the JSON report holds it."""
+
+    kind: str  # parity | change
+    passed: bool
+    model: str
+    reference: str
+    reference_antialiased: dict | None
+    backend: str
+    precision: str
+    tolerance: dict
+    inputs: dict
+    outputs: list[OutputParity] = field(default_factory=list)
+    schema: str = SCHEMA
+    aa_deploy_version: str = __version__
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, check: bool = True) -> OutputParity:
+    """Metrics of `got` against `ref` for one output, and whether they pass `tol`."""
+    if ref.shape != got.shape:
+        return OutputParity(
+            name,
+            list(got.shape),
+            float("inf"),
+            float("inf"),
+            -1.0,
+            None,
+            None,
+            False,
+            f"shape {tuple(got.shape)} != reference {tuple(ref.shape)}",
+        )
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    diff = np.abs(got64 - ref64)
+    scale = float(np.abs(ref64).max()) if ref.size else 0.0
+    max_abs = float(diff.max()) if diff.size else 0.0
+    flat_r, flat_g = ref64.reshape(len(ref64), -1), got64.reshape(len(got64), -1)
+    norms = np.linalg.norm(flat_r, axis=1) * np.linalg.norm(flat_g, axis=1)
+    cos = np.where(norms > 0, (flat_r * flat_g).sum(axis=1) / np.maximum(norms, 1e-300), 1.0)
+    top1 = top5 = None
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        r1 = ref.argmax(axis=1)
+        top1 = float((got.argmax(axis=1) == r1).mean())
+        k = min(5, ref.shape[1])
+        top5 = float((np.argsort(-got, axis=1)[:, :k] == r1[:, None]).any(axis=1).mean())
+    failures = []
+    if not np.isfinite(got64).all():
+        failures.append("non-finite values")
+    if max_abs > tol.atol + tol.rtol * scale:
+        failures.append(f"max abs error {max_abs:.3g} > {tol.atol:g} + {tol.rtol:g} x {scale:.3g}")
+    if top1 is not None and top1 < tol.min_top1:
+        failures.append(f"top-1 agreement {top1:.3f} < {tol.min_top1:g}")
+    return OutputParity(
+        name,
+        list(got.shape),
+        max_abs,
+        max_abs / scale if scale > 0 else max_abs,
+        float(cos.min()),
+        top1,
+        top5,
+        passed=not failures or not check,
+        failure="; ".join(failures),
+    )
+
+
+def random_inputs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Deterministic standard-normal inputs (float32)."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def input_spec(path: str | os.PathLike) -> tuple[str, list[int | str | None]]:
+    """(name, dims) of the model's single input; dims are ints or names of dynamic axes."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise InputError(f"{path}: verify handles single-input models; this one has {len(inputs)} inputs")
+    dims = [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in inputs[0].type.tensor_type.shape.dim
+    ]
+    return inputs[0].name, dims
+
+
+def concrete_shape(dims: list, batch: int, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    """A runnable input shape: `batch` for the first axis, `input_shape` (C, H, W...) where given or dynamic."""
+    if input_shape is not None:
+        if len(input_shape) != len(dims) - 1:
+            raise InputError(
+                f"--input-shape has {len(input_shape)} dims; the model's input has {len(dims) - 1} after the batch"
+            )
+        return (batch, *input_shape)
+    rest = dims[1:]
+    if any(not isinstance(d, int) or d <= 0 for d in rest):
+        raise InputError(f"the model's input has dynamic dims {dims}: give --input-shape C x H x W")
+    return (batch, *rest)
+
+
+def reference_options(path: str | os.PathLike, antialiased: bool | None, override: Options | None) -> Options | None:
+    """The anti-aliasing the reference needs: the user's, or the one recorded in the model's metadata."""
+    if antialiased is False:
+        return None
+    if override is not None:
+        return override
+    meta = model_io.read_metadata(_load_proto(path))
+    if "options" in meta:
+        return Options(**meta["options"])
+    if antialiased:
+        raise InputError(f"{path}: --antialiased needs filter options, and the model records none (not converted?)")
+    return None
+
+
+def _load_proto(path):
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+        raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+
+
+def compare_runners(
+    model: str | os.PathLike,
+    reference,
+    runner,
+    *,
+    inputs: np.ndarray,
+    kind: str = "parity",
+    precision: str = "fp32",
+    tolerance: Tolerance | None = None,
+    reference_name: str = "",
+    reference_options: Options | None = None,
+    backend: str = "onnxruntime:cpu",
+    inputs_info: dict | None = None,
+    batch: int = 32,
+) -> ParityResult:
+    """Run `inputs` through `runner` (the deployed model) and `reference`, batch by batch, and compare."""
+    if precision not in DEFAULT_TOLERANCE:
+        raise InputError(f"precision must be one of {', '.join(DEFAULT_TOLERANCE)}, not {precision!r}")
+    tol = tolerance or DEFAULT_TOLERANCE[precision]
+    name = runner.input_names[0]
+    got_parts, ref_parts = [], []
+    for i in range(0, len(inputs), batch):
+        feeds = {name: inputs[i : i + batch]}
+        got_parts.append(runner.run(feeds))
+        ref_parts.append(reference.run(feeds))
+    n_out = len(got_parts[0])
+    if len(ref_parts[0]) != n_out:
+        raise InputError(f"the model has {n_out} outputs, the reference {len(ref_parts[0])}")
+    outputs = [
+        compare(
+            runner.output_names[j],
+            np.concatenate([r[j] for r in ref_parts]),
+            np.concatenate([g[j] for g in got_parts]),
+            tol,
+            check=kind == "parity",
+        )
+        for j in range(n_out)
+    ]
+    return ParityResult(
+        kind=kind,
+        passed=all(o.passed for o in outputs),
+        model=str(model),
+        reference=reference_name,
+        reference_antialiased=reference_options.as_dict() if reference_options else None,
+        backend=backend,
+        precision=precision,
+        tolerance=asdict(tol),
+        inputs=inputs_info or {"count": len(inputs), "shape": list(inputs.shape[1:])},
+        outputs=outputs,
+    )
+
+
+def write_json(result: ParityResult, path: str | os.PathLike) -> None:
+    """The report, atomically."""
+    import json
+
+    _atomic_write(Path(path), json.dumps(result.as_dict(), indent=2) + "\n")
+
+
+def write_junit(result: ParityResult, path: str | os.PathLike) -> None:
+    """A JUnit XML file with one test case per output, for CI systems."""
+    import xml.etree.ElementTree as ET
+
+    failures = sum(not o.passed for o in result.outputs)
+    suite = ET.Element(
+        "testsuite", name=f"aa-deploy {result.kind}", tests=str(len(result.outputs)), failures=str(failures)
+    )
+    for o in result.outputs:
+        case = ET.SubElement(suite, "testcase", classname=f"{result.kind}.{Path(result.model).name}", name=o.name)
+        ET.SubElement(case, "system-out").text = (
+            f"max_abs={o.max_abs:.3g} max_rel={o.max_rel:.3g} cosine_min={o.cosine_min:.6f} "
+            f"top1={o.top1_agreement} top5={o.top5_agreement}"
+        )
+        if not o.passed:
+            ET.SubElement(case, "failure", message=o.failure).text = o.failure
+    _atomic_write(Path(path), ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode") + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def make_inputs(
+    model: str | os.PathLike,
+    *,
+    images: str | None = None,
+    preprocess=None,
+    count: int = 8,
+    seed: int = 0,
+    input_shape: tuple[int, ...] | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Inputs for a check: deterministic random, the bundled CIFAR test images, or an image folder."""
+    _, dims = input_spec(model)
+    if images is None:
+        shape = concrete_shape(dims, count, input_shape)
+        return random_inputs(shape, seed), {
+            "source": "random normal",
+            "seed": seed,
+            "count": count,
+            "shape": list(shape[1:]),
+        }
+    if images == "bundled:cifar10":
+        from aa_deploy import bundled
+
+        x = bundled.cifar_normalize(bundled.cifar_test_images()[0])
+        return x, {"source": "bundled CIFAR-10 test images", "count": len(x), "shape": list(x.shape[1:])}
+    from calibration.images import Preprocess, load_folder, normalize
+
+    if preprocess is None:
+        size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else 224
+        preprocess = Preprocess(size=size)
+    raw, files = load_folder(images, preprocess, limit=count if count > 0 else None)
+    x = normalize(raw, preprocess)
+    if isinstance(dims[-1], int) and dims[-1] > 0 and list(x.shape[1:]) != [d for d in dims[1:]]:
+        raise InputError(f"preprocessed images are {list(x.shape[1:])}, the model takes {dims[1:]}: check --size")
+    info = {"source": str(images), "count": len(x), "shape": list(x.shape[1:]), "preprocess": preprocess.as_dict()}
+    return x, info
+
+
+def verify(
+    model: str | os.PathLike,
+    reference,
+    *,
+    antialiased: bool | None = None,
+    options: Options | None = None,
+    change: bool = False,
+    backend: str = "onnxruntime",
+    provider: str = "cpu",
+    precision: str = "fp32",
+    tolerance: Tolerance | None = None,
+    images: str | None = None,
+    preprocess=None,
+    count: int = 8,
+    seed: int = 0,
+    input_shape: tuple[int, ...] | None = None,
+    weights: str | os.PathLike | None = None,
+) -> ParityResult:
+    """Check an ONNX model on a backend against its PyTorch reference.
+
+    `reference` is an nn.Module or a model name (timm:..., torchvision:..., aa:...). The reference
+    is the twin with the anti-aliasing recorded in the model's metadata (or `options`), unless
+    `antialiased` is False. With `change`, the model is compared with the *plain* reference and
+    the result reports how much the anti-aliasing changed the outputs; it never fails.
+    """
+    from aa_deploy.torch import antialias_with
+    from converters.pytorch import TorchRunner
+    from converters.runners import make_runner
+
+    path = Path(model)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    reference_name = reference if isinstance(reference, str) else type(reference).__name__
+    if isinstance(reference, str):
+        from converters.export import load_model
+
+        reference, _ = load_model(reference, weights)
+    twin_options = None if change else reference_options(path, antialiased, options)
+    module = antialias_with(reference, twin_options)[0] if twin_options is not None else reference
+    inputs, info = make_inputs(
+        path, images=images, preprocess=preprocess, count=count, seed=seed, input_shape=input_shape
+    )
+    runner = make_runner(path, backend, provider)
+    return compare_runners(
+        path,
+        TorchRunner(module),
+        runner,
+        inputs=inputs,
+        kind="change" if change else "parity",
+        precision=precision,
+        tolerance=tolerance,
+        reference_name=reference_name,
+        reference_options=twin_options,
+        backend=f"{backend}:{provider}" if backend == "onnxruntime" else backend,
+        inputs_info=info,
+    )

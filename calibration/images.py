@@ -1,0 +1,91 @@
+"""Image folders and preprocessing: the one notion of "images" shared by verify, consistency,
+calibration and INT8 calibration data."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aa_deploy.errors import InputError
+
+EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the short side to `resize` (default: `size`), centre-crop `size`, scale to [0, 1], normalize."""
+
+    size: int = 224
+    resize: int | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Preprocess:
+        """Read {"size": .., "resize": .., "mean": [..], "std": [..]} from a JSON file."""
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise InputError(f"{path}: not a preprocessing file ({e})") from None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; a clear error for a missing or empty folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such image folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+    if not files:
+        raise InputError(f"{folder}: no images found (looked for {', '.join(sorted(EXTENSIONS))})")
+    return files
+
+
+def load_rgb(path: Path, pre: Preprocess) -> np.ndarray:
+    """One image as uint8 HWC after resize and centre crop."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            resize = pre.resize or pre.size
+            w, h = im.size
+            scale = resize / min(w, h)
+            im = im.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - pre.size) // 2, (h - pre.size) // 2
+            return np.asarray(im.crop((left, top, left + pre.size, top + pre.size)), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"{path}: unreadable image ({e})") from None
+
+
+def normalize(images: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW, scaled to [0, 1] and normalized with `pre.mean`/`pre.std`."""
+    x = images.astype(np.float32) / 255.0
+    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def load_folder(folder: str | os.PathLike, pre: Preprocess, limit: int | None = None) -> tuple[np.ndarray, list[Path]]:
+    """All (or the first `limit`) images of `folder` as uint8 NHWC, with their paths."""
+    files = list_images(folder)[:limit]
+    return np.stack([load_rgb(p, pre) for p in files]), files
+
+
+def folder_labels(files: list[Path], root: str | os.PathLike) -> np.ndarray | None:
+    """Labels from a folder-per-class layout (classes sorted by name), or None if not laid out so."""
+    parents = [p.parent.relative_to(root).parts for p in files]
+    if any(len(parts) != 1 for parts in parents):
+        return None
+    classes = sorted({parts[0] for parts in parents})
+    index = {c: i for i, c in enumerate(classes)}
+    return np.asarray([index[parts[0]] for parts in parents])

@@ -10,7 +10,6 @@ from aa_deploy.parity import ParityResult, verify
 from aa_deploy.plan import Action, Options
 from aa_deploy.version import __version__
 
-
 __all__ = [
     "Action",
     "Conversion",

@@ -102,7 +102,8 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     export(model, args.output, (2, *shape), dynamic_batch=not args.static_batch, opset=args.opset)
     weights = "trained weights" if trained else "RANDOM weights (no --weights given; seeded, so verify rebuilds them)"
     console.print(
-        f"exported {args.model} with {weights}, input N x {'x'.join(map(str, shape))}, opset {args.opset} -> {args.output}"
+        f"exported {args.model} with {weights}, input N x {'x'.join(map(str, shape))}, "
+        f"opset {args.opset} -> {args.output}"
     )
     return EXIT_OK
 

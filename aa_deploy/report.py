@@ -38,6 +38,10 @@ def print_sites(actions: list[Action], title: str, console: Console | None = Non
     (console or Console()).print(sites_table(actions, title))
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
 def print_parity(result, console: Console) -> None:
     """The parity (or change) table and a one-line verdict."""
     label = "change vs plain model" if result.kind == "change" else "parity"
@@ -50,15 +54,14 @@ def print_parity(result, console: Console) -> None:
         table.add_column(column)
     for o in result.outputs:
         verdict = "changed" if result.kind == "change" else ("pass" if o.passed else f"FAIL: {o.failure}")
-        pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
         table.add_row(
             o.name,
             "x".join(map(str, o.shape)),
             f"{o.max_abs:.3g}",
             f"{o.max_rel:.3g}",
             f"{o.cosine_min:.6f}",
-            pct(o.top1_agreement),
-            pct(o.top5_agreement),
+            _pct(o.top1_agreement),
+            _pct(o.top5_agreement),
             verdict,
         )
     console.print(table)

@@ -158,6 +158,52 @@ def _verify(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK if result.passed else EXIT_NOTHING
 
 
+def _consistency(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from aa_deploy.consistency.compare import compare
+    from aa_deploy.report import print_consistency
+    from calibration.images import Preprocess
+
+    preprocess = Preprocess.from_file(args.preprocess) if args.preprocess else None
+    if preprocess is None and (args.mean or args.std or args.size):
+        kw = {"size": args.size or args.crop or 224}
+        kw |= {"mean": tuple(float(v) for v in args.mean.split(","))} if args.mean else {}
+        kw |= {"std": tuple(float(v) for v in args.std.split(","))} if args.std else {}
+        preprocess = Preprocess(**kw)
+    models = [args.model, *(args.compare or [])]
+    results, data = compare(
+        models,
+        images=args.images,
+        protocol=args.protocol,
+        shift=args.shift,
+        crop=args.crop,
+        passes=args.passes,
+        seed=args.seed,
+        pad=args.pad,
+        preprocess=preprocess,
+        batch=args.batch,
+        provider=args.provider,
+        limit=args.limit,
+    )
+    print_consistency(results, data.source, console)
+    if args.report:
+        from aa_deploy.parity import _atomic_write
+
+        payload = {
+            "schema": "aa-deploy.consistency/1",
+            "protocol": args.protocol,
+            "images": data.source,
+            "models": {name: r.as_dict() for name, r in results.items()},
+        }
+        _atomic_write(Path(args.report), json.dumps(payload, indent=2) + "\n")
+    if args.plot:
+        from aa_deploy.consistency.plots import plot
+
+        plot({Path(n).name: r for n, r in results.items()}, args.plot, f"{args.protocol} on {Path(data.source).name}")
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace, console: Console) -> int:
     from aa_deploy.demo import run_demo
 
@@ -231,6 +277,29 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--junit", help="write a JUnit XML file here")
     _add_options(v)
     v.set_defaults(run=_verify)
+
+    m = sub.add_parser("consistency", help="shift consistency of ONNX models on real images")
+    m.add_argument("model", help="the baseline ONNX model (e.g. the original)")
+    m.add_argument("--compare", nargs="+", metavar="MODEL", help="models to compare with it (e.g. converted)")
+    m.add_argument("--images", help="image folder, bundled:cifar10 or bundled:photos (default: by input size)")
+    m.add_argument("--protocol", default="random-crop", choices=["random-crop", "circular", "diagonal", "worst-case"])
+    m.add_argument("--shift", type=int, help="largest shift in pixels (default 32, or 4 for pad-and-crop, 2 circular)")
+    m.add_argument("--crop", type=int, help="view size (default: the model's input size)")
+    m.add_argument(
+        "--pad", choices=["reflect", "zero", "replicate"], help="pad-and-crop shifts with this padding (small images)"
+    )
+    m.add_argument("--passes", type=int, default=5, help="passes of random pairs (random-crop, circular)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--limit", type=int, help="use at most this many images")
+    m.add_argument("--batch", type=int, default=64)
+    m.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    m.add_argument("--size", type=int, help="crop size for folder images (default: --crop)")
+    m.add_argument("--mean", help="normalization mean, e.g. 0.485,0.456,0.406")
+    m.add_argument("--std", help="normalization std")
+    m.add_argument("--preprocess", help="JSON file with size, resize, mean, std")
+    m.add_argument("--report", help="write the JSON report here")
+    m.add_argument("--plot", help="write a PNG plot here")
+    m.set_defaults(run=_consistency)
 
     d = sub.add_parser("demo", help="the whole chain on the bundled trained CIFAR-10 ResNet-20 and test images")
     d.add_argument("--workdir", help="keep the exported and converted models here (default: a temporary folder)")

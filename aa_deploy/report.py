@@ -75,3 +75,25 @@ def print_parity(result, console: Console) -> None:
             ("PASS" if result.passed else "FAIL")
             + f" (atol {tol['atol']:g}, rtol {tol['rtol']:g}, min top-1 {tol['min_top1']:g})"
         )
+
+
+def print_consistency(results: dict, source: str, console: Console) -> None:
+    """One row per model: consistency with its 95 % interval, accuracy, views run."""
+    first = next(iter(results.values()))
+    settings = ", ".join(f"{k} {v}" for k, v in first.settings.items() if v is not None)
+    table = Table(title=f"{first.protocol} consistency on {source} ({settings})", title_justify="left")
+    for column in ("model", "consistency %", "95% CI", "top-1 %", "images", "views"):
+        table.add_column(column)
+    base = None
+    for name, r in results.items():
+        delta = "" if base is None else f" ({100 * (r.consistency - base):+.1f})"
+        base = r.consistency if base is None else base
+        table.add_row(
+            name,
+            f"{100 * r.consistency:.1f}{delta}",
+            f"{100 * r.ci95[0]:.1f}-{100 * r.ci95[1]:.1f}",
+            _pct(r.accuracy),
+            str(r.images),
+            str(r.views),
+        )
+    console.print(table)

@@ -1,5 +1,5 @@
 """Shift consistency: does the prediction stay put when the image moves?"""
 
-from aa_deploy.consistency.protocols import circular_agreement, top1
+from aa_deploy.consistency.protocols import PROTOCOLS, ConsistencyResult, measure, top1, wilson
 
-__all__ = ["circular_agreement", "top1"]
+__all__ = ["PROTOCOLS", "ConsistencyResult", "measure", "top1", "wilson"]

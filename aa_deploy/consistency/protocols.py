@@ -1,29 +1,252 @@
-"""Shift protocols over a batched classifier `run(x: NCHW float32) -> logits`."""
+"""Shift-consistency protocols over a batched classifier.
+
+A protocol turns uint8 NHWC images into shifted views, runs them through `run` (float NCHW ->
+logits) after `prepare` (uint8 NHWC -> float NCHW), and counts agreements:
+
+- random-crop (Zhang 2019): two crops of size `crop` at random offsets per image; consistent when
+  both get the same top-1. ImageNet style: the canvas is `crop + shift` (offsets in [0, shift]);
+  CIFAR style (`pad`): the image padded by `shift` on each side, crops of the original size, so the
+  two views are shifted within +-shift pixels.
+- circular: the same with torch.roll-style shifts in [-shift, shift]^2 (nothing leaves the frame).
+- diagonal: views shifted by (d, d); per shift the agreement with the unshifted view, accuracy,
+  and the mean probability of the class chosen there (the plot of Zhang 2019).
+- worst-case: every offset of the grid; consistent only if all views agree, correct only if all are.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 Runner = Callable[[np.ndarray], np.ndarray]
+Prepare = Callable[[np.ndarray], np.ndarray]
+PROTOCOLS = ("random-crop", "circular", "diagonal", "worst-case")
+PAD_MODES = {"reflect": "reflect", "zero": "constant", "replicate": "edge"}
+
+
+@dataclass
+class ConsistencyResult:
+    """One model under one protocol."""
+
+    protocol: str
+    consistency: float  # share of images (or pairs) that agree, 0..1
+    ci95: tuple[float, float]  # Wilson interval of `consistency`
+    accuracy: float | None  # top-1 on the unshifted (or first) views, with labels
+    images: int
+    views: int  # views run through the model
+    per_pass: list[float] = field(default_factory=list)
+    curve: dict | None = None  # diagonal: offsets, agreement, accuracy, probability
+    settings: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval for a proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Harness:
+    """Runs views through the model in fixed-size batches."""
+
+    def __init__(self, run: Runner, prepare: Prepare, batch: int = 64) -> None:
+        self.run, self.prepare, self.batch = run, prepare, batch
+        self.views = 0
+
+    def logits(self, views: np.ndarray) -> np.ndarray:
+        out = [self.run(self.prepare(views[i : i + self.batch])) for i in range(0, len(views), self.batch)]
+        self.views += len(views)
+        return np.concatenate(out)
+
+
+def _canvas(images: np.ndarray, shift: int, pad: str | None) -> np.ndarray:
+    if pad is None:
+        return images
+    return np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode=PAD_MODES[pad])
+
+
+def _crop(canvas: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
+    """Per-image crops: canvas[i, y:y+size, x:x+size] for offsets[i] = (y, x)."""
+    return np.stack([canvas[i, y : y + size, x : x + size] for i, (y, x) in enumerate(offsets)])
+
+
+def _roll(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    return np.stack([np.roll(img, tuple(s), axis=(0, 1)) for img, s in zip(images, shifts)])
+
+
+def random_pairs(
+    harness: Harness,
+    images: np.ndarray,
+    *,
+    crop: int,
+    shift: int,
+    passes: int = 5,
+    seed: int = 0,
+    pad: str | None = None,
+    circular: bool = False,
+    labels: np.ndarray | None = None,
+) -> ConsistencyResult:
+    """random-crop (or circular with `circular`): pairs of random views per image, over `passes` passes."""
+    rng = np.random.default_rng(seed)
+    canvas = _canvas(images, shift, pad)
+    size = images.shape[1] if pad is not None or circular else crop
+    span = canvas.shape[1] - size  # offsets 0..span
+    agree, per_pass, correct, seen = 0, [], 0, 0
+    for _ in range(passes):
+        if circular:
+            a, b = (rng.integers(-shift, shift + 1, size=(len(images), 2)) for _ in range(2))
+            va, vb = _roll(images, a), _roll(images, b)
+        else:
+            a, b = (rng.integers(0, span + 1, size=(len(images), 2)) for _ in range(2))
+            va, vb = _crop(canvas, a, size), _crop(canvas, b, size)
+        la, lb = harness.logits(va).argmax(1), harness.logits(vb).argmax(1)
+        same = int((la == lb).sum())
+        agree += same
+        per_pass.append(same / len(images))
+        if labels is not None:
+            correct += int((la == labels).sum()) + int((lb == labels).sum())
+            seen += 2 * len(images)
+    n = passes * len(images)
+    return ConsistencyResult(
+        protocol="circular" if circular else "random-crop",
+        consistency=agree / n,
+        ci95=wilson(agree, n),
+        accuracy=correct / seen if seen else None,
+        images=len(images),
+        views=harness.views,
+        per_pass=per_pass,
+        settings={"crop": size, "shift": shift, "passes": passes, "seed": seed, "pad": pad},
+    )
+
+
+def diagonal(
+    harness: Harness,
+    images: np.ndarray,
+    *,
+    crop: int,
+    shift: int,
+    pad: str | None = None,
+    labels: np.ndarray | None = None,
+) -> ConsistencyResult:
+    """Views shifted by (d, d): agreement with the unshifted view, accuracy, p(class of the unshifted view).
+
+    Canvas crops: d = 0..shift from the top-left crop. Pad-and-crop: d = -shift..shift around the image.
+    """
+    canvas = _canvas(images, shift, pad)
+    size = images.shape[1] if pad is not None else crop
+    base = shift if pad is not None else 0
+    positions = list(range(min(base + shift, canvas.shape[1] - size) + 1))
+    logits = {p: harness.logits(canvas[:, p : p + size, p : p + size]) for p in positions}
+    base_class = logits[base].argmax(1)
+    agreement, accuracy, probability = [], [], []
+    for p in positions:
+        cls = logits[p].argmax(1)
+        agreement.append(float((cls == base_class).mean()))
+        probability.append(float(softmax(logits[p])[np.arange(len(cls)), base_class].mean()))
+        accuracy.append(float((cls == labels).mean()) if labels is not None else None)
+    agree_all = sum(int(round(a * len(images))) for p, a in zip(positions, agreement) if p != base)
+    n = len(images) * (len(positions) - 1)
+    return ConsistencyResult(
+        protocol="diagonal",
+        consistency=agree_all / n if n else 1.0,
+        ci95=wilson(agree_all, n),
+        accuracy=accuracy[base],
+        images=len(images),
+        views=harness.views,
+        curve={
+            "offset": [p - base for p in positions],
+            "agreement": agreement,
+            "accuracy": accuracy,
+            "probability": probability,
+        },
+        settings={"crop": size, "shift": shift, "pad": pad},
+    )
+
+
+def worst_case(
+    harness: Harness,
+    images: np.ndarray,
+    *,
+    crop: int,
+    shift: int,
+    pad: str | None = None,
+    labels: np.ndarray | None = None,
+    circular: bool = False,
+) -> ConsistencyResult:
+    """Every shift of the grid: an image is consistent only if all its views agree (correct if all are)."""
+    canvas = _canvas(images, shift, pad)
+    size = images.shape[1] if pad is not None or circular else crop
+    if circular:
+        grid = [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]
+    else:
+        span = canvas.shape[1] - size
+        grid = [(y, x) for y in range(span + 1) for x in range(span + 1)]
+    first = None
+    consistent = np.ones(len(images), bool)
+    correct = np.ones(len(images), bool)
+    for y, x in grid:
+        views = np.roll(images, (y, x), axis=(1, 2)) if circular else canvas[:, y : y + size, x : x + size]
+        cls = harness.logits(views).argmax(1)
+        first = cls if first is None else first
+        consistent &= cls == first
+        if labels is not None:
+            correct &= cls == labels
+    k = int(consistent.sum())
+    return ConsistencyResult(
+        protocol="worst-case",
+        consistency=k / len(images),
+        ci95=wilson(k, len(images)),
+        accuracy=float(correct.mean()) if labels is not None else None,
+        images=len(images),
+        views=harness.views,
+        settings={"crop": size, "shift": shift, "pad": pad, "grid": len(grid), "circular": circular},
+    )
+
+
+def measure(
+    protocol: str,
+    run: Runner,
+    prepare: Prepare,
+    images: np.ndarray,
+    *,
+    crop: int,
+    shift: int,
+    passes: int = 5,
+    seed: int = 0,
+    pad: str | None = None,
+    labels: np.ndarray | None = None,
+    batch: int = 64,
+) -> ConsistencyResult:
+    """Run one protocol on one model."""
+    harness = Harness(run, prepare, batch)
+    if protocol == "random-crop":
+        return random_pairs(harness, images, crop=crop, shift=shift, passes=passes, seed=seed, pad=pad, labels=labels)
+    if protocol == "circular":
+        return random_pairs(
+            harness, images, crop=crop, shift=shift, passes=passes, seed=seed, circular=True, labels=labels
+        )
+    if protocol == "diagonal":
+        return diagonal(harness, images, crop=crop, shift=shift, pad=pad, labels=labels)
+    if protocol == "worst-case":
+        return worst_case(harness, images, crop=crop, shift=shift, pad=pad, labels=labels)
+    raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
 
 
 def top1(run: Runner, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Top-1 class per image, in batches."""
+    """Top-1 class per image of float NCHW inputs, in batches."""
     return np.concatenate([run(x[i : i + batch]).argmax(axis=1) for i in range(0, len(x), batch)])
-
-
-def circular_agreement(run: Runner, x: np.ndarray, max_shift: int = 2) -> float:
-    """Share of (image, shift) pairs, over every circular shift (dy, dx) != 0 within ±max_shift,
-    whose top-1 equals the unshifted image's (torch.roll-style shifts: nothing leaves the frame)."""
-    base = top1(run, x)
-    agree = total = 0
-    for dy in range(-max_shift, max_shift + 1):
-        for dx in range(-max_shift, max_shift + 1):
-            if dy == dx == 0:
-                continue
-            shifted = np.roll(x, (dy, dx), axis=(2, 3))
-            agree += int((top1(run, shifted) == base).sum())
-            total += len(x)
-    return agree / total

@@ -1,0 +1,97 @@
+"""Consistency of several models on the same images and shifts (the first is the baseline)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aa_deploy.consistency.protocols import ConsistencyResult, measure
+from aa_deploy.errors import InputError
+
+BUNDLED_PHOTOS = Path(__file__).resolve().parents[1] / "assets" / "photos"
+
+
+@dataclass
+class ImageSet:
+    """uint8 NHWC canvases, optional labels, the model's preprocessing, and how shifts are made."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    prepare: object  # uint8 NHWC -> float32 NCHW
+    crop: int
+    pad: str | None  # pad-and-crop padding mode, or None for crops of a larger canvas
+    source: str
+
+
+def load_images(
+    spec: str | None, *, crop: int, shift: int, pad: str | None, preprocess=None, limit: int | None = None
+) -> ImageSet:
+    """`bundled:cifar10`, `bundled:photos`, or an image folder (labels from a folder-per-class layout)."""
+    from calibration.images import Preprocess, folder_labels, load_folder, normalize
+
+    if spec == "bundled:cifar10":
+        from aa_deploy import bundled
+
+        images, labels = bundled.cifar_test_images()
+        return ImageSet(
+            images[:limit], labels[:limit], bundled.cifar_normalize, 32, pad or "zero", "bundled CIFAR-10 test images"
+        )
+    root = BUNDLED_PHOTOS if spec in (None, "bundled:photos") else Path(spec)
+    base = preprocess or Preprocess(size=crop)
+    # pad-and-crop views keep the image size; canvas crops need room for the shift.
+    canvas = base.size if pad is not None else base.size + shift
+    pre = Preprocess(size=canvas, resize=max(canvas, base.resize or 0) or None, mean=base.mean, std=base.std)
+    images, files = load_folder(root, pre, limit=limit)
+    prep = Preprocess(size=base.size, mean=base.mean, std=base.std)
+    return ImageSet(images, folder_labels(files, root), lambda x: normalize(x, prep), base.size, pad, str(root))
+
+
+def compare(
+    models: list[str | os.PathLike],
+    *,
+    images: str | None = None,
+    protocol: str = "random-crop",
+    shift: int | None = None,
+    crop: int | None = None,
+    passes: int = 5,
+    seed: int = 0,
+    pad: str | None = None,
+    preprocess=None,
+    batch: int = 64,
+    provider: str = "cpu",
+    limit: int | None = None,
+) -> tuple[dict[str, ConsistencyResult], ImageSet]:
+    """Each model (ONNX file) under one protocol on the same images and the same random shifts."""
+    from converters.runners import make_runner
+
+    runners = {str(m): make_runner(m, "onnxruntime", provider) for m in models}
+    first = next(iter(runners.values()))
+    dims = first.session.get_inputs()[0].shape
+    size = crop or (dims[-1] if isinstance(dims[-1], int) else 224)
+    if images is None:
+        images = "bundled:cifar10" if size == 32 else "bundled:photos"
+    small = images == "bundled:cifar10" or pad is not None
+    if shift is None:
+        shift = 2 if protocol == "circular" else (4 if small else 32)
+    data = load_images(images, crop=size, shift=shift, pad=pad, preprocess=preprocess, limit=limit)
+    if isinstance(dims[-1], int) and dims[-1] != data.crop:
+        raise InputError(f"views are {data.crop} px, the model takes {dims[-1]} px: check --crop/--size")
+    results = {}
+    for name, runner in runners.items():
+        results[name] = measure(
+            protocol,
+            runner,
+            data.prepare,
+            data.images,
+            crop=data.crop,
+            shift=shift,
+            passes=passes,
+            seed=seed,
+            pad=data.pad,
+            labels=data.labels,
+            batch=batch,
+        )
+    return results, data

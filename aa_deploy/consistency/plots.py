@@ -1,0 +1,46 @@
+"""PNG plots of consistency results (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+
+from aa_deploy.consistency.protocols import ConsistencyResult
+
+
+def plot(results: dict[str, ConsistencyResult], path: str | os.PathLike, title: str) -> None:
+    """Diagonal: agreement and p(class at offset 0) per offset, one line per model. Others: bars with 95 % CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(results.values()))
+    if first.protocol == "diagonal":
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for name, r in results.items():
+            a1.plot(r.curve["offset"], r.curve["agreement"], marker="o", label=name)
+            a2.plot(r.curve["offset"], r.curve["probability"], marker="o", label=name)
+        a1.set(xlabel="diagonal shift (px)", ylabel="top-1 agreement with the unshifted view", ylim=(0, 1.02))
+        a2.set(xlabel="diagonal shift (px)", ylabel="p(class of the unshifted view)", ylim=(0, 1.02))
+        a1.legend()
+    else:
+        fig, a1 = plt.subplots(figsize=(max(5, 1.6 * len(results)), 4))
+        names = list(results)
+        values = [100 * results[n].consistency for n in names]
+        errors = [
+            [100 * (results[n].consistency - results[n].ci95[0]) for n in names],
+            [100 * (results[n].ci95[1] - results[n].consistency) for n in names],
+        ]
+        a1.bar(names, values, yerr=errors, capsize=4, color="#4477aa", label="consistency")
+        if all(results[n].accuracy is not None for n in names):
+            a1.plot(names, [100 * results[n].accuracy for n in names], "D", color="#cc6677", label="top-1 accuracy")
+            a1.legend(loc="lower right")
+        low = min(values + [100 * (results[n].accuracy or 1) for n in names])
+        a1.set(ylabel="%", ylim=(max(0, low - 10), 100))
+        plt.setp(a1.get_xticklabels(), rotation=15, ha="right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,156 @@
+"""The shift-consistency metrics proven on models whose shift behaviour is known by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aa_deploy.consistency import measure, wilson
+
+
+def identity_prepare(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32).transpose(0, 3, 1, 2)
+
+
+def global_pool_classifier(x: np.ndarray) -> np.ndarray:
+    """Class = channel with the largest mean: exactly invariant to circular shifts."""
+    return x.mean(axis=(2, 3))
+
+
+def strided_slice_classifier(x: np.ndarray) -> np.ndarray:
+    """Class = channel with the largest mean over x[:, :, ::2, ::2]: sees only even pixels."""
+    return x[:, :, ::2, ::2].mean(axis=(2, 3))
+
+
+def checkerboard(n: int = 400, size: int = 8) -> np.ndarray:
+    """Channel 0 is 1 on (even, even) pixels, channel 1 is 0.6 everywhere: the strided model says
+    class 0 exactly when both shifts are even."""
+    img = np.zeros((size, size, 2), np.float32)
+    img[::2, ::2, 0] = 1.0
+    img[:, :, 1] = 0.6
+    return np.repeat(img[None], n, axis=0)
+
+
+def noise_images(n: int = 64, size: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, size, size, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("protocol", ["circular", "worst-case"])
+def test_global_average_pool_is_exactly_circular_shift_invariant(protocol):
+    images = noise_images()
+    if protocol == "worst-case":
+        from aa_deploy.consistency.protocols import Harness, worst_case
+
+        result = worst_case(Harness(global_pool_classifier, identity_prepare), images, crop=8, shift=2, circular=True)
+    else:
+        result = measure(protocol, global_pool_classifier, identity_prepare, images, crop=8, shift=3, passes=3)
+    assert result.consistency == 1.0
+
+
+def test_strided_slice_random_circular_pairs_match_hand_computed_rate():
+    # shifts in {-1, 0, 1}^2: class 0 only at (0, 0), p = 1/9; a pair agrees with p^2 + (1-p)^2 = 65/81.
+    result = measure(
+        "circular", strided_slice_classifier, identity_prepare, checkerboard(2000), crop=8, shift=1, passes=3
+    )
+    assert result.consistency == pytest.approx(65 / 81, abs=0.015)
+    lo, hi = result.ci95
+    assert lo < 65 / 81 < hi
+
+
+def test_strided_slice_worst_case_is_never_consistent():
+    from aa_deploy.consistency.protocols import Harness, worst_case
+
+    result = worst_case(
+        Harness(strided_slice_classifier, identity_prepare), checkerboard(10), crop=8, shift=1, circular=True
+    )
+    assert result.consistency == 0.0
+
+
+def test_diagonal_curve_alternates_for_the_strided_model():
+    images = checkerboard(5, size=12)
+    labels = np.zeros(5, int)
+    result = measure("diagonal", strided_slice_classifier, identity_prepare, images, crop=8, shift=4, labels=labels)
+    assert result.curve["offset"] == [0, 1, 2, 3, 4]
+    assert result.curve["agreement"] == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert result.curve["accuracy"] == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert result.consistency == pytest.approx(0.5)
+
+
+def test_diagonal_pad_and_crop_is_centred_on_the_unshifted_image():
+    images = checkerboard(5, size=8)
+    result = measure("diagonal", strided_slice_classifier, identity_prepare, images, crop=8, shift=2, pad="reflect")
+    assert result.curve["offset"] == [-2, -1, 0, 1, 2]
+    assert result.curve["agreement"][2] == 1.0 and result.curve["agreement"][1] == 0.0
+
+
+def test_random_crop_pad_and_crop_keeps_size_and_counts_accuracy():
+    images = noise_images(50, size=8)
+    labels = global_pool_classifier(identity_prepare(images)).argmax(1)
+    result = measure(
+        "random-crop",
+        global_pool_classifier,
+        identity_prepare,
+        images,
+        crop=8,
+        shift=2,
+        passes=2,
+        pad="reflect",
+        labels=labels,
+    )
+    assert result.settings["crop"] == 8 and result.views == 2 * 2 * 50
+    assert 0.0 < result.accuracy <= 1.0 and 0.0 < result.consistency <= 1.0
+
+
+def test_wilson_interval():
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_cli_compares_models_and_writes_report_and_plot(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import aa_deploy
+    from aa_deploy import bundled
+    from converters.export import export
+
+    plain = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
+    aa_deploy.convert(plain, tmp_path / "r20.aa.onnx")
+    report, png = tmp_path / "c.json", tmp_path / "c.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aa_deploy",
+            "consistency",
+            str(plain),
+            "--compare",
+            str(tmp_path / "r20.aa.onnx"),
+            "--protocol",
+            "circular",
+            "--passes",
+            "2",
+            "--report",
+            str(report),
+            "--plot",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(report.read_text())
+    assert data["schema"] == "aa-deploy.consistency/1" and len(data["models"]) == 2
+    original = data["models"][str(plain)]
+    assert original["images"] == 100 and 0.8 < original["consistency"] <= 1.0 and original["accuracy"] > 0.85
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run(
+        [sys.executable, "-m", "aa_deploy", "consistency", str(plain), "--images", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "no such image folder" in bad.stderr

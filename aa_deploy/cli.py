@@ -204,6 +204,57 @@ def _consistency(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _calibrate(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from calibration.calibrate import calibrate
+    from calibration.images import Preprocess
+
+    preprocess = Preprocess.from_file(args.preprocess) if args.preprocess else None
+    if preprocess is None and (args.size or args.mean or args.std):
+        kw = {"size": args.size or 224}
+        kw |= {"mean": tuple(float(v) for v in args.mean.split(","))} if args.mean else {}
+        kw |= {"std": tuple(float(v) for v in args.std.split(","))} if args.std else {}
+        preprocess = Preprocess(**kw)
+
+    def progress(h: dict) -> None:
+        loss = "" if h["loss"] is None else f", loss {h['loss']:.3f}"
+        console.print(f"  epoch {h['epoch']}: held-out agreement with the teacher {100 * h['agreement']:.1f}%{loss}")
+
+    result = calibrate(
+        args.model,
+        args.teacher,
+        args.images,
+        args.output,
+        method=args.method,
+        preprocess=preprocess,
+        limit=args.limit,
+        max_epochs=args.epochs,
+        lr=args.lr,
+        seed=args.seed,
+        reinsert_bn=args.reinsert_bn,
+        progress=progress,
+    )
+    table = Table(title=f"calibration ({result.method}) on {result.held_out} held-out images", title_justify="left")
+    for column in ("model", "agreement with teacher %", "consistency % (pad-and-crop)", "consistency % (circular)"):
+        table.add_column(column)
+    for name, row in (
+        ("original (teacher)", result.teacher),
+        ("converted", result.before),
+        ("calibrated", result.after),
+    ):
+        table.add_row(
+            name,
+            f"{100 * row['agreement']:.1f}",
+            f"{100 * row['consistency_pad_crop']:.1f}",
+            f"{100 * row['consistency_circular']:.1f}",
+        )
+    console.print(table)
+    extra = f", lr {result.lr:g}, best epoch {result.best_epoch} of {result.epochs}" if result.lr else ""
+    console.print(f"calibrated on {result.images} images in {result.seconds:.0f} s{extra}; wrote {args.output}")
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace, console: Console) -> int:
     from aa_deploy.demo import run_demo
 
@@ -300,6 +351,25 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--report", help="write the JSON report here")
     m.add_argument("--plot", help="write a PNG plot here")
     m.set_defaults(run=_consistency)
+
+    k = sub.add_parser("calibrate", help="win back accuracy after conversion, label-free")
+    k.add_argument("model", help="the converted ONNX model")
+    k.add_argument("--teacher", required=True, help="the original ONNX model")
+    k.add_argument("--images", required=True, help="folder of unlabeled calibration images (recursive)")
+    k.add_argument("-o", "--output", required=True)
+    k.add_argument("--method", default="distill", choices=["stats", "distill"])
+    k.add_argument("--epochs", type=int, default=30, help="most epochs of distillation (early stop decides)")
+    k.add_argument("--lr", type=float, help="learning rate (default: chosen by a short range test)")
+    k.add_argument("--limit", type=int, help="use at most this many images")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument(
+        "--reinsert-bn", action="store_true", help="train with BatchNorm re-inserted after each conv, folded back"
+    )
+    k.add_argument("--size", type=int, help="image size (default: the model's input size)")
+    k.add_argument("--mean", help="normalization mean, e.g. 0.485,0.456,0.406 (default: ImageNet's)")
+    k.add_argument("--std", help="normalization std")
+    k.add_argument("--preprocess", help="JSON file with size, resize, mean, std")
+    k.set_defaults(run=_calibrate)
 
     d = sub.add_parser("demo", help="the whole chain on the bundled trained CIFAR-10 ResNet-20 and test images")
     d.add_argument("--workdir", help="keep the exported and converted models here (default: a temporary folder)")

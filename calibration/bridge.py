@@ -1,0 +1,267 @@
+"""ONNX <-> trainable PyTorch: run an ONNX graph with torch ops, train its weights, write them back.
+
+`OnnxModule` executes the graph node by node. Float initializers read by Conv, Gemm/MatMul and
+BatchNormalization become parameters named after the initializers, so writing trained weights back
+changes initializer values only: same nodes, same names. Fixed blurs stay frozen and exact.
+onnx2torch does not convert the opset-18 Pad that blurs and exporters emit, hence this mapping.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aa_deploy import blur_nodes, graph
+from aa_deploy.errors import InputError
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
+_TRAINABLE_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2)}
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "\x1f")  # ParameterDict keys may not contain dots
+
+
+class OnnxModule(nn.Module):
+    """A single-input ONNX graph as an nn.Module; `params` holds the trainable initializers."""
+
+    def __init__(self, model: ir.Model) -> None:
+        super().__init__()
+        self.graph = model.graph
+        self.nodes = list(model.graph)
+        self.params = nn.ParameterDict()
+        self.consts: dict[str, torch.Tensor] = {}
+        self.frozen: set[str] = set()
+        for node in self.nodes:
+            blur = node.metadata_props.get(blur_nodes.MARK) is not None or blur_nodes.is_fixed_blur(node)
+            for i, value in enumerate(node.inputs):
+                if value is None or value.name in self.consts or _key(value.name) in self.params:
+                    continue
+                array = graph.const_array(value)
+                if array is None:
+                    continue
+                tensor = torch.from_numpy(np.array(array))
+                if (
+                    i in _TRAINABLE_INPUTS.get(node.op_type, ())
+                    and tensor.is_floating_point()
+                    and value.producer() is None
+                ):
+                    fixed = blur and i == 1  # the taps; a blurpool blur's bias is the conv's own, and trains
+                    self.params[_key(value.name)] = nn.Parameter(tensor.float(), requires_grad=not fixed)
+                    if fixed:
+                        self.frozen.add(value.name)
+                else:
+                    self.consts[value.name] = tensor
+        self.input_name = model.graph.inputs[0].name
+        self.output_names = [v.name for v in model.graph.outputs]
+        self.hooks: dict[str, callable] = {}  # tensor name -> fn(tensor) -> tensor (BN re-insertion, probes)
+        unsupported = sorted({n.op_type for n in self.nodes if not hasattr(self, f"_op_{n.op_type}")})
+        if unsupported:
+            raise InputError(f"calibration cannot run these ops in PyTorch yet: {', '.join(unsupported)}")
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """Initializer name -> parameter, for the weights calibration may change."""
+        return {k.replace("\x1f", "."): p for k, p in self.params.items() if p.requires_grad}
+
+    def _get(self, env: dict, value: ir.Value | None):
+        if value is None or value.name == "":
+            return None
+        if value.name in env:
+            return env[value.name]
+        key = _key(value.name)
+        if key in self.params:
+            return self.params[key]
+        return self.consts[value.name]
+
+    def forward(self, x: torch.Tensor, capture: set[str] | None = None) -> torch.Tensor | tuple:
+        env = {self.input_name: x}
+        captured = {}
+        for node in self.nodes:
+            args = [self._get(env, v) for v in node.inputs]
+            out = getattr(self, f"_op_{node.op_type}")(node, *args)
+            outs = out if isinstance(out, tuple) else (out,)
+            for value, tensor in zip(node.outputs, outs):
+                if value.name in self.hooks:
+                    tensor = self.hooks[value.name](tensor)
+                env[value.name] = tensor
+                if capture and value.name in capture:
+                    captured[value.name] = tensor
+        outputs = env[self.output_names[0]]
+        return (outputs, captured) if capture is not None else outputs
+
+    # -- ops: what exported CNNs and aa-deploy's blurs use ------------------------------------------
+    def _op_Conv(self, node, x, w, b=None):
+        n = w.dim() - 2
+        strides = graph.ints(node, "strides", [1] * n)
+        dilations = graph.ints(node, "dilations", [1] * n)
+        pads = graph.ints(node, "pads", [0] * (2 * n))
+        if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
+            raise InputError(f"{node.name}: auto_pad is not supported by calibration")
+        if pads[:n] != pads[n:]:
+            x = F.pad(x, [p for i in reversed(range(n)) for p in (pads[i], pads[i + n])])
+            pads = [0] * (2 * n)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+        return conv(x, w, b, strides, pads[:n], dilations, node.attributes.get_int("group", 1))
+
+    def _op_Gemm(self, node, a, b, c=None):
+        if node.attributes.get_int("transA", 0):
+            a = a.t()
+        if node.attributes.get_int("transB", 0):
+            b = b.t()
+        y = node.attributes.get_float("alpha", 1.0) * (a @ b)
+        return y if c is None else y + node.attributes.get_float("beta", 1.0) * c
+
+    def _op_MatMul(self, node, a, b):
+        return a @ b
+
+    def _op_BatchNormalization(self, node, x, scale, bias, mean, var):
+        return F.batch_norm(x, mean, var, scale, bias, False, 0.0, node.attributes.get_float("epsilon", 1e-5))
+
+    def _op_Relu(self, node, x):
+        return F.relu(x)
+
+    def _op_Sigmoid(self, node, x):
+        return torch.sigmoid(x)
+
+    def _op_HardSigmoid(self, node, x):
+        return torch.clamp(node.attributes.get_float("alpha", 0.2) * x + node.attributes.get_float("beta", 0.5), 0, 1)
+
+    def _op_HardSwish(self, node, x):
+        return F.hardswish(x)
+
+    def _op_Clip(self, node, x, lo=None, hi=None):
+        return torch.clamp(x, None if lo is None else float(lo), None if hi is None else float(hi))
+
+    def _op_Add(self, node, a, b):
+        return a + b
+
+    def _op_Sub(self, node, a, b):
+        return a - b
+
+    def _op_Mul(self, node, a, b):
+        return a * b
+
+    def _op_Div(self, node, a, b):
+        return a / b
+
+    def _op_Identity(self, node, x):
+        return x
+
+    def _op_Constant(self, node):
+        return torch.from_numpy(np.array(graph.const_array(node.outputs[0])))
+
+    def _op_Pad(self, node, x, pads, value=None, axes=None):
+        pads = [int(p) for p in pads]
+        r = x.dim()
+        if axes is not None:
+            full = [0] * (2 * r)
+            for i, a in enumerate(int(a) % r for a in axes):
+                full[a], full[a + r] = pads[i], pads[i + len(axes)]
+            pads = full
+        flat = [p for i in reversed(range(r)) for p in (pads[i], pads[i + r])]
+        while len(flat) > 2 and flat[-2:] == [0, 0]:
+            flat = flat[:-2]  # torch pads trailing dims only; leading zero pads are dropped
+        mode = _PAD_MODES[node.attributes.get_string("mode", "constant")]
+        fill = 0.0 if value is None or value.numel() == 0 else float(value)
+        return F.pad(x, flat, mode=mode, value=fill) if mode == "constant" else F.pad(x, flat, mode=mode)
+
+    def _op_Slice(self, node, x, starts, ends, axes=None, steps=None):
+        index = [slice(None)] * x.dim()
+        axes = range(len(starts)) if axes is None else axes
+        steps = [1] * len(starts) if steps is None else steps
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            a, s, e, st = int(a) % x.dim(), int(s), int(e), int(st)
+            size = x.shape[a]
+            s = max(0, min(size, s + size if s < 0 else s))
+            e = max(0, min(size, e + size if e < 0 else e))
+            index[a] = slice(s, e, st)
+        return x[tuple(index)]
+
+    def _op_Concat(self, node, *xs):
+        return torch.cat(xs, dim=node.attributes.get_int("axis", 0))
+
+    def _op_Reshape(self, node, x, shape):
+        shape = [int(d) for d in shape]
+        if not node.attributes.get_int("allowzero", 0):
+            shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return x.reshape(shape)
+
+    def _op_Flatten(self, node, x):
+        return x.flatten(node.attributes.get_int("axis", 1) % x.dim() if x.dim() else 0)
+
+    def _op_Transpose(self, node, x):
+        return x.permute(*graph.ints(node, "perm", reversed(range(x.dim()))))
+
+    def _op_MaxPool(self, node, x):
+        k = graph.ints(node, "kernel_shape")
+        n = len(k)
+        pads = graph.ints(node, "pads", [0] * (2 * n))
+        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
+        return fn(
+            x,
+            k,
+            graph.ints(node, "strides", [1] * n),
+            pads[:n],
+            graph.ints(node, "dilations", [1] * n),
+            bool(node.attributes.get_int("ceil_mode", 0)),
+        )
+
+    def _op_AveragePool(self, node, x):
+        k = graph.ints(node, "kernel_shape")
+        n = len(k)
+        pads = graph.ints(node, "pads", [0] * (2 * n))
+        fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
+        return fn(
+            x,
+            k,
+            graph.ints(node, "strides", [1] * n),
+            pads[:n],
+            bool(node.attributes.get_int("ceil_mode", 0)),
+            bool(node.attributes.get_int("count_include_pad", 0)),
+        )
+
+    def _op_GlobalAveragePool(self, node, x):
+        return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+    def _op_ReduceMean(self, node, x, axes=None):
+        axes = graph.ints(node, "axes") if axes is None else [int(a) for a in axes]
+        keep = bool(node.attributes.get_int("keepdims", 1))
+        return x.mean(dim=tuple(axes), keepdim=keep) if axes else x.mean()
+
+    def _op_Squeeze(self, node, x, axes=None):
+        axes = graph.ints(node, "axes") if axes is None else [int(a) for a in axes]
+        return x.squeeze(tuple(axes)) if axes else x.squeeze()
+
+    def _op_Unsqueeze(self, node, x, axes=None):
+        axes = graph.ints(node, "axes") if axes is None else [int(a) for a in axes]
+        for a in sorted(a % (x.dim() + len(axes)) for a in axes):
+            x = x.unsqueeze(a)
+        return x
+
+    def _op_Softmax(self, node, x):
+        return F.softmax(x, dim=node.attributes.get_int("axis", -1))
+
+
+def write_back(model: ir.Model, values: dict[str, np.ndarray]) -> None:
+    """Replace initializer values by name (shapes and dtypes must match): nothing else changes."""
+    for name, array in values.items():
+        value = model.graph.initializers.get(name)
+        if value is None:
+            raise KeyError(f"no initializer named {name!r}")
+        old = value.const_value
+        if tuple(old.shape.numpy()) != array.shape:
+            raise ValueError(f"{name}: shape {array.shape} != {tuple(old.shape.numpy())}")
+        value.const_value = ir.tensor(array.astype(old.dtype.numpy()), name=name)
+
+
+def load_module(path: str | os.PathLike) -> tuple[ir.Model, OnnxModule]:
+    """The ONNX model (onnx_ir) and its PyTorch execution."""
+    from aa_deploy import model_io
+
+    model = model_io.load(path)
+    return model, OnnxModule(model).eval()

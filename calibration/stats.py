@@ -1,0 +1,103 @@
+"""`stats` calibration: conv by conv in graph order, rescale each conv's weights and bias so its
+per-channel output mean/std on unlabeled images match the original model's at the same conv.
+
+No gradients. A conv is matched to the teacher by its output tensor name, which conversion keeps
+(in blurpool mode the name moves to the blur's output, which is the teacher conv's counterpart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from calibration.bridge import OnnxModule
+
+
+@dataclass
+class ConvTarget:
+    """A trainable Conv of the student and the tensor that carries its output."""
+
+    node: str
+    output: str
+    weight: str
+    bias: str | None
+    followed_by_blur: bool
+
+
+def _blur_after(node) -> object | None:
+    """The blur Conv that reads `node`'s output through aa-deploy glue (blurpool sites), or None."""
+    readers = list(node.outputs[0].consumers())
+    while readers:
+        r = readers[0]
+        if len(readers) != 1 or not r.metadata_props.get("aa_deploy.blur"):
+            return None
+        if r.op_type == "Conv":
+            return r
+        readers = list(r.outputs[0].consumers())
+    return None
+
+
+def conv_targets(student: OnnxModule, teacher: OnnxModule) -> list[ConvTarget]:
+    """Trainable student Convs whose output tensor also exists in the teacher, in graph order."""
+    teacher_names = {v.name for n in teacher.nodes for v in n.outputs}
+    trainable = student.trainable()
+    targets = []
+    for node in student.nodes:
+        if node.op_type != "Conv" or node.inputs[1] is None or node.inputs[1].name not in trainable:
+            continue
+        carrier = _blur_after(node) or node  # blurpool: the blur carries the output name and the bias
+        name = carrier.outputs[0].name
+        if name not in teacher_names:
+            continue
+        bias = carrier.inputs[2].name if len(carrier.inputs) > 2 and carrier.inputs[2] is not None else None
+        targets.append(
+            ConvTarget(node.name, name, node.inputs[1].name, bias if bias in trainable else None, carrier is not node)
+        )
+    return targets
+
+
+def channel_moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (dim 1) mean and std over every other dim."""
+    dims = [d for d in range(t.dim()) if d != 1]
+    return t.mean(dim=dims), t.std(dim=dims)
+
+
+@torch.no_grad()
+def moments(module: OnnxModule, x: torch.Tensor, names: set[str], batch: int = 250) -> dict[str, tuple]:
+    """Per-channel mean/std of the named tensors over all of `x` (streamed in batches)."""
+    sums: dict[str, list] = {}
+    for i in range(0, len(x), batch):
+        _, captured = module(x[i : i + batch], capture=names)
+        for name, t in captured.items():
+            t = t.double().transpose(0, 1).reshape(t.shape[1], -1)
+            s = sums.setdefault(name, [0.0, 0.0, 0])
+            s[0] = s[0] + t.sum(dim=1)
+            s[1] = s[1] + (t * t).sum(dim=1)
+            s[2] += t.shape[1]
+    out = {}
+    for name, (s1, s2, n) in sums.items():
+        mean = s1 / n
+        var = (s2 / n - mean * mean).clamp_min(0) * n / max(n - 1, 1)
+        out[name] = (mean.float(), var.sqrt().float())
+    return out
+
+
+@torch.no_grad()
+def calibrate_stats(student: OnnxModule, teacher: OnnxModule, x: torch.Tensor) -> list[dict]:
+    """Rescale every target conv of `student` in place; returns one record per conv."""
+    targets = conv_targets(student, teacher)
+    reference = moments(teacher, x, {t.output for t in targets})
+    params = student.trainable()
+    report = []
+    for target in targets:
+        mean_s, std_s = moments(student, x, {target.output})[target.output]
+        mean_t, std_t = reference[target.output]
+        scale = torch.where(std_s > 1e-8, std_t / std_s.clamp_min(1e-8), torch.ones_like(std_s))
+        w = params[target.weight]
+        w.mul_(scale.reshape(-1, *([1] * (w.dim() - 1))))
+        if target.bias is not None:
+            b = params[target.bias]
+            b.mul_(scale).add_(mean_t - scale * mean_s)
+        report.append({"node": target.node, "scale_mean": float(scale.mean()), "shifted": target.bias is not None})
+    return report

@@ -1,0 +1,111 @@
+"""Calibration: the ONNX->PyTorch bridge is exact, and write-back changes initializer values only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+import aa_deploy
+from aa_deploy import bundled
+from calibration.bridge import load_module
+from calibration.calibrate import calibrate
+from converters.export import export
+
+
+@pytest.fixture(scope="module")
+def r20(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cal")
+    plain = export(bundled.resnet20(), folder / "r20.onnx", (2, 3, 32, 32))
+    for mode in ("pre", "blurpool"):
+        aa_deploy.convert(
+            plain,
+            folder / f"r20.{mode}.onnx",
+            aa_deploy.Options(mode=mode, pad="zero" if mode == "blurpool" else "reflect"),
+        )
+    images = folder / "images"
+    # Mechanics only: the bundled test images stand in for unlabeled calibration images here.
+    for i, img in enumerate(bundled.cifar_test_images()[0][:80]):
+        (images / str(i % 3)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(images / str(i % 3) / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["r20.onnx", "r20.pre.onnx", "r20.blurpool.onnx"])
+def test_bridge_matches_onnxruntime(r20, name):
+    _, module = load_module(r20 / name)
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    ref = ort.InferenceSession(str(r20 / name)).run(None, {"input": x})[0]
+    assert np.abs(got - ref).max() < 1e-4
+    # pre: a blur shared by each strided conv and its shortcut; blurpool: one per conv plus one per shortcut
+    assert len(module.frozen) == {"r20.onnx": 0, "r20.pre.onnx": 2, "r20.blurpool.onnx": 4}[name]
+
+
+def _structure(m: onnx.ModelProto):
+    return [(n.name, n.op_type, list(n.input), list(n.output)) for n in m.graph.node], sorted(
+        i.name for i in m.graph.initializer
+    )
+
+
+@pytest.mark.parametrize("method,mode", [("stats", "pre"), ("distill", "pre"), ("stats", "blurpool")])
+def test_write_back_changes_initializer_values_only(r20, tmp_path, method, mode):
+    src = r20 / f"r20.{mode}.onnx"
+    out = tmp_path / "cal.onnx"
+    result = calibrate(src, r20 / "r20.onnx", r20 / "images", out, method=method, max_epochs=1, seed=0)
+    before, after = onnx.load(src), onnx.load(out)
+    assert _structure(before) == _structure(after)
+    old = {t.name: onnx.numpy_helper.to_array(t) for t in before.graph.initializer}
+    new = {t.name: onnx.numpy_helper.to_array(t) for t in after.graph.initializer}
+    blur_taps = {
+        n.input[1]
+        for n in before.graph.node
+        if any(p.key == "aa_deploy.blur" for p in n.metadata_props) and n.op_type == "Conv"
+    }
+    assert blur_taps and all(old[k].tobytes() == new[k].tobytes() for k in blur_taps)
+    assert sum(not np.array_equal(old[k], new[k]) for k in old) >= 19  # the convs moved
+    # ORT on the written model == the calibrated PyTorch module that produced the weights.
+    _, module = load_module(out)
+    x = bundled.cifar_normalize(bundled.cifar_test_images()[0][:16])
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(out)).run(None, {"input": x})[0]
+    assert np.abs(got - ref).max() < 1e-4
+    meta = aa_deploy.model_io.read_metadata(after)
+    assert meta["calibration"]["method"] == method and meta["options"]["mode"] == mode
+    assert result.after["agreement"] >= result.before["agreement"] - 0.05
+
+
+def test_calibrate_cli_errors(r20, tmp_path):
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "aa_deploy", "calibrate", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = (r20 / "r20.pre.onnx", "--teacher", r20 / "r20.onnx", "-o", tmp_path / "o.onnx")
+    for extra, needle in [
+        (("--images", empty), "no images found"),
+        (("--images", r20 / "images", "--size", "64"), "takes 32 px"),
+    ]:
+        proc = run(*base, *extra)
+        assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+            proc.stderr
+        )
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"not an image")
+    proc = run(*base, "--images", bad)
+    assert proc.returncode == 2 and "unreadable image" in proc.stderr
+    assert not (tmp_path / "o.onnx").exists()

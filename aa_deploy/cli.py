@@ -32,6 +32,30 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", metavar="REGEX", help="leave out sites whose node name or module scope matches")
 
 
+def _add_preprocess(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=int, help="image size after resize and centre crop (default: the model's input size)")
+    p.add_argument("--mean", help="normalization mean, e.g. 0.485,0.456,0.406 (default: ImageNet's)")
+    p.add_argument("--std", help="normalization std, e.g. 0.229,0.224,0.225 (default: ImageNet's)")
+    p.add_argument("--preprocess", help="JSON file with size, resize, mean, std")
+
+
+def _preprocess(args: argparse.Namespace, default_size: int | None = None):
+    """The user's preprocessing (file, or --size/--mean/--std), or None to let the command decide."""
+    from calibration.images import Preprocess
+
+    if args.preprocess:
+        return Preprocess.from_file(args.preprocess)
+    if not (args.size or args.mean or args.std):
+        return None
+    try:
+        kw: dict = {"size": args.size or default_size or 224}
+        kw |= {"mean": tuple(float(v) for v in args.mean.split(","))} if args.mean else {}
+        kw |= {"std": tuple(float(v) for v in args.std.split(","))} if args.std else {}
+    except ValueError:
+        raise InputError("--mean/--std take three comma-separated numbers") from None
+    return Preprocess(**kw)
+
+
 def _options(args: argparse.Namespace) -> Options:
     try:
         return Options(
@@ -110,7 +134,6 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
 def _verify(args: argparse.Namespace, console: Console) -> int:
     from aa_deploy.parity import DEFAULT_TOLERANCE, Tolerance, verify, write_json, write_junit
-    from calibration.images import Preprocess
 
     base = DEFAULT_TOLERANCE.get(args.precision)
     if base is None:
@@ -121,16 +144,7 @@ def _verify(args: argparse.Namespace, console: Console) -> int:
         args.min_top1 if args.min_top1 is not None else base.min_top1,
     )
     options = _options(args) if args.antialiased and (args.filter or args.filter_size) else None
-    preprocess = None
-    if args.preprocess:
-        preprocess = Preprocess.from_file(args.preprocess)
-    elif args.size or args.mean or args.std:
-        kw = {"size": args.size or 224}
-        if args.mean:
-            kw["mean"] = tuple(float(v) for v in args.mean.split(","))
-        if args.std:
-            kw["std"] = tuple(float(v) for v in args.std.split(","))
-        preprocess = Preprocess(**kw)
+    preprocess = _preprocess(args)
     result = verify(
         args.model,
         args.reference,
@@ -163,14 +177,8 @@ def _consistency(args: argparse.Namespace, console: Console) -> int:
 
     from aa_deploy.consistency.compare import compare
     from aa_deploy.report import print_consistency
-    from calibration.images import Preprocess
 
-    preprocess = Preprocess.from_file(args.preprocess) if args.preprocess else None
-    if preprocess is None and (args.mean or args.std or args.size):
-        kw = {"size": args.size or args.crop or 224}
-        kw |= {"mean": tuple(float(v) for v in args.mean.split(","))} if args.mean else {}
-        kw |= {"std": tuple(float(v) for v in args.std.split(","))} if args.std else {}
-        preprocess = Preprocess(**kw)
+    preprocess = _preprocess(args, args.crop)
     models = [args.model, *(args.compare or [])]
     results, data = compare(
         models,
@@ -208,14 +216,8 @@ def _calibrate(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
     from calibration.calibrate import calibrate
-    from calibration.images import Preprocess
 
-    preprocess = Preprocess.from_file(args.preprocess) if args.preprocess else None
-    if preprocess is None and (args.size or args.mean or args.std):
-        kw = {"size": args.size or 224}
-        kw |= {"mean": tuple(float(v) for v in args.mean.split(","))} if args.mean else {}
-        kw |= {"std": tuple(float(v) for v in args.std.split(","))} if args.std else {}
-        preprocess = Preprocess(**kw)
+    preprocess = _preprocess(args)
 
     def progress(h: dict) -> None:
         loss = "" if h["loss"] is None else f", loss {h['loss']:.3f}"
@@ -320,10 +322,7 @@ def parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--input-shape", metavar="CxHxW", help="for models with dynamic spatial dims")
-    v.add_argument("--size", type=int, help="image crop size (default: the model's input size)")
-    v.add_argument("--mean", help="normalization mean, e.g. 0.485,0.456,0.406")
-    v.add_argument("--std", help="normalization std, e.g. 0.229,0.224,0.225")
-    v.add_argument("--preprocess", help="JSON file with size, resize, mean, std")
+    _add_preprocess(v)
     v.add_argument("--report", help="write the JSON report here")
     v.add_argument("--junit", help="write a JUnit XML file here")
     _add_options(v)
@@ -344,10 +343,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--limit", type=int, help="use at most this many images")
     m.add_argument("--batch", type=int, default=64)
     m.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
-    m.add_argument("--size", type=int, help="crop size for folder images (default: --crop)")
-    m.add_argument("--mean", help="normalization mean, e.g. 0.485,0.456,0.406")
-    m.add_argument("--std", help="normalization std")
-    m.add_argument("--preprocess", help="JSON file with size, resize, mean, std")
+    _add_preprocess(m)
     m.add_argument("--report", help="write the JSON report here")
     m.add_argument("--plot", help="write a PNG plot here")
     m.set_defaults(run=_consistency)
@@ -365,10 +361,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--reinsert-bn", action="store_true", help="train with BatchNorm re-inserted after each conv, folded back"
     )
-    k.add_argument("--size", type=int, help="image size (default: the model's input size)")
-    k.add_argument("--mean", help="normalization mean, e.g. 0.485,0.456,0.406 (default: ImageNet's)")
-    k.add_argument("--std", help="normalization std")
-    k.add_argument("--preprocess", help="JSON file with size, resize, mean, std")
+    _add_preprocess(k)
     k.set_defaults(run=_calibrate)
 
     d = sub.add_parser("demo", help="the whole chain on the bundled trained CIFAR-10 ResNet-20 and test images")

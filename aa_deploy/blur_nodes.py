@@ -60,6 +60,16 @@ def reads_blurred(value: ir.Value) -> bool:
     return False
 
 
+def blur_after(node: ir.Node) -> ir.Node | None:
+    """The blur Conv that reads `node`'s output through aa-deploy glue (a blurpool site), or None."""
+    readers = list(node.outputs[0].consumers())
+    while len(readers) == 1 and readers[0].metadata_props.get(MARK):
+        if readers[0].op_type == "Conv":
+            return readers[0]
+        readers = list(readers[0].outputs[0].consumers())
+    return None
+
+
 class BlurBuilder:
     """Creates blur nodes in one graph with fresh, collision-free names."""
 

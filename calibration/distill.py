@@ -40,12 +40,16 @@ class DistillReport:
     seconds: float = 0.0
 
 
-def pad_crop(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
-    """Random pad-and-crop shifts within +-shift pixels (zero padding), uint8 NHWC."""
+def pad_crop(images: np.ndarray, shift: int, rng: np.random.Generator, flip: bool = False) -> np.ndarray:
+    """Random pad-and-crop shifts within +-shift pixels (zero padding), optional horizontal flips; uint8 NHWC."""
     n, h, w, _ = images.shape
     padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
     offsets = rng.integers(0, 2 * shift + 1, size=(n, 2))
-    return np.stack([padded[i, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)])
+    out = np.stack([padded[i, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)])
+    if flip:
+        mirror = rng.random(n) < 0.5
+        out[mirror] = out[mirror, :, ::-1]
+    return out
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
@@ -118,20 +122,20 @@ def agreement(student: OnnxModule, teacher_top1: np.ndarray, x: torch.Tensor, ba
     return float((pred == teacher_top1).mean())
 
 
-def _epoch(student, teacher_fn, images, prepare, opt, rng, batch, shift, lr_at, steps=None) -> float:
+def _epoch(student, teacher_fn, images, prepare, opt, rng, batch, augment, lr_at, steps=None, temperature=2.0) -> float:
     order = rng.permutation(len(images))
     losses = []
     for k, i in enumerate(range(0, len(order), batch)):
         if steps is not None and k >= steps:
             break
         idx = order[i : i + batch]
-        x = torch.from_numpy(prepare(pad_crop(images[idx], shift, rng)))
+        x = torch.from_numpy(prepare(augment(images[idx], rng)))
         with torch.no_grad():
             target = teacher_fn(x)
         for group in opt.param_groups:
             group["lr"] = lr_at(k)
         _set_train(student, True)
-        loss = kd_loss(student(x), target)
+        loss = kd_loss(student(x), target, temperature)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -160,12 +164,18 @@ def distill(
     shift: int = 4,
     seed: int = 0,
     reinsert_bn: bool = False,
+    temperature: float = 2.0,
+    flip: bool = False,
     progress: Callable[[dict], None] | None = None,
 ) -> DistillReport:
     """Train `student` in place to match `teacher`; `train`/`held` are uint8 NHWC images."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+
+    def augment(images: np.ndarray, r: np.random.Generator) -> np.ndarray:
+        return pad_crop(images, shift, r, flip)
+
     x_held = torch.from_numpy(prepare(held))
 
     def teacher_fn(x):
@@ -193,13 +203,14 @@ def distill(
                 opt,
                 np.random.default_rng(seed),
                 batch,
-                shift,
+                augment,
                 lambda k, c=candidate: c,
                 steps,
+                temperature,
             )
             _set_train(student, False)
             with torch.no_grad():
-                loss = float(kd_loss(student(x_probe), t_probe))
+                loss = float(kd_loss(student(x_probe), t_probe, temperature))
             lr_losses[candidate] = loss if math.isfinite(loss) else float("inf")
             student.load_state_dict(start_state)
         lr = min(lr_losses, key=lr_losses.get)
@@ -221,8 +232,9 @@ def distill(
             opt,
             rng,
             batch,
-            shift,
+            augment,
             lambda k, base=base: lr * 0.5 * (1 + math.cos(math.pi * (base + k) / total)),
+            temperature=temperature,
         )
         agree = agreement(student, teacher_top1, x_held)
         history.append({"epoch": epoch, "loss": loss, "agreement": agree})

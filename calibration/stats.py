@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aa_deploy.blur_nodes import blur_after
 from calibration.bridge import OnnxModule
 
 
@@ -25,19 +26,6 @@ class ConvTarget:
     followed_by_blur: bool
 
 
-def _blur_after(node) -> object | None:
-    """The blur Conv that reads `node`'s output through aa-deploy glue (blurpool sites), or None."""
-    readers = list(node.outputs[0].consumers())
-    while readers:
-        r = readers[0]
-        if len(readers) != 1 or not r.metadata_props.get("aa_deploy.blur"):
-            return None
-        if r.op_type == "Conv":
-            return r
-        readers = list(r.outputs[0].consumers())
-    return None
-
-
 def conv_targets(student: OnnxModule, teacher: OnnxModule) -> list[ConvTarget]:
     """Trainable student Convs whose output tensor also exists in the teacher, in graph order."""
     teacher_names = {v.name for n in teacher.nodes for v in n.outputs}
@@ -46,7 +34,7 @@ def conv_targets(student: OnnxModule, teacher: OnnxModule) -> list[ConvTarget]:
     for node in student.nodes:
         if node.op_type != "Conv" or node.inputs[1] is None or node.inputs[1].name not in trainable:
             continue
-        carrier = _blur_after(node) or node  # blurpool: the blur carries the output name and the bias
+        carrier = blur_after(node) or node  # blurpool: the blur carries the output name and the bias
         name = carrier.outputs[0].name
         if name not in teacher_names:
             continue

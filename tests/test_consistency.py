@@ -154,3 +154,87 @@ def test_cli_compares_models_and_writes_report_and_plot(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "no such image folder" in bad.stderr
+
+
+def _slice_model(tmp_path, blurred: bool):
+    """X -> Slice(step 2 on H and W) -> Y; converted with the binomial filter when `blurred`."""
+    from onnx import helper
+
+    import aa_deploy
+    from tests import graphs as G
+
+    nodes = [helper.make_node("Slice", ["X", "st", "en", "ax", "step"], ["Y"], name="subsample")]
+    inits = [G.ints("st", [0, 0]), G.ints("en", [2**62, 2**62]), G.ints("ax", [2, 3]), G.ints("step", [2, 2])]
+    m = G.model(nodes, [G.inp("X", ["N", 1, 16, 16])], [G.out("Y", 4)], inits)
+    path = tmp_path / "slice.onnx"
+    import onnx
+
+    onnx.save(m, path)
+    if not blurred:
+        return path
+    aa_deploy.convert(path, tmp_path / "slice.aa.onnx", aa_deploy.Options(filter="binomial", pad="zero"))
+    return tmp_path / "slice.aa.onnx"
+
+
+def test_probe_sees_aliasing_of_a_plain_strided_slice_and_less_after_a_binomial_blur(tmp_path):
+    from aa_deploy.consistency.probe import probe
+
+    # A low-frequency pattern (period 16 px) plus a high-frequency one (period 8/3 px, above the Nyquist
+    # frequency of a stride-2 subsampling): energy above Nyquist = 0.6^2 / (1 + 0.6^2) = 0.26.
+    yy, xx = np.mgrid[0:16, 0:16]
+    pattern = np.cos(np.pi / 8 * xx) * np.cos(np.pi / 8 * yy) + 0.6 * np.cos(np.pi * 0.75 * xx) * np.cos(
+        np.pi * 0.75 * yy
+    )
+    x = np.stack([pattern, np.roll(pattern, 3, axis=1)])[:, None].astype(np.float32)
+    (plain,) = probe(_slice_model(tmp_path, False), x)
+    (blurred,) = probe(_slice_model(tmp_path, True), x)
+    assert plain.aliasing == pytest.approx(0.36 / 1.36, abs=0.02)
+    assert blurred.aliasing < 0.1 * plain.aliasing
+    # A strided slice is exactly equivariant to shifts by its stride (circular shifts, no padding involved).
+    assert plain.cumulative_stride == [2, 2] and plain.equivariance_error < 1e-6
+    # ...but under a one-pixel shift the aliased component moves the output far beyond interpolation,
+    # and much less so after the blur.
+    # Blurred, only the low component is left: bilinear interpolation of cos(pi/4 per cell) at half a cell
+    # in both axes misses by exactly 1 - cos(pi/8)^2; the aliased plain output misses by twice that.
+    assert blurred.subpixel_error == pytest.approx(1 - np.cos(np.pi / 8) ** 2, abs=0.005)
+    assert plain.subpixel_error > 2 * blurred.subpixel_error
+
+
+def test_probe_cli_on_the_trained_resnet20(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import aa_deploy
+    from aa_deploy import bundled
+    from converters.export import export
+
+    plain = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
+    aa_deploy.convert(plain, tmp_path / "r20.aa.onnx", aa_deploy.Options(mode="blurpool"))
+    report, png = tmp_path / "p.json", tmp_path / "p.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aa_deploy",
+            "probe",
+            str(plain),
+            "--compare",
+            str(tmp_path / "r20.aa.onnx"),
+            "--count",
+            "16",
+            "--report",
+            str(report),
+            "--plot",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    models = json.loads(report.read_text())["models"]
+    before, after = models[str(plain)], models[str(tmp_path / "r20.aa.onnx")]
+    assert [p["kind"] for p in before] == ["strided-conv", "strided-slice"] * 2
+    assert len(after) == 4 and all(a["aliasing"] < 0.5 * b["aliasing"] for a, b in zip(after, before))
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -44,3 +44,33 @@ def plot(results: dict[str, ConsistencyResult], path: str | os.PathLike, title: 
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def plot_probe(results: dict[str, list], path: str | os.PathLike, title: str) -> None:
+    """Per site: the share of energy above Nyquist and the one-pixel shift error, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(results)
+    sites = [f"{p.index}: {p.kind}" for p in results[names[0]]]
+    x = np.arange(len(sites))
+    width = 0.8 / len(names)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(sites) + 4), 4))
+    for k, name in enumerate(names):
+        probes = results[name]
+        a1.bar(x + k * width, [100 * p.aliasing for p in probes], width, label=name)
+        a2.bar(x + k * width, [p.subpixel_error or 0 for p in probes], width, label=name)
+    a1.set(ylabel="% of energy above the site's Nyquist", title="aliasing before subsampling")
+    a2.set(ylabel="||f(shift 1 px) - interpolation|| / ||f||", title="one-pixel shift beyond interpolation")
+    for ax in (a1, a2):
+        ax.set_xticks(x + width * (len(names) - 1) / 2, sites, rotation=30, ha="right")
+    a1.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -182,6 +182,7 @@ def _consistency(args: argparse.Namespace, console: Console) -> int:
     models = [args.model, *(args.compare or [])]
     results, data = compare(
         models,
+        progress=_progress_bar(console, "views"),
         images=args.images,
         protocol=args.protocol,
         shift=args.shift,
@@ -210,6 +211,29 @@ def _consistency(args: argparse.Namespace, console: Console) -> int:
 
         plot({Path(n).name: r for n, r in results.items()}, args.plot, f"{args.protocol} on {Path(data.source).name}")
     return EXIT_OK
+
+
+def _progress_bar(console: Console, unit: str):
+    """A factory for `with factory(total) as advance: advance(n)`: a rich bar on a terminal, nothing elsewhere."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar(total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        ) as progress:
+            task = progress.add_task(unit, total=total)
+            yield lambda n: progress.advance(task, n)
+
+    return bar
 
 
 def _num(v: float | None) -> str:

@@ -238,3 +238,34 @@ def test_probe_cli_on_the_trained_resnet20(tmp_path):
     assert [p["kind"] for p in before] == ["strided-conv", "strided-slice"] * 2
     assert len(after) == 4 and all(a["aliasing"] < 0.5 * b["aliasing"] for a, b in zip(after, before))
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "protocol,pad",
+    [
+        ("random-crop", "zero"),
+        ("random-crop", None),
+        ("circular", None),
+        ("diagonal", "reflect"),
+        ("diagonal", None),
+        ("worst-case", "zero"),
+    ],
+)
+def test_progress_reports_every_view(protocol, pad):
+    from aa_deploy.consistency.protocols import view_count
+
+    images = noise_images(6, size=12)
+    seen = []
+    result = measure(
+        protocol,
+        global_pool_classifier,
+        identity_prepare,
+        images,
+        crop=8,
+        shift=2,
+        passes=2,
+        pad=pad,
+        batch=5,
+        progress=seen.append,
+    )
+    assert sum(seen) == result.views == view_count(protocol, 6, shift=2, passes=2, pad=pad)

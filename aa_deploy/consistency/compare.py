@@ -63,8 +63,12 @@ def compare(
     batch: int = 64,
     provider: str = "cpu",
     limit: int | None = None,
+    progress=None,
 ) -> tuple[dict[str, ConsistencyResult], ImageSet]:
-    """Each model (ONNX file) under one protocol on the same images and the same random shifts."""
+    """Each model (ONNX file) under one protocol on the same images and the same random shifts.
+
+    `progress`, if given, is a context manager factory `progress(total) -> advance(n)` (a progress bar).
+    """
     from converters.runners import make_runner
 
     runners = {str(m): make_runner(m, "onnxruntime", provider) for m in models}
@@ -79,19 +83,26 @@ def compare(
     data = load_images(images, crop=size, shift=shift, pad=pad, preprocess=preprocess, limit=limit)
     if isinstance(dims[-1], int) and dims[-1] != data.crop:
         raise InputError(f"views are {data.crop} px, the model takes {dims[-1]} px: check --crop/--size")
+    from contextlib import nullcontext
+
+    from aa_deploy.consistency.protocols import view_count
+
+    total = len(runners) * view_count(protocol, len(data.images), shift=shift, passes=passes, pad=data.pad)
     results = {}
-    for name, runner in runners.items():
-        results[name] = measure(
-            protocol,
-            runner,
-            data.prepare,
-            data.images,
-            crop=data.crop,
-            shift=shift,
-            passes=passes,
-            seed=seed,
-            pad=data.pad,
-            labels=data.labels,
-            batch=batch,
-        )
+    with progress(total) if progress else nullcontext(None) as advance:
+        for name, runner in runners.items():
+            results[name] = measure(
+                protocol,
+                runner,
+                data.prepare,
+                data.images,
+                crop=data.crop,
+                shift=shift,
+                passes=passes,
+                seed=seed,
+                pad=data.pad,
+                labels=data.labels,
+                batch=batch,
+                progress=advance,
+            )
     return results, data

@@ -64,12 +64,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Harness:
     """Runs views through the model in fixed-size batches."""
 
-    def __init__(self, run: Runner, prepare: Prepare, batch: int = 64) -> None:
-        self.run, self.prepare, self.batch = run, prepare, batch
+    def __init__(
+        self, run: Runner, prepare: Prepare, batch: int = 64, progress: Callable[[int], None] | None = None
+    ) -> None:
+        self.run, self.prepare, self.batch, self.progress = run, prepare, batch, progress
         self.views = 0
 
     def logits(self, views: np.ndarray) -> np.ndarray:
-        out = [self.run(self.prepare(views[i : i + self.batch])) for i in range(0, len(views), self.batch)]
+        out = []
+        for i in range(0, len(views), self.batch):
+            out.append(self.run(self.prepare(views[i : i + self.batch])))
+            if self.progress is not None:
+                self.progress(len(out[-1]))
         self.views += len(views)
         return np.concatenate(out)
 
@@ -231,9 +237,10 @@ def measure(
     pad: str | None = None,
     labels: np.ndarray | None = None,
     batch: int = 64,
+    progress: Callable[[int], None] | None = None,
 ) -> ConsistencyResult:
-    """Run one protocol on one model."""
-    harness = Harness(run, prepare, batch)
+    """Run one protocol on one model; `progress(n)` is called after each batch of n views."""
+    harness = Harness(run, prepare, batch, progress)
     if protocol == "random-crop":
         return random_pairs(harness, images, crop=crop, shift=shift, passes=passes, seed=seed, pad=pad, labels=labels)
     if protocol == "circular":
@@ -245,6 +252,15 @@ def measure(
     if protocol == "worst-case":
         return worst_case(harness, images, crop=crop, shift=shift, pad=pad, labels=labels)
     raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+
+
+def view_count(protocol: str, images: int, *, shift: int, passes: int, pad: str | None) -> int:
+    """How many views a protocol runs (for progress bars)."""
+    if protocol in ("random-crop", "circular"):
+        return 2 * passes * images
+    if protocol == "diagonal":
+        return (2 * shift + 1 if pad is not None else shift + 1) * images
+    return (2 * shift + 1) ** 2 * images
 
 
 def top1(run: Runner, x: np.ndarray, batch: int = 256) -> np.ndarray:

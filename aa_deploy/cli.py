@@ -183,6 +183,7 @@ def _consistency(args: argparse.Namespace, console: Console) -> int:
     results, data = compare(
         models,
         progress=_progress_bar(console, "views"),
+        labels=args.labels,
         images=args.images,
         protocol=args.protocol,
         shift=args.shift,
@@ -428,6 +429,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("model", help="the baseline ONNX model (e.g. the original)")
     m.add_argument("--compare", nargs="+", metavar="MODEL", help="models to compare with it (e.g. converted)")
     m.add_argument("--images", help="image folder, bundled:cifar10 or bundled:photos (default: by input size)")
+    m.add_argument("--labels", help="CSV of file,label rows (class indices) for accuracy; else folder-per-class")
     m.add_argument("--protocol", default="random-crop", choices=["random-crop", "circular", "diagonal", "worst-case"])
     m.add_argument("--shift", type=int, help="largest shift in pixels (default 32, or 4 for pad-and-crop, 2 circular)")
     m.add_argument("--crop", type=int, help="view size (default: the model's input size)")

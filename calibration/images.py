@@ -89,3 +89,25 @@ def folder_labels(files: list[Path], root: str | os.PathLike) -> np.ndarray | No
     classes = sorted({parts[0] for parts in parents})
     index = {c: i for i, c in enumerate(classes)}
     return np.asarray([index[parts[0]] for parts in parents])
+
+
+def csv_labels(path: str | os.PathLike, files: list[Path], root: str | os.PathLike) -> np.ndarray:
+    """Integer labels for `files` from a CSV of `file,label` rows (file relative to `root`, or its name)."""
+    import csv
+
+    table: dict[str, int] = {}
+    try:
+        with open(path, newline="") as f:
+            for row in csv.reader(f):
+                if len(row) < 2 or row[0].strip().lower() in ("file", "filename", "path"):
+                    continue
+                table[row[0].strip()] = int(row[1])
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a file,label CSV with integer class indices ({e})") from None
+    labels = []
+    for p in files:
+        key = next((k for k in (str(p.relative_to(root)), p.name) if k in table), None)
+        if key is None:
+            raise InputError(f"{path}: no label for {p.relative_to(root)}")
+        labels.append(table[key])
+    return np.asarray(labels)

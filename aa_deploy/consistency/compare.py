@@ -27,10 +27,18 @@ class ImageSet:
 
 
 def load_images(
-    spec: str | None, *, crop: int, shift: int, pad: str | None, preprocess=None, limit: int | None = None
+    spec: str | None,
+    *,
+    crop: int,
+    shift: int,
+    pad: str | None,
+    preprocess=None,
+    limit: int | None = None,
+    labels: str | os.PathLike | None = None,
 ) -> ImageSet:
-    """`bundled:cifar10`, `bundled:photos`, or an image folder (labels from a folder-per-class layout)."""
-    from calibration.images import Preprocess, folder_labels, load_folder, normalize
+    """`bundled:cifar10`, `bundled:photos`, or an image folder; labels from a `file,label` CSV or a
+    folder-per-class layout."""
+    from calibration.images import Preprocess, csv_labels, folder_labels, load_folder, normalize
 
     if spec == "bundled:cifar10":
         from aa_deploy import bundled
@@ -46,7 +54,8 @@ def load_images(
     pre = Preprocess(size=canvas, resize=max(canvas, base.resize or 0) or None, mean=base.mean, std=base.std)
     images, files = load_folder(root, pre, limit=limit)
     prep = Preprocess(size=base.size, mean=base.mean, std=base.std)
-    return ImageSet(images, folder_labels(files, root), lambda x: normalize(x, prep), base.size, pad, str(root))
+    found = csv_labels(labels, files, root) if labels else folder_labels(files, root)
+    return ImageSet(images, found, lambda x: normalize(x, prep), base.size, pad, str(root))
 
 
 def compare(
@@ -63,6 +72,7 @@ def compare(
     batch: int = 64,
     provider: str = "cpu",
     limit: int | None = None,
+    labels: str | os.PathLike | None = None,
     progress=None,
 ) -> tuple[dict[str, ConsistencyResult], ImageSet]:
     """Each model (ONNX file) under one protocol on the same images and the same random shifts.
@@ -80,7 +90,7 @@ def compare(
     small = images == "bundled:cifar10" or pad is not None
     if shift is None:
         shift = 2 if protocol == "circular" else (4 if small else 32)
-    data = load_images(images, crop=size, shift=shift, pad=pad, preprocess=preprocess, limit=limit)
+    data = load_images(images, crop=size, shift=shift, pad=pad, preprocess=preprocess, limit=limit, labels=labels)
     if isinstance(dims[-1], int) and dims[-1] != data.crop:
         raise InputError(f"views are {data.crop} px, the model takes {dims[-1]} px: check --crop/--size")
     from contextlib import nullcontext

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -14,6 +11,7 @@ from aa_deploy import bundled
 from aa_deploy.torch import antialias_with, options_from_metadata
 from converters.export import export
 from converters.onnxruntime import OnnxRuntimeRunner
+from tests.helpers import cli
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +44,6 @@ def test_converted_resnet20_matches_twin_on_real_images(resnet20_onnx, tmp_path,
 
 
 def test_demo_runs_the_chain_and_prints_the_table():
-    proc = subprocess.run([sys.executable, "-m", "aa_deploy", "demo"], capture_output=True, text=True, timeout=600)
+    proc = cli("demo", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "original" in proc.stdout and "anti-aliased (triangle)" in proc.stdout and "94.0" in proc.stdout

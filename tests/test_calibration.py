@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,6 +14,7 @@ from aa_deploy import bundled
 from calibration.bridge import load_module
 from calibration.calibrate import calibrate
 from converters.export import export
+from tests.helpers import cli
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +82,6 @@ def test_write_back_changes_initializer_values_only(r20, tmp_path, method, mode)
 
 
 def test_calibrate_cli_errors(r20, tmp_path):
-    def run(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "aa_deploy", "calibrate", *map(str, args)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
     empty = tmp_path / "empty"
     empty.mkdir()
     base = (r20 / "r20.pre.onnx", "--teacher", r20 / "r20.onnx", "-o", tmp_path / "o.onnx")
@@ -99,13 +89,13 @@ def test_calibrate_cli_errors(r20, tmp_path):
         (("--images", empty), "no images found"),
         (("--images", r20 / "images", "--size", "64"), "takes 32 px"),
     ]:
-        proc = run(*base, *extra)
+        proc = cli("calibrate", *base, *extra)
         assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
             proc.stderr
         )
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.png").write_bytes(b"not an image")
-    proc = run(*base, "--images", bad)
+    proc = cli("calibrate", *base, "--images", bad)
     assert proc.returncode == 2 and "unreadable image" in proc.stderr
     assert not (tmp_path / "o.onnx").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -15,6 +14,7 @@ from onnx import helper
 
 from aa_deploy.cli import main
 from tests import graphs as G
+from tests.helpers import cli
 
 
 @pytest.fixture
@@ -22,12 +22,6 @@ def conv_onnx(tmp_path):
     path = tmp_path / "model.onnx"
     onnx.save(G.conv_model(["N", 3, 16, 16]), path)
     return path
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "aa_deploy", *map(str, args)], capture_output=True, text=True, timeout=120
-    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, needle: str) -> None:

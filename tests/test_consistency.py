@@ -109,37 +109,28 @@ def test_wilson_interval():
 
 def test_cli_compares_models_and_writes_report_and_plot(tmp_path):
     import json
-    import subprocess
-    import sys
 
     import aa_deploy
     from aa_deploy import bundled
     from converters.export import export
+    from tests.helpers import cli
 
     plain = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
     aa_deploy.convert(plain, tmp_path / "r20.aa.onnx")
     report, png = tmp_path / "c.json", tmp_path / "c.png"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aa_deploy",
-            "consistency",
-            str(plain),
-            "--compare",
-            str(tmp_path / "r20.aa.onnx"),
-            "--protocol",
-            "circular",
-            "--passes",
-            "2",
-            "--report",
-            str(report),
-            "--plot",
-            str(png),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = cli(
+        "consistency",
+        str(plain),
+        "--compare",
+        str(tmp_path / "r20.aa.onnx"),
+        "--protocol",
+        "circular",
+        "--passes",
+        "2",
+        "--report",
+        str(report),
+        "--plot",
+        str(png),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(report.read_text())
@@ -147,12 +138,7 @@ def test_cli_compares_models_and_writes_report_and_plot(tmp_path):
     original = data["models"][str(plain)]
     assert original["images"] == 100 and 0.8 < original["consistency"] <= 1.0 and original["accuracy"] > 0.85
     assert png.read_bytes()[:4] == b"\x89PNG"
-    bad = subprocess.run(
-        [sys.executable, "-m", "aa_deploy", "consistency", str(plain), "--images", str(tmp_path / "none")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = cli("consistency", plain, "--images", tmp_path / "none")
     assert bad.returncode == 2 and "no such image folder" in bad.stderr
 
 
@@ -202,35 +188,26 @@ def test_probe_sees_aliasing_of_a_plain_strided_slice_and_less_after_a_binomial_
 
 def test_probe_cli_on_the_trained_resnet20(tmp_path):
     import json
-    import subprocess
-    import sys
 
     import aa_deploy
     from aa_deploy import bundled
     from converters.export import export
+    from tests.helpers import cli
 
     plain = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
     aa_deploy.convert(plain, tmp_path / "r20.aa.onnx", aa_deploy.Options(mode="blurpool"))
     report, png = tmp_path / "p.json", tmp_path / "p.png"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aa_deploy",
-            "probe",
-            str(plain),
-            "--compare",
-            str(tmp_path / "r20.aa.onnx"),
-            "--count",
-            "16",
-            "--report",
-            str(report),
-            "--plot",
-            str(png),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = cli(
+        "probe",
+        str(plain),
+        "--compare",
+        str(tmp_path / "r20.aa.onnx"),
+        "--count",
+        "16",
+        "--report",
+        str(report),
+        "--plot",
+        str(png),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     models = json.loads(report.read_text())["models"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -17,14 +15,9 @@ import aa_deploy
 from aa_deploy import bundled
 from aa_deploy.testing import assert_parity
 from converters.export import export
+from tests.helpers import cli
 
 REF = "aa:cifar10_resnet20"
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "aa_deploy", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,18 @@ import os
 from aa_deploy.consistency.protocols import ConsistencyResult
 
 
+def _save(fig, path: str | os.PathLike, title: str) -> None:
+    """Title, layout, and an atomic PNG write."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot(results: dict[str, ConsistencyResult], path: str | os.PathLike, title: str) -> None:
     """Diagonal: agreement and p(class at offset 0) per offset, one line per model. Others: bars with 95 % CI."""
     import matplotlib
@@ -38,12 +50,7 @@ def plot(results: dict[str, ConsistencyResult], path: str | os.PathLike, title: 
         low = min(values + [100 * (results[n].accuracy or 1) for n in names])
         a1.set(ylabel="%", ylim=(max(0, low - 10), 100))
         plt.setp(a1.get_xticklabels(), rotation=15, ha="right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path, title)
 
 
 def plot_probe(results: dict[str, list], path: str | os.PathLike, title: str) -> None:
@@ -68,9 +75,4 @@ def plot_probe(results: dict[str, list], path: str | os.PathLike, title: str) ->
     for ax in (a1, a2):
         ax.set_xticks(x + width * (len(names) - 1) / 2, sites, rotation=30, ha="right")
     a1.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path, title)

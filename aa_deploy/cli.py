@@ -142,6 +142,7 @@ def _verify(args: argparse.Namespace, console: Console) -> int:
         args.atol if args.atol is not None else base.atol,
         args.rtol if args.rtol is not None else base.rtol,
         args.min_top1 if args.min_top1 is not None else base.min_top1,
+        args.min_cosine if args.min_cosine is not None else base.min_cosine,
     )
     options = _options(args) if args.antialiased and (args.filter or args.filter_size) else None
     preprocess = _preprocess(args)
@@ -309,6 +310,26 @@ def _probe(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _quantize(args: argparse.Namespace, console: Console) -> int:
+    from calibration.images import Preprocess
+    from calibration.int8 import calibration_inputs, quantize
+    from converters.runners import make_runner
+
+    dims = make_runner(args.model).session.get_inputs()[0].shape
+    preprocess = _preprocess(args, dims[-1] if isinstance(dims[-1], int) else None)
+    if preprocess is None:
+        preprocess = Preprocess(size=dims[-1] if isinstance(dims[-1], int) else 224)
+    if isinstance(dims[-1], int) and dims[-1] != preprocess.size:
+        raise InputError(f"preprocessing gives {preprocess.size} px images, the model takes {dims[-1]} px (--size)")
+    x = calibration_inputs(args.calib_images, preprocess, limit=args.limit)
+    kept = quantize(args.model, args.output, x, per_channel=not args.per_tensor)
+    console.print(
+        f"INT8 Q/DQ ({'per-tensor' if args.per_tensor else 'per-channel'}, symmetric) calibrated on {len(x)} images; "
+        f"{len(kept)} blur nodes kept exact in float; wrote {args.output}"
+    )
+    return EXIT_OK
+
+
 def _calibrate(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
@@ -413,6 +434,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--atol", type=float)
     v.add_argument("--rtol", type=float)
     v.add_argument("--min-top1", type=float, help="least top-1 agreement for classifier outputs")
+    v.add_argument("--min-cosine", type=float, help="least per-sample cosine similarity")
     v.add_argument("--images", help="image folder, or bundled:cifar10 (default: deterministic random inputs)")
     v.add_argument(
         "--count", type=int, default=8, help="number of inputs (random) or at most this many images (0: all)"
@@ -455,6 +477,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", help="write a PNG bar chart here")
     _add_preprocess(r)
     r.set_defaults(run=_probe)
+
+    z = sub.add_parser("quantize", help="INT8 by explicit Q/DQ (TensorRT 10/11, ONNX Runtime), blurs kept exact")
+    z.add_argument("model")
+    z.add_argument("--calib-images", required=True, help="folder of calibration images (recursive)")
+    z.add_argument("-o", "--output", required=True)
+    z.add_argument("--limit", type=int, default=500, help="use at most this many images (default 500)")
+    z.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
+    _add_preprocess(z)
+    z.set_defaults(run=_quantize)
 
     k = sub.add_parser("calibrate", help="win back accuracy after conversion, label-free")
     k.add_argument("model", help="the converted ONNX model")

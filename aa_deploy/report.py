@@ -73,7 +73,7 @@ def print_parity(result, console: Console) -> None:
         tol = result.tolerance
         console.print(
             ("PASS" if result.passed else "FAIL")
-            + f" (atol {tol['atol']:g}, rtol {tol['rtol']:g}, min top-1 {tol['min_top1']:g})"
+            + f" (atol {tol['atol']:g}, rtol {tol['rtol']:g}, min top-1 {tol['min_top1']:g}, min cosine {tol['min_cosine']:g})"
         )
 
 

@@ -1,0 +1,82 @@
+"""INT8 by explicit quantization: Q/DQ nodes in the ONNX graph (what TensorRT 10/11 and ONNX Runtime run).
+
+Symmetric, per-channel weights and symmetric activations from calibration images, through
+onnxruntime.quantization. The blurs stay exact: their nodes (and the Pad/Transpose glue around them)
+are kept out of quantization, so their taps stay float and still sum to one. The graph therefore
+runs fp32 blurs between quantized convolutions; a TensorRT build fuses them as it can.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from aa_deploy import blur_nodes, model_io
+from aa_deploy.errors import InputError
+from calibration.images import Preprocess, load_folder, normalize
+
+
+class ImageReader:
+    """onnxruntime.quantization.CalibrationDataReader over preprocessed images, in batches."""
+
+    def __init__(self, input_name: str, x: np.ndarray, batch: int = 32) -> None:
+        self.batches = iter([{input_name: x[i : i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def calibration_inputs(images: str | os.PathLike, preprocess: Preprocess, limit: int | None = 500) -> np.ndarray:
+    """The calibration images as float NCHW: the same notion of images as `calibrate` uses."""
+    raw, _ = load_folder(images, preprocess, limit=limit)
+    return normalize(raw, preprocess)
+
+
+def blur_node_names(path: str | os.PathLike) -> list[str]:
+    """Names of the nodes aa-deploy inserted (blur convs and their glue)."""
+    model = model_io.load(path)
+    return [
+        n.name for n in model.graph if n.name and (n.metadata_props.get(blur_nodes.MARK) or blur_nodes.is_fixed_blur(n))
+    ]
+
+
+def quantize(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    x: np.ndarray,
+    *,
+    per_channel: bool = True,
+) -> list[str]:
+    """Write a Q/DQ INT8 model calibrated on inputs `x`; returns the nodes kept in float (the blurs)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    model, output = Path(model), Path(output)
+    if not output.parent.is_dir():
+        raise InputError(f"{output.parent}: output folder does not exist")
+    keep_float = blur_node_names(model)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".aa-deploy-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(model), str(prepared), skip_optimization=True)
+        import onnx
+
+        name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
+        staged = Path(tmp) / output.name
+        quantize_static(
+            str(prepared),
+            str(staged),
+            ImageReader(name, x),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=keep_float,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+        onnx.checker.check_model(str(staged))
+        os.replace(staged, output)
+    return keep_float

@@ -120,7 +120,9 @@ def plan(sites: list[Site], options: Options) -> list[Action]:
             continue
         mode = mode_for(site.kind, options.mode)
         note = ""
-        if mode == "blurpool" and site.blurpool is not None:
+        if mode == "blurpool" and site.extra.get("pointwise"):
+            mode, note = "pre", "1x1 conv: blurpool equals pre, at a quarter of the cost"
+        elif mode == "blurpool" and site.blurpool is not None:
             note = f"pre instead of blurpool: {site.blurpool}"
             mode = "pre"
         taps = tuple(filters.taps_1d(options.size, s) for s in site.strides)

@@ -242,8 +242,16 @@ def antialias_with(model: nn.Module, options: Options, *, inplace: bool = False)
         blur = Blur(len(strides), strides, options.size, options.pad, channels_last)
         site_mode = mode_for(kind, options.mode)
         note = ""
-        if site_mode == "blurpool" and kind == "strided-conv":
-            new: nn.Module = ConvBlurPool(module, blur)
+        pointwise = (
+            kind == "strided-conv"
+            and all(k == 1 for k in module.kernel_size)
+            and (module.padding == "valid" or not any(_tuple(module.padding, 1)))
+        )
+        if site_mode == "blurpool" and pointwise:
+            site_mode, note = "pre", "1x1 conv: blurpool equals pre, at a quarter of the cost"
+            new: nn.Module = PreBlur(module, blur)
+        elif site_mode == "blurpool" and kind == "strided-conv":
+            new = ConvBlurPool(module, blur)
         elif site_mode == "blurpool" and kind in POOLING and not module.ceil_mode:
             new = PoolBlurPool(module, blur)
         else:

@@ -116,6 +116,18 @@ def test_conv_blurpool_moves_bias_after_the_blur():
     np.testing.assert_allclose(run(converted, x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_pointwise_conv_blurpool_is_its_pre_form():
+    m = G.conv_model([1, 3, 12, 12], c_out=5, kernel=(1, 1), pads=[0, 0, 0, 0])
+    converted, result = convert(m, mode="blurpool", pad="zero")
+    assert result.actions[0].action == "pre" and "1x1" in result.actions[0].note
+    x = RNG.standard_normal((1, 3, 12, 12), dtype=np.float32)
+    # The blurpool definition: conv at stride 1 without bias, blur at stride 2, plus bias.
+    stride1 = G.conv_model([1, 3, 12, 12], c_out=5, kernel=(1, 1), pads=[0, 0, 0, 0], strides=(1, 1), bias=False)
+    bias = onnx.numpy_helper.to_array(m.graph.initializer[1]).reshape(1, -1, 1, 1)
+    expected = G.np_blur(run(stride1, x), (2, 3), "triangle", "zero", stride=2) + bias
+    np.testing.assert_allclose(run(converted, x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_not_sites_stride1_convtranspose_global_pool():
     w = G.const("w", RNG.standard_normal((3, 3, 3, 3)).astype(np.float32))
     nodes = [

@@ -68,7 +68,9 @@ def strided_site(node: ir.Node, kind: str, kernel: tuple[int, ...] | None) -> Si
         sizes=sizes,
         blurpool=None if auto_pad in ("NOTSET", "") else f"auto_pad={auto_pad}",
         protected=blur_nodes.reads_blurred(x),
-        extra={"stride1_sizes": stride1},
+        # A 1x1 conv without padding mixes channels only, so it commutes with the blur: its blurpool
+        # form equals its pre form, which runs the conv on a quarter of the pixels.
+        extra={"stride1_sizes": stride1, "pointwise": bool(kernel) and all(k == 1 for k in kernel) and not any(pads)},
     )
 
 

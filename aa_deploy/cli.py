@@ -330,6 +330,38 @@ def _quantize(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _build(args: argparse.Namespace, console: Console) -> int:
+    from converters.tensorrt import build_engine, parse_shapes
+
+    shapes = parse_shapes(args.shapes)
+    out = Path(args.output)
+    graph = Path(args.model)
+    if args.precision == "fp16":
+        from converters.precision import to_fp16
+
+        graph = out.with_suffix(".fp16.onnx")
+        kept = to_fp16(args.model, graph)
+        console.print(f"FP16 graph ({len(kept)} blurs kept in float32 to stay exact) -> {graph}")
+    elif args.precision == "int8":
+        if not args.calib_images:
+            raise InputError("--precision int8 needs --calib-images DIR")
+        from calibration.images import Preprocess
+        from calibration.int8 import calibration_inputs, quantize
+
+        graph = out.with_suffix(".int8.onnx")
+        size = next(iter(shapes.values()))[1][-1]
+        x = calibration_inputs(args.calib_images, _preprocess(args, size) or Preprocess(size=size), limit=args.limit)
+        quantize(args.model, graph, x)
+        console.print(f"INT8 Q/DQ graph calibrated on {len(x)} images -> {graph}")
+    try:
+        sidecar = build_engine(graph, out, shapes, args.precision, args.timing_cache)
+    except InputError as e:
+        ready = f"; the {args.precision} graph is ready at {graph}" if graph != Path(args.model) else ""
+        raise InputError(f"{e}{ready}") from None
+    console.print(f"TensorRT {sidecar.tensorrt_version} engine ({args.precision}) -> {out}, sidecar {out}.json")
+    return EXIT_OK
+
+
 def _calibrate(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
@@ -486,6 +518,19 @@ def parser() -> argparse.ArgumentParser:
     z.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
     _add_preprocess(z)
     z.set_defaults(run=_quantize)
+
+    b = sub.add_parser("build", help="TensorRT engine from an ONNX model (precision put into the graph first)")
+    b.add_argument("model")
+    b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    b.add_argument(
+        "--shapes", required=True, help="NAME:MIN,OPT,MAX shapes, e.g. input:1x3x224x224,8x3x224x224,32x3x224x224"
+    )
+    b.add_argument("--calib-images", help="calibration images for --precision int8")
+    b.add_argument("--limit", type=int, default=500, help="at most this many calibration images")
+    b.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
+    b.add_argument("-o", "--output", required=True, help="the engine file (a .json sidecar is written beside it)")
+    _add_preprocess(b)
+    b.set_defaults(run=_build)
 
     k = sub.add_parser("calibrate", help="win back accuracy after conversion, label-free")
     k.add_argument("model", help="the converted ONNX model")

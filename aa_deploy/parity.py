@@ -340,15 +340,21 @@ def verify(
     path = Path(model)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    graph_path = path
+    if backend == "tensorrt":  # an engine: its ONNX source (from the sidecar) has the metadata and input spec
+        from converters.tensorrt import Sidecar, require_tensorrt
+
+        require_tensorrt()
+        graph_path = Path(Sidecar.read(path).onnx_path)
     reference_name = reference if isinstance(reference, str) else type(reference).__name__
     if isinstance(reference, str):
         from converters.export import load_model
 
         reference, _ = load_model(reference, weights)
-    twin_options = None if change else reference_options(path, antialiased, options)
+    twin_options = None if change else reference_options(graph_path, antialiased, options)
     module = antialias_with(reference, twin_options)[0] if twin_options is not None else reference
     inputs, info = make_inputs(
-        path, images=images, preprocess=preprocess, count=count, seed=seed, input_shape=input_shape
+        graph_path, images=images, preprocess=preprocess, count=count, seed=seed, input_shape=input_shape
     )
     runner = make_runner(path, backend, provider)
     return compare_runners(

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -40,6 +41,16 @@ def load(path: str | os.PathLike) -> ir.Model:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if opset is None or opset < MIN_OPSET:
         raise InputError(f"{path}: opset {opset} is not supported (aa-deploy needs opset {MIN_OPSET} or newer)")
+    try:
+        model.graph.sort()  # exporters may list nodes out of order; a cycle cannot be ordered at all
+    except ValueError as e:
+        raise InputError(f"{path}: not a valid ONNX graph ({e})") from None
+    counts = Counter(n.name for n in model.graph if n.name)
+    duplicates = sorted(name for name, k in counts.items() if k > 1)
+    if duplicates:
+        raise InputError(
+            f"{path}: duplicate node names ({', '.join(duplicates[:3])}); ONNX Runtime refuses such models"
+        )
     for value in model.graph.initializers.values():
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor) and not Path(tensor.path).exists():

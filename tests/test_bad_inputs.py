@@ -1,0 +1,79 @@
+"""A corpus of bad inputs: each gives a one-line error, a non-zero exit, and no output file."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from tests import graphs as G
+from tests.helpers import cli
+
+
+def _write(path, m: onnx.ModelProto):
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+def _raw(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def bad_models(tmp_path):
+    good = G.conv_model([1, 3, 16, 16]).SerializeToString()
+    yield "empty file", _raw(tmp_path / "empty.onnx", b"")
+    yield "wrong magic", _raw(tmp_path / "png.onnx", b"\x89PNG\r\n\x1a\n" + good[:200])
+    yield "truncated", _raw(tmp_path / "cut.onnx", good[: len(good) // 2])
+    old = G.conv_model([1, 3, 16, 16])
+    old.opset_import[0].version = 9
+    yield "unsupported opset", _write(tmp_path / "opset9.onnx", old)
+    cyc = onnx.ModelProto()
+    cyc.CopyFrom(G.conv_model([1, 3, 16, 16]))
+    w = G.const("w2", np.ones((3, 4, 1, 1), np.float32))
+    cyc.graph.initializer.append(w)
+    # Y = Conv(X, w) reads Z, and Z = Conv(Y, w2): a cycle no topological order can satisfy.
+    cyc.graph.node[0].input[0] = "Z"
+    cyc.graph.node.append(helper.make_node("Conv", ["Y", "w2"], ["Z"], name="back"))
+    yield "cycle", _write(tmp_path / "cycle.onnx", cyc)
+    yield "duplicate node names", _write(tmp_path / "dup.onnx", _duplicate_names())
+
+
+def _duplicate_names() -> onnx.ModelProto:
+    """Two nodes named alike: ONNX Runtime refuses such a model."""
+    w = G.const("w", np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32))
+    nodes = [
+        helper.make_node("Conv", ["X", "w"], ["a"], strides=[2, 2], pads=[1, 1, 1, 1], name="same"),
+        helper.make_node("MaxPool", ["a"], ["Y"], kernel_shape=[2, 2], strides=[2, 2], name="same"),
+    ]
+    graph = helper.make_graph(nodes, "g", [G.inp("X", [1, 3, 16, 16])], [G.out("Y", 4)], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_bad_models_give_one_line_errors_and_no_output(tmp_path):
+    for label, path in bad_models(tmp_path):
+        out = tmp_path / f"out-{path.stem}.onnx"
+        proc = cli("convert", path, "-o", out)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (label, proc.stdout, proc.stderr)
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, (label, proc.stderr)
+        assert not out.exists(), label
+        assert str(path.name) in lines[0] and "converted model" not in lines[0], (label, lines[0])
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".aa-deploy-")], label
+
+
+@pytest.mark.parametrize("pad", ["reflect", "replicate", "zero"])
+def test_one_by_one_feature_maps(tmp_path, pad):
+    # A stride-2 conv on a 1x1 map: reflect cannot pad it, so the site falls back to replicate.
+    src = _write(tmp_path / "tiny.onnx", G.conv_model([1, 3, 1, 1]))
+    proc = cli("convert", src, "--pad", pad, "-o", tmp_path / "tiny.aa.onnx")
+    assert proc.returncode == 0, proc.stderr
+    if pad == "reflect":
+        assert "replicate" in proc.stdout
+    x = np.random.default_rng(0).standard_normal((1, 3, 1, 1), dtype=np.float32)
+    y = ort.InferenceSession(str(tmp_path / "tiny.aa.onnx")).run(None, {"X": x})[0]
+    y0 = ort.InferenceSession(str(src)).run(None, {"X": x})[0]
+    if pad != "zero":  # a blur of one pixel with reflect/replicate padding is that pixel
+        np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-6)

@@ -37,6 +37,9 @@ def is_fixed_blur(node: ir.Node | None) -> bool:
     """A depthwise Conv whose constant taps are non-negative, sum to one and match in every channel."""
     if not graph.is_onnx(node, "Conv") or len(node.inputs) < 2:
         return False
+    shape = graph.dims(node.inputs[1])  # from metadata: big weights stay on disk unless depthwise
+    if shape is not None and (len(shape) < 3 or shape[1] != 1 or shape[0] != node.attributes.get_int("group", 1)):
+        return False
     weight = graph.const_array(node.inputs[1])
     if weight is None or weight.ndim < 3 or weight.shape[1] != 1:
         return False

@@ -88,5 +88,14 @@ def convert(
     result = convert_model(model, options)
     if not result.actions and not allow_empty:
         raise InputError(f"{src}: no downsampling sites found, nothing to convert")
-    model_io.save(model, dst, external=external, check=check)
+    try:
+        model_io.save(model, dst, external=external, check=check)
+    except model_io.CheckError as e:
+        # Whose fault? Only on this failure path is the input checked too.
+        complaint = model_io.check_input(src)
+        if complaint is not None:
+            raise InputError(
+                f"{src}: the input model fails onnx.checker already ({complaint}); --no-check skips the check"
+            ) from None
+        raise InputError(f"the converted model fails onnx.checker: {e}") from None
     return result

@@ -20,6 +20,19 @@ MIN_OPSET = 11
 PROTO_LIMIT = 1_800_000_000  # stay under protobuf's 2 GiB with room for the graph
 
 
+class CheckError(InputError):
+    """The written model fails onnx.checker (the message is the checker's first line)."""
+
+
+def check_input(path: str | os.PathLike) -> str | None:
+    """onnx.checker's complaint about a model file (full check, path-based), or None if it passes."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        return str(e).splitlines()[0]
+    return None
+
+
 def load(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model; external weights stay on disk (memory-mapped) until used."""
     path = Path(path)
@@ -90,7 +103,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external: bool, check: boo
             try:
                 onnx.checker.check_model(str(tmp / path.name), full_check=True)
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-                raise InputError(f"the converted model fails onnx.checker: {str(e).splitlines()[0]}") from None
+                raise CheckError(str(e).splitlines()[0]) from None
         if data_name:
             os.replace(tmp / data_name, folder / data_name)
         os.replace(tmp / path.name, path)

@@ -39,6 +39,10 @@ def bad_models(tmp_path):
     cyc.graph.node.append(helper.make_node("Conv", ["Y", "w2"], ["Z"], name="back"))
     yield "cycle", _write(tmp_path / "cycle.onnx", cyc)
     yield "duplicate node names", _write(tmp_path / "dup.onnx", _duplicate_names())
+    untyped = G.conv_model([1, 3, 16, 16])
+    untyped.graph.output[0].type.tensor_type.ClearField("shape")
+    untyped.graph.output[0].type.tensor_type.ClearField("elem_type")
+    yield "input fails the checker", _write(tmp_path / "untyped.onnx", untyped)
 
 
 def _duplicate_names() -> onnx.ModelProto:

@@ -31,6 +31,7 @@ class BlurSpec:
     strides: tuple[int, ...]  # per axis
     pads: tuple[tuple[int, int], ...]  # per axis
     pad_mode: str  # reflect | replicate | zero
+    guarded: bool = False  # reflect on maps of unknown size: choose reflect or edge at run time
 
 
 def is_fixed_blur(node: ir.Node | None) -> bool:
@@ -100,6 +101,50 @@ class BlurBuilder:
         self.graph.register_initializer(value)
         return value
 
+    def _guarded_reflect(self, nodes, x, pad_value, spec, first_axes, tag, dtype) -> ir.Value:
+        """Pad reflect where every blurred axis is longer than its pad, else edge: the same run-time
+        rule as the PyTorch twin (`plan.pad_mode_for`), for maps whose size is not known statically."""
+        meta = {MARK: "1"}
+        nodes.append(ir.node("Shape", [x], name=self._fresh(f"{tag}/shape"), metadata_props=meta))
+        shape = nodes[-1].outputs[0]
+        ok = None
+        for a, (lo, hi) in zip(first_axes, spec.pads):
+            index = self._const(f"{tag}/axis{a}", np.asarray([a], dtype=np.int64))
+            limit = self._const(f"{tag}/limit{a}", np.asarray([max(lo, hi)], dtype=np.int64))
+            nodes.append(
+                ir.node("Gather", [shape, index], {"axis": 0}, name=self._fresh(f"{tag}/size{a}"), metadata_props=meta)
+            )
+            nodes.append(
+                ir.node(
+                    "Greater", [nodes[-1].outputs[0], limit], name=self._fresh(f"{tag}/fits{a}"), metadata_props=meta
+                )
+            )
+            if ok is not None:
+                nodes.append(
+                    ir.node("And", [ok, nodes[-1].outputs[0]], name=self._fresh(f"{tag}/fits"), metadata_props=meta)
+                )
+            ok = nodes[-1].outputs[0]
+
+        def branch(mode: str) -> ir.Graph:
+            pad = ir.node(
+                "Pad", [x, pad_value], {"mode": mode}, name=self._fresh(f"{tag}/pad_{mode}"), metadata_props=meta
+            )
+            out = pad.outputs[0]
+            out.name = self._fresh(f"{x.name or tag}/pad_{mode}")
+            out.type = ir.TensorType(ir.DataType.from_numpy(np.dtype(dtype)))
+            return ir.Graph(inputs=(), outputs=(out,), nodes=(pad,), name=self._fresh(f"{tag}/{mode}"))
+
+        nodes.append(
+            ir.node(
+                "If",
+                [ok],
+                {"then_branch": branch("reflect"), "else_branch": branch("edge")},
+                name=self._fresh(f"{tag}/pad"),
+                metadata_props=meta,
+            )
+        )
+        return nodes[-1].outputs[0]
+
     def build(
         self, source: ir.Value, spec: BlurSpec, dtype: np.dtype, bias: ir.Value | None = None
     ) -> tuple[list[ir.Node], ir.Value]:
@@ -129,16 +174,19 @@ class BlurBuilder:
                 for a, (lo, hi) in zip(first_axes, spec.pads):
                     pads[a], pads[a + r] = lo, hi
                 pad_value = self._const(f"{tag}/pads", np.asarray(pads, dtype=np.int64))
-                nodes.append(
-                    ir.node(
-                        "Pad",
-                        [x, pad_value],
-                        {"mode": ONNX_PAD_MODES[spec.pad_mode]},
-                        name=self._fresh(f"{tag}/pad"),
-                        metadata_props=meta,
+                if spec.guarded:
+                    x = self._guarded_reflect(nodes, x, pad_value, spec, first_axes, tag, dtype)
+                else:
+                    nodes.append(
+                        ir.node(
+                            "Pad",
+                            [x, pad_value],
+                            {"mode": ONNX_PAD_MODES[spec.pad_mode]},
+                            name=self._fresh(f"{tag}/pad"),
+                            metadata_props=meta,
+                        )
                     )
-                )
-                x = nodes[-1].outputs[0]
+                    x = nodes[-1].outputs[0]
         per_axis = [(1.0,)] * (r - 2)
         strides = [1] * (r - 2)
         for a, taps, s in zip(first_axes, spec.taps, spec.strides):

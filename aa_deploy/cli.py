@@ -195,6 +195,7 @@ def _consistency(args: argparse.Namespace, console: Console) -> int:
         preprocess=preprocess,
         batch=args.batch,
         provider=args.provider,
+        backend=args.backend,
         limit=args.limit,
     )
     print_consistency(results, data.source, console)
@@ -494,7 +495,12 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--limit", type=int, help="use at most this many images")
     m.add_argument("--batch", type=int, default=64)
-    m.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    m.add_argument(
+        "--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"], help="tensorrt: the models are engines"
+    )
+    m.add_argument(
+        "--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"], help="ONNX Runtime execution provider"
+    )
     _add_preprocess(m)
     m.add_argument("--report", help="write the JSON report here")
     m.add_argument("--plot", help="write a PNG plot here")

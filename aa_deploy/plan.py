@@ -144,6 +144,7 @@ def plan(sites: list[Site], options: Options) -> list[Action]:
             strides=(1,) * len(taps) if mode == "pre" else site.strides,
             pads=pads,
             pad_mode=pad_mode,
+            guarded=pad_mode == "reflect" and any(size is None for size in sizes),
         )
         action = Action(site, mode, note, spec)
         if mode == "pre":

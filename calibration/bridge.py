@@ -37,7 +37,7 @@ class OnnxModule(nn.Module):
         self.params = nn.ParameterDict()
         self.consts: dict[str, torch.Tensor] = {}
         self.frozen: set[str] = set()
-        for node in self.nodes:
+        for node in model.graph.all_nodes():  # subgraphs too: the padding guard's branches read constants
             blur = node.metadata_props.get(blur_nodes.MARK) is not None or blur_nodes.is_fixed_blur(node)
             for i, value in enumerate(node.inputs):
                 if value is None or value.name in self.consts or _key(value.name) in self.params:
@@ -60,7 +60,7 @@ class OnnxModule(nn.Module):
         self.input_name = model.graph.inputs[0].name
         self.output_names = [v.name for v in model.graph.outputs]
         self.hooks: dict[str, callable] = {}  # tensor name -> fn(tensor) -> tensor (BN re-insertion, probes)
-        unsupported = sorted({n.op_type for n in self.nodes if not hasattr(self, f"_op_{n.op_type}")})
+        unsupported = sorted({n.op_type for n in model.graph.all_nodes() if not hasattr(self, f"_op_{n.op_type}")})
         if unsupported:
             raise InputError(f"calibration cannot run these ops in PyTorch yet: {', '.join(unsupported)}")
 
@@ -80,6 +80,7 @@ class OnnxModule(nn.Module):
 
     def forward(self, x: torch.Tensor, capture: set[str] | None = None) -> torch.Tensor | tuple:
         env = {self.input_name: x}
+        self._scope = env  # outer scope for subgraphs (If)
         captured = {}
         for node in self.nodes:
             args = [self._get(env, v) for v in node.inputs]
@@ -242,6 +243,30 @@ class OnnxModule(nn.Module):
         for a in sorted(a % (x.dim() + len(axes)) for a in axes):
             x = x.unsqueeze(a)
         return x
+
+    def _op_Shape(self, node, x):
+        return torch.tensor(x.shape, dtype=torch.int64)
+
+    def _op_Gather(self, node, data, indices):
+        axis = node.attributes.get_int("axis", 0) % data.dim()
+        out = torch.index_select(data, axis, indices.reshape(-1).long() % data.shape[axis])
+        return out.reshape(data.shape[:axis] + indices.shape + data.shape[axis + 1 :])
+
+    def _op_Greater(self, node, a, b):
+        return a > b
+
+    def _op_And(self, node, a, b):
+        return a & b
+
+    def _op_If(self, node, cond, *_):
+        """aa-deploy's guarded reflect padding: run the chosen branch's nodes in the outer scope."""
+        branch = node.attributes["then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"].as_graph()
+        env = dict(self._scope)
+        for inner in branch:
+            args = [self._get(env, v) for v in inner.inputs]
+            out = getattr(self, f"_op_{inner.op_type}")(inner, *args)
+            env[inner.outputs[0].name] = out
+        return env[branch.outputs[0].name]
 
     def _op_Softmax(self, node, x):
         return F.softmax(x, dim=node.attributes.get_int("axis", -1))

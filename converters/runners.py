@@ -19,13 +19,7 @@ def make_runner(path: str | os.PathLike, backend: str = "onnxruntime", provider:
         except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own types for unreadable models
             raise InputError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
     if backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise InputError(
-                "the tensorrt backend needs the tensorrt package and an NVIDIA GPU; neither is here"
-            ) from None
-        raise InputError(
-            "native TensorRT engines are not supported yet (use --backend onnxruntime --provider tensorrt)"
-        )
+        from converters.tensorrt import TensorRTRunner
+
+        return TensorRTRunner(path)
     raise InputError(f"unknown backend {backend!r} (choose {', '.join(BACKENDS)})")

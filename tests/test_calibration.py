@@ -99,3 +99,18 @@ def test_calibrate_cli_errors(r20, tmp_path):
     proc = cli("calibrate", *base, "--images", bad)
     assert proc.returncode == 2 and "unreadable image" in proc.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_bridge_runs_the_run_time_padding_guard(tmp_path):
+    from tests import graphs as G
+
+    src = tmp_path / "dyn.onnx"
+    onnx.save(G.conv_model(["N", 3, "H", "W"]), src)
+    aa_deploy.convert(src, tmp_path / "dyn.aa.onnx", aa_deploy.Options(filter="binomial"))
+    _, module = load_module(tmp_path / "dyn.aa.onnx")
+    session = ort.InferenceSession(str(tmp_path / "dyn.aa.onnx"))
+    for size in (2, 9):
+        x = np.random.default_rng(size).standard_normal((1, 3, size, size), dtype=np.float32)
+        with torch.no_grad():
+            got = module(torch.from_numpy(x)).numpy()
+        assert np.abs(got - session.run(None, {"X": x})[0]).max() < 1e-5

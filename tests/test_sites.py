@@ -85,6 +85,28 @@ def test_dynamic_batch_and_spatial_dims():
         assert_pre_exact(m, RNG.standard_normal(shape, dtype=np.float32), (2, 3))
 
 
+@pytest.mark.parametrize("size,expected_pad", [(12, "reflect"), (2, "replicate")])
+def test_reflect_on_dynamic_sizes_is_decided_at_run_time(size, expected_pad):
+    # Binomial at stride 2 pads 2 px: reflect needs maps of 3 px or more. With H and W dynamic the pass
+    # cannot know, so an If on the run-time shape picks reflect or edge, as the PyTorch twin does.
+    m = G.conv_model(["N", 3, "H", "W"])
+    converted, result = convert(m, filter="binomial", pad="reflect", mode="pre")
+    assert result.actions[0].spec.guarded and any(n.op_type == "If" for n in converted.graph.node)
+    x = RNG.standard_normal((1, 3, size, size), dtype=np.float32)
+    np.testing.assert_allclose(
+        run(converted, x), run(m, G.np_blur(x, (2, 3), "binomial", expected_pad)), rtol=1e-5, atol=1e-5
+    )
+    import torch as pt
+
+    from aa_deploy import torch as twin_torch  # the twin decides the same way
+
+    blur = twin_torch.Blur(2, (2, 2), 5, "reflect")
+    with pt.no_grad():
+        np.testing.assert_allclose(
+            blur(pt.from_numpy(x)).numpy(), G.np_blur(x, (2, 3), "binomial", expected_pad), rtol=1e-5, atol=1e-6
+        )
+
+
 def test_weights_from_constant_and_constant_of_shape_opset11_and_odd_names():
     w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
     nodes = [

@@ -58,6 +58,17 @@ def load_images(
     return ImageSet(images, found, lambda x: normalize(x, prep), base.size, pad, str(root))
 
 
+def _input_dims(model: str | os.PathLike, backend: str) -> list:
+    """The first model's input dims: from the ONNX file, or from an engine's sidecar (its opt shape)."""
+    if backend == "tensorrt":
+        from converters.tensorrt import Sidecar
+
+        return list(next(iter(Sidecar.read(model).shapes.values()))[1])
+    from aa_deploy.parity import input_spec
+
+    return input_spec(model)[1]
+
+
 def compare(
     models: list[str | os.PathLike],
     *,
@@ -71,6 +82,7 @@ def compare(
     preprocess=None,
     batch: int = 64,
     provider: str = "cpu",
+    backend: str = "onnxruntime",
     limit: int | None = None,
     labels: str | os.PathLike | None = None,
     progress=None,
@@ -81,9 +93,8 @@ def compare(
     """
     from converters.runners import make_runner
 
-    runners = {str(m): make_runner(m, "onnxruntime", provider) for m in models}
-    first = next(iter(runners.values()))
-    dims = first.session.get_inputs()[0].shape
+    runners = {str(m): make_runner(m, backend, provider) for m in models}
+    dims = _input_dims(models[0], backend)
     size = crop or (dims[-1] if isinstance(dims[-1], int) else 224)
     if images is None:
         images = "bundled:cifar10" if size == 32 else "bundled:photos"

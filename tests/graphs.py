@@ -67,3 +67,23 @@ def conv_model(shape, c_out=4, kernel=(3, 3), strides=(2, 2), group=1, pads=None
     pads = pads if pads is not None else [k // 2 for k in kernel] * 2
     node = helper.make_node("Conv", names, ["Y"], name="stage/conv.0", strides=list(strides), group=group, pads=pads)
     return model([node], [inp("X", shape)], [out("Y", len(shape))], inits, **kw)
+
+
+def run(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The first output of `m` on input X, in ONNX Runtime (CPU)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+
+
+def convert(m: onnx.ModelProto, **options):
+    """(converted ModelProto, Conversion) for in-memory `m`; the result must pass the full checker."""
+    import onnx_ir as ir
+
+    import aa_deploy
+
+    model = ir.serde.deserialize_model(m)
+    result = aa_deploy.convert_model(model, aa_deploy.Options(**options))
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto, result

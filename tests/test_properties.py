@@ -4,30 +4,17 @@ the checker, runs, and matches the NumPy reference (pre mode) or the site at str
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnx_ir as ir
-import onnxruntime as ort
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-import aa_deploy
 from tests import graphs as G
 
 FILTERS = st.sampled_from(["rect", "triangle", "binomial"])
 PADS = st.sampled_from(["reflect", "replicate", "zero"])
 
 
-def _convert(m: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, aa_deploy.Conversion]:
-    model = ir.serde.deserialize_model(m)
-    result = aa_deploy.convert_model(model, aa_deploy.Options(**options))
-    proto = ir.serde.serialize_model(model)
-    onnx.checker.check_model(proto, full_check=True)
-    return proto, result
-
-
-def _run(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+_convert, _run = G.convert, G.run
 
 
 @st.composite

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from onnx import helper
 
@@ -17,17 +16,7 @@ import aa_deploy
 from aa_deploy.sites import find_sites
 from tests import graphs as G
 
-
-def run(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(m.SerializeToString()).run(None, {"X": x})[0]
-
-
-def convert(m: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, aa_deploy.Conversion]:
-    model = ir.serde.deserialize_model(m)
-    result = aa_deploy.convert_model(model, aa_deploy.Options(**options))
-    proto = ir.serde.serialize_model(model)
-    onnx.checker.check_model(proto, full_check=True)
-    return proto, result
+run, convert = G.run, G.convert
 
 
 def sites_of(m: onnx.ModelProto):

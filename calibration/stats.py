@@ -45,12 +45,6 @@ def conv_targets(student: OnnxModule, teacher: OnnxModule) -> list[ConvTarget]:
     return targets
 
 
-def channel_moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (dim 1) mean and std over every other dim."""
-    dims = [d for d in range(t.dim()) if d != 1]
-    return t.mean(dim=dims), t.std(dim=dims)
-
-
 @torch.no_grad()
 def moments(module: OnnxModule, x: torch.Tensor, names: set[str], batch: int = 250) -> dict[str, tuple]:
     """Per-channel mean/std of the named tensors over all of `x` (streamed in batches)."""

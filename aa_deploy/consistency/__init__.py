@@ -1,5 +1,5 @@
 """Shift consistency: does the prediction stay put when the image moves?"""
 
-from aa_deploy.consistency.protocols import PROTOCOLS, ConsistencyResult, measure, top1, wilson
+from aa_deploy.consistency.protocols import PROTOCOLS, ConsistencyResult, measure, wilson
 
-__all__ = ["PROTOCOLS", "ConsistencyResult", "measure", "top1", "wilson"]
+__all__ = ["PROTOCOLS", "ConsistencyResult", "measure", "wilson"]

@@ -261,8 +261,3 @@ def view_count(protocol: str, images: int, *, shift: int, passes: int, pad: str 
     if protocol == "diagonal":
         return (2 * shift + 1 if pad is not None else shift + 1) * images
     return (2 * shift + 1) ** 2 * images
-
-
-def top1(run: Runner, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Top-1 class per image of float NCHW inputs, in batches."""
-    return np.concatenate([run(x[i : i + batch]).argmax(axis=1) for i in range(0, len(x), batch)])

@@ -200,7 +200,7 @@ def _consistency(args: argparse.Namespace, console: Console) -> int:
     )
     print_consistency(results, data.source, console)
     if args.report:
-        from aa_deploy.parity import _atomic_write
+        from aa_deploy.atomic import write_text
 
         payload = {
             "schema": "aa-deploy.consistency/1",
@@ -208,7 +208,7 @@ def _consistency(args: argparse.Namespace, console: Console) -> int:
             "images": data.source,
             "models": {name: r.as_dict() for name, r in results.items()},
         }
-        _atomic_write(Path(args.report), json.dumps(payload, indent=2) + "\n")
+        write_text(args.report, json.dumps(payload, indent=2) + "\n")
     if args.plot:
         from aa_deploy.consistency.plots import plot
 
@@ -295,7 +295,7 @@ def _probe(args: argparse.Namespace, console: Console) -> int:
         )
     console.print(table)
     if args.report:
-        from aa_deploy.parity import _atomic_write
+        from aa_deploy.atomic import write_text
 
         payload = {
             "schema": "aa-deploy.probe/1",
@@ -303,7 +303,7 @@ def _probe(args: argparse.Namespace, console: Console) -> int:
             "count": len(x),
             "models": {m: [p.as_dict() for p in probes] for m, probes in results.items()},
         }
-        _atomic_write(Path(args.report), json.dumps(payload, indent=2) + "\n")
+        write_text(args.report, json.dumps(payload, indent=2) + "\n")
     if args.plot:
         from aa_deploy.consistency.plots import plot_probe
 

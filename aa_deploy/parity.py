@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from aa_deploy import model_io
+from aa_deploy.atomic import write_text
 from aa_deploy.errors import InputError
 from aa_deploy.plan import Options
 from aa_deploy.version import __version__
@@ -239,7 +240,7 @@ def write_json(result: ParityResult, path: str | os.PathLike) -> None:
     """The report, atomically."""
     import json
 
-    _atomic_write(Path(path), json.dumps(result.as_dict(), indent=2) + "\n")
+    write_text(path, json.dumps(result.as_dict(), indent=2) + "\n")
 
 
 def write_junit(result: ParityResult, path: str | os.PathLike) -> None:
@@ -258,17 +259,7 @@ def write_junit(result: ParityResult, path: str | os.PathLike) -> None:
         )
         if not o.passed:
             ET.SubElement(case, "failure", message=o.failure).text = o.failure
-    _atomic_write(Path(path), ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode") + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
+    write_text(path, ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode") + "\n")
 
 
 def make_inputs(

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from aa_deploy.atomic import atomic_path
 from aa_deploy.errors import InputError
 
 DEFAULT_OPSET = 18
@@ -99,10 +100,6 @@ def export(
             output_names=[output_name],
             verbose=False,
         )
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         program.save(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from aa_deploy import blur_nodes, graph, model_io
+from aa_deploy.atomic import atomic_path
 from aa_deploy.errors import InputError
 
 
@@ -43,11 +44,7 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # per-value notes about tiny weights flushed to fp16's range
         converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
+    with atomic_path(dst) as tmp:
         onnx.save(converted, str(tmp))
         onnx.checker.check_model(str(tmp))
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return keep

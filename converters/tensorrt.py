@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from aa_deploy.atomic import atomic_path, write_text
 from aa_deploy.errors import InputError
 from aa_deploy.version import __version__
 
@@ -72,10 +73,7 @@ class Sidecar:
         return Path(f"{engine}.json")
 
     def write(self, engine: str | os.PathLike) -> None:
-        path = self.path_for(engine)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text(self.path_for(engine), json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def read(cls, engine: str | os.PathLike) -> Sidecar:
@@ -136,10 +134,8 @@ def build_engine(
         )()
     except Exception as e:  # noqa: BLE001 - TensorRT reports a missing GPU and parser errors alike
         raise InputError(f"TensorRT could not build {onnx_path}: {str(e).splitlines()[0]}") from None
-    engine_path = Path(engine_path)
-    tmp = engine_path.with_name(f".{engine_path.name}.tmp")
-    tmp.write_bytes(engine)
-    os.replace(tmp, engine_path)
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(engine)
     sidecar = Sidecar(
         file_sha256(onnx_path),
         str(onnx_path),

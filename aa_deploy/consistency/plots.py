@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from aa_deploy.atomic import atomic_path
 from aa_deploy.consistency.protocols import ConsistencyResult
 
 
@@ -13,10 +14,11 @@ def _save(fig, path: str | os.PathLike, title: str) -> None:
 
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot(results: dict[str, ConsistencyResult], path: str | os.PathLike, title: str) -> None:

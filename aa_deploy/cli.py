@@ -312,17 +312,13 @@ def _probe(args: argparse.Namespace, console: Console) -> int:
 
 
 def _quantize(args: argparse.Namespace, console: Console) -> int:
-    from calibration.images import Preprocess
+    from calibration.images import preprocess_for
     from calibration.int8 import calibration_inputs, quantize
     from converters.runners import make_runner
 
     dims = make_runner(args.model).session.get_inputs()[0].shape
-    preprocess = _preprocess(args, dims[-1] if isinstance(dims[-1], int) else None)
-    if preprocess is None:
-        preprocess = Preprocess(size=dims[-1] if isinstance(dims[-1], int) else 224)
-    if isinstance(dims[-1], int) and dims[-1] != preprocess.size:
-        raise InputError(f"preprocessing gives {preprocess.size} px images, the model takes {dims[-1]} px (--size)")
-    x = calibration_inputs(args.calib_images, preprocess, limit=args.limit)
+    size = dims[-1] if isinstance(dims[-1], int) else None
+    x = calibration_inputs(args.calib_images, preprocess_for(size, _preprocess(args, size)), limit=args.limit)
     kept = quantize(args.model, args.output, x, per_channel=not args.per_tensor)
     console.print(
         f"INT8 Q/DQ ({'per-tensor' if args.per_tensor else 'per-channel'}, symmetric) calibrated on {len(x)} images; "
@@ -346,12 +342,12 @@ def _build(args: argparse.Namespace, console: Console) -> int:
     elif args.precision == "int8":
         if not args.calib_images:
             raise InputError("--precision int8 needs --calib-images DIR")
-        from calibration.images import Preprocess
+        from calibration.images import preprocess_for
         from calibration.int8 import calibration_inputs, quantize
 
         graph = out.with_suffix(".int8.onnx")
         size = next(iter(shapes.values()))[1][-1]
-        x = calibration_inputs(args.calib_images, _preprocess(args, size) or Preprocess(size=size), limit=args.limit)
+        x = calibration_inputs(args.calib_images, preprocess_for(size, _preprocess(args, size)), limit=args.limit)
         quantize(args.model, graph, x)
         console.print(f"INT8 Q/DQ graph calibrated on {len(x)} images -> {graph}")
     try:

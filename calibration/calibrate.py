@@ -16,7 +16,7 @@ import torch
 from aa_deploy import model_io
 from aa_deploy.errors import InputError
 from calibration.bridge import OnnxModule, write_back
-from calibration.images import Preprocess, load_folder, normalize
+from calibration.images import Preprocess, load_folder, normalize, preprocess_for
 
 METHODS = ("stats", "distill")
 
@@ -83,10 +83,7 @@ def calibrate(
     teacher_ir = model_io.load(teacher)
     student, teacher_m = OnnxModule(student_ir).eval(), OnnxModule(teacher_ir).eval()
     dims = [d if isinstance(d, int) else None for d in (student_ir.graph.inputs[0].shape or [])]
-    if preprocess is None:
-        preprocess = Preprocess(size=dims[-1] if dims and dims[-1] else 224)
-    if dims and dims[-1] and dims[-1] != preprocess.size:
-        raise InputError(f"preprocessing gives {preprocess.size} px images, the model takes {dims[-1]} px (--size)")
+    preprocess = preprocess_for(dims[-1] if dims else None, preprocess)
     raw, _ = load_folder(images, preprocess, limit=limit)
     if len(raw) < 20:
         raise InputError(f"{images}: {len(raw)} images is too few to calibrate (need 20 or more)")

@@ -39,6 +39,16 @@ class Preprocess:
         return asdict(self)
 
 
+def preprocess_for(size: int | None, preprocess: Preprocess | None) -> Preprocess:
+    """The preprocessing for a model whose input is `size` px (None: dynamic): the user's, checked
+    against that size, or the default at that size (224 px for a dynamic input)."""
+    if preprocess is None:
+        return Preprocess(size=size or 224)
+    if size and size != preprocess.size:
+        raise InputError(f"preprocessing gives {preprocess.size} px images, the model takes {size} px (--size)")
+    return preprocess
+
+
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files under `folder`, recursively, sorted; a clear error for a missing or empty folder."""
     folder = Path(folder)

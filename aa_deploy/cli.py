@@ -250,11 +250,10 @@ def _probe(args: argparse.Namespace, console: Console) -> int:
 
     from aa_deploy.consistency.compare import load_images
     from aa_deploy.consistency.probe import probe
-    from converters.runners import make_runner
+    from aa_deploy.parity import input_spec
 
-    first = make_runner(args.model)
-    dims = first.session.get_inputs()[0].shape
-    size = dims[-1] if isinstance(dims[-1], int) else 224
+    dims = input_spec(args.model)[1]
+    size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else 224
     data = load_images(
         args.images or ("bundled:cifar10" if size == 32 else "bundled:photos"),
         crop=size,
@@ -312,12 +311,12 @@ def _probe(args: argparse.Namespace, console: Console) -> int:
 
 
 def _quantize(args: argparse.Namespace, console: Console) -> int:
+    from aa_deploy.parity import input_spec
     from calibration.images import preprocess_for
     from calibration.int8 import calibration_inputs, quantize
-    from converters.runners import make_runner
 
-    dims = make_runner(args.model).session.get_inputs()[0].shape
-    size = dims[-1] if isinstance(dims[-1], int) else None
+    dims = input_spec(args.model)[1]
+    size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else None
     x = calibration_inputs(args.calib_images, preprocess_for(size, _preprocess(args, size)), limit=args.limit)
     kept = quantize(args.model, args.output, x, per_channel=not args.per_tensor)
     console.print(

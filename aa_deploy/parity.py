@@ -134,13 +134,13 @@ def random_inputs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 def input_spec(path: str | os.PathLike) -> tuple[str, list[int | str | None]]:
     """(name, dims) of the model's single input; dims are ints or names of dynamic axes."""
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    m = _load_proto(path)
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]
     if len(inputs) != 1:
-        raise InputError(f"{path}: verify handles single-input models; this one has {len(inputs)} inputs")
+        raise InputError(f"{path}: aa-deploy measures single-input models; this one has {len(inputs)} inputs")
     dims = [
         d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in inputs[0].type.tensor_type.shape.dim
     ]

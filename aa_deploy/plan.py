@@ -64,6 +64,7 @@ class Action:
     note: str = ""
     spec: BlurSpec | None = None
     shared_with: int | None = None  # index of the action whose blur node this one reuses
+    restride: bool = False  # pre on a 1x1 conv: the blur takes the stride, the conv runs at stride 1
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict:
@@ -120,8 +121,13 @@ def plan(sites: list[Site], options: Options) -> list[Action]:
             continue
         mode = mode_for(site.kind, options.mode)
         note = ""
+        # A 1x1 conv reading the tensor directly keeps only every s-th blurred pixel: the blur can
+        # take the stride itself (same numbers, a 1/s^n of the blur's work), the conv runs at stride 1.
+        restride = bool(site.extra.get("pointwise")) and site.readers == (site.node,)
         if mode == "blurpool" and site.extra.get("pointwise"):
             mode, note = "pre", "1x1 conv: blurpool equals pre, at a quarter of the cost"
+        if mode == "pre" and restride:
+            note = "; ".join(filter(None, [note, "1x1 conv: blur at the conv's stride, conv at stride 1"]))
         elif mode == "blurpool" and site.blurpool is not None:
             note = f"pre instead of blurpool: {site.blurpool}"
             mode = "pre"
@@ -141,12 +147,12 @@ def plan(sites: list[Site], options: Options) -> list[Action]:
             channel_axis=site.channel_axis,
             axes=site.axes,
             taps=taps,
-            strides=(1,) * len(taps) if mode == "pre" else site.strides,
+            strides=site.strides if mode == "blurpool" or restride else (1,) * len(taps),
             pads=pads,
             pad_mode=pad_mode,
             guarded=pad_mode == "reflect" and any(size is None for size in sizes),
         )
-        action = Action(site, mode, note, spec)
+        action = Action(site, mode, note, spec, restride=mode == "pre" and restride)
         if mode == "pre":
             key = (id(site.value), spec)
             if key in shared:

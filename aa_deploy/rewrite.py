@@ -1,6 +1,7 @@
 """Applying a plan to an onnx_ir graph: insert blur nodes, rewire readers, restride blurpool sites.
 
     pre:       X -> site(stride s)            becomes  X -> blur(stride 1) -> site(stride s)
+               X -> Conv1x1(stride s)         becomes  X -> blur(stride s) -> Conv1x1(stride 1)  (same numbers)
     blurpool:  X -> site(stride s) -> Y       becomes  X -> site(stride 1, no bias) -> blur(stride s) + bias -> Y
 
 In blurpool mode a Conv's bias moves onto the blur, so the blur acts on the convolution alone:
@@ -38,6 +39,8 @@ def _pre(g: ir.Graph, builder: BlurBuilder, action: Action, blurred: ir.Value | 
     if blurred is None:
         nodes, blurred = builder.build(site.value, action.spec, _dtype(action))
         _insert(g, site.value.producer(), nodes)
+    if action.restride:
+        site.node.attributes["strides"] = ir.AttrInt64s("strides", [1] * (site.rank - 2))
     for reader in site.readers:
         for index, value in enumerate(reader.inputs):
             if value is site.value:

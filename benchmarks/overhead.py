@@ -1,8 +1,9 @@
 """Inference latency of converted vs original models: python benchmarks/overhead.py [options].
 
 Same process, one ONNX Runtime CPU session per model with a fixed thread count, runs alternating
-A B A B; the figure is the median of the per-pair ratio converted/original, with its spread (the
-10th-90th percentile). Models are exported once into --workdir (224 px, dynamic batch).
+A B A B; each side of a pair is the shortest of --reps back-to-back runs (the least disturbed by
+other load); the figure is the median of the per-pair ratio converted/original, with its spread
+(the 10th-90th percentile). Models are exported once into --workdir (224 px, dynamic batch).
 """
 
 from __future__ import annotations
@@ -34,20 +35,29 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def pair_ratios(a, b, x: np.ndarray, pairs: int, warmup: int = 3) -> list[float]:
-    name_a, name_b = a.get_inputs()[0].name, b.get_inputs()[0].name
-    for _ in range(warmup):
-        a.run(None, {name_a: x})
-        b.run(None, {name_b: x})
-    ratios = []
-    for _ in range(pairs):
+def best_of(session, feed: dict, reps: int) -> float:
+    """Shortest of `reps` back-to-back runs: the least disturbed by other load on the machine."""
+    times = []
+    for _ in range(reps):
         t0 = time.perf_counter()
-        a.run(None, {name_a: x})
-        t1 = time.perf_counter()
-        b.run(None, {name_b: x})
-        t2 = time.perf_counter()
-        ratios.append((t2 - t1) / (t1 - t0))
-    return ratios
+        session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def pair_ratios(a, b, x: np.ndarray, pairs: int, reps: int, warmup: int = 3) -> tuple[list[float], float]:
+    """Per-pair ratios B/A (each side the best of `reps` runs) and A's median time in ms."""
+    feed_a, feed_b = {a.get_inputs()[0].name: x}, {b.get_inputs()[0].name: x}
+    for _ in range(warmup):
+        a.run(None, feed_a)
+        b.run(None, feed_b)
+    ratios, base = [], []
+    for _ in range(pairs):
+        ta = best_of(a, feed_a, reps)
+        tb = best_of(b, feed_b, reps)
+        ratios.append(tb / ta)
+        base.append(ta)
+    return ratios, 1000 * statistics.median(base)
 
 
 def main() -> None:
@@ -55,9 +65,11 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     p.add_argument("--modes", nargs="+", default=["pre", "blurpool"])
     p.add_argument("--filters", nargs="+", default=["rect", "triangle", "binomial"])
-    p.add_argument("--pad", default="reflect")
+    p.add_argument("--pads", nargs="+", default=["reflect"], choices=["reflect", "replicate", "zero"])
+    p.add_argument("--skip-stem", action="store_true", help="leave the first site alone (Zhang's ResNet recipe)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--pairs", type=int, default=15)
+    p.add_argument("--reps", type=int, default=3, help="runs per side of a pair; the shortest counts")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default="/tmp/aa-deploy-bench")
     p.add_argument("--json")
@@ -70,7 +82,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     print(
-        f"{'model':36s} {'mode':9s} {'filter':9s} {'batch':>5s} {'orig ms':>8s} {'ratio':>7s} {'p10-p90':>13s}",
+        f"{'model':36s} {'mode':9s} {'filter':9s} {'pad':8s} {'batch':>5s} {'orig ms':>8s} {'ratio':>7s} {'p10-p90':>13s}",
         flush=True,
     )
     for spec in args.models:
@@ -78,32 +90,33 @@ def main() -> None:
         if not original.exists():
             export(load_model(spec)[0], original, (2, 3, 224, 224))
         base = session(original, args.threads)
-        for mode, filt in itertools.product(args.modes, args.filters):
-            converted = work / f"{original.stem}.{mode}.{filt}.{args.pad}.onnx"
-            aa_deploy.convert(original, converted, aa_deploy.Options(filter=filt, mode=mode, pad=args.pad))
+        for mode, filt, pad in itertools.product(args.modes, args.filters, args.pads):
+            stem = ".skip-stem" if args.skip_stem else ""
+            converted = work / f"{original.stem}.{mode}.{filt}.{pad}{stem}.onnx"
+            options = aa_deploy.Options(filter=filt, mode=mode, pad=pad, skip_stem=args.skip_stem)
+            aa_deploy.convert(original, converted, options)
             conv = session(converted, args.threads)
             for batch in args.batches:
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
-                ratios = pair_ratios(base, conv, x, args.pairs)
-                t0 = time.perf_counter()
-                base.run(None, {base.get_inputs()[0].name: x})
-                orig_ms = 1000 * (time.perf_counter() - t0)
+                ratios, orig_ms = pair_ratios(base, conv, x, args.pairs, args.reps)
                 q = np.percentile(ratios, [10, 90])
                 row = {
                     "model": spec,
                     "mode": mode,
                     "filter": filt,
-                    "pad": args.pad,
+                    "pad": pad,
+                    "skip_stem": args.skip_stem,
                     "batch": batch,
                     "original_ms": round(orig_ms, 1),
                     "ratio_median": round(statistics.median(ratios), 3),
                     "ratio_p10": round(float(q[0]), 3),
                     "ratio_p90": round(float(q[1]), 3),
                     "pairs": args.pairs,
+                    "reps": args.reps,
                 }
                 rows.append(row)
                 print(
-                    f"{spec:36s} {mode:9s} {filt:9s} {batch:5d} {orig_ms:8.1f} {row['ratio_median']:7.3f} "
+                    f"{spec:36s} {mode:9s} {filt:9s} {pad:8s} {batch:5d} {orig_ms:8.1f} {row['ratio_median']:7.3f} "
                     f"{row['ratio_p10']:6.3f}-{row['ratio_p90']:.3f}",
                     flush=True,
                 )

@@ -139,6 +139,41 @@ def test_pointwise_conv_blurpool_is_its_pre_form():
     np.testing.assert_allclose(run(converted, x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("filt", ["rect", "triangle", "binomial"])
+@pytest.mark.parametrize("size", [11, 12])
+def test_pointwise_conv_pre_blurs_at_the_stride(filt, size):
+    # pre on a 1x1 strided conv: the blur takes the stride and the conv runs at stride 1; the numbers
+    # must still be those of blur(stride 1) -> conv(stride 2), written out in NumPy.
+    m = G.conv_model([1, 3, size, size], c_out=5, kernel=(1, 1), pads=[0, 0, 0, 0])
+    x = RNG.standard_normal((1, 3, size, size), dtype=np.float32)
+    result = assert_pre_exact(m, x, (2, 3), filt=filt)
+    assert result.actions[0].restride
+    converted, _ = convert(m, filter=filt, mode="pre")
+    convs = {n.name: n for n in converted.graph.node if n.op_type == "Conv"}
+    strides = {
+        name: list(helper.get_attribute_value(a))
+        for name, n in convs.items()
+        for a in n.attribute
+        if a.name == "strides"
+    }
+    assert sorted(strides.values()) == [[1, 1], [2, 2]]  # the blur strided, the 1x1 conv not
+
+
+def test_pointwise_conv_behind_a_pad_keeps_its_stride():
+    # A 1x1 conv reached through a zero Pad reads padded pixels: the blur cannot take its stride.
+    w = G.const("w", RNG.standard_normal((4, 3, 1, 1)).astype(np.float32))
+    pads = G.const("p", np.asarray([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64))
+    nodes = [
+        helper.make_node("Pad", ["X", "p"], ["xp"]),
+        helper.make_node("Conv", ["xp", "w"], ["Y"], strides=[2, 2]),
+    ]
+    m = G.model(nodes, [G.inp("X", [1, 3, 10, 10])], [G.out("Y", 4)], [w, pads])
+    converted, result = convert(m, mode="pre", pad="zero")
+    assert not result.actions[0].restride
+    x = RNG.standard_normal((1, 3, 10, 10), dtype=np.float32)
+    np.testing.assert_allclose(run(converted, x), run(m, G.np_blur(x, (2, 3), pad="zero")), rtol=1e-5, atol=1e-5)
+
+
 def test_not_sites_stride1_convtranspose_global_pool():
     w = G.const("w", RNG.standard_normal((3, 3, 3, 3)).astype(np.float32))
     nodes = [

@@ -378,9 +378,11 @@ def _calibrate(args: argparse.Namespace, console: Console) -> int:
         preprocess=preprocess,
         limit=args.limit,
         max_epochs=args.epochs,
+        patience=args.patience,
         lr=args.lr,
         seed=args.seed,
         reinsert_bn=args.reinsert_bn,
+        mix=not args.no_mixup,
         progress=progress,
     )
     table = Table(title=f"calibration ({result.method}) on {result.held_out} held-out images", title_justify="left")
@@ -540,11 +542,15 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("-o", "--output", required=True)
     k.add_argument("--method", default="distill", choices=["stats", "distill"])
     k.add_argument("--epochs", type=int, default=30, help="most epochs of distillation (early stop decides)")
+    k.add_argument("--patience", type=int, default=8, help="stop after this many epochs without better agreement")
     k.add_argument("--lr", type=float, help="learning rate (default: chosen by a short range test)")
     k.add_argument("--limit", type=int, help="use at most this many images")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument(
         "--reinsert-bn", action="store_true", help="train with BatchNorm re-inserted after each conv, folded back"
+    )
+    k.add_argument(
+        "--no-mixup", action="store_true", help="train on shifted images only, without blending pairs of them"
     )
     _add_preprocess(k)
     k.set_defaults(run=_calibrate)

@@ -60,9 +60,11 @@ def calibrate(
     held_out: float = 0.1,
     limit: int | None = None,
     max_epochs: int = 30,
+    patience: int = 8,
     lr: float | None = None,
     seed: int = 0,
     reinsert_bn: bool = False,
+    mix: bool = True,
     progress=None,
     check: bool = True,
 ) -> CalibrationResult:
@@ -108,9 +110,11 @@ def calibrate(
             held,
             prepare,
             max_epochs=max_epochs,
+            patience=patience,
             lr=lr,
             seed=seed,
             reinsert_bn=reinsert_bn,
+            mix=mix,
             progress=progress,
         )
     after = _summary(student, held, prepare, teacher_top1)

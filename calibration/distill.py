@@ -1,14 +1,17 @@
 """`distill` calibration: label-free distillation of the converted model from the original.
 
 The student (the converted graph, run by `OnnxModule`) learns to reproduce the teacher's outputs on
-unlabeled images under random pad-and-crop shifts (KL divergence at temperature 2), starting from
-the `stats` result. Fine-tuning BatchNorm-folded weights diverges at the usual rates (lr >= 1e-3
+unlabeled images under random pad-and-crop shifts, each view blended with another (mixup; the
+teacher sees the same blend), with KL divergence at temperature 2, starting from the `stats` result.
+Mixup matters with a few thousand images: on the CIFAR ResNet-20 it raised held-out agreement with
+the teacher from 92.5 % to 95.0 % and circular-shift consistency from 90.7 % to 94.5 %. Fine-tuning BatchNorm-folded weights diverges at the usual rates (lr >= 1e-3
 here), so the learning rate comes from a short range test over small rates; training stops early
 when top-1 agreement with the teacher on a held-out slice stops improving, and the best state is
 kept. Optionally (`reinsert_bn`), a BatchNorm is re-inserted after each trained Conv for training
 (running statistics from the student, affine from the teacher's: an identity after `stats`) and
-folded back afterwards; on the CIFAR ResNet-20 it did worse than plain distillation at a small
-rate (held-out agreement 0.83-0.87 vs 0.93 after 6 epochs), so it is off by default.
+folded back afterwards, its running statistics re-estimated on clean images before each evaluation;
+on the CIFAR ResNet-20 it did worse than plain distillation (held-out agreement 0.83-0.89 at rates
+1e-4..1e-2 vs 0.93-0.95), so it is off by default.
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ def pad_crop(images: np.ndarray, shift: int, rng: np.random.Generator, flip: boo
     return out
 
 
+def mixup(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each image blended with another of the batch, weight ~ U(0, 1), as float32 NHWC: new points on
+    which the student must match the teacher (the teacher sees the same blend, so any input serves)."""
+    lam = rng.random(len(images)).reshape(-1, 1, 1, 1).astype(np.float32)
+    other = images[rng.permutation(len(images))]
+    return lam * images.astype(np.float32) + (1 - lam) * other.astype(np.float32)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
     t = temperature
     return (
@@ -91,6 +102,24 @@ def _insert_batchnorms(student: OnnxModule, teacher: OnnxModule, x: torch.Tensor
         student.hooks[t.output] = fold
         folds[t.output] = (t, fold)
     return folds
+
+
+@torch.no_grad()
+def _recalibrate_batchnorms(student: OnnxModule, x: torch.Tensor, batch: int = 250) -> None:
+    """Running statistics of the re-inserted BatchNorms re-estimated on clean images: training updates
+    them on shifted, blended batches, which is not what the model sees at inference."""
+    if not hasattr(student, "batchnorms"):
+        return
+    bns = [fold.bn for fold in student.batchnorms.values()]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches below
+    _set_train(student, True)
+    for i in range(0, len(x), batch):
+        student(x[i : i + batch])
+    for bn in bns:
+        bn.momentum = 0.1
+    _set_train(student, False)
 
 
 @torch.no_grad()
@@ -158,7 +187,7 @@ def distill(
     prepare: Callable[[np.ndarray], np.ndarray],
     *,
     max_epochs: int = 30,
-    patience: int = 4,
+    patience: int = 8,
     batch: int = 64,
     lr: float | None = None,
     shift: int = 4,
@@ -166,6 +195,7 @@ def distill(
     reinsert_bn: bool = False,
     temperature: float = 2.0,
     flip: bool = False,
+    mix: bool = True,
     progress: Callable[[dict], None] | None = None,
 ) -> DistillReport:
     """Train `student` in place to match `teacher`; `train`/`held` are uint8 NHWC images."""
@@ -174,7 +204,8 @@ def distill(
     rng = np.random.default_rng(seed)
 
     def augment(images: np.ndarray, r: np.random.Generator) -> np.ndarray:
-        return pad_crop(images, shift, r, flip)
+        views = pad_crop(images, shift, r, flip)
+        return mixup(views, r) if mix else views
 
     x_held = torch.from_numpy(prepare(held))
 
@@ -218,6 +249,7 @@ def distill(
     opt = torch.optim.SGD(_parameters(student), lr=lr, momentum=0.9)
     steps_per_epoch = math.ceil(len(train) / batch)
     total = max_epochs * steps_per_epoch
+    x_clean = torch.from_numpy(prepare(train[:1000])) if folds else None
     best = (agreement(student, teacher_top1, x_held), 0, copy.deepcopy(student.state_dict()))
     history = [{"epoch": 0, "loss": None, "agreement": best[0]}]
     if progress:
@@ -236,6 +268,8 @@ def distill(
             lambda k, base=base: lr * 0.5 * (1 + math.cos(math.pi * (base + k) / total)),
             temperature=temperature,
         )
+        if folds:
+            _recalibrate_batchnorms(student, x_clean)
         agree = agreement(student, teacher_top1, x_held)
         history.append({"epoch": epoch, "loss": loss, "agreement": agree})
         if progress:

@@ -114,3 +114,25 @@ def test_bridge_runs_the_run_time_padding_guard(tmp_path):
         with torch.no_grad():
             got = module(torch.from_numpy(x)).numpy()
         assert np.abs(got - session.run(None, {"X": x})[0]).max() < 1e-5
+
+
+def test_mixup_blends_pairs_of_the_batch():
+    from calibration.distill import mixup
+
+    images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    mixed = mixup(images, np.random.default_rng(1))
+    assert mixed.dtype == np.float32 and mixed.shape == images.shape
+    # Every output pixel lies between the image's own value and its partner's: a convex blend.
+    flat, out = images.reshape(16, -1).astype(np.float32), mixed.reshape(16, -1)
+    found = 0
+    for i in range(16):
+        if np.allclose(out[i], flat[i], atol=1e-3):  # paired with itself
+            found += 1
+            continue
+        for j in range(16):
+            lam = (out[i] - flat[j]) / np.where(flat[i] != flat[j], flat[i] - flat[j], np.nan)
+            lam = lam[np.isfinite(lam)]
+            if lam.size and np.allclose(lam, lam[0], atol=1e-3) and 0 <= lam[0] <= 1:
+                found += 1
+                break
+    assert found == 16

@@ -66,7 +66,9 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["pre", "blurpool"])
     p.add_argument("--filters", nargs="+", default=["rect", "triangle", "binomial"])
     p.add_argument("--pads", nargs="+", default=["reflect"], choices=["reflect", "replicate", "zero"])
-    p.add_argument("--skip-stem", action="store_true", help="leave the first site alone (Zhang's ResNet recipe)")
+    p.add_argument(
+        "--stem", nargs="+", default=["keep"], choices=["keep", "skip"], help="skip: leave the first site alone"
+    )
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--pairs", type=int, default=15)
     p.add_argument("--reps", type=int, default=3, help="runs per side of a pair; the shortest counts")
@@ -82,7 +84,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     print(
-        f"{'model':36s} {'mode':9s} {'filter':9s} {'pad':8s} {'batch':>5s} {'orig ms':>8s} {'ratio':>7s} {'p10-p90':>13s}",
+        f"{'model':36s} {'mode':9s} {'filter':9s} {'pad':8s} {'stem':5s} {'batch':>5s} {'orig ms':>8s} {'ratio':>7s} {'p10-p90':>13s}",
         flush=True,
     )
     for spec in args.models:
@@ -90,10 +92,9 @@ def main() -> None:
         if not original.exists():
             export(load_model(spec)[0], original, (2, 3, 224, 224))
         base = session(original, args.threads)
-        for mode, filt, pad in itertools.product(args.modes, args.filters, args.pads):
-            stem = ".skip-stem" if args.skip_stem else ""
-            converted = work / f"{original.stem}.{mode}.{filt}.{pad}{stem}.onnx"
-            options = aa_deploy.Options(filter=filt, mode=mode, pad=pad, skip_stem=args.skip_stem)
+        for mode, filt, pad, stem in itertools.product(args.modes, args.filters, args.pads, args.stem):
+            converted = work / f"{original.stem}.{mode}.{filt}.{pad}.{stem}-stem.onnx"
+            options = aa_deploy.Options(filter=filt, mode=mode, pad=pad, skip_stem=stem == "skip")
             aa_deploy.convert(original, converted, options)
             conv = session(converted, args.threads)
             for batch in args.batches:
@@ -105,7 +106,7 @@ def main() -> None:
                     "mode": mode,
                     "filter": filt,
                     "pad": pad,
-                    "skip_stem": args.skip_stem,
+                    "stem": stem,
                     "batch": batch,
                     "original_ms": round(orig_ms, 1),
                     "ratio_median": round(statistics.median(ratios), 3),
@@ -116,7 +117,7 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(
-                    f"{spec:36s} {mode:9s} {filt:9s} {pad:8s} {batch:5d} {orig_ms:8.1f} {row['ratio_median']:7.3f} "
+                    f"{spec:36s} {mode:9s} {filt:9s} {pad:8s} {stem:5s} {batch:5d} {orig_ms:8.1f} {row['ratio_median']:7.3f} "
                     f"{row['ratio_p10']:6.3f}-{row['ratio_p90']:.3f}",
                     flush=True,
                 )

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aa_deploy import bundled
-from aa_deploy.cli import EXIT_NOTHING, EXIT_OK
+from aa_deploy.cli.common import EXIT_NOTHING, EXIT_OK
 from aa_deploy.consistency import measure
 from aa_deploy.convert import convert
 from aa_deploy.plan import Options

@@ -1,0 +1,47 @@
+"""The `aa-deploy` command line: parse, call the library, print, exit.
+
+One module per subcommand (`add` puts its arguments on the parser, `run` does the work); what they
+share is in `common`. Exit codes: 0 done, 1 nothing to do or a check failed, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from aa_deploy.cli import build, calibrate, consistency, convert, demo, export, inspect, probe, quantize, verify
+from aa_deploy.cli.common import EXIT_INPUT, EXIT_NOTHING, EXIT_OK
+from aa_deploy.errors import InputError
+from aa_deploy.version import __version__
+
+__all__ = ["EXIT_INPUT", "EXIT_NOTHING", "EXIT_OK", "main", "parser"]
+# In the order `aa-deploy --help` lists them.
+COMMANDS = (inspect, convert, export, verify, consistency, probe, quantize, build, calibrate, demo)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aa-deploy", description="Anti-alias the downsampling of exported vision models.")
+    p.add_argument("--version", action="version", version=f"aa-deploy {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # Tables need room; a pipe or CI log has no width of its own.
+    console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
+    try:
+        return args.run(args, console)
+    except InputError as e:
+        print(f"aa-deploy {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

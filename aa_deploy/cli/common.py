@@ -1,0 +1,93 @@
+"""What the `aa-deploy` subcommands share: exit codes, option groups, preprocessing, progress bars."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from aa_deploy.errors import InputError
+from aa_deploy.plan import MODES, PADS, Options
+
+EXIT_OK, EXIT_NOTHING, EXIT_INPUT = 0, 1, 2
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--filter", choices=["rect", "triangle", "binomial"], help="blur filter (default: triangle)")
+    p.add_argument("--filter-size", type=int, metavar="N", help="binomial row of N taps, 1..7 (overrides --filter)")
+    p.add_argument(
+        "--mode", default="auto", choices=MODES, help="pre, blurpool, or auto: blurpool for pooling, pre elsewhere"
+    )
+    p.add_argument("--pad", default="reflect", choices=PADS, help="padding of the blur (default: reflect)")
+    p.add_argument("--skip-stem", action="store_true", help="leave the first downsampling site untouched")
+    p.add_argument("--include", metavar="REGEX", help="only sites whose node name or module scope matches")
+    p.add_argument("--exclude", metavar="REGEX", help="leave out sites whose node name or module scope matches")
+
+
+def add_preprocess(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=int, help="image size after resize and centre crop (default: the model's input size)")
+    p.add_argument("--mean", help="normalization mean, e.g. 0.485,0.456,0.406 (default: ImageNet's)")
+    p.add_argument("--std", help="normalization std, e.g. 0.229,0.224,0.225 (default: ImageNet's)")
+    p.add_argument("--preprocess", help="JSON file with size, resize, mean, std")
+
+
+def preprocess(args: argparse.Namespace, default_size: int | None = None):
+    """The user's preprocessing (file, or --size/--mean/--std), or None to let the command decide."""
+    from calibration.images import Preprocess
+
+    if args.preprocess:
+        return Preprocess.from_file(args.preprocess)
+    if not (args.size or args.mean or args.std):
+        return None
+    try:
+        kw: dict = {"size": args.size or default_size or 224}
+        kw |= {"mean": tuple(float(v) for v in args.mean.split(","))} if args.mean else {}
+        kw |= {"std": tuple(float(v) for v in args.std.split(","))} if args.std else {}
+    except ValueError:
+        raise InputError("--mean/--std take three comma-separated numbers") from None
+    return Preprocess(**kw)
+
+
+def options(args: argparse.Namespace) -> Options:
+    try:
+        return Options(
+            args.filter or "triangle", args.filter_size, args.mode, args.pad, args.skip_stem, args.include, args.exclude
+        )
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(d) for d in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise InputError(f"bad shape {text!r}: write it as 3x224x224") from None
+
+
+def progress_bar(console: Console, unit: str):
+    """A factory for `with factory(total) as advance: advance(n)`: a rich bar on a terminal, nothing elsewhere."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar(total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        ) as progress:
+            task = progress.add_task(unit, total=total)
+            yield lambda n: progress.advance(task, n)
+
+    return bar
+
+
+def num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"

@@ -1,0 +1,81 @@
+"""`aa-deploy consistency`: shift consistency of ONNX models on real images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from aa_deploy.cli import common
+
+
+def add(sub) -> None:
+    m = sub.add_parser("consistency", help="shift consistency of ONNX models on real images")
+    m.add_argument("model", help="the baseline ONNX model (e.g. the original)")
+    m.add_argument("--compare", nargs="+", metavar="MODEL", help="models to compare with it (e.g. converted)")
+    m.add_argument("--images", help="image folder, bundled:cifar10 or bundled:photos (default: by input size)")
+    m.add_argument("--labels", help="CSV of file,label rows (class indices) for accuracy; else folder-per-class")
+    m.add_argument("--protocol", default="random-crop", choices=["random-crop", "circular", "diagonal", "worst-case"])
+    m.add_argument("--shift", type=int, help="largest shift in pixels (default 32, or 4 for pad-and-crop, 2 circular)")
+    m.add_argument("--crop", type=int, help="view size (default: the model's input size)")
+    m.add_argument(
+        "--pad", choices=["reflect", "zero", "replicate"], help="pad-and-crop shifts with this padding (small images)"
+    )
+    m.add_argument("--passes", type=int, default=5, help="passes of random pairs (random-crop, circular)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--limit", type=int, help="use at most this many images")
+    m.add_argument("--batch", type=int, default=64)
+    m.add_argument(
+        "--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"], help="tensorrt: the models are engines"
+    )
+    m.add_argument(
+        "--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"], help="ONNX Runtime execution provider"
+    )
+    common.add_preprocess(m)
+    m.add_argument("--report", help="write the JSON report here")
+    m.add_argument("--plot", help="write a PNG plot here")
+    m.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+
+    from aa_deploy.consistency.compare import compare
+    from aa_deploy.report import print_consistency
+
+    preprocess = common.preprocess(args, args.crop)
+    models = [args.model, *(args.compare or [])]
+    results, data = compare(
+        models,
+        progress=common.progress_bar(console, "views"),
+        labels=args.labels,
+        images=args.images,
+        protocol=args.protocol,
+        shift=args.shift,
+        crop=args.crop,
+        passes=args.passes,
+        seed=args.seed,
+        pad=args.pad,
+        preprocess=preprocess,
+        batch=args.batch,
+        provider=args.provider,
+        backend=args.backend,
+        limit=args.limit,
+    )
+    print_consistency(results, data.source, console)
+    if args.report:
+        from aa_deploy.atomic import write_text
+
+        payload = {
+            "schema": "aa-deploy.consistency/1",
+            "protocol": args.protocol,
+            "images": data.source,
+            "models": {name: r.as_dict() for name, r in results.items()},
+        }
+        write_text(args.report, json.dumps(payload, indent=2) + "\n")
+    if args.plot:
+        from aa_deploy.consistency.plots import plot
+
+        plot({Path(n).name: r for n, r in results.items()}, args.plot, f"{args.protocol} on {Path(data.source).name}")
+    return common.EXIT_OK

@@ -1,0 +1,37 @@
+"""`aa-deploy inspect`: list every downsampling site and what convert would do."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+
+from aa_deploy.cli import common
+
+
+def add(sub) -> None:
+    q = sub.add_parser("inspect", help="list every downsampling site and what convert would do")
+    q.add_argument("model")
+    q.add_argument("--json", action="store_true", help="print the plan as JSON")
+    common.add_options(q)
+    q.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from aa_deploy import model_io
+    from aa_deploy.convert import inspect
+    from aa_deploy.report import print_sites
+
+    actions = inspect(model_io.load(args.model), common.options(args))
+    if args.json:
+        print(json.dumps([a.describe() for a in actions], indent=2))
+    elif not actions:
+        console.print(f"{args.model}: no downsampling sites found")
+    else:
+        print_sites(
+            actions,
+            f"{args.model}: {len(actions)} sites, {sum(a.action != 'skip' for a in actions)} to change",
+            console,
+        )
+    return common.EXIT_OK if actions else common.EXIT_NOTHING

@@ -1,0 +1,89 @@
+"""`aa-deploy probe`: where the aliasing happens: per-site spectra and shift equivariance."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from aa_deploy.cli import common
+
+
+def add(sub) -> None:
+    r = sub.add_parser("probe", help="where the aliasing happens: per-site spectra and shift equivariance")
+    r.add_argument("model")
+    r.add_argument("--compare", nargs="+", metavar="MODEL", help="converted models to probe at the same sites")
+    r.add_argument("--images", help="image folder, bundled:cifar10 or bundled:photos (default: by input size)")
+    r.add_argument("--count", type=int, default=32, help="number of images")
+    r.add_argument("--report", help="write the JSON report here")
+    r.add_argument("--plot", help="write a PNG bar chart here")
+    common.add_preprocess(r)
+    r.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+
+    from rich.table import Table
+
+    from aa_deploy.consistency.compare import load_images
+    from aa_deploy.consistency.probe import probe
+    from aa_deploy.parity import input_spec
+
+    dims = input_spec(args.model)[1]
+    size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else 224
+    data = load_images(
+        args.images or ("bundled:cifar10" if size == 32 else "bundled:photos"),
+        crop=size,
+        shift=0,
+        pad=None if size != 32 else "zero",
+        preprocess=common.preprocess(args, size),
+        limit=args.count,
+    )
+    x = data.prepare(data.images[:, : data.crop, : data.crop])
+    results = {m: probe(m, x) for m in [args.model, *(args.compare or [])]}
+    table = Table(title=f"aliasing per site on {len(x)} images from {data.source}", title_justify="left")
+    for column in (
+        "#",
+        "site",
+        "kind",
+        "stride",
+        "cum. stride",
+        *(f"{Path(m).name}: alias % / equiv. / 1-px" for m in results),
+    ):
+        table.add_column(column)
+    base = next(iter(results.values()))
+    for i, p in enumerate(base):
+        cells = []
+        for probes in results.values():
+            q = probes[i] if i < len(probes) else None
+            cells.append(
+                "-"
+                if q is None
+                else f"{100 * q.aliasing:.1f} / {common.num(q.equivariance_error)} / {common.num(q.subpixel_error)}"
+            )
+        table.add_row(
+            str(i),
+            p.node,
+            p.kind,
+            "x".join(map(str, p.strides)),
+            "x".join(map(str, p.cumulative_stride or [])) or "-",
+            *cells,
+        )
+    console.print(table)
+    if args.report:
+        from aa_deploy.atomic import write_text
+
+        payload = {
+            "schema": "aa-deploy.probe/1",
+            "images": data.source,
+            "count": len(x),
+            "models": {m: [p.as_dict() for p in probes] for m, probes in results.items()},
+        }
+        write_text(args.report, json.dumps(payload, indent=2) + "\n")
+    if args.plot:
+        from aa_deploy.consistency.plots import plot_probe
+
+        plot_probe({Path(m).name: r for m, r in results.items()}, args.plot, f"aliasing per site ({data.source})")
+    return common.EXIT_OK

@@ -1,0 +1,90 @@
+"""`aa-deploy verify`: numerical parity of an ONNX model against its PyTorch reference."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from aa_deploy.cli import common
+from aa_deploy.errors import InputError
+
+
+def add(sub) -> None:
+    v = sub.add_parser("verify", help="numerical parity of an ONNX model against its PyTorch reference")
+    v.add_argument("model")
+    v.add_argument("--reference", required=True, help="timm:NAME, torchvision:NAME, aa:NAME or package.module:factory")
+    v.add_argument("--weights", help="checkpoint for the reference")
+    g = v.add_mutually_exclusive_group()
+    g.add_argument(
+        "--antialiased",
+        action="store_true",
+        help="compare with the twin (default when the model records aa-deploy options)",
+    )
+    g.add_argument("--plain", action="store_true", help="compare with the plain model")
+    g.add_argument(
+        "--change",
+        action="store_true",
+        help="report how much conversion changed the outputs vs the plain model (never fails)",
+    )
+    v.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    v.add_argument(
+        "--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"], help="ONNX Runtime execution provider"
+    )
+    v.add_argument("--precision", default="fp32", help="fp32, fp16 or int8: picks the default tolerances")
+    v.add_argument("--atol", type=float)
+    v.add_argument("--rtol", type=float)
+    v.add_argument("--min-top1", type=float, help="least top-1 agreement for classifier outputs")
+    v.add_argument("--min-cosine", type=float, help="least per-sample cosine similarity")
+    v.add_argument("--images", help="image folder, or bundled:cifar10 (default: deterministic random inputs)")
+    v.add_argument(
+        "--count", type=int, default=8, help="number of inputs (random) or at most this many images (0: all)"
+    )
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--input-shape", metavar="CxHxW", help="for models with dynamic spatial dims")
+    common.add_preprocess(v)
+    v.add_argument("--report", help="write the JSON report here")
+    v.add_argument("--junit", help="write a JUnit XML file here")
+    common.add_options(v)
+    v.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from aa_deploy.parity import DEFAULT_TOLERANCE, Tolerance, verify, write_json, write_junit
+
+    base = DEFAULT_TOLERANCE.get(args.precision)
+    if base is None:
+        raise InputError(f"precision must be one of {', '.join(DEFAULT_TOLERANCE)}")
+    tol = Tolerance(
+        args.atol if args.atol is not None else base.atol,
+        args.rtol if args.rtol is not None else base.rtol,
+        args.min_top1 if args.min_top1 is not None else base.min_top1,
+        args.min_cosine if args.min_cosine is not None else base.min_cosine,
+    )
+    options = common.options(args) if args.antialiased and (args.filter or args.filter_size) else None
+    preprocess = common.preprocess(args)
+    result = verify(
+        args.model,
+        args.reference,
+        antialiased=True if args.antialiased else (False if args.plain else None),
+        options=options,
+        change=args.change,
+        backend=args.backend,
+        provider=args.provider,
+        precision=args.precision,
+        tolerance=tol,
+        images=args.images,
+        preprocess=preprocess,
+        count=args.count,
+        seed=args.seed,
+        input_shape=common.shape(args.input_shape),
+        weights=args.weights,
+    )
+    from aa_deploy.report import print_parity
+
+    print_parity(result, console)
+    if args.report:
+        write_json(result, args.report)
+    if args.junit:
+        write_junit(result, args.junit)
+    return common.EXIT_OK if result.passed else common.EXIT_NOTHING

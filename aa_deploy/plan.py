@@ -121,16 +121,23 @@ def plan(sites: list[Site], options: Options) -> list[Action]:
             continue
         mode = mode_for(site.kind, options.mode)
         note = ""
-        # A 1x1 conv reading the tensor directly keeps only every s-th blurred pixel: the blur can
-        # take the stride itself (same numbers, a 1/s^n of the blur's work), the conv runs at stride 1.
-        restride = bool(site.extra.get("pointwise")) and site.readers == (site.node,)
         if mode == "blurpool" and site.extra.get("pointwise"):
             mode, note = "pre", "1x1 conv: blurpool equals pre, at a quarter of the cost"
-        if mode == "pre" and restride:
-            note = "; ".join(filter(None, [note, "1x1 conv: blur at the conv's stride, conv at stride 1"]))
         elif mode == "blurpool" and site.blurpool is not None:
             note = f"pre instead of blurpool: {site.blurpool}"
             mode = "pre"
+        # A 1x1 conv (no padding, no auto_pad) reading the tensor directly keeps only every s-th blurred
+        # pixel: the blur can take the stride itself (same numbers, 1/s^n of the blur's work) and the
+        # conv run at stride 1.
+        restride = (
+            mode == "pre"
+            and site.kind == "strided-conv"
+            and bool(site.extra.get("pointwise"))
+            and site.blurpool is None
+            and site.readers == (site.node,)
+        )
+        if restride:
+            note = "; ".join(filter(None, [note, "1x1 conv: blur at the conv's stride, conv at stride 1"]))
         taps = tuple(filters.taps_1d(options.size, s) for s in site.strides)
         pads = tuple(filters.padding(len(t)) for t in taps)
         sizes = site.sizes if mode == "pre" else site.extra.get("stride1_sizes", site.sizes)
@@ -152,7 +159,7 @@ def plan(sites: list[Site], options: Options) -> list[Action]:
             pad_mode=pad_mode,
             guarded=pad_mode == "reflect" and any(size is None for size in sizes),
         )
-        action = Action(site, mode, note, spec, restride=mode == "pre" and restride)
+        action = Action(site, mode, note, spec, restride=restride)
         if mode == "pre":
             key = (id(site.value), spec)
             if key in shared:

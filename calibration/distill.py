@@ -4,10 +4,10 @@ The student (the converted graph, run by `OnnxModule`) learns to reproduce the t
 unlabeled images under random pad-and-crop shifts, each view blended with another (mixup; the
 teacher sees the same blend), with KL divergence at temperature 2, starting from the `stats` result.
 Mixup matters with a few thousand images: on the CIFAR ResNet-20 it raised held-out agreement with
-the teacher from 92.5 % to 95.0 % and circular-shift consistency from 90.7 % to 94.5 %. Fine-tuning BatchNorm-folded weights diverges at the usual rates (lr >= 1e-3
-here), so the learning rate comes from a short range test over small rates; training stops early
-when top-1 agreement with the teacher on a held-out slice stops improving, and the best state is
-kept. Optionally (`reinsert_bn`), a BatchNorm is re-inserted after each trained Conv for training
+the teacher from 92.5 % to 95.0 % and circular-shift consistency from 90.7 % to 94.5 %.
+Fine-tuning BatchNorm-folded weights diverges at the usual rates (lr >= 1e-3 here), so the learning
+rate comes from a short range test over small rates; training stops early when top-1 agreement with
+the teacher on a held-out slice stops improving for `patience` epochs, and the best state is kept. Optionally (`reinsert_bn`), a BatchNorm is re-inserted after each trained Conv for training
 (running statistics from the student, affine from the teacher's: an identity after `stats`) and
 folded back afterwards, its running statistics re-estimated on clean images before each evaluation;
 on the CIFAR ResNet-20 it did worse than plain distillation (held-out agreement 0.83-0.89 at rates

@@ -206,6 +206,15 @@ def test_average_pool_pre_and_ceil_mode_falls_back_to_pre():
     assert result.actions[0].action == "pre" and "ceil_mode" in result.actions[0].note
 
 
+def test_strided_1x1_pool_with_ceil_mode_keeps_its_stride():
+    # A 1x1 max pool of stride 2 is a plain subsample, but with ceil_mode on an even map it outputs one
+    # more cell than a strided blur would: only convs get the blur-takes-the-stride form.
+    nodes = [helper.make_node("MaxPool", ["X"], ["Y"], kernel_shape=[1, 1], strides=[2, 2], ceil_mode=1)]
+    m = G.model(nodes, [G.inp("X", [1, 3, 10, 10])], [G.out("Y", 4)])
+    result = assert_pre_exact(m, RNG.standard_normal((1, 3, 10, 10), dtype=np.float32), (2, 3))
+    assert not result.actions[0].restride
+
+
 def test_reflect_falls_back_to_replicate_on_tiny_maps():
     nodes = [helper.make_node("MaxPool", ["X"], ["Y"], kernel_shape=[2, 2], strides=[2, 2])]
     m = G.model(nodes, [G.inp("X", [1, 3, 2, 4])], [G.out("Y", 4)])

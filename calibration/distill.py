@@ -108,8 +108,6 @@ def _insert_batchnorms(student: OnnxModule, teacher: OnnxModule, x: torch.Tensor
 def _recalibrate_batchnorms(student: OnnxModule, x: torch.Tensor, batch: int = 250) -> None:
     """Running statistics of the re-inserted BatchNorms re-estimated on clean images: training updates
     them on shifted, blended batches, which is not what the model sees at inference."""
-    if not hasattr(student, "batchnorms"):
-        return
     bns = [fold.bn for fold in student.batchnorms.values()]
     for bn in bns:
         bn.reset_running_stats()
@@ -214,7 +212,9 @@ def distill(
 
     with torch.no_grad():
         teacher_top1 = torch.cat([teacher(x_held[i : i + 250]).argmax(1) for i in range(0, len(x_held), 250)]).numpy()
-    folds = _insert_batchnorms(student, teacher, torch.from_numpy(prepare(train[:1000]))) if reinsert_bn else {}
+    # Clean images for the re-inserted BatchNorms: their starting statistics and each re-estimate.
+    x_clean = torch.from_numpy(prepare(train[:1000])) if reinsert_bn else None
+    folds = _insert_batchnorms(student, teacher, x_clean) if reinsert_bn else {}
 
     # Learning-rate range test: a few steps from the same start per candidate, held-out loss decides.
     lr_losses = {}
@@ -249,7 +249,6 @@ def distill(
     opt = torch.optim.SGD(_parameters(student), lr=lr, momentum=0.9)
     steps_per_epoch = math.ceil(len(train) / batch)
     total = max_epochs * steps_per_epoch
-    x_clean = torch.from_numpy(prepare(train[:1000])) if folds else None
     best = (agreement(student, teacher_top1, x_held), 0, copy.deepcopy(student.state_dict()))
     history = [{"epoch": 0, "loss": None, "agreement": best[0]}]
     if progress:

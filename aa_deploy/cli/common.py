@@ -1,10 +1,8 @@
-"""What the `aa-deploy` subcommands share: exit codes, option groups, preprocessing, progress bars."""
+"""What several `aa-deploy` subcommands share: exit codes, option groups, preprocessing, shapes."""
 
 from __future__ import annotations
 
 import argparse
-
-from rich.console import Console
 
 from aa_deploy.errors import InputError
 from aa_deploy.plan import MODES, PADS, Options
@@ -64,30 +62,3 @@ def shape(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(d) for d in text.lower().replace(",", "x").split("x"))
     except ValueError:
         raise InputError(f"bad shape {text!r}: write it as 3x224x224") from None
-
-
-def progress_bar(console: Console, unit: str):
-    """A factory for `with factory(total) as advance: advance(n)`: a rich bar on a terminal, nothing elsewhere."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def bar(total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-            disable=not console.is_terminal,
-        ) as progress:
-            task = progress.add_task(unit, total=total)
-            yield lambda n: progress.advance(task, n)
-
-    return bar
-
-
-def num(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"

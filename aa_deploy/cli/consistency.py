@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     models = [args.model, *(args.compare or [])]
     results, data = compare(
         models,
-        progress=common.progress_bar(console, "views"),
+        progress=_progress_bar(console, "views"),
         labels=args.labels,
         images=args.images,
         protocol=args.protocol,
@@ -79,3 +79,26 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
         plot({Path(n).name: r for n, r in results.items()}, args.plot, f"{args.protocol} on {Path(data.source).name}")
     return common.EXIT_OK
+
+
+def _progress_bar(console: Console, unit: str):
+    """A factory for `with factory(total) as advance: advance(n)`: a rich bar on a terminal, nothing elsewhere."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar(total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        ) as progress:
+            task = progress.add_task(unit, total=total)
+            yield lambda n: progress.advance(task, n)
+
+    return bar

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             cells.append(
                 "-"
                 if q is None
-                else f"{100 * q.aliasing:.1f} / {common.num(q.equivariance_error)} / {common.num(q.subpixel_error)}"
+                else f"{100 * q.aliasing:.1f} / {_num(q.equivariance_error)} / {_num(q.subpixel_error)}"
             )
         table.add_row(
             str(i),
@@ -87,3 +87,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
         plot_probe({Path(m).name: r for m, r in results.items()}, args.plot, f"aliasing per site ({data.source})")
     return common.EXIT_OK
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"

@@ -4,7 +4,8 @@
                X -> Conv1x1(stride s)         becomes  X -> blur(stride s) -> Conv1x1(stride 1)  (same numbers)
     blurpool:  X -> site(stride s) -> Y       becomes  X -> site(stride 1, no bias) -> blur(stride s) + bias -> Y
 
-In blurpool mode a Conv's bias moves onto the blur, so the blur acts on the convolution alone:
+A `pre` blur, and the blur after a pooling site, take the AveragePool form where that is exact
+(reflect/replicate padding, binomial taps; see `blur_nodes`). In blurpool mode a Conv's bias moves onto the blur, so the blur acts on the convolution alone:
 that keeps the result exact under any padding when BatchNorm has been folded into the Conv.
 """
 
@@ -37,7 +38,7 @@ def _insert(g: ir.Graph, after: ir.Node | None, nodes: list[ir.Node]) -> None:
 def _pre(g: ir.Graph, builder: BlurBuilder, action: Action, blurred: ir.Value | None) -> ir.Value:
     site = action.site
     if blurred is None:
-        nodes, blurred = builder.build(site.value, action.spec, _dtype(action))
+        nodes, blurred = builder.build(site.value, action.spec, _dtype(action), pooled=True)
         _insert(g, site.value.producer(), nodes)
     if action.restride:
         site.node.attributes["strides"] = ir.AttrInt64s("strides", [1] * (site.rank - 2))
@@ -60,7 +61,9 @@ def _blurpool(g: ir.Graph, builder: BlurBuilder, action: Action) -> None:
     out = node.outputs[0]
     uses = list(out.uses())
     outputs = [i for i, v in enumerate(g.outputs) if v is out]
-    nodes, blurred = builder.build(out, action.spec, _dtype(action), bias=bias)
+    # Pooled form for pooling sites; a Conv keeps the Conv form (its bias rides on the blur, and
+    # calibration finds a blurpool conv's output through that blur).
+    nodes, blurred = builder.build(out, action.spec, _dtype(action), bias=bias, pooled=node.op_type != "Conv")
     g.insert_after(node, nodes)
     for use in uses:
         use.node.replace_input_with(use.idx, blurred)

@@ -1,9 +1,15 @@
 """Inference latency of converted vs original models: python benchmarks/overhead.py [options].
 
-Same process, one ONNX Runtime CPU session per model with a fixed thread count, runs alternating
-A B A B; each side of a pair is the shortest of --reps back-to-back runs (the least disturbed by
-other load); the figure is the median of the per-pair ratio converted/original, with its spread
-(the 10th-90th percentile). Models are exported once into --workdir (224 px, dynamic batch).
+Same process, one runner per model, runs alternating A B A B; each side of a pair is the shortest
+of --reps back-to-back runs (the least disturbed by other load); the figure is the median of the
+per-pair ratio converted/original, with its spread (the 10th-90th percentile). Models are exported
+once into --workdir (224 px, dynamic batch).
+
+Backends (--backend): ort-cpu (default; ONNX Runtime CPU with --threads intra-op threads),
+ort-cuda and ort-tensorrt (ONNX Runtime's CUDA / TensorRT providers, onnxruntime-gpu), tensorrt
+(an engine per model and batch built by `converters.tensorrt`, fp32 or --precision fp16 put into
+the graph; timed through polygraphy's runner, host copies included). A backend that is not there
+stops the script with one line saying what is missing.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -25,32 +32,47 @@ DEFAULT_MODELS = [
 ]
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
 
 
-def best_of(session, feed: dict, reps: int) -> float:
+def make_runner(path: Path, backend: str, threads: int, batch: int, precision: str):
+    """A runner (`run(feeds)`, `input_names`) of `path` on `backend`, for inputs of `batch` images."""
+    if backend.startswith("ort-"):
+        from converters.onnxruntime import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(path, backend.removeprefix("ort-"), threads)
+    from converters.tensorrt import TensorRTRunner, build_engine
+
+    graph = path
+    if precision == "fp16":
+        from converters.precision import to_fp16
+
+        graph = path.with_suffix(".fp16.onnx")
+        to_fp16(path, graph)
+    import onnx
+
+    name = onnx.load(str(path), load_external_data=False).graph.input[0].name
+    engine = path.with_suffix(f".{precision}.b{batch}.engine")
+    build_engine(graph, engine, {name: ((batch, 3, 224, 224),) * 3}, precision)
+    return TensorRTRunner(engine)
+
+
+def best_of(runner, feed: dict, reps: int) -> float:
     """Shortest of `reps` back-to-back runs: the least disturbed by other load on the machine."""
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        session.run(None, feed)
+        runner.run(feed)
         times.append(time.perf_counter() - t0)
     return min(times)
 
 
 def pair_ratios(a, b, x: np.ndarray, pairs: int, reps: int, warmup: int = 3) -> tuple[list[float], float]:
     """Per-pair ratios B/A (each side the best of `reps` runs) and A's median time in ms."""
-    feed_a, feed_b = {a.get_inputs()[0].name: x}, {b.get_inputs()[0].name: x}
+    feed_a, feed_b = {a.input_names[0]: x}, {b.input_names[0]: x}
     for _ in range(warmup):
-        a.run(None, feed_a)
-        b.run(None, feed_b)
+        a.run(feed_a)
+        b.run(feed_b)
     ratios, base = [], []
     for _ in range(pairs):
         ta = best_of(a, feed_a, reps)
@@ -72,10 +94,20 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--pairs", type=int, default=15)
     p.add_argument("--reps", type=int, default=3, help="runs per side of a pair; the shortest counts")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (ort-cpu)")
+    p.add_argument("--backend", default="ort-cpu", choices=BACKENDS)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="tensorrt backend only")
     p.add_argument("--workdir", default="/tmp/aa-deploy-bench")
     p.add_argument("--json")
     args = p.parse_args()
+    if args.backend == "tensorrt":
+        from converters.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    else:
+        from converters.onnxruntime import available_provider
+
+        available_provider(args.backend.removeprefix("ort-"))
 
     import aa_deploy
     from converters.export import export, load_model
@@ -91,18 +123,22 @@ def main() -> None:
         original = work / (spec.replace(":", "_") + ".onnx")
         if not original.exists():
             export(load_model(spec)[0], original, (2, 3, 224, 224))
-        base = session(original, args.threads)
+        base = {}  # batch -> runner of the original, shared by every converted variant
         for mode, filt, pad, stem in itertools.product(args.modes, args.filters, args.pads, args.stem):
             converted = work / f"{original.stem}.{mode}.{filt}.{pad}.{stem}-stem.onnx"
             options = aa_deploy.Options(filter=filt, mode=mode, pad=pad, skip_stem=stem == "skip")
             aa_deploy.convert(original, converted, options)
-            conv = session(converted, args.threads)
             for batch in args.batches:
+                if batch not in base:
+                    base[batch] = make_runner(original, args.backend, args.threads, batch, args.precision)
+                conv = make_runner(converted, args.backend, args.threads, batch, args.precision)
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
-                ratios, orig_ms = pair_ratios(base, conv, x, args.pairs, args.reps)
+                ratios, orig_ms = pair_ratios(base[batch], conv, x, args.pairs, args.reps)
                 q = np.percentile(ratios, [10, 90])
                 row = {
                     "model": spec,
+                    "backend": args.backend,
+                    "precision": args.precision if args.backend == "tensorrt" else "fp32",
                     "mode": mode,
                     "filter": filt,
                     "pad": pad,
@@ -126,4 +162,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from aa_deploy.errors import InputError
+
+    try:
+        main()
+    except (InputError, RuntimeError) as e:  # a backend or package that is not here: one line, exit 2
+        print(f"overhead: {e}", file=sys.stderr)
+        sys.exit(2)

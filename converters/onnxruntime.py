@@ -10,14 +10,20 @@ import onnxruntime as ort
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
+def available_provider(provider: str) -> str:
+    """ONNX Runtime's name for `provider` (cpu, cuda, tensorrt or a full name), if this install has it."""
+    available = ort.get_available_providers()
+    name = PROVIDERS.get(provider, provider)
+    if name not in available:
+        raise RuntimeError(f"ONNX Runtime provider {name} is not available here (have: {', '.join(available)})")
+    return name
+
+
 class OnnxRuntimeRunner:
     """One ONNX Runtime session; `run` maps input names to arrays and returns all outputs."""
 
     def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None) -> None:
-        available = ort.get_available_providers()
-        name = PROVIDERS.get(provider, provider)
-        if name not in available:
-            raise RuntimeError(f"ONNX Runtime provider {name} is not available here (have: {', '.join(available)})")
+        name = available_provider(provider)
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads

@@ -15,8 +15,9 @@ NP_PAD = {"reflect": "reflect", "replicate": "edge", "zero": "constant"}
 
 
 def np_blur(x: np.ndarray, axes, filt: str = "triangle", pad: str = "reflect", stride: int = 1) -> np.ndarray:
-    """Blur `x` along `axes` with the named taps, centred as (k-1)//2 left / k//2 right, then subsample."""
-    taps = np.asarray(TAPS[filt], dtype=np.float64)
+    """Blur `x` along `axes` with the named taps (or a list of taps), centred as (k-1)//2 left / k//2
+    right, then subsample."""
+    taps = np.asarray(TAPS[filt] if isinstance(filt, str) else filt, dtype=np.float64)
     taps /= taps.sum()
     k = len(taps)
     y = x.astype(np.float64)

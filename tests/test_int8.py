@@ -18,22 +18,24 @@ from tests.helpers import cli
 SHARED_TRAIN = __import__("tests.conftest", fromlist=["SHARED"]).SHARED / "data" / "cifar10-train2k"
 
 
-@pytest.fixture(scope="module")
-def int8(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("int8")
-    plain = export(bundled.resnet20(), folder / "r20.onnx", (2, 3, 32, 32))
-    aa_deploy.convert(plain, folder / "r20.aa.onnx")
+def _quantize(folder, src, out, limit: int) -> None:
     if SHARED_TRAIN.is_dir():
         images = SHARED_TRAIN  # real calibration images: training images, never the test set
     else:  # pragma: no cover - a checkout without ../shared
         images = folder / "images"
-        images.mkdir()
+        images.mkdir(exist_ok=True)
         for i, img in enumerate(bundled.cifar_test_images()[0][:64]):
             Image.fromarray(img).save(images / f"{i}.png")
-    proc = cli(
-        "quantize", folder / "r20.aa.onnx", "--calib-images", images, "--limit", "256", "-o", folder / "r20.int8.onnx"
-    )
+    proc = cli("quantize", src, "--calib-images", images, "--limit", str(limit), "-o", out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("int8")
+    plain = export(bundled.resnet20(), folder / "r20.onnx", (2, 3, 32, 32))
+    aa_deploy.convert(plain, folder / "r20.aa.onnx")  # reflect padding: the pooled blur form
+    _quantize(folder, folder / "r20.aa.onnx", folder / "r20.int8.onnx", 256)
     return folder
 
 
@@ -44,9 +46,20 @@ def test_int8_agrees_with_fp32_on_real_images(int8):
     assert (fp32.argmax(1) == q.argmax(1)).mean() >= 0.95
 
 
-def test_blur_taps_stay_float_and_exact(int8):
+def test_pooled_blurs_stay_float_average_pools(int8):
     before = onnx.load(int8 / "r20.aa.onnx")
-    after = onnx.load(int8 / "r20.int8.onnx")
+    after = {n.name: n for n in onnx.load(int8 / "r20.int8.onnx").graph.node}
+    pools = [n for n in before.graph.node if n.name.startswith("aa_blur") and n.op_type == "AveragePool"]
+    assert len(pools) == 4  # two triangle blurs, two pools each
+    assert all(after[n.name].op_type == "AveragePool" and after[n.name].domain == "" for n in pools)
+
+
+def test_blur_taps_stay_float_and_exact(int8):
+    # The Conv form (zero padding): its taps must be read as float, never through a DequantizeLinear.
+    aa_deploy.convert(int8 / "r20.onnx", int8 / "r20.zero.onnx", aa_deploy.Options(pad="zero"))
+    _quantize(int8, int8 / "r20.zero.onnx", int8 / "r20.zero.int8.onnx", 64)
+    before = onnx.load(int8 / "r20.zero.onnx")
+    after = onnx.load(int8 / "r20.zero.int8.onnx")
     taps = {n.input[1] for n in before.graph.node if n.name.endswith("/conv") and n.name.startswith("aa_blur")}
     assert len(taps) == 2
     inits_before = {t.name: onnx.numpy_helper.to_array(t) for t in before.graph.initializer}

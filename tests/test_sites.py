@@ -13,6 +13,7 @@ import pytest
 from onnx import helper
 
 import aa_deploy
+from aa_deploy import blur_nodes, graph
 from aa_deploy.sites import find_sites
 from tests import graphs as G
 
@@ -149,14 +150,44 @@ def test_pointwise_conv_pre_blurs_at_the_stride(filt, size):
     result = assert_pre_exact(m, x, (2, 3), filt=filt)
     assert result.actions[0].restride
     converted, _ = convert(m, filter=filt, mode="pre")
-    convs = {n.name: n for n in converted.graph.node if n.op_type == "Conv"}
     strides = {
-        name: list(helper.get_attribute_value(a))
-        for name, n in convs.items()
+        (n.name.startswith("aa_blur"), tuple(helper.get_attribute_value(a)))
+        for n in converted.graph.node
+        if n.op_type in ("Conv", "AveragePool")
         for a in n.attribute
         if a.name == "strides"
     }
-    assert sorted(strides.values()) == [[1, 1], [2, 2]]  # the blur strided, the 1x1 conv not
+    assert (True, (2, 2)) in strides and (False, (1, 1)) in strides  # the blur strided, the 1x1 conv not
+    assert (False, (2, 2)) not in strides
+
+
+# -- the pooled blur form ------------------------------------------------------------------------
+@pytest.mark.parametrize("pad", ["reflect", "replicate"])
+@pytest.mark.parametrize("size", [3, 5, 7])
+@pytest.mark.parametrize("shape", [[1, 2, 13], [2, 3, 12, 9], [1, 2, 6, 7, 8]])
+def test_pre_blur_is_average_pools_and_exact(pad, size, shape):
+    # Binomial taps with reflect/replicate padding become AveragePools of kernel 2 (no Pad, no taps);
+    # the numbers must be NumPy's padded blur, on odd and even sizes, ranks 3-5.
+    n = len(shape) - 2
+    m = G.conv_model(shape, kernel=(3,) * n, strides=(2,) * n)
+    x = RNG.standard_normal(shape, dtype=np.float32)
+    converted, _ = convert(m, filter_size=size, pad=pad, mode="pre")
+    assert [b.op_type for b in converted.graph.node if b.name.startswith("aa_blur")] == ["AveragePool"] * (size - 1)
+    taps = [float(np.prod(range(size - j, size))) / float(np.prod(range(1, j + 1))) for j in range(size)]
+    expected = run(m, G.np_blur(x, tuple(range(2, n + 2)), taps, pad))
+    np.testing.assert_allclose(run(converted, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "filt,pad,strides", [("rect", "reflect", (2, 2)), ("triangle", "zero", (2, 2)), ("triangle", "reflect", (3, 3))]
+)
+def test_pre_blur_keeps_the_conv_form_where_pools_would_not_be_exact(filt, pad, strides):
+    # rect's reflect padding is one-sided, zero padding belongs in the Conv's pads, stride 3 widens
+    # the taps past a power of [1, 1]: all stay a depthwise Conv.
+    m = G.conv_model([1, 3, 12, 12], strides=strides)
+    converted, _ = convert(m, filter=filt, pad=pad, mode="pre")
+    ops = {b.op_type for b in converted.graph.node if b.name.startswith("aa_blur")}
+    assert "Conv" in ops and "AveragePool" not in ops
 
 
 def test_pointwise_conv_behind_a_pad_keeps_its_stride():
@@ -196,6 +227,12 @@ def test_maxpool_default_is_maxblurpool():
     windows = np.lib.stride_tricks.sliding_window_view(x, (2, 2), axis=(2, 3))
     expected = G.np_blur(windows.max(axis=(-1, -2)), (2, 3), "triangle", "reflect", stride=2)
     np.testing.assert_allclose(run(converted, x), expected, rtol=1e-5, atol=1e-5)
+    # The blur is in pooled form; the probe finds it after the pool and knows its taps.
+    pool = next(n for n in ir.serde.deserialize_model(converted).graph if n.name == "pool")
+    blur = blur_nodes.blur_after(pool)
+    assert blur.op_type == "AveragePool" and graph.ints(blur, "strides") == (2, 2)
+    for taps in blur_nodes.taps_of(blur, (2, 3)):
+        np.testing.assert_array_equal(taps, [0.25, 0.5, 0.25])
 
 
 def test_average_pool_pre_and_ceil_mode_falls_back_to_pre():

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from aa_deploy import blur_nodes, graph, model_io
+from aa_deploy import blur_nodes, model_io
 from aa_deploy.sites import find_sites, strided_slice
 
 
@@ -80,9 +80,8 @@ def _taps_for(model: ir.Model) -> list[_Taps]:
         if entry["action"] == "blurpool" and name in by_name:
             node = by_name[name]
             blur = blur_nodes.blur_after(node)
-            weight = graph.const_array(blur.inputs[1])[0, 0]
             axes = tuple(entry["axes"])
-            taps = [weight.sum(axis=tuple(j for j in range(weight.ndim) if j != a - 2)) for a in axes]
+            taps = blur_nodes.taps_of(blur, axes)
             site = type("Recorded", (), {"name": name, "kind": entry["kind"]})()
             out.append(_Taps(site, node.outputs[0], blur.outputs[0], axes, tuple(entry["stride"]), axes, taps))
     for name, site in found.items():

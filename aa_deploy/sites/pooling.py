@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from aa_deploy import graph
+from aa_deploy import blur_nodes, graph
 from aa_deploy.sites.site import Site
 from aa_deploy.sites.strided_conv import strided_site
 
@@ -39,7 +39,7 @@ def find(g: ir.Graph, claimed: set[int]) -> list[Site]:
     """Every strided, non-global MaxPool and AveragePool of `g`."""
     sites = []
     for node in g:
-        if not graph.is_onnx(node, "MaxPool", "AveragePool") or id(node) in claimed:
+        if not graph.is_onnx(node, "MaxPool", "AveragePool") or id(node) in claimed or blur_nodes.is_fixed_blur(node):
             continue
         kernel = graph.ints(node, "kernel_shape")
         if kernel is None or _is_global(node, kernel):

@@ -2,11 +2,13 @@
 
     pre:       X -> site(stride s)            becomes  X -> blur(stride 1) -> site(stride s)
                X -> Conv1x1(stride s)         becomes  X -> blur(stride s) -> Conv1x1(stride 1)  (same numbers)
-    blurpool:  X -> site(stride s) -> Y       becomes  X -> site(stride 1, no bias) -> blur(stride s) + bias -> Y
+    blurpool:  X -> site(stride s) -> Y       becomes  X -> site(stride 1) -> blur(stride s) -> Y
 
-A `pre` blur, and the blur after a pooling site, take the AveragePool form where that is exact
-(reflect/replicate padding, binomial taps; see `blur_nodes`). In blurpool mode a Conv's bias moves onto the blur, so the blur acts on the convolution alone:
-that keeps the result exact under any padding when BatchNorm has been folded into the Conv.
+Blurs take the AveragePool form where that is exact (reflect/replicate padding, binomial taps; see
+`blur_nodes`): a bias commutes with it (the blur of a constant is that constant), so a Conv keeps
+its bias. In the Conv form with zero padding it would not at the borders, so there a blurpool
+Conv's bias moves onto the blur, which then acts on the convolution alone: exact under any padding
+when BatchNorm has been folded into the Conv.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from aa_deploy.blur_nodes import BlurBuilder
+from aa_deploy.blur_nodes import BlurBuilder, pool_chain
 from aa_deploy.plan import Action
 
 
@@ -54,16 +56,15 @@ def _blurpool(g: ir.Graph, builder: BlurBuilder, action: Action) -> None:
     n = action.site.rank - 2
     node.attributes["strides"] = ir.AttrInt64s("strides", [1] * n)
     bias = None
-    if node.op_type == "Conv" and len(node.inputs) > 2 and node.inputs[2] is not None:
+    pooled = pool_chain(action.spec, _dtype(action)) is not None  # a bias commutes with it exactly
+    if not pooled and node.op_type == "Conv" and len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = node.inputs[2]
         node.replace_input_with(2, None)
         node.resize_inputs(2)
     out = node.outputs[0]
     uses = list(out.uses())
     outputs = [i for i, v in enumerate(g.outputs) if v is out]
-    # Pooled form for pooling sites; a Conv keeps the Conv form (its bias rides on the blur, and
-    # calibration finds a blurpool conv's output through that blur).
-    nodes, blurred = builder.build(out, action.spec, _dtype(action), bias=bias, pooled=node.op_type != "Conv")
+    nodes, blurred = builder.build(out, action.spec, _dtype(action), bias=bias, pooled=pooled)
     g.insert_after(node, nodes)
     for use in uses:
         use.node.replace_input_with(use.idx, blurred)

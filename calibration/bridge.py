@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aa_deploy import blur_nodes, graph
+from aa_deploy import blur_nodes, graph, model_io
 from aa_deploy.errors import InputError
 
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
@@ -34,6 +34,8 @@ class OnnxModule(nn.Module):
         super().__init__()
         self.graph = model.graph
         self.nodes = list(model.graph)
+        sites = model_io.read_metadata(model).get("sites") or []
+        self.blurpool_nodes = {e["node"] for e in sites if isinstance(e, dict) and e.get("action") == "blurpool"}
         self.params = nn.ParameterDict()
         self.consts: dict[str, torch.Tensor] = {}
         self.frozen: set[str] = set()

@@ -92,12 +92,12 @@ class _Fold(nn.Module):
 def _insert_batchnorms(student: OnnxModule, teacher: OnnxModule, x: torch.Tensor) -> dict[str, tuple]:
     """Hook a BatchNorm after every trained conv that has its own bias; returns output -> (target, fold)."""
     targets = [t for t in conv_targets(student, teacher) if t.bias is not None and not t.followed_by_blur]
-    names = {t.output for t in targets}
-    s_moments, t_moments = moments(student, x, names), moments(teacher, x, names)
+    s_moments = moments(student, x, {t.output for t in targets})
+    t_moments = moments(teacher, x, {t.teacher_output for t in targets})
     folds = {}
     student.batchnorms = nn.ModuleDict()
     for i, t in enumerate(targets):
-        fold = _Fold(*s_moments[t.output], *t_moments[t.output])
+        fold = _Fold(*s_moments[t.output], *t_moments[t.teacher_output])
         student.batchnorms[str(i)] = fold
         student.hooks[t.output] = fold
         folds[t.output] = (t, fold)

@@ -1,8 +1,10 @@
 """`stats` calibration: conv by conv in graph order, rescale each conv's weights and bias so its
 per-channel output mean/std on unlabeled images match the original model's at the same conv.
 
-No gradients. A conv is matched to the teacher by its output tensor name, which conversion keeps
-(in blurpool mode the name moves to the blur's output, which is the teacher conv's counterpart).
+No gradients. A conv is matched to the teacher by its output tensor name, which conversion keeps.
+A blurpool conv runs at stride 1 and the blur after it subsamples: the blur's output is the
+counterpart of the teacher's conv output, so that is where its statistics are read; the bias is the
+blur's in the Conv form, the conv's own in the pooled form (both commute with the blur).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ class ConvTarget:
     """A trainable Conv of the student and the tensor that carries its output."""
 
     node: str
-    output: str
+    output: str  # the student tensor whose statistics are matched
+    teacher_output: str  # its counterpart in the teacher (the conv's own output name)
     weight: str
     bias: str | None
     followed_by_blur: bool
@@ -34,13 +37,22 @@ def conv_targets(student: OnnxModule, teacher: OnnxModule) -> list[ConvTarget]:
     for node in student.nodes:
         if node.op_type != "Conv" or node.inputs[1] is None or node.inputs[1].name not in trainable:
             continue
-        carrier = blur_after(node) or node  # blurpool: the blur carries the output name and the bias
-        name = carrier.outputs[0].name
+        name = node.outputs[0].name
         if name not in teacher_names:
             continue
-        bias = carrier.inputs[2].name if len(carrier.inputs) > 2 and carrier.inputs[2] is not None else None
+        # A blurpool conv: the blur's output is the stride-s counterpart (a pre blur after a conv is not).
+        carrier = (blur_after(node) if node.name in student.blurpool_nodes else None) or node
+        holder = carrier if carrier.op_type == "Conv" and len(carrier.inputs) > 2 else node
+        bias = holder.inputs[2].name if len(holder.inputs) > 2 and holder.inputs[2] is not None else None
         targets.append(
-            ConvTarget(node.name, name, node.inputs[1].name, bias if bias in trainable else None, carrier is not node)
+            ConvTarget(
+                node.name,
+                carrier.outputs[0].name,
+                name,
+                node.inputs[1].name,
+                bias if bias in trainable else None,
+                carrier is not node,
+            )
         )
     return targets
 
@@ -69,12 +81,12 @@ def moments(module: OnnxModule, x: torch.Tensor, names: set[str], batch: int = 2
 def calibrate_stats(student: OnnxModule, teacher: OnnxModule, x: torch.Tensor) -> list[dict]:
     """Rescale every target conv of `student` in place; returns one record per conv."""
     targets = conv_targets(student, teacher)
-    reference = moments(teacher, x, {t.output for t in targets})
+    reference = moments(teacher, x, {t.teacher_output for t in targets})
     params = student.trainable()
     report = []
     for target in targets:
         mean_s, std_s = moments(student, x, {target.output})[target.output]
-        mean_t, std_t = reference[target.output]
+        mean_t, std_t = reference[target.teacher_output]
         scale = torch.where(std_s > 1e-8, std_t / std_s.clamp_min(1e-8), torch.ones_like(std_s))
         w = params[target.weight]
         w.mul_(scale.reshape(-1, *([1] * (w.dim() - 1))))

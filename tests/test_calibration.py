@@ -13,6 +13,7 @@ import aa_deploy
 from aa_deploy import bundled
 from calibration.bridge import load_module
 from calibration.calibrate import calibrate
+from calibration.stats import calibrate_stats, conv_targets, moments
 from converters.export import export
 from tests.helpers import cli
 
@@ -141,3 +142,24 @@ def test_mixup_blends_pairs_of_the_batch():
                 found += 1
                 break
     assert found == 16
+
+
+@pytest.mark.parametrize("pad", ["zero", "reflect"])
+def test_stats_matches_every_conv_blurpool_ones_through_their_blur(r20, tmp_path, pad):
+    # After `stats` each matched conv's per-channel output mean/std equal the teacher's on the same
+    # images; a blurpool conv is read after its blur (Conv form: zero padding; pooled: reflect).
+    src = tmp_path / "bp.onnx"
+    aa_deploy.convert(r20 / "r20.onnx", src, aa_deploy.Options(mode="blurpool", pad=pad))
+    (_, student), (_, teacher) = load_module(src), load_module(r20 / "r20.onnx")
+    x = torch.from_numpy(bundled.cifar_normalize(bundled.cifar_test_images()[0][:64]))
+    targets = conv_targets(student, teacher)
+    through_blur = [t for t in targets if t.followed_by_blur]
+    assert len(targets) == 19 and len(through_blur) == 2
+    assert all(t.output != t.teacher_output and t.bias is not None for t in through_blur)
+    calibrate_stats(student, teacher, x)
+    got = moments(student, x, {t.output for t in targets})
+    want = moments(teacher, x, {t.teacher_output for t in targets})
+    for t in targets:
+        (ms, ss), (mt, st) = got[t.output], want[t.teacher_output]
+        torch.testing.assert_close(ss, st, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(ms, mt, rtol=1e-3, atol=1e-4)

@@ -128,6 +128,24 @@ def test_conv_blurpool_moves_bias_after_the_blur():
     np.testing.assert_allclose(run(converted, x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pad", ["reflect", "replicate"])
+def test_conv_blurpool_pooled_keeps_its_bias(pad):
+    # Pooled form: the blur of a constant is that constant, so the bias stays on the conv and the
+    # result is still blur(conv at stride 1 without bias) + bias.
+    m = G.conv_model([1, 3, 12, 12], c_out=4, bias=True)
+    converted, result = convert(m, mode="blurpool", pad=pad)
+    assert result.actions[0].action == "blurpool"
+    conv = next(n for n in converted.graph.node if n.op_type == "Conv")
+    assert len(conv.input) == 3 and {n.op_type for n in converted.graph.node if n.name.startswith("aa_blur")} == {
+        "AveragePool"
+    }
+    x = RNG.standard_normal((1, 3, 12, 12), dtype=np.float32)
+    stride1 = G.conv_model([1, 3, 12, 12], c_out=4, strides=(1, 1), bias=False)
+    bias = onnx.numpy_helper.to_array(m.graph.initializer[1]).reshape(1, -1, 1, 1)
+    expected = G.np_blur(run(stride1, x), (2, 3), "triangle", pad, stride=2) + bias
+    np.testing.assert_allclose(run(converted, x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_pointwise_conv_blurpool_is_its_pre_form():
     m = G.conv_model([1, 3, 12, 12], c_out=5, kernel=(1, 1), pads=[0, 0, 0, 0])
     converted, result = convert(m, mode="blurpool", pad="zero")

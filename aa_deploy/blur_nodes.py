@@ -5,7 +5,7 @@ sum to one, the same in every channel. Reflect/replicate padding is a Pad node i
 padding goes through the Conv's own `pads`. Channels-last tensors are transposed to channels-first
 around it, since ONNX's Conv is channels-first.
 
-Pooled form (`pre` blurs, asked for with `pooled=True`): a binomial row of m + 1 taps is the box
+Pooled form (asked for with `pooled=True`; the rewrite asks wherever it applies): a binomial row of m + 1 taps is the box
 [1, 1] / 2 applied m times, and with reflect or replicate padding each box is an AveragePool of
 kernel 2 with either no padding or one cell each side that the average leaves out
 (count_include_pad=0; it then averages the edge cell with itself, which is replicating it):
@@ -114,9 +114,10 @@ def blur_after(node: ir.Node) -> ir.Node | None:
         reader = readers[0]
         if reader.op_type == "Conv":
             return reader
-        if reader.op_type != "AveragePool" and pool is not None:
-            return pool
-        pool = reader if reader.op_type == "AveragePool" else pool
+        if reader.op_type == "AveragePool":
+            pool = reader
+        elif pool is not None:  # the Transpose back to channels-last after the pools
+            break
         readers = list(reader.outputs[0].consumers())
     return pool
 

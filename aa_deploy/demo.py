@@ -71,7 +71,7 @@ def run_demo(console: Console, workdir: Path | None = None) -> int:
         console.print(table)
         console.print(
             "Blur inserted without adapting the weights costs accuracy on an already-trained network; "
-            "`aa-deploy calibrate` on unlabeled training images wins most of it back (see README: Calibrate)."
+            "`aa-deploy calibrate` on unlabeled training images wins it back to within a point of top-1 (see README: Calibrate)."
         )
         if workdir:
             console.print(f"models kept in {workdir}")

@@ -163,3 +163,18 @@ def test_stats_matches_every_conv_blurpool_ones_through_their_blur(r20, tmp_path
         (ms, ss), (mt, st) = got[t.output], want[t.teacher_output]
         torch.testing.assert_close(ss, st, rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(ms, mt, rtol=1e-3, atol=1e-4)
+
+
+def test_a_rate_that_never_beats_the_start_backs_off(r20, tmp_path, monkeypatch):
+    # Agreement that never improves: every rate fails, so training steps down through the smaller
+    # candidates, each from the start, and ends at the smallest.
+    import calibration.distill as distill
+
+    monkeypatch.setattr(distill, "agreement", lambda *a, **k: 0.5)
+    monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}))
+    result = calibrate(
+        r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=2, patience=1
+    )
+    rates = [h["lr"] for h in result.history if h["epoch"] == 0]
+    assert rates == sorted(distill.LR_CANDIDATES, reverse=True)
+    assert result.lr == min(distill.LR_CANDIDATES) and result.best_epoch == 0

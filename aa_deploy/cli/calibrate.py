@@ -16,8 +16,8 @@ def add(sub) -> None:
     k.add_argument("--images", required=True, help="folder of unlabeled calibration images (recursive)")
     k.add_argument("-o", "--output", required=True)
     k.add_argument("--method", default="distill", choices=["stats", "distill"])
-    k.add_argument("--epochs", type=int, default=30, help="most epochs of distillation (early stop decides)")
-    k.add_argument("--patience", type=int, default=8, help="stop after this many epochs without better agreement")
+    k.add_argument("--epochs", type=int, default=45, help="most epochs of distillation (early stop decides)")
+    k.add_argument("--patience", type=int, default=12, help="stop after this many epochs without better agreement")
     k.add_argument("--lr", type=float, help="learning rate (default: chosen by a short range test)")
     k.add_argument("--limit", type=int, help="use at most this many images")
     k.add_argument("--seed", type=int, default=0)
@@ -39,6 +39,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     preprocess = common.preprocess(args)
 
     def progress(h: dict) -> None:
+        if h["epoch"] == 0:
+            console.print(f"  learning rate {h['lr']:g}")
         loss = "" if h["loss"] is None else f", loss {h['loss']:.3f}"
         console.print(f"  epoch {h['epoch']}: held-out agreement with the teacher {100 * h['agreement']:.1f}%{loss}")
 

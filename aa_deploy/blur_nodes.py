@@ -5,7 +5,7 @@ sum to one, the same in every channel. Reflect/replicate padding is a Pad node i
 padding goes through the Conv's own `pads`. Channels-last tensors are transposed to channels-first
 around it, since ONNX's Conv is channels-first.
 
-Pooled form (asked for with `pooled=True`; the rewrite asks wherever it applies): a binomial row of m + 1 taps is the box
+Pooled form (wherever it applies and the blur carries no bias): a binomial row of m + 1 taps is the box
 [1, 1] / 2 applied m times, and with reflect or replicate padding each box is an AveragePool of
 kernel 2 with either no padding or one cell each side that the average leaves out
 (count_include_pad=0; it then averages the edge cell with itself, which is replicating it):
@@ -70,7 +70,7 @@ def _box_powers(spec: BlurSpec) -> int | None:
     """m when every blurred axis has the binomial row of m + 1 taps (box [1, 1] / 2 applied m times)
     with m / 2 cells of padding each side, m even; else None."""
     m = len(spec.taps[0]) - 1
-    row = binomial_row(m)
+    row = filters.taps_1d(m + 1, 2)  # box [1, 1] / 2 applied m times
     ok = m >= 2 and m % 2 == 0
     ok = ok and all(len(t) == m + 1 and np.allclose(t, row, rtol=0, atol=1e-12) for t in spec.taps)
     return m if ok and all(p == (m // 2, m // 2) for p in spec.pads) else None
@@ -122,14 +122,6 @@ def blur_after(node: ir.Node) -> ir.Node | None:
     return pool
 
 
-def binomial_row(m: int) -> np.ndarray:
-    """The box [1, 1] / 2 convolved with itself m times (m + 1 taps, summing to one)."""
-    row = np.array([1.0])
-    for _ in range(m):
-        row = np.convolve(row, [0.5, 0.5])
-    return row
-
-
 def taps_of(blur: ir.Node, axes: tuple[int, ...]) -> list[np.ndarray]:
     """Per-axis 1-D taps of a blur (as `blur_after` returns it), for channels-first `axes`."""
     if blur.op_type == "Conv":
@@ -140,7 +132,7 @@ def taps_of(blur: ir.Node, axes: tuple[int, ...]) -> list[np.ndarray]:
         m += 1
         node = node.inputs[0].producer()
     kernel = graph.ints(blur, "kernel_shape")
-    return [binomial_row(m) if kernel[a - 2] == 2 else np.ones(1) for a in axes]
+    return [np.asarray(filters.taps_1d(m + 1, 2)) if kernel[a - 2] == 2 else np.ones(1) for a in axes]
 
 
 class BlurBuilder:
@@ -280,15 +272,10 @@ class BlurBuilder:
         return nodes[-1].outputs[0]
 
     def build(
-        self,
-        source: ir.Value,
-        spec: BlurSpec,
-        dtype: np.dtype,
-        bias: ir.Value | None = None,
-        pooled: bool = False,
+        self, source: ir.Value, spec: BlurSpec, dtype: np.dtype, bias: ir.Value | None = None
     ) -> tuple[list[ir.Node], ir.Value]:
-        """Nodes computing blur(source) (+ bias), not yet inserted, and the blurred value; `pooled`
-        asks for the AveragePool form where it is exact (see the module doc)."""
+        """Nodes computing blur(source) (+ bias), not yet inserted, and the blurred value: the
+        AveragePool form where it is exact and there is no bias (see the module doc), else the Conv."""
         self.count += 1
         tag = f"aa_blur{self.count}"
         meta = {MARK: "1"}
@@ -304,7 +291,7 @@ class BlurBuilder:
                 ir.node("Transpose", [x], {"perm": perm}, name=self._fresh(f"{tag}/to_nc"), metadata_props=meta)
             )
             x = nodes[-1].outputs[0]
-        chain = pool_chain(spec, dtype) if pooled and bias is None else None
+        chain = pool_chain(spec, dtype) if bias is None else None
         if chain is not None:
             x = self._pools(nodes, x, chain, spec, first_axes, tag)
         else:

@@ -40,7 +40,7 @@ def _insert(g: ir.Graph, after: ir.Node | None, nodes: list[ir.Node]) -> None:
 def _pre(g: ir.Graph, builder: BlurBuilder, action: Action, blurred: ir.Value | None) -> ir.Value:
     site = action.site
     if blurred is None:
-        nodes, blurred = builder.build(site.value, action.spec, _dtype(action), pooled=True)
+        nodes, blurred = builder.build(site.value, action.spec, _dtype(action))
         _insert(g, site.value.producer(), nodes)
     if action.restride:
         site.node.attributes["strides"] = ir.AttrInt64s("strides", [1] * (site.rank - 2))
@@ -56,7 +56,7 @@ def _blurpool(g: ir.Graph, builder: BlurBuilder, action: Action) -> None:
     n = action.site.rank - 2
     node.attributes["strides"] = ir.AttrInt64s("strides", [1] * n)
     bias = None
-    pooled = pool_chain(action.spec, _dtype(action)) is not None  # a bias commutes with it exactly
+    pooled = pool_chain(action.spec, _dtype(action)) is not None  # a bias commutes with it exactly: keep it
     if not pooled and node.op_type == "Conv" and len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = node.inputs[2]
         node.replace_input_with(2, None)
@@ -64,7 +64,7 @@ def _blurpool(g: ir.Graph, builder: BlurBuilder, action: Action) -> None:
     out = node.outputs[0]
     uses = list(out.uses())
     outputs = [i for i, v in enumerate(g.outputs) if v is out]
-    nodes, blurred = builder.build(out, action.spec, _dtype(action), bias=bias, pooled=pooled)
+    nodes, blurred = builder.build(out, action.spec, _dtype(action), bias=bias)
     g.insert_after(node, nodes)
     for use in uses:
         use.node.replace_input_with(use.idx, blurred)

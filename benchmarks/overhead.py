@@ -35,24 +35,29 @@ DEFAULT_MODELS = [
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
 
 
-def make_runner(path: Path, backend: str, threads: int, batch: int, precision: str):
-    """A runner (`run(feeds)`, `input_names`) of `path` on `backend`, for inputs of `batch` images."""
+def with_precision(path: Path, backend: str, precision: str) -> Path:
+    """The graph to run: `path`, or its float16 version for the tensorrt backend at --precision fp16."""
+    if backend != "tensorrt" or precision == "fp32":
+        return path
+    from converters.precision import to_fp16
+
+    graph = path.with_suffix(".fp16.onnx")
+    to_fp16(path, graph)
+    return graph
+
+
+def make_runner(graph: Path, backend: str, threads: int, batch: int, precision: str):
+    """A runner (`run(feeds)`, `input_names`) of `graph` on `backend`, for inputs of `batch` images."""
     if backend.startswith("ort-"):
         from converters.onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(path, backend.removeprefix("ort-"), threads)
-    from converters.tensorrt import TensorRTRunner, build_engine
-
-    graph = path
-    if precision == "fp16":
-        from converters.precision import to_fp16
-
-        graph = path.with_suffix(".fp16.onnx")
-        to_fp16(path, graph)
+        return OnnxRuntimeRunner(graph, backend.removeprefix("ort-"), threads)
     import onnx
 
-    name = onnx.load(str(path), load_external_data=False).graph.input[0].name
-    engine = path.with_suffix(f".{precision}.b{batch}.engine")
+    from converters.tensorrt import TensorRTRunner, build_engine
+
+    name = onnx.load(str(graph), load_external_data=False).graph.input[0].name
+    engine = graph.with_suffix(f".b{batch}.engine")  # x.b8.engine, x.fp16.b8.engine
     build_engine(graph, engine, {name: ((batch, 3, 224, 224),) * 3}, precision)
     return TensorRTRunner(engine)
 
@@ -124,14 +129,16 @@ def main() -> None:
         if not original.exists():
             export(load_model(spec)[0], original, (2, 3, 224, 224))
         base = {}  # batch -> runner of the original, shared by every converted variant
+        original_graph = with_precision(original, args.backend, args.precision)
         for mode, filt, pad, stem in itertools.product(args.modes, args.filters, args.pads, args.stem):
             converted = work / f"{original.stem}.{mode}.{filt}.{pad}.{stem}-stem.onnx"
             options = aa_deploy.Options(filter=filt, mode=mode, pad=pad, skip_stem=stem == "skip")
             aa_deploy.convert(original, converted, options)
+            converted_graph = with_precision(converted, args.backend, args.precision)
             for batch in args.batches:
                 if batch not in base:
-                    base[batch] = make_runner(original, args.backend, args.threads, batch, args.precision)
-                conv = make_runner(converted, args.backend, args.threads, batch, args.precision)
+                    base[batch] = make_runner(original_graph, args.backend, args.threads, batch, args.precision)
+                conv = make_runner(converted_graph, args.backend, args.threads, batch, args.precision)
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
                 ratios, orig_ms = pair_ratios(base[batch], conv, x, args.pairs, args.reps)
                 q = np.percentile(ratios, [10, 90])

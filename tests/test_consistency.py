@@ -101,6 +101,82 @@ def test_random_crop_pad_and_crop_keeps_size_and_counts_accuracy():
     assert 0.0 < result.accuracy <= 1.0 and 0.0 < result.consistency <= 1.0
 
 
+def mixed_images(n: int = 20, size: int = 8) -> np.ndarray:
+    """Half checkerboards (the strided model flips with the shift's parity), half flat images on
+    which class 1 wins at every shift (consistent): the agreement is clustered by image."""
+    flat = np.zeros((size, size, 2), np.float32)
+    flat[:, :, 1] = 0.6
+    return np.concatenate([checkerboard(n // 2, size), np.repeat(flat[None], n - n // 2, axis=0)])
+
+
+@pytest.mark.parametrize("protocol", ["random-crop", "circular", "diagonal", "worst-case"])
+def test_per_image_rates_average_to_the_consistency(protocol):
+    images = mixed_images(12, size=12)
+    if protocol == "worst-case":
+        from aa_deploy.consistency.protocols import Harness, worst_case
+
+        result = worst_case(Harness(strided_slice_classifier, identity_prepare), images, crop=8, shift=1, circular=True)
+    else:
+        result = measure(
+            protocol, strided_slice_classifier, identity_prepare, images, crop=8, shift=2, passes=4, pad="zero"
+        )
+    assert len(result.per_image) == 12
+    assert np.mean(result.per_image) == pytest.approx(result.consistency)
+    assert result.per_image[6:] == [1.0] * 6  # the flat images never flip
+    assert min(result.per_image[:6]) < 1.0
+
+
+def test_interval_is_over_images_and_does_not_shrink_with_more_passes():
+    # 20 images, 200 passes: 4,000 pairs, whose Wilson interval would be +-1.3 points; but only 10
+    # images can flip, so the image-level interval must stay wide (and contain the true rate).
+    images = mixed_images(20)
+    result = measure("circular", strided_slice_classifier, identity_prepare, images, crop=8, shift=1, passes=200)
+    truth = (65 / 81 + 1) / 2
+    lo, hi = result.ci95
+    assert lo < truth < hi
+    assert hi - lo > 0.05
+    assert np.subtract(*wilson(int(result.consistency * 4000), 4000)[::-1]) < 0.03
+
+
+def test_bootstrap_interval_matches_plain_resampling_of_images():
+    from aa_deploy.consistency.paired import bootstrap_ci
+
+    rng = np.random.default_rng(5)
+    for values in (rng.integers(0, 11, 100) / 10, rng.random(40), np.r_[np.ones(95), np.zeros(5)]):
+        means = values[rng.integers(0, len(values), size=(40_000, len(values)))].mean(axis=1)
+        assert bootstrap_ci(values) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])), abs=0.01)
+    assert bootstrap_ci(np.ones(30)) == (1.0, 1.0)
+
+
+def test_paired_difference_of_a_model_with_itself_is_exactly_zero():
+    from aa_deploy.consistency.paired import paired_difference
+
+    images = mixed_images(20)
+    r = measure("circular", strided_slice_classifier, identity_prepare, images, crop=8, shift=1, passes=5)
+    d = paired_difference(r, r)
+    assert d.delta == 0.0 and d.ci95 == (0.0, 0.0) and not d.resolved
+
+
+def test_paired_difference_resolves_an_invariant_model_against_a_strided_one():
+    from aa_deploy.consistency.paired import paired_difference
+
+    images = checkerboard(300)
+    runs = [
+        measure("circular", model, identity_prepare, images, crop=8, shift=1, passes=5, seed=3)
+        for model in (strided_slice_classifier, global_pool_classifier)
+    ]
+    d = paired_difference(*runs)
+    assert runs[1].consistency == 1.0
+    assert d.delta == pytest.approx(1.0 - runs[0].consistency) and d.delta == pytest.approx(16 / 81, abs=0.04)
+    assert 0 < d.ci95[0] <= d.delta <= d.ci95[1] and d.resolved
+    reverse = paired_difference(runs[1], runs[0])
+    assert reverse.delta == -d.delta and reverse.resolved
+    with pytest.raises(ValueError, match="same images"):
+        paired_difference(
+            runs[0], measure("circular", global_pool_classifier, identity_prepare, images[:5], crop=8, shift=1)
+        )
+
+
 def test_wilson_interval():
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
@@ -134,9 +210,13 @@ def test_cli_compares_models_and_writes_report_and_plot(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(report.read_text())
-    assert data["schema"] == "aa-deploy.consistency/1" and len(data["models"]) == 2
-    original = data["models"][str(plain)]
+    assert data["schema"] == "aa-deploy.consistency/2" and len(data["models"]) == 2
+    original, converted = data["models"][str(plain)], data["models"][str(tmp_path / "r20.aa.onnx")]
     assert original["images"] == 100 and 0.8 < original["consistency"] <= 1.0 and original["accuracy"] > 0.85
+    versus = data["versus_first"][str(tmp_path / "r20.aa.onnx")]
+    assert versus["delta"] == pytest.approx(converted["consistency"] - original["consistency"])
+    assert versus["ci95"][0] <= versus["delta"] <= versus["ci95"][1] and versus["images"] == 100
+    assert "vs first" in proc.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
     bad = cli("consistency", plain, "--images", tmp_path / "none")
     assert bad.returncode == 2 and "no such image folder" in bad.stderr

@@ -66,12 +66,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
     print_consistency(results, data.source, console)
     if args.report:
         from aa_deploy.atomic import write_text
+        from aa_deploy.consistency.paired import paired_difference
 
+        base = results[str(args.model)]
         payload = {
-            "schema": "aa-deploy.consistency/1",
+            "schema": "aa-deploy.consistency/2",
             "protocol": args.protocol,
             "images": data.source,
             "models": {name: r.as_dict() for name, r in results.items()},
+            "versus_first": {
+                name: paired_difference(base, r).as_dict() for name, r in results.items() if r is not base
+            },
         }
         write_text(args.report, json.dumps(payload, indent=2) + "\n")
     if args.plot:

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from aa_deploy.consistency.paired import bootstrap_ci
+
 Runner = Callable[[np.ndarray], np.ndarray]
 Prepare = Callable[[np.ndarray], np.ndarray]
 PROTOCOLS = ("random-crop", "circular", "diagonal", "worst-case")
@@ -33,11 +35,12 @@ class ConsistencyResult:
 
     protocol: str
     consistency: float  # share of images (or pairs) that agree, 0..1
-    ci95: tuple[float, float]  # Wilson interval of `consistency`
+    ci95: tuple[float, float]  # 95 % interval of `consistency` over images (see `paired`)
     accuracy: float | None  # top-1 on the unshifted (or first) views, with labels
     images: int
     views: int  # views run through the model
     per_pass: list[float] = field(default_factory=list)
+    per_image: list[float] = field(default_factory=list)  # each image's agreement rate; mean = consistency
     curve: dict | None = None  # diagonal: offsets, agreement, accuracy, probability
     settings: dict = field(default_factory=dict)
 
@@ -113,6 +116,7 @@ def random_pairs(
     size = images.shape[1] if pad is not None or circular else crop
     span = canvas.shape[1] - size  # offsets 0..span
     agree, per_pass, correct, seen = 0, [], 0, 0
+    per_image = np.zeros(len(images))
     for _ in range(passes):
         if circular:
             a, b = (rng.integers(-shift, shift + 1, size=(len(images), 2)) for _ in range(2))
@@ -121,6 +125,7 @@ def random_pairs(
             a, b = (rng.integers(0, span + 1, size=(len(images), 2)) for _ in range(2))
             va, vb = _crop(canvas, a, size), _crop(canvas, b, size)
         la, lb = harness.logits(va).argmax(1), harness.logits(vb).argmax(1)
+        per_image += la == lb
         same = int((la == lb).sum())
         agree += same
         per_pass.append(same / len(images))
@@ -131,11 +136,12 @@ def random_pairs(
     return ConsistencyResult(
         protocol="circular" if circular else "random-crop",
         consistency=agree / n,
-        ci95=wilson(agree, n),
+        ci95=bootstrap_ci(per_image / passes),
         accuracy=correct / seen if seen else None,
         images=len(images),
         views=harness.views,
         per_pass=per_pass,
+        per_image=(per_image / passes).tolist(),
         settings={"crop": size, "shift": shift, "passes": passes, "seed": seed, "pad": pad},
     )
 
@@ -160,20 +166,22 @@ def diagonal(
     logits = {p: harness.logits(canvas[:, p : p + size, p : p + size]) for p in positions}
     base_class = logits[base].argmax(1)
     agreement, accuracy, probability = [], [], []
+    per_image = np.zeros(len(images))
     for p in positions:
         cls = logits[p].argmax(1)
+        per_image += (cls == base_class) if p != base else 0
         agreement.append(float((cls == base_class).mean()))
         probability.append(float(softmax(logits[p])[np.arange(len(cls)), base_class].mean()))
         accuracy.append(float((cls == labels).mean()) if labels is not None else None)
-    agree_all = sum(int(round(a * len(images))) for p, a in zip(positions, agreement) if p != base)
-    n = len(images) * (len(positions) - 1)
+    per_image = per_image / (len(positions) - 1) if len(positions) > 1 else np.ones(len(images))
     return ConsistencyResult(
         protocol="diagonal",
-        consistency=agree_all / n if n else 1.0,
-        ci95=wilson(agree_all, n),
+        consistency=float(per_image.mean()),
+        ci95=bootstrap_ci(per_image),
         accuracy=accuracy[base],
         images=len(images),
         views=harness.views,
+        per_image=per_image.tolist(),
         curve={
             "offset": [p - base for p in positions],
             "agreement": agreement,
@@ -220,6 +228,7 @@ def worst_case(
         accuracy=float(correct.mean()) if labels is not None else None,
         images=len(images),
         views=harness.views,
+        per_image=consistent.astype(float).tolist(),
         settings={"crop": size, "shift": shift, "pad": pad, "grid": len(grid), "circular": circular},
     )
 

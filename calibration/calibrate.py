@@ -34,9 +34,15 @@ class CalibrationResult:
     epochs: int | None = None
     best_epoch: int | None = None
     history: list = field(default_factory=list)
+    # calibrated minus original consistency on the held-out images (same shifts: paired), per protocol
+    versus_teacher: dict = field(default_factory=dict)
 
 
-def _summary(module: OnnxModule, held: np.ndarray, prepare, teacher_top1: np.ndarray) -> dict:
+PROTOCOLS = {"consistency_pad_crop": ("random-crop", 4, "zero"), "consistency_circular": ("circular", 2, None)}
+
+
+def _summary(module: OnnxModule, held: np.ndarray, prepare, teacher_top1: np.ndarray) -> tuple[dict, dict]:
+    """Held-out agreement with the teacher and consistency (figures), with the ConsistencyResults."""
     from aa_deploy.consistency import measure
 
     def run(x):
@@ -44,9 +50,11 @@ def _summary(module: OnnxModule, held: np.ndarray, prepare, teacher_top1: np.nda
             return module(torch.from_numpy(x)).numpy()
 
     agree = float((run(prepare(held)).argmax(1) == teacher_top1).mean()) if teacher_top1 is not None else 1.0
-    crop = measure("random-crop", run, prepare, held, crop=held.shape[1], shift=4, pad="zero", passes=3)
-    circ = measure("circular", run, prepare, held, crop=held.shape[1], shift=2, passes=3)
-    return {"agreement": agree, "consistency_pad_crop": crop.consistency, "consistency_circular": circ.consistency}
+    results = {
+        key: measure(protocol, run, prepare, held, crop=held.shape[1], shift=shift, pad=pad, passes=3)
+        for key, (protocol, shift, pad) in PROTOCOLS.items()
+    }
+    return {"agreement": agree} | {key: r.consistency for key, r in results.items()}, results
 
 
 def calibrate(
@@ -98,8 +106,8 @@ def calibrate(
     held, train = raw[order[:n_held]], raw[order[n_held:]]
     with torch.no_grad():
         teacher_top1 = teacher_m(torch.from_numpy(prepare(held))).argmax(1).numpy()
-    teacher_summary = _summary(teacher_m, held, prepare, None)
-    before = _summary(student, held, prepare, teacher_top1)
+    teacher_summary, teacher_runs = _summary(teacher_m, held, prepare, None)
+    before, _ = _summary(student, held, prepare, teacher_top1)
     calibrate_stats(student, teacher_m, torch.from_numpy(prepare(train[:1000])))
     report = None
     if method == "distill":
@@ -117,7 +125,10 @@ def calibrate(
             mix=mix,
             progress=progress,
         )
-    after = _summary(student, held, prepare, teacher_top1)
+    after, after_runs = _summary(student, held, prepare, teacher_top1)
+    from aa_deploy.consistency.paired import paired_difference
+
+    versus = {key: paired_difference(teacher_runs[key], after_runs[key]).as_dict() for key in PROTOCOLS}
 
     values = {name: p.detach().numpy() for name, p in student.trainable().items()}
     write_back(student_ir, values)
@@ -133,6 +144,7 @@ def calibrate(
         epochs=report.epochs if report else None,
         best_epoch=report.best_epoch if report else None,
         history=report.history if report else [],
+        versus_teacher=versus,
     )
     model_io.write_metadata(
         student_ir,
@@ -147,6 +159,7 @@ def calibrate(
                 "epochs": result.epochs,
                 "before": before,
                 "after": after,
+                "versus_teacher": versus,
                 "preprocess": preprocess.as_dict(),
             }
         },

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -85,6 +87,10 @@ def test_write_back_changes_initializer_values_only(r20, tmp_path, method, mode)
     meta = aa_deploy.model_io.read_metadata(after)
     assert meta["calibration"]["method"] == method and meta["options"]["mode"] == mode
     assert result.after["agreement"] >= result.before["agreement"] - 0.05
+    for key, d in result.versus_teacher.items():  # paired with the teacher's run on the same shifts
+        assert d["delta"] == pytest.approx(result.after[key] - result.teacher[key])
+        assert d["ci95"][0] <= d["delta"] <= d["ci95"][1]
+    assert meta["calibration"]["versus_teacher"] == json.loads(json.dumps(result.versus_teacher))
 
 
 def test_calibrate_cli_errors(r20, tmp_path):

@@ -75,6 +75,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"{100 * row['consistency_circular']:.1f}",
         )
     console.print(table)
+    parts = [
+        f"{label} {100 * d['delta']:+.1f} ({100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f})"
+        for label, d in zip(("pad-and-crop", "circular"), result.versus_teacher.values())
+    ]
+    console.print(f"consistency, calibrated minus original (paired, 95 % interval over images): {', '.join(parts)}")
     extra = f", lr {result.lr:g}, best epoch {result.best_epoch} of {result.epochs}" if result.lr else ""
     console.print(f"calibrated on {result.images} images in {result.seconds:.0f} s{extra}; wrote {args.output}")
     return common.EXIT_OK

@@ -326,3 +326,23 @@ def test_progress_reports_every_view(protocol, pad):
         progress=seen.append,
     )
     assert sum(seen) == result.views == view_count(protocol, 6, shift=2, passes=2, pad=pad)
+
+
+@pytest.mark.parametrize("protocol", ["circular", "random-crop"])
+def test_image_folder_views_have_the_model_input_size(tmp_path, protocol):
+    # Circular shifts keep the image size; canvas crops load images `shift` px larger. A folder of
+    # 32-px images used to come back 34 px for circular shifts, and ONNX Runtime refused them.
+    from PIL import Image
+
+    from aa_deploy import bundled
+    from aa_deploy.consistency.compare import compare
+    from converters.export import export
+
+    images, labels = bundled.cifar_test_images()
+    for i in range(8):
+        (tmp_path / "imgs" / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(tmp_path / "imgs" / str(labels[i]) / f"{i}.png")
+    model = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
+    results, data = compare([model], images=str(tmp_path / "imgs"), protocol=protocol, passes=2)
+    assert data.images.shape[1:3] == ((32, 32) if protocol == "circular" else (32 + 32, 32 + 32))
+    assert next(iter(results.values())).images == 8

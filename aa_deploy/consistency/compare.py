@@ -35,9 +35,11 @@ def load_images(
     preprocess=None,
     limit: int | None = None,
     labels: str | os.PathLike | None = None,
+    circular: bool = False,
 ) -> ImageSet:
     """`bundled:cifar10`, `bundled:photos`, or an image folder; labels from a `file,label` CSV or a
-    folder-per-class layout."""
+    folder-per-class layout. Images are loaded at the view size for pad-and-crop and `circular`
+    shifts, and `shift` px larger for canvas crops."""
     from calibration.images import Preprocess, csv_labels, folder_labels, load_folder, normalize
 
     if spec == "bundled:cifar10":
@@ -49,8 +51,8 @@ def load_images(
         )
     root = BUNDLED_PHOTOS if spec in (None, "bundled:photos") else Path(spec)
     base = preprocess or Preprocess(size=crop)
-    # pad-and-crop views keep the image size; canvas crops need room for the shift.
-    canvas = base.size if pad is not None else base.size + shift
+    # pad-and-crop and circular views keep the image size; canvas crops need room for the shift.
+    canvas = base.size if pad is not None or circular else base.size + shift
     pre = Preprocess(size=canvas, resize=max(canvas, base.resize or 0) or None, mean=base.mean, std=base.std)
     images, files = load_folder(root, pre, limit=limit)
     prep = Preprocess(size=base.size, mean=base.mean, std=base.std)
@@ -101,7 +103,16 @@ def compare(
     small = images == "bundled:cifar10" or pad is not None
     if shift is None:
         shift = 2 if protocol == "circular" else (4 if small else 32)
-    data = load_images(images, crop=size, shift=shift, pad=pad, preprocess=preprocess, limit=limit, labels=labels)
+    data = load_images(
+        images,
+        crop=size,
+        shift=shift,
+        pad=pad,
+        preprocess=preprocess,
+        limit=limit,
+        labels=labels,
+        circular=protocol == "circular",
+    )
     if isinstance(dims[-1], int) and dims[-1] != data.crop:
         raise InputError(f"views are {data.crop} px, the model takes {dims[-1]} px: check --crop/--size")
     from contextlib import nullcontext

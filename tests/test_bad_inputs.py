@@ -81,3 +81,27 @@ def test_one_by_one_feature_maps(tmp_path, pad):
     y0 = ort.InferenceSession(str(src)).run(None, {"X": x})[0]
     if pad != "zero":  # a blur of one pixel with reflect/replicate padding is that pixel
         np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_runtime_refusing_inputs_at_run_time_is_one_line(monkeypatch, capsys, tmp_path):
+    # A model ONNX Runtime loads but then refuses the inputs of (here: made to refuse): one line on
+    # stderr and exit 2, no traceback. Errors that are not ONNX Runtime's still raise.
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    from aa_deploy.cli import EXIT_INPUT, main
+    from aa_deploy.consistency import compare
+
+    def refuse(*args, **kwargs):
+        raise InvalidArgument("Got invalid dimensions for input: input\n index: 2 Got: 34 Expected: 32")
+
+    monkeypatch.setattr(compare, "compare", refuse)
+    assert main(["consistency", str(tmp_path / "m.onnx")]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("aa-deploy consistency: error: ONNX Runtime: Got invalid dimensions")
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("ours")
+
+    monkeypatch.setattr(compare, "compare", bug)
+    with pytest.raises(ZeroDivisionError):
+        main(["consistency", str(tmp_path / "m.onnx")])

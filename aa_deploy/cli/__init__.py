@@ -39,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"aa-deploy {args.command}: error: {e}", file=sys.stderr)
         return EXIT_INPUT
+    except Exception as e:
+        # ONNX Runtime refusing a model or its inputs is about the user's files, not a bug of ours:
+        # one line, not a traceback. Anything else still raises.
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        message = " ".join(str(e).split())
+        print(f"aa-deploy {args.command}: error: ONNX Runtime: {message}", file=sys.stderr)
+        return EXIT_INPUT
     except KeyboardInterrupt:
         return 130
 

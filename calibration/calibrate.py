@@ -68,7 +68,7 @@ def calibrate(
     held_out: float = 0.1,
     limit: int | None = None,
     max_epochs: int = 45,
-    patience: int = 12,
+    patience: int | None = None,
     lr: float | None = None,
     seed: int = 0,
     reinsert_bn: bool = False,

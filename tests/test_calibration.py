@@ -184,3 +184,20 @@ def test_a_rate_that_never_beats_the_start_backs_off(r20, tmp_path, monkeypatch)
     rates = [h["lr"] for h in result.history if h["epoch"] == 0]
     assert rates == sorted(distill.LR_CANDIDATES, reverse=True)
     assert result.lr == min(distill.LR_CANDIDATES) and result.best_epoch == 0
+
+
+@pytest.mark.parametrize("patience,epochs", [(None, 4), (2, 2)])
+def test_default_patience_counts_optimizer_steps_too(r20, tmp_path, monkeypatch, patience, epochs):
+    # 70 training images = 2 steps an epoch. Default: max(2 epochs, 8 steps = 4 epochs) without
+    # better agreement; a patience the caller gives is kept as given.
+    import calibration.distill as distill
+
+    monkeypatch.setattr(distill, "agreement", lambda *a, **k: 0.5)
+    monkeypatch.setattr(distill, "range_test", lambda *a: (min(distill.LR_CANDIDATES), {}))
+    monkeypatch.setattr(distill, "PATIENCE_EPOCHS", 2)
+    monkeypatch.setattr(distill, "PATIENCE_STEPS", 8)
+    result = calibrate(
+        r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=20, patience=patience
+    )
+    assert [h["epoch"] for h in result.history] == list(range(epochs + 1))
+    assert distill.default_patience(29) == 2 and distill.default_patience(3) == 3

@@ -17,7 +17,11 @@ def add(sub) -> None:
     k.add_argument("-o", "--output", required=True)
     k.add_argument("--method", default="distill", choices=["stats", "distill"])
     k.add_argument("--epochs", type=int, default=45, help="most epochs of distillation (early stop decides)")
-    k.add_argument("--patience", type=int, default=12, help="stop after this many epochs without better agreement")
+    k.add_argument(
+        "--patience",
+        type=int,
+        help="stop after this many epochs without better agreement (default 12, and at least 300 optimizer steps)",
+    )
     k.add_argument("--lr", type=float, help="learning rate (default: chosen by a short range test)")
     k.add_argument("--limit", type=int, help="use at most this many images")
     k.add_argument("--seed", type=int, default=0)

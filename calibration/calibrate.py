@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from aa_deploy import model_io
+from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.errors import InputError
 from calibration.bridge import OnnxModule, write_back
 from calibration.images import Preprocess, load_folder, normalize, preprocess_for
@@ -126,8 +127,6 @@ def calibrate(
             progress=progress,
         )
     after, after_runs = _summary(student, held, prepare, teacher_top1)
-    from aa_deploy.consistency.paired import paired_difference
-
     versus = {key: paired_difference(teacher_runs[key], after_runs[key]).as_dict() for key in PROTOCOLS}
 
     values = {name: p.detach().numpy() for name, p in student.trainable().items()}

@@ -77,26 +77,21 @@ def print_parity(result, console: Console) -> None:
         )
 
 
-def print_consistency(results: dict, source: str, console: Console) -> None:
+def print_consistency(results: dict, versus: dict, source: str, console: Console) -> None:
     """One row per model: consistency with its 95 % interval (over images), accuracy, views run, and
-    for each model after the first its paired difference from the first, with that difference's interval."""
-    from aa_deploy.consistency.paired import paired_difference
-
+    for each model after the first its paired difference from the first (`versus`: name -> PairedDelta)."""
     first = next(iter(results.values()))
     settings = ", ".join(f"{k} {v}" for k, v in first.settings.items() if v is not None)
     table = Table(title=f"{first.protocol} consistency on {source} ({settings})", title_justify="left")
     for column in ("model", "consistency %", "95% CI", "vs first: diff (95% CI)", "top-1 %", "images", "views"):
         table.add_column(column)
-    for i, (name, r) in enumerate(results.items()):
-        versus = ""
-        if i > 0:
-            d = paired_difference(first, r)
-            versus = f"{100 * d.delta:+.1f} ({100 * d.ci95[0]:+.1f} to {100 * d.ci95[1]:+.1f})"
+    for name, r in results.items():
+        d = versus.get(name)
         table.add_row(
             name,
             f"{100 * r.consistency:.1f}",
             f"{100 * r.ci95[0]:.1f}-{100 * r.ci95[1]:.1f}",
-            versus,
+            "" if d is None else f"{100 * d.delta:+.1f} ({100 * d.ci95[0]:+.1f} to {100 * d.ci95[1]:+.1f})",
             _pct(r.accuracy),
             str(r.images),
             str(r.views),

@@ -79,9 +79,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"{100 * row['consistency_circular']:.1f}",
         )
     console.print(table)
+    labels = {"consistency_pad_crop": "pad-and-crop", "consistency_circular": "circular"}
     parts = [
-        f"{label} {100 * d['delta']:+.1f} ({100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f})"
-        for label, d in zip(("pad-and-crop", "circular"), result.versus_teacher.values())
+        f"{labels[key]} {100 * d['delta']:+.1f} ({100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f})"
+        for key, d in result.versus_teacher.items()
     ]
     console.print(f"consistency, calibrated minus original (paired, 95 % interval over images): {', '.join(parts)}")
     extra = f", lr {result.lr:g}, best epoch {result.best_epoch} of {result.epochs}" if result.lr else ""

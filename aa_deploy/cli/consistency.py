@@ -42,6 +42,7 @@ def add(sub) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
 
     from aa_deploy.consistency.compare import compare
+    from aa_deploy.consistency.paired import paired_difference
     from aa_deploy.report import print_consistency
 
     preprocess = common.preprocess(args, args.crop)
@@ -63,20 +64,18 @@ def run(args: argparse.Namespace, console: Console) -> int:
         backend=args.backend,
         limit=args.limit,
     )
-    print_consistency(results, data.source, console)
+    base = results[str(args.model)]
+    versus = {name: paired_difference(base, r) for name, r in results.items() if r is not base}
+    print_consistency(results, versus, data.source, console)
     if args.report:
         from aa_deploy.atomic import write_text
-        from aa_deploy.consistency.paired import paired_difference
 
-        base = results[str(args.model)]
         payload = {
             "schema": "aa-deploy.consistency/2",
             "protocol": args.protocol,
             "images": data.source,
             "models": {name: r.as_dict() for name, r in results.items()},
-            "versus_first": {
-                name: paired_difference(base, r).as_dict() for name, r in results.items() if r is not base
-            },
+            "versus_first": {name: d.as_dict() for name, d in versus.items()},
         }
         write_text(args.report, json.dumps(payload, indent=2) + "\n")
     if args.plot:

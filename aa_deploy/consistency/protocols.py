@@ -125,10 +125,10 @@ def random_pairs(
             a, b = (rng.integers(0, span + 1, size=(len(images), 2)) for _ in range(2))
             va, vb = _crop(canvas, a, size), _crop(canvas, b, size)
         la, lb = harness.logits(va).argmax(1), harness.logits(vb).argmax(1)
-        per_image += la == lb
-        same = int((la == lb).sum())
-        agree += same
-        per_pass.append(same / len(images))
+        same = la == lb
+        per_image += same
+        agree += int(same.sum())
+        per_pass.append(float(same.mean()))
         if labels is not None:
             correct += int((la == labels).sum()) + int((lb == labels).sum())
             seen += 2 * len(images)

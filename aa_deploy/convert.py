@@ -25,6 +25,11 @@ class Conversion:
     blurs: int
 
     @property
+    def opset_upgrade(self) -> dict | None:
+        """{"from": old, "to": new} when the input's opset was upgraded before converting."""
+        return model_io.read_metadata(self.model).get("opset_upgrade")
+
+    @property
     def changed(self) -> list[Action]:
         return [a for a in self.actions if a.action != "skip"]
 
@@ -73,6 +78,7 @@ def convert(
     in_place: bool = False,
     check: bool = True,
     allow_empty: bool = False,
+    target_opset: int | None = None,
 ) -> Conversion:
     """Convert the model file `src` and write it to `dst` (atomically; never over `src` unless `in_place`)."""
     src = Path(src)
@@ -83,7 +89,7 @@ def convert(
     dst = Path(dst)
     if not in_place and dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise InputError(f"{dst}: output would overwrite the input (use --in-place to mean it)")
-    model = model_io.load(src)
+    model = model_io.load(src, target_opset)
     external = model_io.uses_external_data(model)
     result = convert_model(model, options)
     if not result.actions and not allow_empty:

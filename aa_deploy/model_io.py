@@ -33,8 +33,36 @@ def check_input(path: str | os.PathLike) -> str | None:
     return None
 
 
-def load(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX model; external weights stay on disk (memory-mapped) until used."""
+def opset_of(model: ir.Model) -> int | None:
+    """The model's default-domain opset."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+
+
+def upgrade_opset(model: ir.Model, target: int, source: str = "model") -> ir.Model:
+    """`model` moved to opset `target` by onnx.version_converter (the ONNX Model Zoo's classic graphs are
+    opset 7-9); the upgrade is recorded in the metadata (`aa_deploy.opset_upgrade`). The graph's
+    inputs and outputs keep their names, types and shapes; the IR version stays as it was."""
+    from onnx import version_converter
+
+    old = opset_of(model)
+    proto = ir.to_proto(ir.external_data.load_to_model(model))  # old graphs are small: weights in memory
+    try:
+        upgraded = version_converter.convert_version(proto, target)
+        onnx.checker.check_model(upgraded)
+    except Exception as e:  # the converter raises RuntimeError, IndexError, checker errors...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = reason.split(" failed: ", 1)[-1]  # the converter's C++ assertion prefix says nothing to a user
+        raise InputError(f"{source}: cannot upgrade opset {old} to {target} ({reason})") from None
+    upgraded.ir_version = proto.ir_version
+    result = ir.from_proto(upgraded)
+    write_metadata(result, {"opset_upgrade": {"from": old, "to": target}})
+    return result
+
+
+def load(path: str | os.PathLike, target_opset: int | None = None) -> ir.Model:
+    """Load an ONNX model; external weights stay on disk (memory-mapped) until used.
+
+    Opsets below MIN_OPSET (or below `target_opset`) are upgraded with onnx.version_converter."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -51,9 +79,14 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     if len(model.graph) == 0 or not model.graph.outputs:
         raise InputError(f"{path}: not a usable ONNX model (empty graph; truncated or not ONNX?)")
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-    if opset is None or opset < MIN_OPSET:
-        raise InputError(f"{path}: opset {opset} is not supported (aa-deploy needs opset {MIN_OPSET} or newer)")
+    opset = opset_of(model)
+    if opset is None:
+        raise InputError(f"{path}: the model imports no default-domain opset")
+    if target_opset is not None and target_opset < MIN_OPSET:
+        raise InputError(f"--target-opset {target_opset}: aa-deploy needs opset {MIN_OPSET} or newer")
+    target = max(MIN_OPSET, target_opset or 0)
+    if opset < target:
+        model = upgrade_opset(model, target, str(path))
     try:
         model.graph.sort()  # exporters may list nodes out of order; a cycle cannot be ordered at all
     except ValueError as e:
@@ -96,6 +129,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external: bool, check: boo
         tmp = Path(tempfile.mkdtemp(prefix=".aa-deploy-", dir=folder))
     except OSError as e:
         raise InputError(f"{folder}: cannot write here ({e.strerror or e})") from None
+    list_initializers_as_inputs(model)
     try:
         data_name = path.name + ".data" if external else None
         ir.save(model, tmp / path.name, external_data=data_name)
@@ -111,6 +145,20 @@ def save(model: ir.Model, path: str | os.PathLike, *, external: bool, check: boo
         raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def list_initializers_as_inputs(model: ir.Model) -> None:
+    """Before IR version 4 every initializer must also be a graph input: list those that are not (the
+    blur taps and pads aa-deploy adds) after the model's own inputs. Runtimes treat such inputs as
+    constants with defaults (ONNX Runtime does not list them in `get_inputs()`). Raising the IR version
+    instead would turn the model's own weight inputs into overridable inputs, which ONNX Runtime then no
+    longer folds or fuses (and warns about for every one of them)."""
+    if model.ir_version >= 4:
+        return
+    listed = {id(v) for v in model.graph.inputs}
+    for value in model.graph.initializers.values():
+        if id(value) not in listed:
+            model.graph.inputs.append(value)
 
 
 def write_metadata(model: ir.Model, fields: dict) -> None:

@@ -28,8 +28,10 @@ def bad_models(tmp_path):
     yield "wrong magic", _raw(tmp_path / "png.onnx", b"\x89PNG\r\n\x1a\n" + good[:200])
     yield "truncated", _raw(tmp_path / "cut.onnx", good[: len(good) // 2])
     old = G.conv_model([1, 3, 16, 16])
-    old.opset_import[0].version = 9
-    yield "unsupported opset", _write(tmp_path / "opset9.onnx", old)
+    old.opset_import[0].version = 9  # upgraded to 11 first, which fails on an op without a schema
+    old.graph.node[0].output[0] = "c"
+    old.graph.node.append(helper.make_node("NoSuchOp", ["c"], ["Y"]))
+    yield "opset upgrade fails", _write(tmp_path / "opset9.onnx", old)
     cyc = onnx.ModelProto()
     cyc.CopyFrom(G.conv_model([1, 3, 16, 16]))
     w = G.const("w2", np.ones((3, 4, 1, 1), np.float32))

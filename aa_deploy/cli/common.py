@@ -22,6 +22,21 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", metavar="REGEX", help="leave out sites whose node name or module scope matches")
 
 
+def add_target_opset(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target-opset",
+        type=int,
+        metavar="N",
+        help="upgrade the model to opset N first (opsets below 11 are always upgraded, to 11 by default)",
+    )
+
+
+def print_upgrade(upgrade: dict | None, console) -> None:
+    """One line saying that the input's opset was upgraded, when it was."""
+    if upgrade:
+        console.print(f"upgraded the graph from opset {upgrade['from']} to {upgrade['to']} (onnx.version_converter)")
+
+
 def add_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, help="image size after resize and centre crop (default: the model's input size)")
     p.add_argument("--mean", help="normalization mean, e.g. 0.485,0.456,0.406 (default: ImageNet's)")

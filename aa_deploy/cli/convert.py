@@ -18,6 +18,7 @@ def add(sub) -> None:
     c.add_argument("--in-place", action="store_true", help="overwrite the input model")
     c.add_argument("--no-check", action="store_true", help="skip onnx.checker on the output")
     c.add_argument("-q", "--quiet", action="store_true", help="no site table")
+    common.add_target_opset(c)
     common.add_options(c)
     c.set_defaults(run=run)
 
@@ -29,9 +30,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.output is None and not args.in_place:
         raise InputError("give an output file with -o FILE (or --in-place to overwrite the input)")
     start = time.perf_counter()
-    result = convert(args.model, args.output, common.options(args), in_place=args.in_place, check=not args.no_check)
+    result = convert(
+        args.model,
+        args.output,
+        common.options(args),
+        in_place=args.in_place,
+        check=not args.no_check,
+        target_opset=args.target_opset,
+    )
     seconds = time.perf_counter() - start
     out = args.model if args.in_place else args.output
+    common.print_upgrade(result.opset_upgrade, console)
     if not args.quiet:
         print_sites(result.actions, f"{args.model} -> {out}", console)
     changed = len(result.changed)

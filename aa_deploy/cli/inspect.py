@@ -14,6 +14,7 @@ def add(sub) -> None:
     q = sub.add_parser("inspect", help="list every downsampling site and what convert would do")
     q.add_argument("model")
     q.add_argument("--json", action="store_true", help="print the plan as JSON")
+    common.add_target_opset(q)
     common.add_options(q)
     q.set_defaults(run=run)
 
@@ -23,7 +24,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from aa_deploy.convert import inspect
     from aa_deploy.report import print_sites
 
-    actions = inspect(model_io.load(args.model), common.options(args))
+    model = model_io.load(args.model, args.target_opset)
+    actions = inspect(model, common.options(args))
+    if not args.json:
+        common.print_upgrade(model_io.read_metadata(model).get("opset_upgrade"), console)
     if args.json:
         print(json.dumps([a.describe() for a in actions], indent=2))
     elif not actions:

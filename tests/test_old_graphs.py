@@ -1,0 +1,164 @@
+"""Graphs users already have: ONNX Model Zoo-era opsets (7-9) with IR version 3, and sites inside
+If/Loop bodies.
+
+The reference is the one of test_sites: in `pre` mode, a site reading the graph input X satisfies
+converted(X) == original(np_blur(X)), the original run as it is (old opset) in ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from aa_deploy import model_io
+from tests import graphs as G
+from tests.helpers import cli
+
+RNG = np.random.default_rng(0)
+
+
+def zoo_era_model(opset: int) -> onnx.ModelProto:
+    """X -> Conv(s2) -> Relu -> LRN -> Dropout, plus X -> MaxPool(s2), summed: the classic CNN ops,
+    IR version 3, weights as initializers that are also listed as graph inputs (as IR 3 requires)."""
+    w = RNG.standard_normal((3, 3, 3, 3)).astype(np.float32)
+    b = RNG.standard_normal(3).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["X", "w", "b"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu1"),
+        helper.make_node("LRN", ["r"], ["n"], size=3, name="norm1"),
+        helper.make_node("Dropout", ["n"], ["d"], name="drop1", **({"is_test": 1} if opset < 7 else {})),
+        helper.make_node("MaxPool", ["X"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool1"),
+        helper.make_node("Sum", ["d", "p"], ["Y"], name="sum1"),
+    ]
+    inputs = [
+        G.inp("X", [1, 3, 16, 16]),
+        helper.make_tensor_value_info("w", TensorProto.FLOAT, w.shape),
+        helper.make_tensor_value_info("b", TensorProto.FLOAT, b.shape),
+    ]
+    out = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 3, 8, 8])
+    g = helper.make_graph(nodes, "zoo", inputs, [out], [G.const("w", w), G.const("b", b)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 3
+    onnx.checker.check_model(m)
+    return m
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("opset", [7, 8, 9])
+@pytest.mark.parametrize("filt", ["rect", "triangle"])  # rect: Conv-form blurs with new initializers
+def test_zoo_era_graph_is_upgraded_converted_and_exact(tmp_path, opset, filt):
+    m = zoo_era_model(opset)
+    src, dst = tmp_path / "old.onnx", tmp_path / "old.aa.onnx"
+    src.write_bytes(m.SerializeToString())
+    proc = cli("convert", src, "-o", dst, "--mode", "pre", "--filter", filt)
+    assert proc.returncode == 0, proc.stderr
+    assert f"upgraded the graph from opset {opset} to 11" in proc.stdout
+    assert "changed 2 of 2 sites" in proc.stdout
+
+    out = onnx.load(dst)
+    onnx.checker.check_model(out, full_check=True)
+    assert out.ir_version == 3 and out.opset_import[0].version == 11
+    # IR 3: every initializer (the blur taps included) is a graph input; the model's own come first.
+    assert {i.name for i in out.graph.initializer} <= {i.name for i in out.graph.input}
+    assert [i.name for i in out.graph.input][:3] == ["X", "w", "b"]
+    assert [o.name for o in out.graph.output] == ["Y"]
+    assert model_io.read_metadata(out)["opset_upgrade"] == {"from": opset, "to": 11}
+    session = _session(dst)
+    assert [i.name for i in session.get_inputs()] == ["X"]
+
+    x = RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    original = _session(src)
+    expected = original.run(None, {"X": G.np_blur(x, (2, 3), filt)})[0]
+    np.testing.assert_allclose(session.run(None, {"X": x})[0], expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(original.run(None, {"X": x})[0] - expected).max() > 1e-3
+
+
+def test_target_opset_and_default_mode(tmp_path):
+    src, dst = tmp_path / "old.onnx", tmp_path / "old.aa.onnx"
+    src.write_bytes(zoo_era_model(8).SerializeToString())
+    proc = cli("convert", src, "-o", dst, "--target-opset", "13")
+    assert proc.returncode == 0, proc.stderr
+    out = onnx.load(dst)
+    onnx.checker.check_model(out, full_check=True)
+    assert out.opset_import[0].version == 13
+    assert _session(dst).run(None, {"X": np.zeros((1, 3, 16, 16), np.float32)})[0].shape == (1, 3, 8, 8)
+    proc = cli("inspect", src)
+    assert proc.returncode == 0 and "upgraded the graph from opset 8 to 11" in proc.stdout
+
+
+def test_an_upgrade_that_fails_is_one_line(tmp_path):
+    m = G.conv_model([1, 3, 16, 16])
+    m.opset_import[0].version = 9
+    m.graph.node[0].output[0] = "c"
+    m.graph.node.append(helper.make_node("NoSuchOp", ["c"], ["Y"]))
+    src = tmp_path / "bad.onnx"
+    src.write_bytes(m.SerializeToString())
+    proc = cli("convert", src, "-o", tmp_path / "out.onnx")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "cannot upgrade opset 9 to 11" in proc.stderr, proc.stderr
+    assert "NoSuchOp" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.onnx").exists()
+    proc = cli("convert", tmp_path / "bad.onnx", "-o", tmp_path / "out.onnx", "--target-opset", "9")
+    assert proc.returncode == 2 and "needs opset 11" in proc.stderr
+
+
+def _branch(name: str, node: onnx.NodeProto) -> onnx.GraphProto:
+    return helper.make_graph([node], name, [], [G.out(node.output[0], 4)])
+
+
+def if_model() -> onnx.ModelProto:
+    """Y = If(C, then: Conv(X, s2), else: MaxPool(X, s2)): both bodies read X from the outer graph."""
+    w = RNG.standard_normal((3, 3, 3, 3)).astype(np.float32)
+    then = _branch("then", helper.make_node("Conv", ["X", "w"], ["t"], strides=[2, 2], pads=[1] * 4, name="conv"))
+    other = _branch("else", helper.make_node("MaxPool", ["X"], ["e"], kernel_shape=[2, 2], strides=[2, 2], name="mp"))
+    node = helper.make_node("If", ["C"], ["Y"], then_branch=then, else_branch=other, name="branch")
+    cond = helper.make_tensor_value_info("C", TensorProto.BOOL, [])
+    return G.model([node], [G.inp("X", [1, 3, 16, 16]), cond], [G.out("Y", 4)], [G.const("w", w)])
+
+
+@pytest.mark.parametrize("filt", ["rect", "triangle"])
+def test_sites_inside_if_bodies(filt):
+    m = if_model()
+    converted, result = G.convert(m, filter=filt, mode="pre")
+    assert sorted((a.site.kind, a.action) for a in result.actions) == [("max-pool", "pre"), ("strided-conv", "pre")]
+    assert result.blurs == 2  # one per body: a blur serves the graph it is in
+    x = RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    new, old = (ort.InferenceSession(p.SerializeToString()) for p in (converted, m))
+    for cond in (True, False):
+        c = np.array(cond)
+        expected = old.run(None, {"X": G.np_blur(x, (2, 3), filt), "C": c})[0]
+        np.testing.assert_allclose(new.run(None, {"X": x, "C": c})[0], expected, rtol=1e-5, atol=1e-5)
+        assert np.abs(old.run(None, {"X": x, "C": c})[0] - expected).max() > 1e-3
+
+
+def test_sites_inside_a_loop_body_default_mode():
+    # Loop body: y = MaxPool(X) each iteration, scanned out; default (auto) mode puts a blurpool in the body.
+    body_nodes = [
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        helper.make_node("MaxPool", ["X"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="mp"),
+    ]
+    body = helper.make_graph(
+        body_nodes,
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), G.out("p", 4)],
+    )
+    trip = G.ints("trip", 2)
+    node = helper.make_node("Loop", ["trip", ""], ["Y"], body=body, name="loop")
+    m = G.model([node], [G.inp("X", [1, 3, 16, 16])], [G.out("Y", 5)], [trip])
+    converted, result = G.convert(m)
+    assert [(a.site.kind, a.action) for a in result.actions] == [("max-pool", "blurpool")]
+    x = RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    y = ort.InferenceSession(converted.SerializeToString()).run(None, {"X": x})[0]
+    # MaxBlurPool: max pool at stride 1, then the blur at stride 2 (reflect padding).
+    windows = np.lib.stride_tricks.sliding_window_view(x, (2, 2), axis=(2, 3)).max(axis=(-1, -2))
+    expected = G.np_blur(windows, (2, 3), "triangle", "reflect", stride=2)
+    assert y.shape == (2, 1, 3, 8, 8)
+    np.testing.assert_allclose(y[0, 0], expected[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y[1], y[0], rtol=0, atol=0)

@@ -161,7 +161,7 @@ def plan(sites: list[Site], options: Options) -> list[Action]:
         )
         action = Action(site, mode, note, spec, restride=restride)
         if mode == "pre":
-            key = (id(site.value), spec)
+            key = (id(site.value), id(site.node.graph), spec)  # a blur serves the graph it is in
             if key in shared:
                 action.shared_with = shared[key]
                 action.note = "; ".join(filter(None, [note, f"shares the blur of site {shared[key]}"]))

@@ -37,11 +37,11 @@ def _insert(g: ir.Graph, after: ir.Node | None, nodes: list[ir.Node]) -> None:
         g.insert_before(next(iter(g)), nodes)
 
 
-def _pre(g: ir.Graph, builder: BlurBuilder, action: Action, blurred: ir.Value | None) -> ir.Value:
+def _pre(builder: BlurBuilder, action: Action, blurred: ir.Value | None) -> ir.Value:
     site = action.site
     if blurred is None:
         nodes, blurred = builder.build(site.value, action.spec, _dtype(action))
-        _insert(g, site.value.producer(), nodes)
+        _insert(site.node.graph, site.value.producer(), nodes)
     if action.restride:
         site.node.attributes["strides"] = ir.AttrInt64s("strides", [1] * (site.rank - 2))
     for reader in site.readers:
@@ -51,8 +51,9 @@ def _pre(g: ir.Graph, builder: BlurBuilder, action: Action, blurred: ir.Value | 
     return blurred
 
 
-def _blurpool(g: ir.Graph, builder: BlurBuilder, action: Action) -> None:
+def _blurpool(builder: BlurBuilder, action: Action) -> None:
     node = action.site.node
+    g = node.graph
     n = action.site.rank - 2
     node.attributes["strides"] = ir.AttrInt64s("strides", [1] * n)
     bias = None
@@ -78,13 +79,14 @@ def _blurpool(g: ir.Graph, builder: BlurBuilder, action: Action) -> None:
 
 
 def rewrite(g: ir.Graph, actions: list[Action]) -> int:
-    """Apply `actions` to `g` in place; returns the number of blurs inserted."""
+    """Apply `actions` to `g` (and the If/Loop/Scan bodies their sites are in) in place; returns the
+    number of blurs inserted. Blur constants are initializers of `g`, visible in every body."""
     builder = BlurBuilder(g)
     blurred: dict[int, ir.Value] = {}
     for i, action in enumerate(actions):
         if action.action == "pre":
             shared = blurred.get(action.shared_with) if action.shared_with is not None else None
-            blurred[i] = _pre(g, builder, action, shared)
+            blurred[i] = _pre(builder, action, shared)
         elif action.action == "blurpool":
-            _blurpool(g, builder, action)
+            _blurpool(builder, action)
     return builder.count

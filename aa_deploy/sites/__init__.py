@@ -14,12 +14,28 @@ from aa_deploy.sites.site import Site
 FINDERS = (patch_merge.find, strided_conv.find, pooling.find, strided_slice.find)
 
 
+def graphs(g: ir.Graph):
+    """`g`, then the bodies of its If/Loop/Scan nodes (recursively), in graph order."""
+    yield g
+    for node in g:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield from graphs(attr.as_graph())
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for body in attr.as_graphs():
+                    yield from graphs(body)
+
+
 def find_sites(g: ir.Graph) -> list[Site]:
-    """All downsampling sites of the main graph, in graph (topological) order."""
-    claimed: set[int] = set()
-    sites = [site for finder in FINDERS for site in finder(g, claimed)]
-    order = {id(node): i for i, node in enumerate(g)}
-    return sorted(sites, key=lambda s: order[id(s.node)])
+    """All downsampling sites: the main graph's in graph (topological) order, then those inside
+    If/Loop/Scan bodies (detection post-processing, resolution branches), body by body."""
+    sites: list[Site] = []
+    for body in graphs(g):
+        claimed: set[int] = set()
+        found = [site for finder in FINDERS for site in finder(body, claimed)]
+        order = {id(node): i for i, node in enumerate(body)}
+        sites += sorted(found, key=lambda s: order[id(s.node)])
+    return sites
 
 
-__all__ = ["FINDERS", "Site", "find_sites"]
+__all__ = ["FINDERS", "Site", "find_sites", "graphs"]

@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 _SCOPE = re.compile(r"/?([\w.\-]+): [\w.]+")
+_PARAMETER = re.compile(r"\w+(\.\w+)*\.weight")
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -71,7 +72,16 @@ def is_onnx(node: ir.Node | None, *op_types: str) -> bool:
 
 
 def module_scope(node: ir.Node) -> str:
-    """The PyTorch module path recorded by torch.onnx's dynamo exporter (e.g. 'layer2.0.conv1'), or ''."""
+    """The PyTorch module path of a node (e.g. 'layer2.0.conv1'), or ''.
+
+    A Conv whose weight is a named parameter (`<module path>.weight`, as torch's exporters name them)
+    is that module's: when BatchNorm was folded into it, the exporter's recorded scope is the
+    BatchNorm's, and a user selecting sites by module path means the convolution.
+    """
+    if is_onnx(node, "Conv", "ConvTranspose") and len(node.inputs) > 1 and node.inputs[1] is not None:
+        weight = node.inputs[1]
+        if weight.is_initializer() and _PARAMETER.fullmatch(weight.name or ""):
+            return weight.name.removesuffix(".weight")
     namespace = node.metadata_props.get("namespace", "")
     names = _SCOPE.findall(namespace.split(": ", 1)[-1] if namespace.startswith(": ") else namespace)
     # The last element is the aten op itself; the one before it is the innermost module.

@@ -81,9 +81,12 @@ def print_consistency(results: dict, versus: dict, source: str, console: Console
     """One row per model: consistency with its 95 % interval (over images), accuracy, views run, and
     for each model after the first its paired difference from the first (`versus`: name -> PairedDelta)."""
     first = next(iter(results.values()))
-    settings = ", ".join(f"{k} {v}" for k, v in first.settings.items() if v is not None)
-    table = Table(title=f"{first.protocol} consistency on {source} ({settings})", title_justify="left")
-    for column in ("model", "consistency %", "95% CI", "vs first: diff (95% CI)", "top-1 %", "images", "views"):
+    settings = ", ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in first.settings.items() if v is not None
+    )
+    what = "consistency" if first.metric == "top-1 agreement" else "output stability (cosine of the two views' outputs)"
+    table = Table(title=f"{first.protocol} {what} on {source} ({settings})", title_justify="left")
+    for column in ("model", "consistency %" if first.metric == "top-1 agreement" else "cosine %", "95% CI", "vs first: diff (95% CI)", "top-1 %", "images", "views"):
         table.add_column(column)
     for name, r in results.items():
         d = versus.get(name)

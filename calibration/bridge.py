@@ -20,7 +20,13 @@ from aa_deploy import blur_nodes, graph, model_io
 from aa_deploy.errors import InputError
 
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
-_TRAINABLE_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2)}
+_TRAINABLE_INPUTS = {
+    "Conv": (1, 2),
+    "Gemm": (1, 2),
+    "MatMul": (1,),
+    "BatchNormalization": (1, 2),
+    "LayerNormalization": (1, 2),
+}
 
 
 def _key(name: str) -> str:
@@ -60,6 +66,11 @@ class OnnxModule(nn.Module):
                 else:
                     self.consts[value.name] = tensor
         self.input_name = model.graph.inputs[0].name
+        dims = model.graph.inputs[0].shape
+        first = dims[0] if dims is not None and len(dims) else None
+        # A graph exported with a fixed batch (Reshape to [1, 2048] and the like) runs per batch of that
+        # size under torch.func.vmap: any number of samples, batched kernels, gradients as usual.
+        self.fixed_batch = first if isinstance(first, int) and first > 0 else None
         self.output_names = [v.name for v in model.graph.outputs]
         self.hooks: dict[str, callable] = {}  # tensor name -> fn(tensor) -> tensor (BN re-insertion, probes)
         unsupported = sorted({n.op_type for n in model.graph.all_nodes() if not hasattr(self, f"_op_{n.op_type}")})
@@ -81,6 +92,16 @@ class OnnxModule(nn.Module):
         return self.consts[value.name]
 
     def forward(self, x: torch.Tensor, capture: set[str] | None = None) -> torch.Tensor | tuple:
+        b = self.fixed_batch
+        if b is None or x.shape[0] == b:
+            return self._forward(x, capture)
+        n = x.shape[0]
+        if n % b:
+            x = torch.cat([x, x[-1:].expand(b - n % b, *x.shape[1:])])
+        out = torch.func.vmap(lambda chunk: self._forward(chunk, capture))(x.reshape(-1, b, *x.shape[1:]))
+        return torch.utils._pytree.tree_map(lambda t: t.reshape(-1, *t.shape[2:])[:n], out)
+
+    def _forward(self, x: torch.Tensor, capture: set[str] | None = None) -> torch.Tensor | tuple:
         env = {self.input_name: x}
         self._scope = env  # outer scope for subgraphs (If)
         captured = {}
@@ -272,6 +293,22 @@ class OnnxModule(nn.Module):
 
     def _op_Softmax(self, node, x):
         return F.softmax(x, dim=node.attributes.get_int("axis", -1))
+
+    def _op_LayerNormalization(self, node, x, scale, bias=None):
+        axis = node.attributes.get_int("axis", -1) % x.dim()
+        eps = node.attributes.get_float("epsilon", 1e-5)
+        if scale.dim() == x.dim() - axis:
+            return F.layer_norm(x, tuple(x.shape[axis:]), scale, bias, eps)
+        mean = x.mean(dim=tuple(range(axis, x.dim())), keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=tuple(range(axis, x.dim())), keepdim=True)
+        y = (x - mean) / torch.sqrt(var + eps) * scale
+        return y if bias is None else y + bias
+
+    def _op_Gelu(self, node, x):
+        return F.gelu(x, approximate=node.attributes.get_string("approximate", "none"))
+
+    def _op_Erf(self, node, x):
+        return torch.erf(x)
 
 
 def write_back(model: ir.Model, values: dict[str, np.ndarray]) -> None:

@@ -51,11 +51,13 @@ def _summary(module: OnnxModule, held: np.ndarray, prepare, teacher_top1: np.nda
             return module(torch.from_numpy(x)).numpy()
 
     agree = float((run(prepare(held)).argmax(1) == teacher_top1).mean()) if teacher_top1 is not None else 1.0
-    results = {
-        key: measure(protocol, run, prepare, held, crop=held.shape[1], shift=shift, pad=pad, passes=3)
-        for key, (protocol, shift, pad) in PROTOCOLS.items()
-    }
-    return {"agreement": agree} | {key: r.consistency for key, r in results.items()}, results
+    results = {}
+    for key, (protocol, shift, pad) in PROTOCOLS.items():
+        try:
+            results[key] = measure(protocol, run, prepare, held, crop=held.shape[1], shift=shift, pad=pad, passes=3)
+        except InputError:  # a protocol that does not apply to this output (a dense map under pad-and-crop)
+            continue
+    return {"agreement": agree} | {key: results[key].consistency if key in results else None for key in PROTOCOLS}, results
 
 
 def calibrate(
@@ -107,6 +109,11 @@ def calibrate(
     held, train = raw[order[:n_held]], raw[order[n_held:]]
     with torch.no_grad():
         teacher_top1 = teacher_m(torch.from_numpy(prepare(held))).argmax(1).numpy()
+    if method == "distill" and teacher_top1.ndim != 1:
+        raise InputError(
+            "distill matches the class probabilities of an (N, classes) output, and this model's output is not one "
+            "(a dense map or a detection head): use --method stats"
+        )
     teacher_summary, teacher_runs = _summary(teacher_m, held, prepare, None)
     before, _ = _summary(student, held, prepare, teacher_top1)
     calibrate_stats(student, teacher_m, torch.from_numpy(prepare(train[:1000])))
@@ -127,7 +134,7 @@ def calibrate(
             progress=progress,
         )
     after, after_runs = _summary(student, held, prepare, teacher_top1)
-    versus = {key: paired_difference(teacher_runs[key], after_runs[key]).as_dict() for key in PROTOCOLS}
+    versus = {key: paired_difference(teacher_runs[key], after_runs[key]).as_dict() for key in after_runs}
 
     values = {name: p.detach().numpy() for name, p in student.trainable().items()}
     write_back(student_ir, values)

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from aa_deploy import blur_nodes, model_io
 from aa_deploy.errors import InputError
@@ -20,10 +21,16 @@ from calibration.images import Preprocess, load_folder, normalize
 
 
 class ImageReader:
-    """onnxruntime.quantization.CalibrationDataReader over preprocessed images, in batches."""
+    """onnxruntime.quantization.CalibrationDataReader over preprocessed images, in batches; with a
+    `fixed` batch size every batch has exactly that many (the last filled up by repeating its last image,
+    which leaves min/max ranges unchanged)."""
 
-    def __init__(self, input_name: str, x: np.ndarray, batch: int = 32) -> None:
-        self.batches = iter([{input_name: x[i : i + batch]} for i in range(0, len(x), batch)])
+    def __init__(self, input_name: str, x: np.ndarray, batch: int = 32, fixed: int | None = None) -> None:
+        batch = fixed or batch
+        parts = [x[i : i + batch] for i in range(0, len(x), batch)]
+        if fixed and parts and len(parts[-1]) < fixed:
+            parts[-1] = np.concatenate([parts[-1], np.repeat(parts[-1][-1:], fixed - len(parts[-1]), axis=0)])
+        self.batches = iter([{input_name: p} for p in parts])
 
     def get_next(self):
         return next(self.batches, None)
@@ -43,16 +50,38 @@ def blur_node_names(path: str | os.PathLike) -> list[str]:
     ]
 
 
+def _pre_process(model: Path, prepared: Path) -> str:
+    """onnxruntime's quantization pre-processing (shape inference), falling back step by step where it
+    fails (its symbolic shape inference gives up on LayerNorm nets and detector heads): returns what ran."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(model), str(prepared), skip_optimization=True)
+        return "symbolic and ONNX shape inference"
+    except Exception:  # noqa: BLE001 - onnxruntime raises TypeError, Exception("Incomplete ..."), ...
+        pass
+    try:
+        quant_pre_process(str(model), str(prepared), skip_optimization=True, skip_symbolic_shape=True)
+        return "ONNX shape inference (symbolic shape inference failed)"
+    except Exception:  # noqa: BLE001
+        onnx.save(onnx.load(str(model)), str(prepared))  # as it is, external weights taken along
+        return "none (onnxruntime's shape inference failed on this graph)"
+
+
 def quantize(
     model: str | os.PathLike,
     output: str | os.PathLike,
     x: np.ndarray,
     *,
     per_channel: bool = True,
+    report: dict | None = None,
 ) -> list[str]:
-    """Write a Q/DQ INT8 model calibrated on inputs `x`; returns the nodes kept in float (the blurs)."""
+    """Write a Q/DQ INT8 model calibrated on inputs `x`; returns the nodes kept in float (the blurs).
+    `report`, if given, gets the shape inference that ran before quantizing (`pre_process`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from aa_deploy.parity import input_spec
+    from converters.batching import fixed_batch
 
     model, output = Path(model), Path(output)
     if not output.parent.is_dir():
@@ -60,15 +89,15 @@ def quantize(
     keep_float = blur_node_names(model)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".aa-deploy-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(model), str(prepared), skip_optimization=True)
-        import onnx
-
-        name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
+        step = _pre_process(model, prepared)
+        if report is not None:
+            report["pre_process"] = step
+        name, dims = input_spec(model)
         staged = Path(tmp) / output.name
         quantize_static(
             str(prepared),
             str(staged),
-            ImageReader(name, x),
+            ImageReader(name, x, fixed=fixed_batch(dims)),
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
             activation_type=QuantType.QInt8,

@@ -7,6 +7,8 @@ import os
 import numpy as np
 import onnxruntime as ort
 
+from converters.batching import fixed_batch, run_in_batches
+
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
@@ -20,7 +22,8 @@ def available_provider(provider: str) -> str:
 
 
 class OnnxRuntimeRunner:
-    """One ONNX Runtime session; `run` maps input names to arrays and returns all outputs."""
+    """One ONNX Runtime session; `run` maps input names to arrays and returns all outputs, for any number
+    of samples also when the model's batch dimension is fixed (`fixed_batch`)."""
 
     def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None) -> None:
         name = available_provider(provider)
@@ -30,9 +33,10 @@ class OnnxRuntimeRunner:
         self.session = ort.InferenceSession(str(path), options, providers=[name])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.fixed_batch = fixed_batch(self.session.get_inputs()[0].shape)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, feeds)
+        return run_in_batches(lambda f: self.session.run(None, f), feeds, self.fixed_batch, lambda: self.output_names)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The first output for a single-input model."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from aa_deploy.atomic import atomic_path, write_text
 from aa_deploy.errors import InputError
 from aa_deploy.version import __version__
+from converters.batching import run_in_batches
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -160,12 +161,17 @@ class TensorRTRunner:
         self.runner.activate()
         self.input_names = list(self.sidecar.shapes)
         self.output_names = None
+        lo, _, hi = next(iter(self.sidecar.shapes.values()))
+        self.fixed_batch = lo[0] if lo[0] == hi[0] else None  # a profile with one batch size
 
-    def run(self, feeds: dict) -> list:
+    def _infer(self, feeds: dict) -> list:
         outputs = self.runner.infer(feeds)
         if self.output_names is None:
             self.output_names = list(outputs)
         return [outputs[name] for name in self.output_names]
+
+    def run(self, feeds: dict) -> list:
+        return run_in_batches(self._infer, feeds, self.fixed_batch, lambda: self.output_names)
 
     def __call__(self, x):
         return self.run({self.input_names[0]: x})[0]

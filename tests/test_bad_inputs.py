@@ -101,9 +101,29 @@ def test_onnx_runtime_refusing_inputs_at_run_time_is_one_line(monkeypatch, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("aa-deploy consistency: error: ONNX Runtime: Got invalid dimensions")
 
-    def bug(*args, **kwargs):
-        raise ZeroDivisionError("ours")
+    def bug(*args, **kwargs):  # a fault inside aa-deploy's own code
+        from aa_deploy import model_io
+
+        model_io.write_metadata(None, {"key": 1})
 
     monkeypatch.setattr(compare, "compare", bug)
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(AttributeError):
         main(["consistency", str(tmp_path / "m.onnx")])
+
+
+def test_another_library_failing_is_one_line_with_a_hint(monkeypatch, capsys, tmp_path):
+    # Raised inside a third-party library (here NumPy): one line naming it and asking for a report,
+    # exit 2; --debug shows the traceback.
+    from aa_deploy.cli import EXIT_INPUT, main
+    from aa_deploy.consistency import compare
+
+    def library(*args, **kwargs):
+        return np.pad(np.zeros(2), 1, mode="no such mode")  # raised in NumPy's own Python code
+
+    monkeypatch.setattr(compare, "compare", library)
+    assert main(["consistency", str(tmp_path / "m.onnx")]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("aa-deploy consistency: error: ValueError in numpy"), err
+    assert "--debug" in err and "report" in err
+    with pytest.raises(ValueError):
+        main(["consistency", str(tmp_path / "m.onnx"), "--debug"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from pathlib import Path
 
 from rich.console import Console
 
@@ -27,7 +29,25 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add(sub)
+    for command_parser in sub.choices.values():
+        command_parser.add_argument(
+            "--debug", action="store_true", help="show the full traceback when another library fails"
+        )
     return p
+
+
+OURS = tuple(str(Path(__file__).resolve().parents[2] / name) for name in ("aa_deploy", "calibration", "converters"))
+
+
+def _raised_in(e: BaseException) -> tuple[str, str]:
+    """(file, module) of the innermost frame that raised `e`."""
+    frames = traceback.extract_tb(e.__traceback__)
+    file = frames[-1].filename if frames else ""
+    parts = Path(file).parts
+    for i in reversed(range(len(parts) - 1)):  # .../lib/python3.11/site-packages/numpy/...: the innermost
+        if parts[i] in ("site-packages", "dist-packages") or parts[i].startswith("python3."):
+            return file, parts[i + 1].removesuffix(".py")
+    return file, Path(file).stem or type(e).__module__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +60,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aa-deploy {args.command}: error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except Exception as e:
-        # ONNX Runtime refusing a model or its inputs is about the user's files, not a bug of ours:
-        # one line, not a traceback. Anything else still raises.
-        if not type(e).__module__.startswith("onnxruntime"):
+        message = " ".join(str(e).split()) or type(e).__name__
+        # ONNX Runtime refusing a model or its inputs is about the user's files, not a bug of ours.
+        if type(e).__module__.startswith("onnxruntime") and not args.debug:
+            print(f"aa-deploy {args.command}: error: ONNX Runtime: {message}", file=sys.stderr)
+            return EXIT_INPUT
+        # Another library failing on the user's graph: one line and a hint; a fault in our own code raises.
+        file, module = _raised_in(e)
+        if args.debug or file.startswith(OURS):
             raise
-        message = " ".join(str(e).split())
-        print(f"aa-deploy {args.command}: error: ONNX Runtime: {message}", file=sys.stderr)
+        print(
+            f"aa-deploy {args.command}: error: {type(e).__name__} in {module}: {message[:300]} "
+            f"(rerun with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
         return EXIT_INPUT
     except KeyboardInterrupt:
         return 130

@@ -16,7 +16,9 @@ def add(sub) -> None:
     b.add_argument("model")
     b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     b.add_argument(
-        "--shapes", required=True, help="NAME:MIN,OPT,MAX shapes, e.g. input:1x3x224x224,8x3x224x224,32x3x224x224"
+        "--shapes",
+        help="NAME:MIN,OPT,MAX shapes, e.g. input:1x3x224x224,8x3x224x224,32x3x224x224 "
+        "(default for a model whose input shape is fully static: that shape)",
     )
     b.add_argument("--calib-images", help="calibration images for --precision int8")
     b.add_argument("--limit", type=int, default=500, help="at most this many calibration images")
@@ -29,6 +31,13 @@ def add(sub) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
     from converters.tensorrt import build_engine, parse_shapes
 
+    if args.shapes is None:
+        from aa_deploy.parity import input_spec
+
+        name, dims = input_spec(args.model)
+        if not all(isinstance(d, int) and d > 0 for d in dims):
+            raise InputError(f"the model's input {name} has dynamic dims {dims}: give --shapes NAME:MIN,OPT,MAX")
+        args.shapes = f"{name}:{'x'.join(map(str, dims))}"
     shapes = parse_shapes(args.shapes)
     out = Path(args.output)
     graph = Path(args.model)

@@ -75,8 +75,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         table.add_row(
             name,
             f"{100 * row['agreement']:.1f}",
-            f"{100 * row['consistency_pad_crop']:.1f}",
-            f"{100 * row['consistency_circular']:.1f}",
+            *("-" if row[key] is None else f"{100 * row[key]:.1f}" for key in ("consistency_pad_crop", "consistency_circular")),
         )
     console.print(table)
     labels = {"consistency_pad_crop": "pad-and-crop", "consistency_circular": "circular"}
@@ -84,7 +83,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         f"{labels[key]} {100 * d['delta']:+.1f} ({100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f})"
         for key, d in result.versus_teacher.items()
     ]
-    console.print(f"consistency, calibrated minus original (paired, 95 % interval over images): {', '.join(parts)}")
+    if parts:
+        console.print(f"consistency, calibrated minus original (paired, 95 % interval over images): {', '.join(parts)}")
     extra = f", lr {result.lr:g}, best epoch {result.best_epoch} of {result.epochs}" if result.lr else ""
     console.print(f"calibrated on {result.images} images in {result.seconds:.0f} s{extra}; wrote {args.output}")
     return common.EXIT_OK

@@ -23,6 +23,7 @@ def add(sub) -> None:
     m.add_argument(
         "--pad", choices=["reflect", "zero", "replicate"], help="pad-and-crop shifts with this padding (small images)"
     )
+    m.add_argument("--output", metavar="NAME", help="the output to measure (default: the first)")
     m.add_argument("--passes", type=int, default=5, help="passes of random pairs (random-crop, circular)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--limit", type=int, help="use at most this many images")
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         provider=args.provider,
         backend=args.backend,
         limit=args.limit,
+        output=args.output,
     )
     base = results[str(args.model)]
     versus = {name: paired_difference(base, r) for name, r in results.items() if r is not base}

@@ -28,7 +28,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     dims = input_spec(args.model)[1]
     size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else None
     x = calibration_inputs(args.calib_images, preprocess_for(size, common.preprocess(args, size)), limit=args.limit)
-    kept = quantize(args.model, args.output, x, per_channel=not args.per_tensor)
+    report: dict = {}
+    kept = quantize(args.model, args.output, x, per_channel=not args.per_tensor, report=report)
+    console.print(f"shape inference before quantizing: {report['pre_process']}")
     console.print(
         f"INT8 Q/DQ ({'per-tensor' if args.per_tensor else 'per-channel'}, symmetric) calibrated on {len(x)} images; "
         f"{len(kept)} blur nodes kept exact in float; wrote {args.output}"

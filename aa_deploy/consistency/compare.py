@@ -60,6 +60,16 @@ def load_images(
     return ImageSet(images, found, lambda x: normalize(x, prep), base.size, pad, str(root))
 
 
+def _selecting(runner, output: str | None, model: str):
+    """`runner` as a function of one input returning the output named `output` (default: the first)."""
+    index = 0
+    if output is not None:
+        if runner.output_names is not None and output not in runner.output_names:
+            raise InputError(f"{model} has no output {output!r} (outputs: {', '.join(runner.output_names)})")
+        index = runner.output_names.index(output) if runner.output_names is not None else 0
+    return lambda x: runner.run({runner.input_names[0]: x})[index]
+
+
 def _input_dims(model: str | os.PathLike, backend: str) -> list:
     """The first model's input dims: from the ONNX file, or from an engine's sidecar (its opt shape)."""
     if backend == "tensorrt":
@@ -88,10 +98,12 @@ def compare(
     limit: int | None = None,
     labels: str | os.PathLike | None = None,
     progress=None,
+    output: str | None = None,
 ) -> tuple[dict[str, ConsistencyResult], ImageSet]:
     """Each model (ONNX file) under one protocol on the same images and the same random shifts.
 
     `progress`, if given, is a context manager factory `progress(total) -> advance(n)` (a progress bar).
+    `output` names the output to measure (default: the first).
     """
     from converters.runners import make_runner
 
@@ -125,7 +137,7 @@ def compare(
         for name, runner in runners.items():
             results[name] = measure(
                 protocol,
-                runner,
+                _selecting(runner, output, name),
                 data.prepare,
                 data.images,
                 crop=data.crop,

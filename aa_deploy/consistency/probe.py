@@ -147,10 +147,11 @@ def probe(path: str | os.PathLike, x: np.ndarray, margin: int = 2) -> list[SiteP
     names = [v.name for v in g.outputs]
     with tempfile.TemporaryDirectory() as tmp:
         probe_path = Path(tmp) / "probe.onnx"
-        ir.save(model, probe_path)
+        # The copy lives elsewhere: weights the model keeps in external files go along in memory.
+        ir.save(ir.external_data.load_to_model(model), probe_path)
         runner = OnnxRuntimeRunner(probe_path)
 
-        def run(inputs):
+        def run(inputs):  # batches of 32, or of the model's fixed batch size
             outs = [runner.run({runner.input_names[0]: inputs[i : i + 32]}) for i in range(0, len(inputs), 32)]
             return {n: np.concatenate([o[j] for o in outs]) for j, n in enumerate(names)}
 

@@ -11,6 +11,12 @@ logits) after `prepare` (uint8 NHWC -> float NCHW), and counts agreements:
 - diagonal: views shifted by (d, d); per shift the agreement with the unshifted view, accuracy,
   and the mean probability of the class chosen there (the plot of Zhang 2019).
 - worst-case: every offset of the grid; consistent only if all views agree, correct only if all are.
+
+What "agree" means depends on the output (`output_kind`): for (N, classes) outputs, the same top-1
+class; for anything else (detection heads, dense maps, embeddings of another rank), random-crop and
+circular report output stability: the cosine similarity of the two views' outputs (and their
+relative change, in `settings`). A dense (N, C, h, w) map is compared after undoing the shift, which
+needs circular shifts in whole output cells (multiples of its stride).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from aa_deploy.consistency.paired import bootstrap_ci
+from aa_deploy.errors import InputError
 
 Runner = Callable[[np.ndarray], np.ndarray]
 Prepare = Callable[[np.ndarray], np.ndarray]
@@ -43,6 +50,7 @@ class ConsistencyResult:
     per_image: list[float] = field(default_factory=list)  # each image's agreement rate; mean = consistency
     curve: dict | None = None  # diagonal: offsets, agreement, accuracy, probability
     settings: dict = field(default_factory=dict)
+    metric: str = "top-1 agreement"  # or "output cosine" (non-classifier outputs)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +91,25 @@ class Harness:
         return np.concatenate(out)
 
 
+def output_kind(out: np.ndarray, view: int) -> tuple[str, int | None]:
+    """("classifier", None) for (N, classes); ("dense", stride) for an (N, C, h, w) map whose cells are
+    `stride` px of the view; ("other", None) for anything else."""
+    if out.ndim == 2:
+        return "classifier", None
+    if out.ndim == 4 and out.shape[2] == out.shape[3] and out.shape[2] > 1 and view % out.shape[2] == 0:
+        return "dense", view // out.shape[2]
+    return "other", None
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample cosine similarity and relative change |a - b| / |a| of two batches of outputs."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cos = (a * b).sum(1) / np.maximum(na * nb, 1e-12)
+    return np.clip(cos, -1.0, 1.0), np.linalg.norm(a - b, axis=1) / np.maximum(na, 1e-12)
+
+
 def _canvas(images: np.ndarray, shift: int, pad: str | None) -> np.ndarray:
     if pad is None:
         return images
@@ -115,26 +142,49 @@ def random_pairs(
     canvas = _canvas(images, shift, pad)
     size = images.shape[1] if pad is not None or circular else crop
     span = canvas.shape[1] - size  # offsets 0..span
-    agree, per_pass, correct, seen = 0, [], 0, 0
+    kind, stride = output_kind(harness.run(harness.prepare(canvas[:1, :size, :size])), size)
+    step = 1
+    if kind == "dense":
+        if not circular:
+            raise InputError(
+                f"a dense output map (stride {stride}) is compared after undoing the shift: use --protocol circular"
+            )
+        if shift < stride:
+            raise InputError(f"circular shifts of up to {shift} px are finer than the output's stride {stride}: "
+                             f"give --shift {stride} or a multiple")
+        step = stride
+    agree, per_pass, correct, seen, change = 0.0, [], 0, 0, 0.0
     per_image = np.zeros(len(images))
     for _ in range(passes):
         if circular:
-            a, b = (rng.integers(-shift, shift + 1, size=(len(images), 2)) for _ in range(2))
+            a, b = (step * rng.integers(-(shift // step), shift // step + 1, size=(len(images), 2)) for _ in range(2))
             va, vb = _roll(images, a), _roll(images, b)
         else:
             a, b = (rng.integers(0, span + 1, size=(len(images), 2)) for _ in range(2))
             va, vb = _crop(canvas, a, size), _crop(canvas, b, size)
-        la, lb = harness.logits(va).argmax(1), harness.logits(vb).argmax(1)
-        same = la == lb
+        oa, ob = harness.logits(va), harness.logits(vb)
+        if kind == "classifier":
+            la, lb = oa.argmax(1), ob.argmax(1)
+            same = (la == lb).astype(float)
+            if labels is not None:
+                correct += int((la == labels).sum()) + int((lb == labels).sum())
+                seen += 2 * len(images)
+        else:
+            if kind == "dense":  # back to the unshifted frame: whole cells
+                oa = np.stack([np.roll(o, tuple(-s // step), axis=(1, 2)) for o, s in zip(oa, a)])
+                ob = np.stack([np.roll(o, tuple(-s // step), axis=(1, 2)) for o, s in zip(ob, b)])
+            same, rel = _cosine(oa, ob)
+            change += float(rel.sum())
         per_image += same
-        agree += int(same.sum())
+        agree += float(same.sum())
         per_pass.append(float(same.mean()))
-        if labels is not None:
-            correct += int((la == labels).sum()) + int((lb == labels).sum())
-            seen += 2 * len(images)
     n = passes * len(images)
+    settings = {"crop": size, "shift": shift, "passes": passes, "seed": seed, "pad": pad}
+    if kind != "classifier":
+        settings |= {"output": kind, "relative_change": change / n} | ({"stride": stride} if stride else {})
     return ConsistencyResult(
         protocol="circular" if circular else "random-crop",
+        metric="top-1 agreement" if kind == "classifier" else "output cosine",
         consistency=agree / n,
         ci95=bootstrap_ci(per_image / passes),
         accuracy=correct / seen if seen else None,
@@ -142,7 +192,7 @@ def random_pairs(
         views=harness.views,
         per_pass=per_pass,
         per_image=(per_image / passes).tolist(),
-        settings={"crop": size, "shift": shift, "passes": passes, "seed": seed, "pad": pad},
+        settings=settings,
     )
 
 
@@ -250,6 +300,13 @@ def measure(
 ) -> ConsistencyResult:
     """Run one protocol on one model; `progress(n)` is called after each batch of n views."""
     harness = Harness(run, prepare, batch, progress)
+    if protocol in ("diagonal", "worst-case"):
+        out = run(prepare(images[:1, :crop, :crop]))
+        if output_kind(out, crop)[0] != "classifier":
+            raise InputError(
+                f"{protocol} compares top-1 classes, and the output has shape {tuple(out.shape)}, not (N, classes): "
+                "use --protocol random-crop or circular (output stability), or pick a classifier output with --output"
+            )
     if protocol == "random-crop":
         return random_pairs(harness, images, crop=crop, shift=shift, passes=passes, seed=seed, pad=pad, labels=labels)
     if protocol == "circular":

@@ -42,17 +42,18 @@ def _stem() -> nn.Sequential:
 
 
 class Classifier(nn.Module):
-    """Strided convs, a max pool, global pooling, `flatten` and a linear head: (N, 10)."""
+    """Strided convs, a max pool, global pooling, `flatten` (a Reshape to [batch, 16] in a fixed-batch
+    export, as in ResNets) and a linear head: (N, 10)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.features = _stem()
         self.pool = nn.MaxPool2d(2)
+        self.gap = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(16, 10)
 
     def forward(self, x):
-        x = self.pool(self.features(x)).mean((2, 3))
-        return self.head(torch.flatten(x, 1))
+        return self.head(torch.flatten(self.gap(self.pool(self.features(x))), 1))
 
 
 class Detector(nn.Module):

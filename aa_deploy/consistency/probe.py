@@ -141,7 +141,8 @@ def probe(path: str | os.PathLike, x: np.ndarray, margin: int = 2) -> list[SiteP
         for v in (t.pre, t.out):
             if v not in g.outputs and v not in extra:
                 v.dtype = v.dtype or ir.DataType.FLOAT
-                v.shape = None
+                if not v.is_graph_input():  # an input keeps its declared shape (a fixed batch stays fixed)
+                    v.shape = None
                 extra.append(v)
     g.outputs.extend(extra)
     names = [v.name for v in g.outputs]

@@ -8,6 +8,7 @@ import numpy as np
 
 ASSETS = Path(__file__).parent / "assets"
 RESNET20_WEIGHTS = ASSETS / "resnet20-12fca82f.th"
+PHOTOS = ASSETS / "photos"
 CIFAR_TEST = ASSETS / "cifar10_test100.csv"
 
 
@@ -31,3 +32,20 @@ def resnet20():
     from aa_deploy.models.cifar_resnet import cifar_resnet
 
     return cifar_resnet(20, RESNET20_WEIGHTS)
+
+
+def photo_crops(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """`count` random square crops of the six bundled public-domain photos, resized to `size` px and
+    flipped at random: uint8 NHWC. Unlabeled calibration images that may ship with the project."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    photos = [Image.open(p).convert("RGB") for p in sorted(PHOTOS.glob("*.jpg"))]
+    out = np.empty((count, size, size, 3), np.uint8)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        side = int(rng.integers(max(8, size // 2), min(photo.size) // 2))
+        x, y = (int(rng.integers(0, d - side)) for d in photo.size)
+        crop = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BILINEAR)
+        out[i] = np.asarray(crop)[:, ::-1] if rng.random() < 0.5 else np.asarray(crop)
+    return out

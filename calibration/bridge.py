@@ -252,10 +252,31 @@ class OnnxModule(nn.Module):
     def _op_GlobalAveragePool(self, node, x):
         return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
 
-    def _op_ReduceMean(self, node, x, axes=None):
+    def _reduce(self, node, x, axes, fn):
+        """ONNX reductions: axes as attribute (opset < 18) or input; none given means all axes."""
         axes = graph.ints(node, "axes") if axes is None else [int(a) for a in axes]
-        keep = bool(node.attributes.get_int("keepdims", 1))
-        return x.mean(dim=tuple(axes), keepdim=keep) if axes else x.mean()
+        if not axes and node.attributes.get_int("noop_with_empty_axes", 0):
+            return x
+        dims = tuple(axes) if axes else tuple(range(x.dim()))
+        return fn(x, dims, bool(node.attributes.get_int("keepdims", 1)))
+
+    def _op_ReduceMean(self, node, x, axes=None):
+        return self._reduce(node, x, axes, lambda t, d, k: t.mean(dim=d, keepdim=k))
+
+    def _op_ReduceSum(self, node, x, axes=None):
+        return self._reduce(node, x, axes, lambda t, d, k: t.sum(dim=d, keepdim=k))
+
+    def _op_ReduceL2(self, node, x, axes=None):
+        return self._reduce(node, x, axes, lambda t, d, k: torch.sqrt((t * t).sum(dim=d, keepdim=k)))
+
+    def _op_Sqrt(self, node, x):
+        return torch.sqrt(x)
+
+    def _op_Pow(self, node, x, y):
+        return torch.pow(x, y)
+
+    def _op_Neg(self, node, x):
+        return -x
 
     def _op_Squeeze(self, node, x, axes=None):
         axes = graph.ints(node, "axes") if axes is None else [int(a) for a in axes]

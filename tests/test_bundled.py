@@ -46,4 +46,10 @@ def test_converted_resnet20_matches_twin_on_real_images(resnet20_onnx, tmp_path,
 def test_demo_runs_the_chain_and_prints_the_table():
     proc = cli("demo", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "original" in proc.stdout and "anti-aliased (triangle)" in proc.stdout and "94.0" in proc.stdout
+    rows = {line.split("│")[1].strip(): line for line in proc.stdout.splitlines() if line.count("│") >= 8}
+    assert set(rows) == {"original", "converted (triangle)", "converted + calibrated"}, proc.stdout
+    assert "94.0" in rows["original"]
+    top1 = {name: float(line.split("│")[2]) for name, line in rows.items()}
+    # Calibration on photo crops must win back most of what conversion alone costs.
+    assert top1["converted (triangle)"] < top1["converted + calibrated"] <= top1["original"] + 2, top1
+    assert top1["converted + calibrated"] - top1["converted (triangle)"] >= 10, top1

@@ -115,3 +115,35 @@ def test_every_command(name, batch, dynamo, tmp_path, calib_dir, capsys):
     build = ["build", aa, "-o", tmp_path / "m.engine"] + ([] if batch else ["--shapes", f"input:1x3x32x32"])
     code, _, err = _cli(capsys, *build)
     assert code == 0 or (code == 2 and err.count("\n") == 1 and "TensorRT" in err), f"build ({label}): {err}"
+
+
+def test_timm_convnextv2_fixed_batch_quantizes_and_calibrates(tmp_path, calib_dir, capsys):
+    """A real LayerNorm/GRN net exported with a fixed batch of 1: onnxruntime's symbolic shape inference
+    fails on it (quantize falls back), and the calibration bridge (LayerNormalization, Gelu, ReduceL2,
+    run under vmap for more than one sample) computes what ONNX Runtime computes."""
+    import timm
+    import torch
+
+    from calibration.bridge import load_module
+    from converters.onnxruntime import OnnxRuntimeRunner
+
+    torch.manual_seed(0)
+    module = timm.create_model("convnextv2_atto", pretrained=False).eval()
+    src = tmp_path / "cnx.onnx"
+    torch.onnx.export(module, (torch.rand(1, 3, 64, 64),), str(src), dynamo=True, external_data=False)
+    aa = tmp_path / "cnx.aa.onnx"
+    _ok(_cli(capsys, "convert", src, "-o", aa, "-q"), "convert")
+    for path in (src, aa):
+        _, bridge = load_module(path)
+        x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+        with torch.no_grad():
+            got = bridge(torch.from_numpy(x)).numpy()
+        ref = OnnxRuntimeRunner(path)(x)
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), path.name
+    out = _ok(_cli(capsys, "quantize", aa, "--calib-images", calib_dir, "-o", tmp_path / "q.onnx"), "quantize")
+    assert "symbolic shape inference failed" in out
+    out = _ok(
+        _cli(capsys, "calibrate", aa, "--teacher", src, "--images", calib_dir, "--method", "stats", "-o", tmp_path / "c.onnx"),
+        "calibrate --method stats",
+    )
+    assert "calibrated on 30 images" in out

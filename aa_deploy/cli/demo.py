@@ -11,10 +11,19 @@ from rich.console import Console
 def add(sub) -> None:
     d = sub.add_parser("demo", help="the whole chain on the bundled trained CIFAR-10 ResNet-20 and test images")
     d.add_argument("--workdir", help="keep the exported and converted models here (default: a temporary folder)")
+    d.add_argument(
+        "--crops",
+        type=int,
+        default=None,
+        help="calibrate on this many photo crops (default 1000, about 90 s here; more takes longer)",
+    )
     d.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from aa_deploy.demo import run_demo
+    from aa_deploy.demo import CALIBRATION_CROPS, run_demo
+    from aa_deploy.errors import InputError
 
-    return run_demo(console, Path(args.workdir) if args.workdir else None)
+    if args.crops is not None and args.crops < 20:
+        raise InputError("--crops: calibration needs 20 images or more")
+    return run_demo(console, Path(args.workdir) if args.workdir else None, args.crops or CALIBRATION_CROPS)

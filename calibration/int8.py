@@ -26,11 +26,11 @@ class ImageReader:
     which leaves min/max ranges unchanged)."""
 
     def __init__(self, input_name: str, x: np.ndarray, batch: int = 32, fixed: int | None = None) -> None:
+        from converters.batching import fill
+
         batch = fixed or batch
         parts = [x[i : i + batch] for i in range(0, len(x), batch)]
-        if fixed and parts and len(parts[-1]) < fixed:
-            parts[-1] = np.concatenate([parts[-1], np.repeat(parts[-1][-1:], fixed - len(parts[-1]), axis=0)])
-        self.batches = iter([{input_name: p} for p in parts])
+        self.batches = iter([{input_name: fill(p, fixed) if fixed else p} for p in parts])
 
     def get_next(self):
         return next(self.batches, None)

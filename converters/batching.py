@@ -17,6 +17,13 @@ def fixed_batch(dims) -> int | None:
     return first if isinstance(first, int) and first > 0 else None
 
 
+def fill(part: np.ndarray, batch: int) -> np.ndarray:
+    """`part` (at most `batch` samples) filled up to `batch` by repeating its last sample."""
+    if len(part) >= batch:
+        return part
+    return np.concatenate([part, np.repeat(part[-1:], batch - len(part), axis=0)])
+
+
 def run_in_batches(
     run: Callable[[dict], list],
     feeds: dict[str, np.ndarray],
@@ -30,13 +37,7 @@ def run_in_batches(
         return run(feeds)
     parts = []
     for start in range(0, n, batch):
-        chunk = {}
-        for name, x in feeds.items():
-            part = x[start : start + batch]
-            if len(part) < batch:
-                part = np.concatenate([part, np.repeat(part[-1:], batch - len(part), axis=0)])
-            chunk[name] = part
-        outs = run(chunk)
+        outs = run({name: fill(x[start : start + batch], batch) for name, x in feeds.items()})
         for name, out in zip(output_names() or range(len(outs)), outs):
             if out.ndim == 0 or out.shape[0] != batch:
                 raise InputError(

@@ -94,3 +94,26 @@ def test_verify_int8_against_the_fp32_twin(int8, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(report.read_text())["outputs"][0]
     assert out["top1_agreement"] >= 0.95 and out["max_abs"] > 1e-4  # really quantized, still agreeing
+
+
+def test_quantize_without_onnxruntime_shape_inference(monkeypatch, tmp_path):
+    # When onnxruntime's pre-processing fails outright, quantize goes on without it and says so.
+    import onnxruntime.quantization.shape_inference as shape_inference
+
+    from calibration.int8 import quantize
+    from tests import graphs as G
+
+    def fails(*args, **kwargs):
+        raise Exception("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", fails)
+    src, out = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
+    src.write_bytes(G.conv_model([1, 3, 16, 16]).SerializeToString())
+    report: dict = {}
+    x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)  # fixed batch 1: 5 batches
+    quantize(src, out, x, report=report)
+    assert report["pre_process"].startswith("none")
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    y = OnnxRuntimeRunner(out)(x[:1])
+    assert y.shape == (1, 4, 8, 8)

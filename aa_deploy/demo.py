@@ -17,7 +17,6 @@ from aa_deploy.convert import convert
 from aa_deploy.plan import Options
 from aa_deploy.torch import antialias_with
 
-
 CALIBRATION_CROPS = 1000
 
 
@@ -86,7 +85,7 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
         )
         for column in columns:
             table.add_column(column)
-        names = ("original", f"converted ({options.filter})", f"converted + calibrated")
+        names = ("original", f"converted ({options.filter})", "converted + calibrated")
         base = None
         for name, run, err in zip(names, runners, errors):
             acc = 100.0 * float((run(x).argmax(1) == labels).mean())

@@ -86,7 +86,15 @@ def print_consistency(results: dict, versus: dict, source: str, console: Console
     )
     what = "consistency" if first.metric == "top-1 agreement" else "output stability (cosine of the two views' outputs)"
     table = Table(title=f"{first.protocol} {what} on {source} ({settings})", title_justify="left")
-    for column in ("model", "consistency %" if first.metric == "top-1 agreement" else "cosine %", "95% CI", "vs first: diff (95% CI)", "top-1 %", "images", "views"):
+    for column in (
+        "model",
+        "consistency %" if first.metric == "top-1 agreement" else "cosine %",
+        "95% CI",
+        "vs first: diff (95% CI)",
+        "top-1 %",
+        "images",
+        "views",
+    ):
         table.add_column(column)
     for name, r in results.items():
         d = versus.get(name)

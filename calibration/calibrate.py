@@ -57,7 +57,9 @@ def _summary(module: OnnxModule, held: np.ndarray, prepare, teacher_top1: np.nda
             results[key] = measure(protocol, run, prepare, held, crop=held.shape[1], shift=shift, pad=pad, passes=3)
         except InputError:  # a protocol that does not apply to this output (a dense map under pad-and-crop)
             continue
-    return {"agreement": agree} | {key: results[key].consistency if key in results else None for key in PROTOCOLS}, results
+    return {"agreement": agree} | {
+        key: results[key].consistency if key in results else None for key in PROTOCOLS
+    }, results
 
 
 def calibrate(

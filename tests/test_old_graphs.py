@@ -146,7 +146,10 @@ def test_sites_inside_a_loop_body_default_mode():
     body = helper.make_graph(
         body_nodes,
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+        ],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), G.out("p", 4)],
     )
     trip = G.ints("trip", 2)

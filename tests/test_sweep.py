@@ -71,13 +71,26 @@ def test_every_command(name, batch, dynamo, tmp_path, calib_dir, capsys):
     label = f"{name}, batch {batch or 'dynamic'}, {'dynamo' if dynamo else 'TorchScript'}"
     src = sweep_models.export(name, tmp_path / "m.onnx", batch, dynamo)
     aa = tmp_path / "m.aa.onnx"
-    dims = [d.dim_value or d.dim_param for d in onnx.load(src, load_external_data=False).graph.input[0].type.tensor_type.shape.dim]
+    dims = [
+        d.dim_value or d.dim_param
+        for d in onnx.load(src, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    ]
     assert dims[0] == (batch or dims[0])
 
     _ok(_cli(capsys, "inspect", src), f"inspect ({label})")
     _ok(_cli(capsys, "convert", src, "-o", aa, "-q"), f"convert ({label})")
     out = _ok(
-        _cli(capsys, "verify", aa, "--reference", f"tests.sweep_models:{name}", "--count", 6, "--report", tmp_path / "v.json"),
+        _cli(
+            capsys,
+            "verify",
+            aa,
+            "--reference",
+            f"tests.sweep_models:{name}",
+            "--count",
+            6,
+            "--report",
+            tmp_path / "v.json",
+        ),
         f"verify ({label})",
     )
     assert "PASS" in out
@@ -96,12 +109,16 @@ def test_every_command(name, batch, dynamo, tmp_path, calib_dir, capsys):
         _ok(_cli(capsys, *consistency, "--output", "scores"), f"consistency --output scores ({label})")
         _one_line(_cli(capsys, *consistency, "--output", "nope"), f"consistency --output nope ({label})")
     if name == "dense_map":
-        err = _one_line(_cli(capsys, "consistency", src, "--images", calib_dir), f"pad-and-crop on a dense map ({label})")
+        err = _one_line(
+            _cli(capsys, "consistency", src, "--images", calib_dir), f"pad-and-crop on a dense map ({label})"
+        )
         assert "--protocol circular" in err
 
     out = _ok(_cli(capsys, "probe", src, "--compare", aa, "--images", calib_dir, "--count", 6), f"probe ({label})")
     assert "strided-conv" in out
-    out = _ok(_cli(capsys, "quantize", aa, "--calib-images", calib_dir, "-o", tmp_path / "m.int8.onnx"), f"quantize ({label})")
+    out = _ok(
+        _cli(capsys, "quantize", aa, "--calib-images", calib_dir, "-o", tmp_path / "m.int8.onnx"), f"quantize ({label})"
+    )
     assert "shape inference before quantizing" in out
     onnx.checker.check_model(str(tmp_path / "m.int8.onnx"))
 
@@ -112,7 +129,7 @@ def test_every_command(name, batch, dynamo, tmp_path, calib_dir, capsys):
         err = _one_line(_cli(capsys, *cal, "--method", "distill"), f"calibrate distill ({label})")
         assert "--method stats" in err
 
-    build = ["build", aa, "-o", tmp_path / "m.engine"] + ([] if batch else ["--shapes", f"input:1x3x32x32"])
+    build = ["build", aa, "-o", tmp_path / "m.engine"] + ([] if batch else ["--shapes", "input:1x3x32x32"])
     code, _, err = _cli(capsys, *build)
     assert code == 0 or (code == 2 and err.count("\n") == 1 and "TensorRT" in err), f"build ({label}): {err}"
 
@@ -143,7 +160,19 @@ def test_timm_convnextv2_fixed_batch_quantizes_and_calibrates(tmp_path, calib_di
     out = _ok(_cli(capsys, "quantize", aa, "--calib-images", calib_dir, "-o", tmp_path / "q.onnx"), "quantize")
     assert "symbolic shape inference failed" in out
     out = _ok(
-        _cli(capsys, "calibrate", aa, "--teacher", src, "--images", calib_dir, "--method", "stats", "-o", tmp_path / "c.onnx"),
+        _cli(
+            capsys,
+            "calibrate",
+            aa,
+            "--teacher",
+            src,
+            "--images",
+            calib_dir,
+            "--method",
+            "stats",
+            "-o",
+            tmp_path / "c.onnx",
+        ),
         "calibrate --method stats",
     )
     assert "calibrated on 30 images" in out

@@ -75,7 +75,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
         table.add_row(
             name,
             f"{100 * row['agreement']:.1f}",
-            *("-" if row[key] is None else f"{100 * row[key]:.1f}" for key in ("consistency_pad_crop", "consistency_circular")),
+            *(
+                "-" if row[key] is None else f"{100 * row[key]:.1f}"
+                for key in ("consistency_pad_crop", "consistency_circular")
+            ),
         )
     console.print(table)
     labels = {"consistency_pad_crop": "pad-and-crop", "consistency_circular": "circular"}

@@ -150,8 +150,10 @@ def random_pairs(
                 f"a dense output map (stride {stride}) is compared after undoing the shift: use --protocol circular"
             )
         if shift < stride:
-            raise InputError(f"circular shifts of up to {shift} px are finer than the output's stride {stride}: "
-                             f"give --shift {stride} or a multiple")
+            raise InputError(
+                f"circular shifts of up to {shift} px are finer than the output's stride {stride}: "
+                f"give --shift {stride} or a multiple"
+            )
         step = stride
     agree, per_pass, correct, seen, change = 0.0, [], 0, 0, 0.0
     per_image = np.zeros(len(images))

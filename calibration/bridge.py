@@ -18,6 +18,7 @@ from torch import nn
 
 from aa_deploy import blur_nodes, graph, model_io
 from aa_deploy.errors import InputError
+from converters.batching import fixed_batch
 
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
 _TRAINABLE_INPUTS = {
@@ -66,11 +67,9 @@ class OnnxModule(nn.Module):
                 else:
                     self.consts[value.name] = tensor
         self.input_name = model.graph.inputs[0].name
-        dims = model.graph.inputs[0].shape
-        first = dims[0] if dims is not None and len(dims) else None
         # A graph exported with a fixed batch (Reshape to [1, 2048] and the like) runs per batch of that
         # size under torch.func.vmap: any number of samples, batched kernels, gradients as usual.
-        self.fixed_batch = first if isinstance(first, int) and first > 0 else None
+        self.fixed_batch = fixed_batch(model.graph.inputs[0].shape)
         self.output_names = [v.name for v in model.graph.outputs]
         self.hooks: dict[str, callable] = {}  # tensor name -> fn(tensor) -> tensor (BN re-insertion, probes)
         unsupported = sorted({n.op_type for n in model.graph.all_nodes() if not hasattr(self, f"_op_{n.op_type}")})

@@ -62,12 +62,17 @@ def load_images(
 
 def _selecting(runner, output: str | None, model: str):
     """`runner` as a function of one input returning the output named `output` (default: the first)."""
-    index = 0
-    if output is not None:
-        if runner.output_names is not None and output not in runner.output_names:
-            raise InputError(f"{model} has no output {output!r} (outputs: {', '.join(runner.output_names)})")
-        index = runner.output_names.index(output) if runner.output_names is not None else 0
-    return lambda x: runner.run({runner.input_names[0]: x})[index]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        outs = runner.run({runner.input_names[0]: x})
+        if output is None:
+            return outs[0]
+        names = runner.output_names  # a TensorRT runner learns them with its first result
+        if output not in names:
+            raise InputError(f"{model} has no output {output!r} (outputs: {', '.join(names)})")
+        return outs[names.index(output)]
+
+    return run
 
 
 def _input_dims(model: str | os.PathLike, backend: str) -> list:

@@ -71,10 +71,48 @@ class OnnxModule(nn.Module):
         # size under torch.func.vmap: any number of samples, batched kernels, gradients as usual.
         self.fixed_batch = fixed_batch(model.graph.inputs[0].shape)
         self.output_names = [v.name for v in model.graph.outputs]
-        self.hooks: dict[str, callable] = {}  # tensor name -> fn(tensor) -> tensor (BN re-insertion, probes)
+        self.hooks: dict[str, callable] = {}  # tensor name -> fn(tensor) -> tensor (probes)
+        # Each tensor is dropped from the environment after its last reader (not when subgraphs read the
+        # outer scope by name): without gradients, peak memory is then the live activations only.
+        self._last_use: dict[str, int] = {}
+        if not any(n.op_type in ("If", "Loop", "Scan") for n in self.nodes):
+            for i, node in enumerate(self.nodes):
+                for v in node.inputs:
+                    if v is not None:
+                        self._last_use[v.name] = i
+            for name in self.output_names:
+                self._last_use.pop(name, None)
         unsupported = sorted({n.op_type for n in model.graph.all_nodes() if not hasattr(self, f"_op_{n.op_type}")})
         if unsupported:
             raise InputError(f"calibration cannot run these ops in PyTorch yet: {', '.join(unsupported)}")
+
+    def _apply(self, fn, recurse=True):  # .to(device) and friends move the constants too
+        self.consts = {k: fn(v) for k, v in self.consts.items()}
+        return super()._apply(fn, recurse)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device if len(self.params) else torch.device("cpu")
+
+    @torch.no_grad()
+    def activation_bytes(self, x: torch.Tensor) -> int:
+        """Bytes of every tensor one sample of `x` produces in a forward pass (what training keeps)."""
+        total = 0
+
+        def count(t):
+            nonlocal total
+            total += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+            return t
+
+        names = {v.name for n in self.nodes for v in n.outputs}
+        saved, self.hooks = self.hooks, dict.fromkeys(names, count) | self.hooks
+        try:
+            self._forward(
+                x[:1].to(self.device) if self.fixed_batch in (None, 1) else x[: self.fixed_batch].to(self.device)
+            )
+        finally:
+            self.hooks = saved
+        return total // (self.fixed_batch or 1)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         """Initializer name -> parameter, for the weights calibration may change."""
@@ -91,6 +129,9 @@ class OnnxModule(nn.Module):
         return self.consts[value.name]
 
     def forward(self, x: torch.Tensor, capture: set[str] | None = None) -> torch.Tensor | tuple:
+        """The first output for input `x` (moved to the module's device); with `capture`, also the named
+        tensors, and the pass stops as soon as they are all computed (the output is then None)."""
+        x = x.to(self.device)
         b = self.fixed_batch
         if b is None or x.shape[0] == b:
             return self._forward(x, capture)
@@ -104,7 +145,7 @@ class OnnxModule(nn.Module):
         env = {self.input_name: x}
         self._scope = env  # outer scope for subgraphs (If)
         captured = {}
-        for node in self.nodes:
+        for i, node in enumerate(self.nodes):
             args = [self._get(env, v) for v in node.inputs]
             out = getattr(self, f"_op_{node.op_type}")(node, *args)
             outs = out if isinstance(out, tuple) else (out,)
@@ -114,6 +155,11 @@ class OnnxModule(nn.Module):
                 env[value.name] = tensor
                 if capture and value.name in capture:
                     captured[value.name] = tensor
+            if capture and len(captured) == len(capture):
+                return None, captured
+            for v in node.inputs:
+                if v is not None and self._last_use.get(v.name) == i:
+                    env.pop(v.name, None)
         outputs = env[self.output_names[0]]
         return (outputs, captured) if capture is not None else outputs
 

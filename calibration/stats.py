@@ -9,6 +9,7 @@ blur's in the Conv form, the conv's own in the pooled form (both commute with th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -57,12 +58,23 @@ def conv_targets(student: OnnxModule, teacher: OnnxModule) -> list[ConvTarget]:
     return targets
 
 
+Source = torch.Tensor | Callable[[], Iterable[torch.Tensor]]
+
+
+def _chunks(source: Source, batch: int) -> Iterable[torch.Tensor]:
+    """Input batches: slices of a tensor, or whatever a callable source streams (it is called anew each pass)."""
+    if isinstance(source, torch.Tensor):
+        return (source[i : i + batch] for i in range(0, len(source), batch))
+    return source()
+
+
 @torch.no_grad()
-def moments(module: OnnxModule, x: torch.Tensor, names: set[str], batch: int = 250) -> dict[str, tuple]:
-    """Per-channel mean/std of the named tensors over all of `x` (streamed in batches)."""
+def moments(module: OnnxModule, source: Source, names: set[str], batch: int = 250) -> dict[str, tuple]:
+    """Per-channel mean/std of the named tensors over all the images of `source`, batch by batch
+    (each pass stops where the last named tensor is computed)."""
     sums: dict[str, list] = {}
-    for i in range(0, len(x), batch):
-        _, captured = module(x[i : i + batch], capture=names)
+    for x in _chunks(source, batch):
+        _, captured = module(x, capture=names)
         for name, t in captured.items():
             t = t.double().transpose(0, 1).reshape(t.shape[1], -1)
             s = sums.setdefault(name, [0.0, 0.0, 0])
@@ -78,14 +90,23 @@ def moments(module: OnnxModule, x: torch.Tensor, names: set[str], batch: int = 2
 
 
 @torch.no_grad()
-def calibrate_stats(student: OnnxModule, teacher: OnnxModule, x: torch.Tensor) -> list[dict]:
-    """Rescale every target conv of `student` in place; returns one record per conv."""
+def calibrate_stats(
+    student: OnnxModule,
+    teacher: OnnxModule,
+    source: Source,
+    batch: int = 250,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """Rescale every target conv of `student` in place; returns one record per conv. `source`: the
+    images as one tensor or a callable streaming batches (one pass per conv, stopping at that conv)."""
     targets = conv_targets(student, teacher)
-    reference = moments(teacher, x, {t.teacher_output for t in targets})
+    reference = moments(teacher, source, {t.teacher_output for t in targets}, batch)
     params = student.trainable()
     report = []
-    for target in targets:
-        mean_s, std_s = moments(student, x, {target.output})[target.output]
+    for done, target in enumerate(targets):
+        if progress:
+            progress(done, len(targets))
+        mean_s, std_s = moments(student, source, {target.output}, batch)[target.output]
         mean_t, std_t = reference[target.teacher_output]
         scale = torch.where(std_s > 1e-8, std_t / std_s.clamp_min(1e-8), torch.ones_like(std_s))
         w = params[target.weight]

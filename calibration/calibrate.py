@@ -7,7 +7,9 @@ load both graphs -> split the images (a held-out slice for early stopping and th
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,9 @@ from aa_deploy import model_io
 from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.errors import InputError
 from calibration.bridge import OnnxModule, write_back
-from calibration.images import Preprocess, load_folder, normalize, preprocess_for
+from calibration.distill import Recipe
+from calibration.held_out import HeldOut
+from calibration.images import ImageFiles, Preprocess, batches, list_images, load_rgb, normalize, preprocess_for
 
 METHODS = ("stats", "distill")
 
@@ -27,7 +31,7 @@ class CalibrationResult:
     method: str
     images: int
     held_out: int
-    before: dict  # held-out agreement with the teacher and shift consistency, before calibration
+    before: dict  # held-out figures (held_out.HeldOut.figures) before calibration
     after: dict
     teacher: dict
     seconds: float
@@ -37,29 +41,42 @@ class CalibrationResult:
     history: list = field(default_factory=list)
     # calibrated minus original consistency on the held-out images (same shifts: paired), per protocol
     versus_teacher: dict = field(default_factory=dict)
+    device: str = "cpu"
+    batch: tuple[int, int] = (0, 0)  # evaluation, training
+    activation_mb: float = 0.0  # activations one sample produces in a forward pass
 
 
-PROTOCOLS = {"consistency_pad_crop": ("random-crop", 4, "zero"), "consistency_circular": ("circular", 2, None)}
+EVAL_BUDGET = 1 << 30  # bytes of activations one evaluation batch may produce
+TRAIN_BUDGET = 3 << 29  # bytes of activations one training batch keeps for the backward pass
+CACHE_BUDGET = 256 << 20  # training images held decoded in memory; beyond it they stream from disk
+STATS_POSITIONS = 1 << 20  # `stats` reads enough images for about this many positions per channel
 
 
-def _summary(module: OnnxModule, held: np.ndarray, prepare, teacher_top1: np.ndarray) -> tuple[dict, dict]:
-    """Held-out agreement with the teacher and consistency (figures), with the ConsistencyResults."""
-    from aa_deploy.consistency import measure
+def resolve_device(name: str) -> torch.device:
+    """auto: the GPU when torch sees one, else the CPU; cuda without one is a clear error."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise InputError(f"device must be auto, cpu or cuda, not {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            "--device cuda: torch sees no CUDA GPU here (use --device cpu, or install a CUDA build of torch)"
+        )
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
-    def run(x):
-        with torch.no_grad():
-            return module(torch.from_numpy(x)).numpy()
 
-    agree = float((run(prepare(held)).argmax(1) == teacher_top1).mean()) if teacher_top1 is not None else 1.0
-    results = {}
-    for key, (protocol, shift, pad) in PROTOCOLS.items():
-        try:
-            results[key] = measure(protocol, run, prepare, held, crop=held.shape[1], shift=shift, pad=pad, passes=3)
-        except InputError:  # a protocol that does not apply to this output (a dense map under pad-and-crop)
-            continue
-    return {"agreement": agree} | {
-        key: results[key].consistency if key in results else None for key in PROTOCOLS
-    }, results
+def batch_sizes(module: OnnxModule, sample: torch.Tensor, train: int | None, views: int) -> tuple[int, int, int]:
+    """(evaluation batch, training batch, bytes per sample): sized so that one batch's activations
+    stay within EVAL_BUDGET / TRAIN_BUDGET (a training batch keeps them all, for each view)."""
+    per_sample = max(1, module.activation_bytes(sample))
+    evaluation = int(np.clip(EVAL_BUDGET // per_sample, 1, 250))
+    if train is None:
+        train = int(np.clip(TRAIN_BUDGET // (per_sample * views), 4, 64))
+    return evaluation, train, per_sample
+
+
+def _split(files: list[Path], held_out: float, seed: int) -> tuple[list[Path], list[Path]]:
+    order = np.random.default_rng(seed).permutation(len(files))
+    n_held = int(np.clip(round(held_out * len(files)), 10, 500))
+    return [files[i] for i in order[:n_held]], [files[i] for i in order[n_held:]]
 
 
 def calibrate(
@@ -76,73 +93,91 @@ def calibrate(
     patience: int | None = None,
     lr: float | None = None,
     seed: int = 0,
-    reinsert_bn: bool = False,
-    mix: bool = True,
-    progress=None,
+    recipe: Recipe | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: Callable[[dict], None] | None = None,
     check: bool = True,
 ) -> CalibrationResult:
-    """Calibrate the converted `model` against `teacher` on the unlabeled `images`; writes `output`."""
-    import time
-
+    """Calibrate the converted `model` against `teacher` on the unlabeled `images`; writes `output`.
+    `progress` receives {"phase": ...} records: load / stats (done, total), epoch (a history record)."""
     from calibration.distill import distill
     from calibration.stats import calibrate_stats
 
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size must be 1 or more, not {batch_size}")
+    report_progress = progress or (lambda record: None)
+    recipe = recipe or Recipe()
     start = time.perf_counter()
     torch.manual_seed(seed)
+    dev = resolve_device(device)
     model_path, out_path = Path(model), Path(output)
     if out_path.exists() and model_path.exists() and os.path.samefile(model_path, out_path):
         raise InputError(f"{out_path}: output would overwrite the input")
     student_ir = model_io.load(model_path)
     teacher_ir = model_io.load(teacher)
-    student, teacher_m = OnnxModule(student_ir).eval(), OnnxModule(teacher_ir).eval()
+    student, teacher_m = OnnxModule(student_ir).eval().to(dev), OnnxModule(teacher_ir).eval().to(dev)
     dims = [d if isinstance(d, int) else None for d in (student_ir.graph.inputs[0].shape or [])]
     preprocess = preprocess_for(dims[-1] if dims else None, preprocess)
-    raw, _ = load_folder(images, preprocess, limit=limit)
-    if len(raw) < 20:
-        raise InputError(f"{images}: {len(raw)} images is too few to calibrate (need 20 or more)")
+    files = list_images(images)[:limit]
+    if len(files) < 20:
+        raise InputError(f"{images}: {len(files)} images is too few to calibrate (need 20 or more)")
 
     def prepare(x: np.ndarray) -> np.ndarray:
         return normalize(x, preprocess)
 
-    order = np.random.default_rng(seed).permutation(len(raw))
-    n_held = max(10, int(round(held_out * len(raw))))
-    held, train = raw[order[:n_held]], raw[order[n_held:]]
-    with torch.no_grad():
-        teacher_top1 = teacher_m(torch.from_numpy(prepare(held))).argmax(1).numpy()
-    if method == "distill" and teacher_top1.ndim != 1:
+    held_files, train_files = _split(files, held_out, seed)
+    held = np.stack([load_rgb(p, preprocess) for p in held_files])
+    eval_batch, train_batch, per_sample = batch_sizes(
+        student, torch.from_numpy(prepare(held[:1])), batch_size, recipe.student_views
+    )
+    # Training images: decoded once when they fit CACHE_BUDGET, else decoded batch by batch from disk.
+    train = ImageFiles(train_files, preprocess)
+    if len(train) * held[0].nbytes <= CACHE_BUDGET:
+        decoded = []
+        for i in range(0, len(train), 250):
+            decoded.append(train[np.arange(i, min(i + 250, len(train)))])
+            report_progress({"phase": "load", "done": i + len(decoded[-1]), "total": len(train)})
+        train = np.concatenate(decoded)
+
+    checker = HeldOut(teacher_m, held, prepare, seed=seed, batch=eval_batch)
+    if method == "distill" and not checker.classifier:
         raise InputError(
             "distill matches the class probabilities of an (N, classes) output, and this model's output is not one "
             "(a dense map or a detection head): use --method stats"
         )
-    teacher_summary, teacher_runs = _summary(teacher_m, held, prepare, None)
-    before, _ = _summary(student, held, prepare, teacher_top1)
-    calibrate_stats(student, teacher_m, torch.from_numpy(prepare(train[:1000])))
+    teacher_summary, teacher_runs = checker.figures(teacher_m)
+    before, _ = checker.figures(student)
+
+    n_stats = int(np.clip(STATS_POSITIONS // (held.shape[1] * held.shape[2]), 64, 1000))
+    n_stats = min(n_stats, len(train))
+
+    def stats_source():
+        for chunk in batches(train, np.arange(n_stats), eval_batch, workers):
+            yield torch.from_numpy(prepare(chunk))
+
+    calibrate_stats(
+        student, teacher_m, stats_source, eval_batch,
+        progress=lambda done, total: report_progress({"phase": "stats", "done": done, "total": total}),
+    )  # fmt: skip
     report = None
     if method == "distill":
         report = distill(
-            student,
-            teacher_m,
-            train,
-            held,
-            prepare,
-            max_epochs=max_epochs,
-            patience=patience,
-            lr=lr,
-            seed=seed,
-            reinsert_bn=reinsert_bn,
-            mix=mix,
-            progress=progress,
-        )
-    after, after_runs = _summary(student, held, prepare, teacher_top1)
+            student, teacher_m, train, checker, prepare, recipe=recipe, max_epochs=max_epochs, patience=patience,
+            batch=train_batch, eval_batch=eval_batch, lr=lr, seed=seed, workers=workers,
+            progress=lambda record: report_progress({"phase": "epoch"} | record),
+        )  # fmt: skip
+    after, after_runs = checker.figures(student)
     versus = {key: paired_difference(teacher_runs[key], after_runs[key]).as_dict() for key in after_runs}
 
-    values = {name: p.detach().numpy() for name, p in student.trainable().items()}
+    values = {name: p.detach().cpu().numpy() for name, p in student.trainable().items()}
     write_back(student_ir, values)
     result = CalibrationResult(
         method,
-        len(raw),
+        len(files),
         len(held),
         before,
         after,
@@ -153,6 +188,9 @@ def calibrate(
         best_epoch=report.best_epoch if report else None,
         history=report.history if report else [],
         versus_teacher=versus,
+        device=str(dev),
+        batch=(eval_batch, train_batch),
+        activation_mb=per_sample / 2**20,
     )
     model_io.write_metadata(
         student_ir,
@@ -160,11 +198,15 @@ def calibrate(
             "calibration": {
                 "method": method,
                 "images": str(images),
-                "count": len(raw),
+                "count": len(files),
                 "held_out": len(held),
                 "seed": seed,
                 "lr": result.lr,
                 "epochs": result.epochs,
+                "best_epoch": result.best_epoch,
+                "recipe": asdict(recipe),
+                "score": "fidelity + mean(consistency_pad_crop, consistency_circular) on the held-out images",
+                "original": teacher_summary,
                 "before": before,
                 "after": after,
                 "versus_teacher": versus,

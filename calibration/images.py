@@ -121,3 +121,39 @@ def csv_labels(path: str | os.PathLike, files: list[Path], root: str | os.PathLi
             raise InputError(f"{path}: no label for {p.relative_to(root)}")
         labels.append(table[key])
     return np.asarray(labels)
+
+
+class ImageFiles:
+    """Images decoded from disk when read (resize + centre crop), never all at once: a torch Dataset
+    of uint8 HWC arrays, indexable like an array by one index or an index array."""
+
+    def __init__(self, files: list[Path], pre: Preprocess) -> None:
+        self.files, self.pre = list(files), pre
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index):
+        if np.ndim(index) == 0:
+            return load_rgb(self.files[int(index)], self.pre)
+        return np.stack([load_rgb(self.files[int(i)], self.pre) for i in index])
+
+    def subset(self, index) -> ImageFiles:
+        return ImageFiles([self.files[int(i)] for i in index], self.pre)
+
+
+def batches(images, order: np.ndarray, batch: int, workers: int | None = None):
+    """uint8 NHWC batches of `images` (an array, or `ImageFiles` decoded in DataLoader workers) in `order`."""
+    if isinstance(images, np.ndarray):
+        for i in range(0, len(order), batch):
+            yield images[order[i : i + batch]]
+        return
+    import torch
+
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    chunks = [order[i : i + batch].tolist() for i in range(0, len(order), batch)]
+    loader = torch.utils.data.DataLoader(images, batch_sampler=chunks, num_workers=workers, collate_fn=np.stack)
+    try:
+        yield from loader
+    except InputError as e:  # raised in a worker: torch re-raises it with the worker's traceback as its text
+        raise InputError(str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]) from None

@@ -107,10 +107,27 @@ def test_calibrate_cli_errors(r20, tmp_path):
         )
     bad = tmp_path / "bad"
     bad.mkdir()
+    for i, img in enumerate(bundled.cifar_test_images()[0][:24]):
+        Image.fromarray(img).save(bad / f"{i:02d}.png")
     (bad / "x.png").write_bytes(b"not an image")
     proc = cli("calibrate", *base, "--images", bad)
-    assert proc.returncode == 2 and "unreadable image" in proc.stderr
+    assert proc.returncode == 2 and "x.png: unreadable image" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_an_unreadable_image_met_in_a_worker_is_one_line(tmp_path):
+    from calibration.images import ImageFiles, Preprocess, batches
+
+    Image.fromarray(bundled.cifar_test_images()[0][0]).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    files = ImageFiles([tmp_path / "a.png", tmp_path / "b.png"], Preprocess(size=32))
+    with pytest.raises(aa_deploy.errors.InputError) as info:
+        list(batches(files, np.arange(2), 1, workers=1))
+    assert str(info.value).endswith(
+        "b.png: unreadable image (cannot identify image file '" + str(tmp_path / "b.png") + "')"
+    )
+    assert "\n" not in str(info.value)
 
 
 def test_bridge_runs_the_run_time_padding_guard(tmp_path):
@@ -172,11 +189,12 @@ def test_stats_matches_every_conv_blurpool_ones_through_their_blur(r20, tmp_path
 
 
 def test_a_rate_that_never_beats_the_start_backs_off(r20, tmp_path, monkeypatch):
-    # Agreement that never improves: every rate fails, so training steps down through the smaller
-    # candidates, each from the start, and ends at the smallest.
+    # A held-out score that never improves: every rate fails, so training steps down through the
+    # smaller candidates, each from the start, and ends at the smallest.
     import calibration.distill as distill
+    import calibration.held_out as held_out
 
-    monkeypatch.setattr(distill, "agreement", lambda *a, **k: 0.5)
+    monkeypatch.setattr(held_out, "score", lambda figures: 0.5)
     monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}))
     result = calibrate(
         r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=2, patience=1
@@ -189,10 +207,11 @@ def test_a_rate_that_never_beats_the_start_backs_off(r20, tmp_path, monkeypatch)
 @pytest.mark.parametrize("patience,epochs", [(None, 4), (2, 2)])
 def test_default_patience_counts_optimizer_steps_too(r20, tmp_path, monkeypatch, patience, epochs):
     # 70 training images = 2 steps an epoch. Default: max(2 epochs, 8 steps = 4 epochs) without
-    # better agreement; a patience the caller gives is kept as given.
+    # a better held-out score; a patience the caller gives is kept as given.
     import calibration.distill as distill
+    import calibration.held_out as held_out
 
-    monkeypatch.setattr(distill, "agreement", lambda *a, **k: 0.5)
+    monkeypatch.setattr(held_out, "score", lambda figures: 0.5)
     monkeypatch.setattr(distill, "range_test", lambda *a: (min(distill.LR_CANDIDATES), {}))
     monkeypatch.setattr(distill, "PATIENCE_EPOCHS", 2)
     monkeypatch.setattr(distill, "PATIENCE_STEPS", 8)
@@ -201,3 +220,147 @@ def test_default_patience_counts_optimizer_steps_too(r20, tmp_path, monkeypatch,
     )
     assert [h["epoch"] for h in result.history] == list(range(epochs + 1))
     assert distill.default_patience(29) == 2 and distill.default_patience(3) == 3
+
+
+def test_soft_targets_average_the_teachers_probabilities_over_views(r20):
+    from calibration.held_out import pad_crop, soft_targets
+
+    _, teacher = load_module(r20 / "r20.onnx")
+    images = bundled.cifar_test_images()[0][:8]
+    rng = np.random.default_rng(0)
+    views = [pad_crop(images, 4, rng) for _ in range(3)]
+    got = soft_targets(teacher, views, bundled.cifar_normalize, 2.0, batch=5).numpy()
+    want = 0
+    for v in views:  # NumPy softmax of ONNX Runtime's logits at temperature 2
+        z = ort.InferenceSession(str(r20 / "r20.onnx")).run(None, {"input": bundled.cifar_normalize(v)})[0] / 2.0
+        e = np.exp(z - z.max(1, keepdims=True))
+        want = want + e / e.sum(1, keepdims=True)
+    np.testing.assert_allclose(got, want / 3, atol=1e-5)
+
+
+def test_held_out_score_does_not_reward_a_constant_model(r20):
+    # fidelity + mean consistency: a model answering one class for everything is perfectly consistent
+    # and scores below the teacher it was made from.
+    from calibration.held_out import HeldOut
+
+    _, teacher = load_module(r20 / "r20.onnx")
+    images = bundled.cifar_test_images()[0][:40]
+    held = HeldOut(teacher, images, bundled.cifar_normalize, seed=0, batch=16)
+    figures, results = held.figures(teacher)
+    assert figures["agreement"] == 1.0 and 0.5 < figures["fidelity"] <= 1.0
+    assert set(results) == {"consistency_pad_crop", "consistency_circular"}
+
+    class Constant(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
+
+    constant, _ = held.figures(Constant())
+    assert constant["consistency_pad_crop"] == constant["consistency_circular"] == 1.0
+    assert constant["score"] < figures["score"]
+    assert constant["fidelity"] == pytest.approx(float((held.averaged_top1 == 0).mean()))
+
+
+def test_streamed_images_give_the_same_calibration_as_decoded_ones(r20, tmp_path, monkeypatch):
+    # Beyond CACHE_BUDGET the training images are decoded batch by batch in DataLoader workers: same
+    # batches, same order, so the same weights.
+    import calibration.calibrate as cal
+
+    args = (r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images")
+    kwargs = dict(method="distill", max_epochs=1, lr=1e-4, seed=0, workers=2)
+    cached = cal.calibrate(*args, tmp_path / "cached.onnx", **kwargs)
+    monkeypatch.setattr(cal, "CACHE_BUDGET", 0)
+    streamed = cal.calibrate(*args, tmp_path / "streamed.onnx", **kwargs)
+    a, b = onnx.load(tmp_path / "cached.onnx"), onnx.load(tmp_path / "streamed.onnx")
+    for x, y in zip(a.graph.initializer, b.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y))
+    assert cached.after == streamed.after
+
+
+def test_batch_sizes_follow_the_activation_size(r20):
+    from calibration.calibrate import EVAL_BUDGET, TRAIN_BUDGET, batch_sizes
+
+    _, module = load_module(r20 / "r20.onnx")
+    x = torch.from_numpy(bundled.cifar_normalize(bundled.cifar_test_images()[0][:2]))
+    evaluation, train, per_sample = batch_sizes(module, x, None, 1)
+    # ResNet-20 at 32 px: every node output of one sample, about 2 MB, so the caps decide
+    assert 1 << 20 < per_sample < 4 << 20 and (evaluation, train) == (250, 64)
+    assert batch_sizes(module, x, 7, 1)[1] == 7  # the user's batch is kept
+    import calibration.calibrate as cal
+
+    big = per_sample * 40
+    assert EVAL_BUDGET // big < 250 and TRAIN_BUDGET // big < 64  # a model 40x larger gets smaller batches
+    module.activation_bytes = lambda sample: big
+    evaluation, train, _ = cal.batch_sizes(module, x, None, 2)
+    assert evaluation == EVAL_BUDGET // big and train == max(4, TRAIN_BUDGET // (big * 2))
+
+
+def test_capture_stops_the_pass_at_the_last_named_tensor(r20):
+    _, module = load_module(r20 / "r20.onnx")
+    x = torch.from_numpy(bundled.cifar_normalize(bundled.cifar_test_images()[0][:4]))
+    first_conv = next(n for n in module.nodes if n.op_type == "Conv").outputs[0].name
+    seen = []
+    module.hooks = {v.name: (lambda t, name=v.name: seen.append(name) or t) for n in module.nodes for v in n.outputs}
+    out, captured = module(x, capture={first_conv})
+    assert out is None and set(captured) == {first_conv} and seen[-1] == first_conv
+    assert len(seen) < len(module.nodes) // 4
+
+
+def test_device_choice(r20, tmp_path):
+    from calibration.calibrate import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        proc = cli(
+            "calibrate", r20 / "r20.pre.onnx", "--teacher", r20 / "r20.onnx", "--images", r20 / "images",
+            "-o", tmp_path / "o.onnx", "--device", "cuda",
+        )  # fmt: skip
+        assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "o.onnx").exists()
+
+
+def test_convert_says_when_the_model_needs_calibrating(r20, tmp_path):
+    # The trained ResNet-20 converted with defaults answers differently on the bundled test images
+    # (measured: 75 % top-1 agreement): one line saying so, naming calibrate. A toy graph that does
+    # not take RGB images is not compared.
+    from aa_deploy.drift import output_drift
+
+    proc = cli("convert", r20 / "r20.onnx", "-o", tmp_path / "c.onnx", "-q")
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("outputs moved"))
+    assert "top-1 agreement with the original" in line and "aa-deploy calibrate" in line
+    drift = output_drift(r20 / "r20.onnx", tmp_path / "c.onnx")
+    assert drift.needs_calibration and drift.count == 100 and 0.5 < drift.value < 0.9
+    assert output_drift(r20 / "r20.onnx", r20 / "r20.onnx").value == 1.0
+    from tests import graphs as G
+
+    onnx.save(G.conv_model([1, 4, 16, 16]), tmp_path / "toy.onnx")
+    assert output_drift(tmp_path / "toy.onnx", tmp_path / "toy.onnx") is None
+
+
+def test_convert_then_calibrate_in_one_step(r20, tmp_path, capsys, monkeypatch):
+    from aa_deploy.cli import calibrate as calibrate_cli
+    from aa_deploy.cli import main
+
+    plain = calibrate_cli.defaults
+    monkeypatch.setattr(calibrate_cli, "defaults", lambda **kw: plain(**kw, epochs=1, lr=1e-4))  # fast here
+    out = tmp_path / "out" / "r20.cal.onnx"
+    out.parent.mkdir()
+    before = (r20 / "r20.onnx").read_bytes()
+    code = main(["convert", str(r20 / "r20.onnx"), "-o", str(out), "-q", "--calibrate", str(r20 / "images")])
+    text = capsys.readouterr().out
+    assert code == 0 and "before calibration: top-1 agreement" in text and f"wrote {out}" in text
+    meta = aa_deploy.model_io.read_metadata(onnx.load(out))
+    assert meta["calibration"]["method"] == "distill" and meta["options"]["filter"] == "triangle"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r20.cal.onnx"]  # no temporary file left
+    assert (r20 / "r20.onnx").read_bytes() == before
+    for args, needle in [
+        (["--in-place"], "give -o FILE instead"),
+        (["-o", str(tmp_path / "x.onnx"), "--calibrate", str(tmp_path / "nowhere")], "no such image folder"),
+    ]:
+        extra = ["--calibrate", str(r20 / "images")] if "--in-place" in args else []
+        assert main(["convert", str(r20 / "r20.onnx"), *args, *extra]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()

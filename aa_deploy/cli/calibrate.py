@@ -7,6 +7,7 @@ import argparse
 from rich.console import Console
 
 from aa_deploy.cli import common
+from calibration.distill import Recipe
 
 
 def add(sub) -> None:
@@ -20,67 +21,98 @@ def add(sub) -> None:
     k.add_argument(
         "--patience",
         type=int,
-        help="stop after this many epochs without better agreement (default 12, and at least 300 optimizer steps)",
+        help="stop after this many epochs without a better held-out score (default 12, and at least 300 optimizer steps)",
     )
     k.add_argument("--lr", type=float, help="learning rate (default: chosen by a short range test)")
     k.add_argument("--limit", type=int, help="use at most this many images")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument(
-        "--reinsert-bn", action="store_true", help="train with BatchNorm re-inserted after each conv, folded back"
-    )
-    k.add_argument(
         "--no-mixup", action="store_true", help="train on shifted images only, without blending pairs of them"
     )
+    k.add_argument(
+        "--teacher-views",
+        type=int,
+        default=Recipe.teacher_views,
+        help="the teacher's answer is averaged over this many shifts of each image (default %(default)s; "
+        "0: the teacher sees the student's own view, and the student learns its aliasing)",
+    )
+    k.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when torch sees one"
+    )
+    k.add_argument("--batch-size", type=int, help="training batch (default: 64, less where activations are large)")
+    k.add_argument("--workers", type=int, help="image-decoding worker processes (default: up to 4)")
     common.add_preprocess(k)
     k.set_defaults(run=run)
 
 
+def defaults(**values) -> argparse.Namespace:
+    """calibrate's arguments at their defaults, with `values` set (for convert --calibrate)."""
+    parser = argparse.ArgumentParser()
+    add(parser.add_subparsers())
+    args = parser.parse_args(["calibrate", "model", "--teacher", "teacher", "--images", "images", "-o", "output"])
+    for key, value in values.items():
+        setattr(args, key, value)
+    return args
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
+    from rich.progress import Progress
     from rich.table import Table
 
     from calibration.calibrate import calibrate
 
     preprocess = common.preprocess(args)
+    bars = Progress(console=console, transient=True)
+    tasks: dict = {}
 
-    def progress(h: dict) -> None:
-        if h["epoch"] == 0:
-            console.print(f"  learning rate {h['lr']:g}")
-        loss = "" if h["loss"] is None else f", loss {h['loss']:.3f}"
-        console.print(f"  epoch {h['epoch']}: held-out agreement with the teacher {100 * h['agreement']:.1f}%{loss}")
-
-    result = calibrate(
-        args.model,
-        args.teacher,
-        args.images,
-        args.output,
-        method=args.method,
-        preprocess=preprocess,
-        limit=args.limit,
-        max_epochs=args.epochs,
-        patience=args.patience,
-        lr=args.lr,
-        seed=args.seed,
-        reinsert_bn=args.reinsert_bn,
-        mix=not args.no_mixup,
-        progress=progress,
-    )
-    table = Table(title=f"calibration ({result.method}) on {result.held_out} held-out images", title_justify="left")
-    for column in ("model", "agreement with teacher %", "consistency % (pad-and-crop)", "consistency % (circular)"):
-        table.add_column(column)
-    for name, row in (
-        ("original (teacher)", result.teacher),
-        ("converted", result.before),
-        ("calibrated", result.after),
-    ):
-        table.add_row(
-            name,
-            f"{100 * row['agreement']:.1f}",
-            *(
-                "-" if row[key] is None else f"{100 * row[key]:.1f}"
-                for key in ("consistency_pad_crop", "consistency_circular")
-            ),
+    def progress(record: dict) -> None:
+        phase = record["phase"]
+        if phase in ("load", "stats"):
+            label = {"load": "decoding images", "stats": "stats: matching conv statistics"}[phase]
+            if phase not in tasks:
+                tasks[phase] = bars.add_task(label, total=record["total"])
+            bars.update(tasks[phase], completed=record["done"] + (phase == "stats"))
+            return
+        if record["epoch"] == 0:
+            console.print(f"  learning rate {record['lr']:g}")
+        loss = "" if record["loss"] is None else f", loss {record['loss']:.3f}"
+        console.print(
+            f"  epoch {record['epoch']}: held-out fidelity {100 * record['fidelity']:.1f}%, consistency "
+            f"{_pct(record.get('consistency_pad_crop'))} / {_pct(record.get('consistency_circular'))}, "
+            f"score {record['score']:.3f}{loss}"
         )
+
+    with bars:
+        result = calibrate(
+            args.model,
+            args.teacher,
+            args.images,
+            args.output,
+            method=args.method,
+            preprocess=preprocess,
+            limit=args.limit,
+            max_epochs=args.epochs,
+            patience=args.patience,
+            lr=args.lr,
+            seed=args.seed,
+            recipe=Recipe(mix=not args.no_mixup, teacher_views=args.teacher_views, student_views=args.student_views),
+            device=args.device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=progress,
+        )
+    table = Table(title=f"calibration ({result.method}) on {result.held_out} held-out images", title_justify="left")
+    columns = ("model", "fidelity %", "agreement %", "consistency % (pad-and-crop)", "consistency % (circular)")
+    for column in columns:
+        table.add_column(column)
+    keys = ("fidelity", "agreement", "consistency_pad_crop", "consistency_circular")
+    for name, row in (("original", result.teacher), ("converted", result.before), ("calibrated", result.after)):
+        table.add_row(name, *(_pct(row.get(key)) for key in keys))
     console.print(table)
+    console.print(
+        "fidelity: top-1 agreement with the original averaged over shifts of each image; agreement: with its answer on "
+        "the image itself"
+    )
     labels = {"consistency_pad_crop": "pad-and-crop", "consistency_circular": "circular"}
     parts = [
         f"{labels[key]} {100 * d['delta']:+.1f} ({100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f})"
@@ -88,6 +120,20 @@ def run(args: argparse.Namespace, console: Console) -> int:
     ]
     if parts:
         console.print(f"consistency, calibrated minus original (paired, 95 % interval over images): {', '.join(parts)}")
+    worse = [labels[key] for key, d in result.versus_teacher.items() if d["delta"] < 0]
+    if worse:
+        console.print(
+            f"[yellow]note: on these held-out images the calibrated model is LESS consistent than the original "
+            f"({', '.join(worse)}); more calibration images usually help[/yellow]"
+        )
+    console.print(
+        f"device {result.device}, batches {result.batch[0]} (evaluation) / {result.batch[1]} (training), "
+        f"{result.activation_mb:.1f} MB of activations per image"
+    )
     extra = f", lr {result.lr:g}, best epoch {result.best_epoch} of {result.epochs}" if result.lr else ""
     console.print(f"calibrated on {result.images} images in {result.seconds:.0f} s{extra}; wrote {args.output}")
     return common.EXIT_OK
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"

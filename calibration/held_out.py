@@ -1,0 +1,107 @@
+"""The held-out slice every calibration decision is made on, and the figures read from it.
+
+fidelity     top-1 agreement with the teacher averaged over shifts of each image (the original's
+             test-time-augmented answer: an accuracy proxy that does not reward copying its aliasing)
+agreement    top-1 agreement with the teacher's answer on the unshifted image
+consistency  the two protocols `calibrate` reports: pad-and-crop +-4 px and circular +-2 px, on
+             fixed shifts (the same views for every model and every epoch, so figures are paired)
+score        fidelity + the mean of the consistencies: what early stopping and the rate choice
+             maximize. Neither term alone decides: a constant model is perfectly consistent, and
+             fidelity alone rewards the aliasing the blurs removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aa_deploy.errors import InputError
+from calibration.bridge import OnnxModule
+
+PROTOCOLS = {"consistency_pad_crop": ("random-crop", 4, "zero"), "consistency_circular": ("circular", 2, None)}
+TEACHER_SHIFTS = 8  # shifted views (besides the image itself) the held-out teacher is averaged over
+PASSES = 3
+
+
+def pad_crop(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Random pad-and-crop shifts within +-shift pixels (zero padding); NHWC, any dtype."""
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+    offsets = rng.integers(0, 2 * shift + 1, size=(n, 2))
+    return np.stack([padded[i, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)])
+
+
+def autocast(device: torch.device):
+    """bfloat16 mixed precision on a GPU, nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def logits(module: OnnxModule, prepare: Callable, images: np.ndarray, batch: int) -> torch.Tensor:
+    """`module`'s first output for uint8/float NHWC `images`, in batches, as float32 on the CPU."""
+    with autocast(module.device):
+        outs = [
+            module(torch.from_numpy(prepare(images[i : i + batch]))).float().cpu() for i in range(0, len(images), batch)
+        ]
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def soft_targets(teacher: OnnxModule, views: list[np.ndarray], prepare, temperature: float, batch: int) -> torch.Tensor:
+    """The teacher's probabilities at `temperature`, averaged over `views` (the same images, shifted)."""
+    return sum(F.softmax(logits(teacher, prepare, v, batch) / temperature, 1) for v in views) / len(views)
+
+
+class HeldOut:
+    def __init__(self, teacher: OnnxModule, images: np.ndarray, prepare: Callable, *, seed: int = 0, batch: int = 250):
+        self.images, self.prepare, self.seed, self.batch = images, prepare, seed, batch
+        rng = np.random.default_rng(seed + 1)
+        shift = PROTOCOLS["consistency_pad_crop"][1]
+        views = [images] + [pad_crop(images, shift, rng) for _ in range(TEACHER_SHIFTS)]
+        plain = logits(teacher, prepare, images, batch)
+        self.classifier = plain.dim() == 2
+        self.teacher_top1 = plain.argmax(1).numpy() if self.classifier else None
+        self.averaged_top1 = (
+            soft_targets(teacher, views, prepare, 1.0, batch).argmax(1).numpy() if self.classifier else None
+        )
+
+    def figures(self, module: OnnxModule) -> tuple[dict, dict]:
+        """The figures above for `module`, and the consistency results (for paired differences)."""
+        from aa_deploy.consistency import measure
+
+        module.train(False)
+
+        def run(x):
+            with torch.no_grad(), autocast(module.device):
+                return module(torch.from_numpy(x)).float().cpu().numpy()
+
+        out: dict = {}
+        if self.classifier:
+            top1 = logits(module, self.prepare, self.images, self.batch).argmax(1).numpy()
+            out = {
+                "fidelity": float((top1 == self.averaged_top1).mean()),
+                "agreement": float((top1 == self.teacher_top1).mean()),
+            }
+        results = {}
+        for key, (protocol, shift, pad) in PROTOCOLS.items():
+            try:
+                results[key] = measure(
+                    protocol, run, self.prepare, self.images, crop=self.images.shape[1], shift=shift, pad=pad,
+                    passes=PASSES, seed=self.seed, batch=min(self.batch, 64),
+                )  # fmt: skip
+            except InputError:  # a protocol that does not apply to this output (a dense map under pad-and-crop)
+                pass
+            out[key] = results[key].consistency if key in results else None
+        if self.classifier:
+            out["score"] = score(out)
+        return out, results
+
+
+def score(figures: dict) -> float:
+    """fidelity + the mean of the consistencies measured."""
+    cons = [v for k, v in figures.items() if k.startswith("consistency_") and v is not None]
+    return figures["fidelity"] + (sum(cons) / len(cons) if cons else 0.0)

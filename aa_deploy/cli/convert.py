@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
+from pathlib import Path
 
 from rich.console import Console
 
@@ -18,39 +21,91 @@ def add(sub) -> None:
     c.add_argument("--in-place", action="store_true", help="overwrite the input model")
     c.add_argument("--no-check", action="store_true", help="skip onnx.checker on the output")
     c.add_argument("-q", "--quiet", action="store_true", help="no site table")
+    c.add_argument(
+        "--no-drift", action="store_true", help="skip comparing the outputs with the original's on bundled images"
+    )
+    c.add_argument(
+        "--calibrate",
+        metavar="DIR",
+        help="then calibrate on the unlabeled images in DIR against the input model (aa-deploy calibrate's defaults)",
+    )
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="for --calibrate")
     common.add_target_opset(c)
     common.add_options(c)
+    common.add_preprocess(c)
     c.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from aa_deploy.convert import convert
+    from aa_deploy.drift import output_drift
     from aa_deploy.report import print_sites
 
     if args.output is None and not args.in_place:
         raise InputError("give an output file with -o FILE (or --in-place to overwrite the input)")
+    if args.calibrate is not None and args.in_place:
+        raise InputError("--calibrate writes a new file: give -o FILE instead of --in-place")
+    if args.calibrate is not None:
+        from calibration.images import list_images
+
+        list_images(args.calibrate)  # a missing or empty folder fails before anything is written
     start = time.perf_counter()
-    result = convert(
-        args.model,
-        args.output,
-        common.options(args),
-        in_place=args.in_place,
-        check=not args.no_check,
-        target_opset=args.target_opset,
-    )
-    seconds = time.perf_counter() - start
     out = args.model if args.in_place else args.output
-    common.print_upgrade(result.opset_upgrade, console)
-    if not args.quiet:
-        print_sites(result.actions, f"{args.model} -> {out}", console)
-    changed = len(result.changed)
-    if result.blurs == 0:
-        console.print(
-            f"nothing added: none of the {len(result.actions)} sites needed a blur (see the table); wrote {out}"
+    target = out
+    if args.calibrate is not None:  # the converted graph goes to a temporary file beside the output first
+        handle, target = tempfile.mkstemp(suffix=".aa.onnx", dir=Path(out).resolve().parent)
+        os.close(handle)
+    try:
+        result = convert(
+            args.model,
+            target,
+            common.options(args),
+            in_place=args.in_place,
+            check=not args.no_check,
+            target_opset=args.target_opset,
         )
-    else:
+        seconds = time.perf_counter() - start
+        common.print_upgrade(result.opset_upgrade, console)
+        if not args.quiet:
+            print_sites(result.actions, f"{args.model} -> {out}", console)
+        changed = len(result.changed)
+        if result.blurs == 0:
+            console.print(
+                f"nothing added: none of the {len(result.actions)} sites needed a blur (see the table); wrote {out}"
+            )
+            if args.calibrate is not None:
+                os.replace(target, out)
+            return common.EXIT_OK
         console.print(
-            f"changed {changed} of {len(result.actions)} sites with {result.blurs} blur nodes "
-            f"in {seconds:.2f} s; wrote {out}"
+            f"changed {changed} of {len(result.actions)} sites with {result.blurs} blur nodes in {seconds:.2f} s"
+            + ("" if args.calibrate else f"; wrote {out}")
         )
+        drift = None
+        if not args.no_drift:
+            try:
+                drift = output_drift(args.model, target, common.preprocess(args))
+            except Exception as e:  # noqa: BLE001 - advisory: the converted file is written and checked already
+                console.print(f"outputs not compared with the original's ({str(e).splitlines()[0][:200]})")
+        if drift is not None and args.calibrate is None:
+            if drift.needs_calibration:
+                console.print(
+                    f"[yellow]outputs moved: {drift.describe()}. Blurs change what the trained layers see: "
+                    f"calibrate it (aa-deploy calibrate {out} --teacher {args.model} --images DIR -o ...), "
+                    "or convert with --calibrate DIR[/yellow]"
+                )
+            else:
+                console.print(f"outputs close to the original's: {drift.describe()}")
+        if args.calibrate is not None:
+            if drift is not None:
+                console.print(f"before calibration: {drift.describe()}")
+            from aa_deploy.cli import calibrate as calibrate_cli
+
+            calibrate_args = calibrate_cli.defaults(
+                model=target, teacher=args.model, images=args.calibrate, output=out, device=args.device,
+                size=args.size, mean=args.mean, std=args.std, preprocess=args.preprocess,
+            )  # fmt: skip
+            return calibrate_cli.run(calibrate_args, console)
+    finally:
+        if target != out and os.path.exists(target):
+            os.unlink(target)
     return common.EXIT_OK

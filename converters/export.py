@@ -37,9 +37,15 @@ def _load_model(spec: str, weights: str | os.PathLike | None) -> tuple[nn.Module
         from aa_deploy import bundled
         from aa_deploy.models.cifar_resnet import cifar_resnet
 
+        if name == "efficientnet_lite0" and weights is None:
+            from aa_deploy.models.efficientnet_lite import efficientnet_lite0
+
+            return efficientnet_lite0(), True
         depth = {"cifar10_resnet20": 20, "cifar10_resnet32": 32}.get(name)
         if depth is None:
-            raise InputError(f"unknown bundled model {name!r} (aa:cifar10_resnet20 or aa:cifar10_resnet32)")
+            raise InputError(
+                f"unknown model {name!r} (aa:cifar10_resnet20, aa:cifar10_resnet32 or aa:efficientnet_lite0)"
+            )
         if weights is None and depth == 20:
             weights, trained = bundled.RESNET20_WEIGHTS, True
         return cifar_resnet(depth, weights), trained

@@ -23,11 +23,19 @@ from converters.batching import fixed_batch
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
 _TRAINABLE_INPUTS = {
     "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "InstanceNormalization": (1, 2),
     "Gemm": (1, 2),
     "MatMul": (1,),
     "BatchNormalization": (1, 2),
     "LayerNormalization": (1, 2),
 }
+
+
+_TORCH_DTYPES = {
+    1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
+    9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16,
+}  # fmt: skip
 
 
 def _key(name: str) -> str:
@@ -243,13 +251,19 @@ class OnnxModule(nn.Module):
         index = [slice(None)] * x.dim()
         axes = range(len(starts)) if axes is None else axes
         steps = [1] * len(starts) if steps is None else steps
+        backwards = []
         for s, e, a, st in zip(starts, ends, axes, steps):
             a, s, e, st = int(a) % x.dim(), int(s), int(e), int(st)
             size = x.shape[a]
-            s = max(0, min(size, s + size if s < 0 else s))
-            e = max(0, min(size, e + size if e < 0 else e))
-            index[a] = slice(s, e, st)
-        return x[tuple(index)]
+            s, e = s + size if s < 0 else s, e + size if e < 0 else e
+            if st > 0:
+                index[a] = slice(max(0, min(size, s)), max(0, min(size, e)), st)
+            else:  # ONNX clamps a backward slice to [-1, size - 1] (TorchScript reverses pad lists so)
+                backwards.append((a, torch.arange(max(-1, min(size - 1, s)), max(-1, min(size - 1, e)), st)))
+        x = x[tuple(index)]
+        for a, idx in backwards:
+            x = x.index_select(a, idx.to(x.device))
+        return x
 
     def _op_Concat(self, node, *xs):
         return torch.cat(xs, dim=node.attributes.get_int("axis", 0))
@@ -375,6 +389,185 @@ class OnnxModule(nn.Module):
 
     def _op_Erf(self, node, x):
         return torch.erf(x)
+
+    # -- shape arithmetic (TorchScript exports compute paddings and reshapes at run time) -----------
+    def _op_Cast(self, node, x):
+        return x.to(_TORCH_DTYPES[node.attributes.get_int("to")])
+
+    def _op_CastLike(self, node, x, like):
+        return x.to(like.dtype)
+
+    def _op_ConstantOfShape(self, node, shape):
+        value = node.attributes.get("value")
+        fill = torch.from_numpy(np.array(value.as_tensor().numpy())).reshape(-1) if value else torch.zeros(1)
+        return fill.expand(*[int(d) for d in shape]).clone() if len(shape) else fill.reshape(()).clone()
+
+    def _op_Range(self, node, start, limit, delta):
+        return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+    def _op_Expand(self, node, x, shape):
+        shape = [int(d) for d in shape]
+        rank = max(x.dim(), len(shape))
+        dims = [1] * (rank - x.dim()) + list(x.shape)
+        target = [1] * (rank - len(shape)) + shape
+        return x.reshape(dims).expand([max(a, b) if 1 in (a, b) else b for a, b in zip(dims, target)])
+
+    def _op_Tile(self, node, x, repeats):
+        return x.repeat(*[int(r) for r in repeats])
+
+    def _op_Size(self, node, x):
+        return torch.tensor(x.numel(), dtype=torch.int64)
+
+    def _op_Where(self, node, cond, a, b):
+        return torch.where(cond.bool(), a, b)
+
+    def _op_Equal(self, node, a, b):
+        return a == b
+
+    def _op_Less(self, node, a, b):
+        return a < b
+
+    def _op_LessOrEqual(self, node, a, b):
+        return a <= b
+
+    def _op_GreaterOrEqual(self, node, a, b):
+        return a >= b
+
+    def _op_Not(self, node, x):
+        return ~x.bool()
+
+    def _op_Or(self, node, a, b):
+        return a | b
+
+    def _op_Split(self, node, x, split=None):
+        axis = node.attributes.get_int("axis", 0)
+        sizes = graph.ints(node, "split") if split is None else [int(v) for v in split]
+        if not sizes:
+            n = node.attributes.get_int("num_outputs", len(node.outputs))
+            sizes = [-(-x.shape[axis] // n)] * (n - 1)
+            sizes.append(x.shape[axis] - sum(sizes))
+        return tuple(torch.split(x, sizes, dim=axis))
+
+    def _op_GatherND(self, node, data, indices):
+        b = node.attributes.get_int("batch_dims", 0)
+        if b:
+            raise InputError(f"{node.name}: GatherND with batch_dims is not supported by calibration")
+        idx = indices.long()
+        return data[tuple(idx[..., k] for k in range(idx.shape[-1]))]
+
+    # -- elementwise -------------------------------------------------------------------------------
+    def _op_Sum(self, node, *xs):
+        return sum(xs[1:], xs[0])
+
+    def _op_Mean(self, node, *xs):
+        return sum(xs[1:], xs[0]) / len(xs)
+
+    def _op_Max(self, node, *xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = torch.maximum(out, x)
+        return out
+
+    def _op_Min(self, node, *xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = torch.minimum(out, x)
+        return out
+
+    def _op_Tanh(self, node, x):
+        return torch.tanh(x)
+
+    def _op_Softplus(self, node, x):
+        return F.softplus(x)
+
+    def _op_Mish(self, node, x):
+        return F.mish(x)
+
+    def _op_Exp(self, node, x):
+        return torch.exp(x)
+
+    def _op_Log(self, node, x):
+        return torch.log(x)
+
+    def _op_Abs(self, node, x):
+        return torch.abs(x)
+
+    def _op_Reciprocal(self, node, x):
+        return torch.reciprocal(x)
+
+    def _op_Floor(self, node, x):
+        return torch.floor(x)
+
+    def _op_Ceil(self, node, x):
+        return torch.ceil(x)
+
+    def _op_LeakyRelu(self, node, x):
+        return F.leaky_relu(x, node.attributes.get_float("alpha", 0.01))
+
+    def _op_Elu(self, node, x):
+        return F.elu(x, node.attributes.get_float("alpha", 1.0))
+
+    def _op_PRelu(self, node, x, slope):
+        return torch.where(x >= 0, x, x * slope)
+
+    def _op_Dropout(self, node, x, *_):
+        return (x, torch.ones_like(x, dtype=torch.bool)) if len(node.outputs) > 1 else x
+
+    # -- layers ------------------------------------------------------------------------------------
+    def _op_ConvTranspose(self, node, x, w, b=None):
+        n = w.dim() - 2
+        strides = graph.ints(node, "strides", [1] * n)
+        dilations = graph.ints(node, "dilations", [1] * n)
+        pads = graph.ints(node, "pads", [0] * (2 * n))
+        extra = graph.ints(node, "output_padding", [0] * n)
+        if graph.ints(node, "output_shape") or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
+            raise InputError(f"{node.name}: ConvTranspose with output_shape/auto_pad is not supported by calibration")
+        if pads[:n] != pads[n:]:
+            raise InputError(f"{node.name}: ConvTranspose with asymmetric pads is not supported by calibration")
+        conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+        return conv(x, w, b, strides, pads[:n], extra, node.attributes.get_int("group", 1), dilations)
+
+    def _op_LRN(self, node, x):
+        return F.local_response_norm(
+            x,
+            node.attributes.get_int("size"),
+            node.attributes.get_float("alpha", 1e-4),
+            node.attributes.get_float("beta", 0.75),
+            node.attributes.get_float("bias", 1.0),
+        )
+
+    def _op_InstanceNormalization(self, node, x, scale, bias):
+        return F.instance_norm(x, weight=scale, bias=bias, eps=node.attributes.get_float("epsilon", 1e-5))
+
+    def _op_GlobalMaxPool(self, node, x):
+        return torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True)
+
+    def _op_ReduceMax(self, node, x, axes=None):
+        return self._reduce(node, x, axes, lambda t, d, k: torch.amax(t, dim=d, keepdim=k))
+
+    def _op_ReduceMin(self, node, x, axes=None):
+        return self._reduce(node, x, axes, lambda t, d, k: torch.amin(t, dim=d, keepdim=k))
+
+    def _op_Einsum(self, node, *xs):
+        return torch.einsum(node.attributes.get_string("equation"), *xs)
+
+    def _op_Resize(self, node, x, roi=None, scales=None, sizes=None):
+        mode = node.attributes.get_string("mode", "nearest")
+        coords = node.attributes.get_string("coordinate_transformation_mode", "half_pixel")
+        nearest = node.attributes.get_string("nearest_mode", "round_prefer_floor")
+        if sizes is not None and sizes.numel():
+            size = [int(v) for v in sizes[2:]]
+        else:
+            size = [int(np.floor(d * float(f))) for d, f in zip(x.shape[2:], scales[2:])]
+        if mode == "nearest" and coords == "asymmetric" and nearest == "floor":
+            return F.interpolate(x, size=size, mode="nearest")
+        if mode in ("linear", "cubic") and coords in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+            kind = {"linear": ("linear", "bilinear", "trilinear"), "cubic": (None, "bicubic", None)}[mode][x.dim() - 3]
+            if kind is not None:
+                return F.interpolate(x, size=size, mode=kind, align_corners=coords == "align_corners")
+        raise InputError(
+            f"{node.name}: Resize mode {mode}, {coords}, nearest_mode {nearest} is not supported by calibration"
+        )
 
 
 def write_back(model: ir.Model, values: dict[str, np.ndarray]) -> None:

@@ -37,6 +37,13 @@ def add(sub) -> None:
         "0: the teacher sees the student's own view, and the student learns its aliasing)",
     )
     k.add_argument(
+        "--student-views",
+        type=int,
+        default=Recipe.student_views,
+        help="shifted views of each image the student trains on, all towards the same averaged teacher "
+        "(default %(default)s; 2 adds an explicit invariance pull at twice the training cost)",
+    )
+    k.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when torch sees one"
     )
     k.add_argument("--batch-size", type=int, help="training batch (default: 64, less where activations are large)")

@@ -348,7 +348,9 @@ class OnnxModule(nn.Module):
         return x
 
     def _op_Shape(self, node, x):
-        return torch.tensor(x.shape, dtype=torch.int64)
+        start, end = node.attributes.get_int("start", 0), node.attributes.get("end")
+        dims = list(x.shape)
+        return torch.tensor(dims[start : None if end is None else end.as_int()], dtype=torch.int64)
 
     def _op_Gather(self, node, data, indices):
         axis = node.attributes.get_int("axis", 0) % data.dim()
@@ -455,7 +457,17 @@ class OnnxModule(nn.Module):
         idx = indices.long()
         return data[tuple(idx[..., k] for k in range(idx.shape[-1]))]
 
+    def _op_ScatterND(self, node, data, indices, updates):
+        reduction = node.attributes.get_string("reduction", "none")
+        if reduction not in ("none", "add"):
+            raise InputError(f"{node.name}: ScatterND reduction {reduction} is not supported by calibration")
+        idx = indices.long()
+        return data.index_put(tuple(idx[..., k] for k in range(idx.shape[-1])), updates, accumulate=reduction == "add")
+
     # -- elementwise -------------------------------------------------------------------------------
+    def _op_Mod(self, node, a, b):
+        return torch.fmod(a, b) if node.attributes.get_int("fmod", 0) else torch.remainder(a, b)
+
     def _op_Sum(self, node, *xs):
         return sum(xs[1:], xs[0])
 

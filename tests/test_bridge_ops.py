@@ -133,6 +133,38 @@ CASES = {
             _const("sp", np.int64([-1, -2])),
         ],
     ),  # fmt: skip
+    "ScatterND + Mod (shifted-window masks)": _graph(
+        [
+            N("ScatterND", ["X", "si", "su"], ["sc"]),
+            N("Mod", ["sc", "m"], ["a"], fmod=1),
+            N("Mod", ["k", "n"], ["b"]),
+            N("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+            N("Add", ["a", "bf"], ["Y"]),
+        ],
+        [
+            _const("si", np.int64([[0, 1], [1, 3]])),
+            _const("su", RNG.standard_normal((2, 8, 8)).astype(np.float32)),
+            _const("m", np.float32(0.7)),
+            _const("k", np.int64([-7, 5, 9, -3, 2, 8, -1, 4])),
+            _const("n", np.int64(3)),
+        ],
+    ),  # fmt: skip
+    "Shape-15 start/end + Squeeze + Range (dynamo's batch-size arithmetic)": _graph(
+        [
+            N("Shape", ["X"], ["s"], start=0, end=1),
+            N("Squeeze", ["s"], ["n"]),
+            N("Range", ["r0", "n", "r1"], ["r"]),
+            N("Shape", ["X"], ["hw"], start=-2),
+            N("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
+            N("ReduceSum", ["hw"], ["t"], keepdims=0),
+            N("Cast", ["t"], ["tf"], to=TensorProto.FLOAT),
+            N("Reshape", ["rf", "col"], ["rc"]),
+            N("Mul", ["rc", "tf"], ["m"]),
+            N("Add", ["X", "m"], ["Y"]),
+        ],
+        [_const("r0", np.int64(0)), _const("r1", np.int64(1)), _const("col", np.int64([-1, 1, 1, 1]))],
+        opset=18,
+    ),
     "Einsum attention + Softmax": _graph(
         [
             N("Reshape", ["X", "shp"], ["q"]),

@@ -27,8 +27,9 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
 
     from PIL import Image
 
+    from aa_deploy import model_io
     from aa_deploy.consistency.paired import paired_difference
-    from calibration.bridge import load_module
+    from aa_deploy.twin_weights import load_folded_weights
     from calibration.calibrate import calibrate
     from converters.export import export
     from converters.onnxruntime import OnnxRuntimeRunner
@@ -51,7 +52,7 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
 
         console.print(
             f"3/5 calibrate: distill on {crops} unlabeled 32-px crops of the six bundled public-domain photos "
-            "(no CIFAR image is used; about 90 s on 2 cores)"
+            "(no CIFAR image is used; about 2 minutes on 2 cores)"
         )
         calib = folder / "calib"
         calib.mkdir(exist_ok=True)
@@ -63,12 +64,13 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
             f"    {report.seconds:.0f} s, lr {report.lr:g}, best epoch {report.best_epoch} of {report.epochs}"
         )
 
-        console.print("4/5 verify: ONNX Runtime vs PyTorch on the 100 bundled test images")
+        console.print("4/5 verify: ONNX Runtime vs the PyTorch models on the 100 bundled test images")
         twin, _ = antialias_with(model, options)
-        _, bridge = load_module(calibrated)  # the calibrated graph executed with torch ops
+        # The calibrated graph's reference: the twin with the calibrated (BatchNorm-folded) weights put back.
+        calibrated_twin, _ = antialias_with(model, options)
+        load_folded_weights(calibrated_twin, model_io.load(calibrated), torch.from_numpy(x[:2]))
         with torch.no_grad():
-            refs = [model(torch.from_numpy(x)).numpy(), twin(torch.from_numpy(x)).numpy()]
-            refs.append(bridge(torch.from_numpy(x)).numpy())
+            refs = [m(torch.from_numpy(x)).numpy() for m in (model, twin, calibrated_twin)]
         runners = [OnnxRuntimeRunner(p) for p in (original, converted, calibrated)]
         errors = [float(np.abs(run(x) - ref).max()) for run, ref in zip(runners, refs)]
 

@@ -364,3 +364,25 @@ def test_convert_then_calibrate_in_one_step(r20, tmp_path, capsys, monkeypatch):
         assert main(["convert", str(r20 / "r20.onnx"), *args, *extra]) == 2
         assert needle in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("mode", ["pre", "blurpool"])
+def test_calibrated_weights_go_back_into_the_twin(r20, tmp_path, mode):
+    # The calibrated graph's independent reference: the twin (separate conv and BatchNorm) with the
+    # calibrated folded weights put back equals ONNX Runtime on the calibrated graph.
+    from aa_deploy.torch import antialias_with, options_from_metadata
+    from aa_deploy.twin_weights import load_folded_weights
+
+    out = tmp_path / "cal.onnx"
+    calibrate(r20 / f"r20.{mode}.onnx", r20 / "r20.onnx", r20 / "images", out, method="stats")
+    model = aa_deploy.model_io.load(out)
+    twin, _ = antialias_with(bundled.resnet20(), options_from_metadata(aa_deploy.model_io.read_metadata(model)))
+    x = bundled.cifar_normalize(bundled.cifar_test_images()[0][:32])
+    with torch.no_grad():
+        before = twin(torch.from_numpy(x)).numpy()
+    assert load_folded_weights(twin, model, torch.from_numpy(x[:2])) == 40  # 19 convs + the linear, weight and bias
+    with torch.no_grad():
+        got = twin(torch.from_numpy(x)).numpy()
+    ref = ort.InferenceSession(str(out)).run(None, {"input": x})[0]
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+    assert np.abs(before - ref).max() > 1e-2 * np.abs(ref).max()  # calibration moved it: the check can fail

@@ -52,7 +52,7 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
 
         console.print(
             f"3/5 calibrate: distill on {crops} unlabeled 32-px crops of the six bundled public-domain photos "
-            "(no CIFAR image is used; about 2 minutes on 2 cores)"
+            "(no CIFAR image is used; about 4 minutes on 2 cores)"
         )
         calib = folder / "calib"
         calib.mkdir(exist_ok=True)

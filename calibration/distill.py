@@ -47,7 +47,7 @@ class Recipe:
     shift: int = 4  # pad-and-crop shifts of +-shift px
     mix: bool = True  # blend pairs of images first
     teacher_views: int = 4  # teacher averaged over this many shifts of each blend; 0: the student's own view
-    student_views: int = 1  # shifted views of each blend the student trains on, all to the same target
+    student_views: int = 2  # shifted views of each blend the student trains on, all to the same target
     temperature: float = 2.0
 
 

@@ -115,9 +115,7 @@ class OnnxModule(nn.Module):
         names = {v.name for n in self.nodes for v in n.outputs}
         saved, self.hooks = self.hooks, dict.fromkeys(names, count) | self.hooks
         try:
-            self._forward(
-                x[:1].to(self.device) if self.fixed_batch in (None, 1) else x[: self.fixed_batch].to(self.device)
-            )
+            self._forward(x[:1].to(self.device).expand(self.fixed_batch or 1, *x.shape[1:]))
         finally:
             self.hooks = saved
         return total // (self.fixed_batch or 1)
@@ -146,7 +144,11 @@ class OnnxModule(nn.Module):
         n = x.shape[0]
         if n % b:
             x = torch.cat([x, x[-1:].expand(b - n % b, *x.shape[1:])])
-        out = torch.func.vmap(lambda chunk: self._forward(chunk, capture))(x.reshape(-1, b, *x.shape[1:]))
+        chunks = x.reshape(-1, b, *x.shape[1:])
+        if capture is not None:  # vmap returns tensors only: the captured ones (the pass may stop early)
+            captured = torch.func.vmap(lambda chunk: self._forward(chunk, capture)[1])(chunks)
+            return None, torch.utils._pytree.tree_map(lambda t: t.reshape(-1, *t.shape[2:])[:n], captured)
+        out = torch.func.vmap(lambda chunk: self._forward(chunk, capture))(chunks)
         return torch.utils._pytree.tree_map(lambda t: t.reshape(-1, *t.shape[2:])[:n], out)
 
     def _forward(self, x: torch.Tensor, capture: set[str] | None = None) -> torch.Tensor | tuple:

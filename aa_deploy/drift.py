@@ -36,7 +36,7 @@ class Drift:
 def output_drift(original: str | os.PathLike, converted: str | os.PathLike, preprocess=None) -> Drift | None:
     """Original vs converted on bundled images; None for a model that does not take NCHW RGB images."""
     from aa_deploy.consistency.compare import load_images
-    from aa_deploy.consistency.protocols import _cosine
+    from aa_deploy.consistency.protocols import cosine_and_change
     from converters.onnxruntime import OnnxRuntimeRunner
 
     runners = [OnnxRuntimeRunner(p) for p in (original, converted)]
@@ -52,4 +52,4 @@ def output_drift(original: str | os.PathLike, converted: str | os.PathLike, prep
     label = "bundled CIFAR-10 test images" if spec == "bundled:cifar10" else "bundled photos and their mirror images"
     if a.ndim == 2:
         return Drift("top-1 agreement", float((a.argmax(1) == b.argmax(1)).mean()), label, len(x))
-    return Drift("cosine similarity", float(_cosine(a, b)[0].mean()), label, len(x))
+    return Drift("cosine similarity", float(cosine_and_change(a, b)[0].mean()), label, len(x))

@@ -21,7 +21,7 @@ from aa_deploy.errors import InputError
 from calibration.bridge import OnnxModule, write_back
 from calibration.distill import Recipe
 from calibration.held_out import HeldOut
-from calibration.images import ImageFiles, Preprocess, batches, list_images, load_rgb, normalize, preprocess_for
+from calibration.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for
 
 METHODS = ("stats", "distill")
 
@@ -155,12 +155,11 @@ def calibrate(
     n_stats = int(np.clip(STATS_POSITIONS // (held.shape[1] * held.shape[2]), 64, 1000))
     n_stats = min(n_stats, len(train))
 
-    def stats_source():
-        for chunk in batches(train, np.arange(n_stats), eval_batch, workers):
-            yield torch.from_numpy(prepare(chunk))
-
+    # Decoded once (64..1,000 images: about a million positions per channel, tens of MB at most):
+    # stats makes one pass per conv over them.
+    x_stats = torch.from_numpy(prepare(train[np.arange(n_stats)]))
     calibrate_stats(
-        student, teacher_m, stats_source, eval_batch,
+        student, teacher_m, x_stats, eval_batch,
         progress=lambda done, total: report_progress({"phase": "stats", "done": done, "total": total}),
     )  # fmt: skip
     report = None

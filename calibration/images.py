@@ -138,9 +138,6 @@ class ImageFiles:
             return load_rgb(self.files[int(index)], self.pre)
         return np.stack([load_rgb(self.files[int(i)], self.pre) for i in index])
 
-    def subset(self, index) -> ImageFiles:
-        return ImageFiles([self.files[int(i)] for i in index], self.pre)
-
 
 def batches(images, order: np.ndarray, batch: int, workers: int | None = None):
     """uint8 NHWC batches of `images` (an array, or `ImageFiles` decoded in DataLoader workers) in `order`."""

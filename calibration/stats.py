@@ -9,7 +9,7 @@ blur's in the Conv form, the conv's own in the pooled form (both commute with th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,23 +58,13 @@ def conv_targets(student: OnnxModule, teacher: OnnxModule) -> list[ConvTarget]:
     return targets
 
 
-Source = torch.Tensor | Callable[[], Iterable[torch.Tensor]]
-
-
-def _chunks(source: Source, batch: int) -> Iterable[torch.Tensor]:
-    """Input batches: slices of a tensor, or whatever a callable source streams (it is called anew each pass)."""
-    if isinstance(source, torch.Tensor):
-        return (source[i : i + batch] for i in range(0, len(source), batch))
-    return source()
-
-
 @torch.no_grad()
-def moments(module: OnnxModule, source: Source, names: set[str], batch: int = 250) -> dict[str, tuple]:
-    """Per-channel mean/std of the named tensors over all the images of `source`, batch by batch
-    (each pass stops where the last named tensor is computed)."""
+def moments(module: OnnxModule, x: torch.Tensor, names: set[str], batch: int = 250) -> dict[str, tuple]:
+    """Per-channel mean/std of the named tensors over all of `x`, batch by batch (each pass stops
+    where the last named tensor is computed)."""
     sums: dict[str, list] = {}
-    for x in _chunks(source, batch):
-        _, captured = module(x, capture=names)
+    for i in range(0, len(x), batch):
+        _, captured = module(x[i : i + batch], capture=names)
         for name, t in captured.items():
             t = t.double().transpose(0, 1).reshape(t.shape[1], -1)
             s = sums.setdefault(name, [0.0, 0.0, 0])
@@ -93,20 +83,20 @@ def moments(module: OnnxModule, source: Source, names: set[str], batch: int = 25
 def calibrate_stats(
     student: OnnxModule,
     teacher: OnnxModule,
-    source: Source,
+    x: torch.Tensor,
     batch: int = 250,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
-    """Rescale every target conv of `student` in place; returns one record per conv. `source`: the
-    images as one tensor or a callable streaming batches (one pass per conv, stopping at that conv)."""
+    """Rescale every target conv of `student` in place, one pass over `x` per conv (stopping at that
+    conv); returns one record per conv."""
     targets = conv_targets(student, teacher)
-    reference = moments(teacher, source, {t.teacher_output for t in targets}, batch)
+    reference = moments(teacher, x, {t.teacher_output for t in targets}, batch)
     params = student.trainable()
     report = []
     for done, target in enumerate(targets):
         if progress:
             progress(done, len(targets))
-        mean_s, std_s = moments(student, source, {target.output}, batch)[target.output]
+        mean_s, std_s = moments(student, x, {target.output}, batch)[target.output]
         mean_t, std_t = reference[target.teacher_output]
         scale = torch.where(std_s > 1e-8, std_t / std_s.clamp_min(1e-8), torch.ones_like(std_s))
         w = params[target.weight]

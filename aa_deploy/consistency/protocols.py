@@ -101,7 +101,7 @@ def output_kind(out: np.ndarray, view: int) -> tuple[str, int | None]:
     return "other", None
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def cosine_and_change(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample cosine similarity and relative change |a - b| / |a| of two batches of outputs."""
     a = a.reshape(len(a), -1).astype(np.float64)
     b = b.reshape(len(b), -1).astype(np.float64)
@@ -175,7 +175,7 @@ def random_pairs(
             if kind == "dense":  # back to the unshifted frame: whole cells
                 oa = np.stack([np.roll(o, tuple(-s // step), axis=(1, 2)) for o, s in zip(oa, a)])
                 ob = np.stack([np.roll(o, tuple(-s // step), axis=(1, 2)) for o, s in zip(ob, b)])
-            same, rel = _cosine(oa, ob)
+            same, rel = cosine_and_change(oa, ob)
             change += float(rel.sum())
         per_image += same
         agree += float(same.sum())

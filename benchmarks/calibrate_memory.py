@@ -1,5 +1,5 @@
 """Peak memory and wall time of `aa-deploy calibrate` at several image counts:
-python benchmarks/calibrate_memory.py [--counts 60,250] [--method stats] [--epochs 1].
+python benchmarks/calibrate_memory.py [--counts 60,250] [--method reconstruct] [--epochs 1].
 
 Each count runs in a fresh process (so peaks do not carry over); the figure is that process's peak
 resident set (ru_maxrss) and, separately, the largest of its image-decoding workers. The target
@@ -38,7 +38,7 @@ def main() -> int:
     p.add_argument("--model", default="aa:efficientnet_lite0")
     p.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "imagenet-sample-500"))
     p.add_argument("--counts", default="60,250", help="image counts (--limit) to compare")
-    p.add_argument("--method", default="stats", choices=["stats", "distill"])
+    p.add_argument("--method", default="reconstruct", choices=["stats", "reconstruct", "distill"])
     p.add_argument("--epochs", type=int, default=1, help="distillation epochs (--method distill)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", default="bench-calibrate")

@@ -1,7 +1,8 @@
 """`aa-deploy calibrate`: converted ONNX + original ONNX + unlabeled images -> calibrated ONNX.
 
 load both graphs -> split the images (a held-out slice for early stopping and the summary) ->
-`stats` -> `distill` (default) -> write the weights back by initializer name -> check -> save.
+a closed-form start (`reconstruct`, or `stats`) -> `distill` (default) -> write the weights back by
+initializer name -> check -> save.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from calibration.distill import Recipe
 from calibration.held_out import HeldOut
 from calibration.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for
 
-METHODS = ("stats", "distill")
+METHODS = ("stats", "reconstruct", "distill")
+STARTS = ("reconstruct", "stats")  # where distill starts from
 
 
 @dataclass
@@ -49,7 +51,7 @@ class CalibrationResult:
 EVAL_BUDGET = 1 << 30  # bytes of activations one evaluation batch may produce
 TRAIN_BUDGET = 3 << 29  # bytes of activations one training batch keeps for the backward pass
 CACHE_BUDGET = 256 << 20  # training images held decoded in memory; beyond it they stream from disk
-STATS_POSITIONS = 1 << 20  # `stats` reads enough images for about this many positions per channel
+STATS_POSITIONS = 1 << 20  # the closed-form start reads enough images for about this many positions per channel
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,6 +88,7 @@ def calibrate(
     output: str | os.PathLike,
     *,
     method: str = "distill",
+    start: str = "reconstruct",
     preprocess: Preprocess | None = None,
     held_out: float = 0.1,
     limit: int | None = None,
@@ -101,17 +104,21 @@ def calibrate(
     check: bool = True,
 ) -> CalibrationResult:
     """Calibrate the converted `model` against `teacher` on the unlabeled `images`; writes `output`.
-    `progress` receives {"phase": ...} records: load / stats (done, total), epoch (a history record)."""
+    `progress` receives {"phase": ...} records: load / start (done, total), epoch (a history record)."""
     from calibration.distill import distill
+    from calibration.reconstruct import calibrate_reconstruct
     from calibration.stats import calibrate_stats
 
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    if start not in STARTS:
+        raise InputError(f"start must be one of {', '.join(STARTS)}, not {start!r}")
+    start = method if method != "distill" else start
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be 1 or more, not {batch_size}")
     report_progress = progress or (lambda record: None)
     recipe = recipe or Recipe()
-    start = time.perf_counter()
+    began = time.perf_counter()
     torch.manual_seed(seed)
     dev = resolve_device(device)
     model_path, out_path = Path(model), Path(output)
@@ -147,7 +154,7 @@ def calibrate(
     if method == "distill" and not checker.classifier:
         raise InputError(
             "distill matches the class probabilities of an (N, classes) output, and this model's output is not one "
-            "(a dense map or a detection head): use --method stats"
+            "(a dense map or a detection head): use --method reconstruct (or stats)"
         )
     teacher_summary, teacher_runs = checker.figures(teacher_m)
     before, _ = checker.figures(student)
@@ -155,12 +162,13 @@ def calibrate(
     n_stats = int(np.clip(STATS_POSITIONS // (held.shape[1] * held.shape[2]), 64, 1000))
     n_stats = min(n_stats, len(train))
 
-    # Decoded once (64..1,000 images: about a million positions per channel, tens of MB at most):
-    # stats makes one pass per conv over them.
+    # Decoded once (64..1,000 images: about a million positions per channel, tens of MB at most): the
+    # closed-form start makes one pass per conv over them (distill's: `reconstruct` unless told).
     x_stats = torch.from_numpy(prepare(train[np.arange(n_stats)]))
-    calibrate_stats(
+    start_step = calibrate_stats if start == "stats" else calibrate_reconstruct
+    start_step(
         student, teacher_m, x_stats, eval_batch,
-        progress=lambda done, total: report_progress({"phase": "stats", "done": done, "total": total}),
+        progress=lambda done, total: report_progress({"phase": "start", "done": done, "total": total}),
     )  # fmt: skip
     report = None
     if method == "distill":
@@ -181,7 +189,7 @@ def calibrate(
         before,
         after,
         teacher_summary,
-        time.perf_counter() - start,
+        time.perf_counter() - began,
         lr=report.lr if report else None,
         epochs=report.epochs if report else None,
         best_epoch=report.best_epoch if report else None,
@@ -196,6 +204,7 @@ def calibrate(
         {
             "calibration": {
                 "method": method,
+                "start": start,
                 "images": str(images),
                 "count": len(files),
                 "held_out": len(held),

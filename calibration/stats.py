@@ -96,13 +96,20 @@ def calibrate_stats(
     for done, target in enumerate(targets):
         if progress:
             progress(done, len(targets))
-        mean_s, std_s = moments(student, x, {target.output}, batch)[target.output]
-        mean_t, std_t = reference[target.teacher_output]
-        scale = torch.where(std_s > 1e-8, std_t / std_s.clamp_min(1e-8), torch.ones_like(std_s))
-        w = params[target.weight]
-        w.mul_(scale.reshape(-1, *([1] * (w.dim() - 1))))
-        if target.bias is not None:
-            b = params[target.bias]
-            b.mul_(scale).add_(mean_t - scale * mean_s)
+        scale = rescale(params, target, moments(student, x, {target.output}, batch)[target.output],
+                        reference[target.teacher_output])  # fmt: skip
         report.append({"node": target.node, "scale_mean": float(scale.mean()), "shifted": target.bias is not None})
     return report
+
+
+@torch.no_grad()
+def rescale(params: dict, target: ConvTarget, student_moments: tuple, teacher_moments: tuple) -> torch.Tensor:
+    """Scale and shift one conv's output channels (weights and bias in `params`, in place) so that the
+    student's per-channel mean/std become the teacher's; returns the scales."""
+    (mean_s, std_s), (mean_t, std_t) = student_moments, teacher_moments
+    scale = torch.where(std_s > 1e-8, std_t / std_s.clamp_min(1e-8), torch.ones_like(std_s))
+    w = params[target.weight]
+    w.mul_(scale.reshape(-1, *([1] * (w.dim() - 1))))
+    if target.bias is not None:
+        params[target.bias].mul_(scale).add_(mean_t - scale * mean_s)
+    return scale

@@ -60,7 +60,9 @@ def _structure(m: onnx.ModelProto):
     )
 
 
-@pytest.mark.parametrize("method,mode", [("stats", "pre"), ("distill", "pre"), ("stats", "blurpool")])
+@pytest.mark.parametrize(
+    "method,mode", [("stats", "pre"), ("reconstruct", "pre"), ("distill", "pre"), ("reconstruct", "blurpool")]
+)
 def test_write_back_changes_initializer_values_only(r20, tmp_path, method, mode):
     src = r20 / f"r20.{mode}.onnx"
     out = tmp_path / "cal.onnx"
@@ -86,6 +88,7 @@ def test_write_back_changes_initializer_values_only(r20, tmp_path, method, mode)
     assert np.abs(got - ref).max() < 1e-4
     meta = aa_deploy.model_io.read_metadata(after)
     assert meta["calibration"]["method"] == method and meta["options"]["mode"] == mode
+    assert meta["calibration"]["start"] == ("stats" if method == "stats" else "reconstruct")  # distill's default
     assert result.after["agreement"] >= result.before["agreement"] - 0.05
     for key, d in result.versus_teacher.items():  # paired with the teacher's run on the same shifts
         assert d["delta"] == pytest.approx(result.after[key] - result.teacher[key])
@@ -114,6 +117,8 @@ def test_calibrate_cli_errors(r20, tmp_path):
     assert proc.returncode == 2 and "x.png: unreadable image" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "o.onnx").exists()
+    with pytest.raises(aa_deploy.errors.InputError, match="start must be one of"):
+        calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "o.onnx", start="nope")
 
 
 def test_an_unreadable_image_met_in_a_worker_is_one_line(tmp_path):

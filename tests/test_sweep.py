@@ -123,11 +123,11 @@ def test_every_command(name, batch, dynamo, tmp_path, calib_dir, capsys):
     onnx.checker.check_model(str(tmp_path / "m.int8.onnx"))
 
     cal = ["calibrate", aa, "--teacher", src, "--images", calib_dir, "-o", tmp_path / "m.cal.onnx"]
-    out = _ok(_cli(capsys, *cal, "--method", "stats"), f"calibrate --method stats ({label})")
+    out = _ok(_cli(capsys, *cal, "--method", "reconstruct"), f"calibrate --method reconstruct ({label})")
     assert (tmp_path / "m.cal.onnx").exists() and "calibrated on 30 images" in out
     if name in ("detector", "dense_map"):
         err = _one_line(_cli(capsys, *cal, "--method", "distill"), f"calibrate distill ({label})")
-        assert "--method stats" in err
+        assert "--method reconstruct" in err
 
     build = ["build", aa, "-o", tmp_path / "m.engine"] + ([] if batch else ["--shapes", "input:1x3x32x32"])
     code, _, err = _cli(capsys, *build)

@@ -1,0 +1,252 @@
+"""`reconstruct` calibration: conv by conv in graph order, refit each conv's weights and bias by
+ridge regression so that, fed the *student's* own input at that conv, it reproduces the *teacher's*
+output of the same conv on unlabeled images.
+
+No gradients, no learning rate. A conv's output is linear in its weights, so the best weights for
+one conv are a least-squares solution over its unfolded input patches (im2col): per group, the
+normal equations (X'X + lam I) w = X'y + lam w0, accumulated batch by batch and solved in float64.
+Going in graph order, each conv corrects what the blurs and the convs before it changed, which is
+how post-training quantization recovers accuracy from a few hundred unlabeled images (layer-wise
+reconstruction, e.g. AdaRound / GPTQ); `stats` only rescales each output channel.
+
+The ridge pulls towards the conv's current weights (`lam` = `ridge` x the mean diagonal of X'X), so
+a conv whose patches carry little information stays close to where it was. Positions are
+subsampled at random to bound the work per conv (`MAX_FLOPS`). Convs this cannot refit in closed
+form (a blurpool conv, whose output only exists after the blur; rank other than 2) get `stats`'
+per-channel rescaling instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from aa_deploy import graph
+from calibration.bridge import OnnxModule
+from calibration.stats import ConvTarget, conv_targets, moments, rescale
+
+RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # relative to the mean diagonal of X'X
+MAX_FLOPS = 4e10  # multiply-adds spent on one conv's normal equations (positions are sampled to fit)
+PATCH_BYTES = 256 << 20  # unfolded patches held at once
+
+
+def _patches(node, x: torch.Tensor, groups: int, kernel: list[int]) -> torch.Tensor:
+    """(N, groups, features, positions): the conv's input patches, one column per output position."""
+    strides = graph.ints(node, "strides", [1, 1])
+    dilations = graph.ints(node, "dilations", [1, 1])
+    pads = graph.ints(node, "pads", [0, 0, 0, 0])
+    if pads[:2] != pads[2:]:
+        x = F.pad(x, [pads[1], pads[3], pads[0], pads[2]])
+        pads = [0, 0, 0, 0]
+    cols = F.unfold(x, kernel, dilation=dilations, padding=pads[:2], stride=strides)
+    return cols.reshape(x.shape[0], groups, -1, cols.shape[-1])
+
+
+def _refittable(node, weight: torch.Tensor, target: ConvTarget) -> bool:
+    return (
+        not target.followed_by_blur
+        and weight.dim() == 4
+        and node.attributes.get_string("auto_pad", "NOTSET") in ("NOTSET", "")
+    )
+
+
+def _input(module: OnnxModule, x: torch.Tensor, name: str) -> torch.Tensor:
+    if name == module.input_name:
+        return x.to(module.device)
+    return module(x, capture={name})[1][name]
+
+
+class NormalEquations:
+    """X'X, X'y and y'y of a ridge regression per group, accumulated in float64 batch by batch, in
+    two folds (alternate images) so that the ridge can be chosen by cross-validation."""
+
+    def __init__(self, groups: int, features: int, outs: int, device: torch.device) -> None:
+        shape = dict(dtype=torch.float64, device=device)
+        self.gram = torch.zeros(2, groups, features, features, **shape)
+        self.cross = torch.zeros(2, groups, features, outs, **shape)
+        self.sq = torch.zeros(2, groups, outs, **shape)
+        self.count = [0, 0]
+
+    def add(self, cols: torch.Tensor, y: torch.Tensor, fold: int = 0) -> None:
+        """cols (groups, rows, features), y (groups, rows, outs): rows of one fold (0 or 1)."""
+        cols, y = cols.double(), y.double()
+        self.gram[fold] += cols.transpose(1, 2) @ cols
+        self.cross[fold] += cols.transpose(1, 2) @ y
+        self.sq[fold] += (y * y).sum(1)
+        self.count[fold] += y.shape[1]
+
+    @staticmethod
+    def _fit(gram, cross, current, ridge):  # ridge: (groups,) relative to the mean diagonal
+        lam = ridge.reshape(-1, 1, 1) * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12).reshape(-1, 1, 1)
+        eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=gram.device)
+        return torch.linalg.solve(gram + lam * eye, cross + lam * current)
+
+    @staticmethod
+    def _sse(gram, cross, sq, w):  # (groups, outs)
+        return sq - 2 * (w * cross).sum(1) + (w * (gram @ w)).sum(1)
+
+    def solve(self, current: torch.Tensor, ridges: tuple[float, ...], intercept: bool) -> tuple[torch.Tensor, dict]:
+        """The ridge solution pulled towards `current` (groups, features, outs), with the ridge of
+        `ridges` that predicts each fold best from the other (per group), and what it leaves unexplained."""
+        current = current.double()
+        groups = self.gram.shape[1]
+        ridge = torch.full((groups,), float(ridges[0]), dtype=torch.float64, device=self.gram.device)
+        if len(ridges) > 1 and min(self.count) > 0:
+            errors = []
+            for r in ridges:
+                r = torch.full_like(ridge, float(r))
+                err = 0
+                for a, b in ((0, 1), (1, 0)):
+                    w = self._fit(self.gram[a], self.cross[a], current, r)
+                    err = err + self._sse(self.gram[b], self.cross[b], self.sq[b], w).sum(1)
+                errors.append(err)
+            best = torch.stack(errors).argmin(0)
+            ridge = torch.tensor(ridges, dtype=torch.float64, device=self.gram.device)[best]
+        gram, cross, sq, count = self.gram.sum(0), self.cross.sum(0), self.sq.sum(0), sum(self.count)
+        w = self._fit(gram, cross, current, ridge)
+        mean = cross[:, -1, :] / count if intercept else 0.0
+        variance = (sq / count - mean**2).clamp_min(1e-12)
+        unexplained = float((self._sse(gram, cross, sq, w) / count / variance).mean())
+        return w, {"residual": unexplained, "ridge": float(ridge.median())}
+
+
+def _with_ones(cols: torch.Tensor, intercept: bool) -> torch.Tensor:
+    return torch.cat([cols, torch.ones_like(cols[..., :1])], dim=-1) if intercept else cols
+
+
+@torch.no_grad()
+def refit_conv(
+    student: OnnxModule,
+    teacher: OnnxModule,
+    target: ConvTarget,
+    x: torch.Tensor,
+    batch: int,
+    ridges: tuple[float, ...] = RIDGES,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """Refit one conv in place; returns the ridge chosen and the fraction of the teacher output's
+    variance left unexplained."""
+    node = next(n for n in student.nodes if n.name == target.node)
+    params = student.trainable()
+    weight = params[target.weight]
+    bias = params[target.bias] if target.bias is not None else None
+    c_out, per_group, *kernel = weight.shape
+    groups = node.attributes.get_int("group", 1)
+    features = per_group * kernel[0] * kernel[1] + (bias is not None)
+    outs = c_out // groups
+    equations = NormalEquations(groups, features, outs, weight.device)
+    budget = None
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        inputs = _input(student, xb, node.inputs[0].name)
+        y_all = _input(teacher, xb, target.teacher_output)
+        y_all = y_all.reshape(y_all.shape[0], groups, outs, -1)
+        positions = y_all.shape[-1]
+        if budget is None:  # positions per image, so that all of x costs about MAX_FLOPS
+            budget = max(1, min(positions, int(MAX_FLOPS / (groups * features * features * len(x)))))
+        # Patches of a few images at a time: one image's can be tens of MB (float32, then sampled float64).
+        step = max(1, PATCH_BYTES // (4 * groups * features * (positions + 2 * budget)))
+        for j in range(0, len(xb), step):
+            cols = _patches(node, inputs[j : j + step], groups, kernel)
+            y = y_all[j : j + step]
+            if budget < positions:
+                pick = torch.randperm(positions, generator=generator)[:budget].to(cols.device)
+                cols, y = cols[..., pick], y[..., pick]
+            for fold in (0, 1):  # alternate images
+                c, t = cols[(i + j + fold) % 2 :: 2], y[(i + j + fold) % 2 :: 2]
+                c = c.permute(1, 0, 3, 2).reshape(groups, -1, c.shape[2])
+                equations.add(_with_ones(c, bias is not None), t.permute(1, 0, 3, 2).reshape(groups, -1, outs), fold)
+            del cols
+    current = weight.detach().reshape(groups, outs, -1).transpose(1, 2)  # (groups, features, outs)
+    if bias is not None:
+        current = torch.cat([current, bias.detach().reshape(groups, 1, outs)], dim=1)
+    solution, fit = equations.solve(current, ridges, bias is not None)
+    weight.copy_(solution[:, : features - (bias is not None), :].transpose(1, 2).reshape(weight.shape))
+    if bias is not None:
+        bias.copy_(solution[:, -1, :].reshape(-1))
+    return fit
+
+
+def linear_targets(student: OnnxModule, teacher: OnnxModule) -> list:
+    """Gemm nodes (the classifier) with a trainable 2-D weight whose output the teacher also has."""
+    teacher_names = {v.name for n in teacher.nodes for v in n.outputs}
+    trainable = student.trainable()
+    found = []
+    for node in student.nodes:
+        a = node.attributes
+        if (
+            node.op_type == "Gemm"
+            and node.inputs[1].name in trainable
+            and (len(node.inputs) < 3 or node.inputs[2] is None or node.inputs[2].name in trainable)
+            and not a.get_int("transA", 0)
+            and a.get_float("alpha", 1.0) == 1.0
+            and a.get_float("beta", 1.0) == 1.0
+            and trainable[node.inputs[1].name].dim() == 2
+            and node.outputs[0].name in teacher_names
+        ):
+            found.append(node)
+    return found
+
+
+@torch.no_grad()
+def refit_linear(
+    student: OnnxModule, teacher: OnnxModule, node, x: torch.Tensor, batch: int, ridges: tuple[float, ...] = RIDGES
+) -> dict:
+    """Refit one Gemm (y = a @ w' + c, or a @ w) in place against the teacher's output."""
+    params = student.trainable()
+    weight = params[node.inputs[1].name]
+    trans = bool(node.attributes.get_int("transB", 0))
+    bias = params[node.inputs[2].name] if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    w = weight.detach().t() if trans else weight.detach()  # (in, out)
+    if bias is not None and bias.numel() != w.shape[1]:
+        return {}  # a broadcast bias of another shape: left as it is
+    equations = NormalEquations(1, w.shape[0] + (bias is not None), w.shape[1], weight.device)
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        a = _input(student, xb, node.inputs[0].name).flatten(1)
+        y = _input(teacher, xb, node.outputs[0].name).flatten(1)
+        rows = _with_ones(a, bias is not None)
+        for fold in (0, 1):  # alternate images
+            equations.add(rows[(i + fold) % 2 :: 2][None], y[(i + fold) % 2 :: 2][None], fold)
+    current = torch.cat([w, bias.detach()[None]]) if bias is not None else w
+    solution, fit = equations.solve(current[None], ridges, bias is not None)
+    solution = solution[0]
+    weight.copy_(solution[: w.shape[0]].t() if trans else solution[: w.shape[0]])
+    if bias is not None:
+        bias.copy_(solution[-1])
+    return fit
+
+
+@torch.no_grad()
+def calibrate_reconstruct(
+    student: OnnxModule,
+    teacher: OnnxModule,
+    x: torch.Tensor,
+    batch: int = 250,
+    ridges: tuple[float, ...] = RIDGES,
+    progress: Callable[[int, int], None] | None = None,
+    seed: int = 0,
+    linear: bool = True,
+) -> list[dict]:
+    """Refit every target conv of `student` in place, in graph order; returns one record per conv."""
+    targets = conv_targets(student, teacher)
+    nodes = {n.name: n for n in student.nodes}
+    params = student.trainable()
+    generator = torch.Generator().manual_seed(seed)
+    report = []
+    for done, target in enumerate(targets):
+        if progress:
+            progress(done, len(targets))
+        if _refittable(nodes[target.node], params[target.weight], target):
+            fit = refit_conv(student, teacher, target, x, batch, ridges, generator)
+            report.append({"node": target.node, "refit": True} | fit)
+            continue
+        rescale(params, target, moments(student, x, {target.output}, batch)[target.output],
+                moments(teacher, x, {target.teacher_output}, batch)[target.teacher_output])  # fmt: skip
+        report.append({"node": target.node, "refit": False})
+    if linear:
+        for node in linear_targets(student, teacher):
+            report.append({"node": node.name, "refit": True} | refit_linear(student, teacher, node, x, batch, ridges))
+    return report

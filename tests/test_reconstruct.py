@@ -1,0 +1,111 @@
+"""`reconstruct`: least-squares refit of each conv against the teacher's conv outputs.
+
+Independent reference: a student that is the teacher with its weights scrambled must get the
+teacher's own weights back (every layer, in graph order), whatever the conv's stride, padding,
+groups or kernel; and on the trained ResNet-20 after conversion, the refit must beat `stats`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import aa_deploy
+from aa_deploy import bundled
+from calibration.bridge import OnnxModule, load_module
+from calibration.reconstruct import NormalEquations, calibrate_reconstruct
+from calibration.stats import calibrate_stats
+from converters.export import export
+
+
+class Small(nn.Module):
+    """Strided, padded, grouped, depthwise, asymmetric and pointwise convs, then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise
+            nn.ReLU(),
+            nn.Conv2d(8, 12, (3, 1), padding=(1, 0), groups=2, bias=False),  # grouped, no bias
+            nn.ReLU(),
+            nn.Conv2d(12, 16, 1),
+            nn.ReLU(),  # else the pooled features span 12 dimensions only, and the classifier is not unique
+        )
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rec")
+    torch.manual_seed(0)
+    teacher = export(Small().eval(), folder / "t.onnx", (2, 3, 16, 16))
+    model = onnx.load(teacher)
+    rng = np.random.default_rng(1)
+    for t in model.graph.initializer:  # the student: every weight and bias scrambled
+        a = onnx.numpy_helper.to_array(t)
+        if a.dtype != np.float32:
+            continue  # shape constants
+        t.CopyFrom(onnx.numpy_helper.from_array((a * rng.uniform(0.5, 1.5, a.shape) + 0.05).astype(a.dtype), t.name))
+    onnx.save(model, folder / "s.onnx")
+    return folder
+
+
+def test_refit_recovers_the_teachers_weights(pair):
+    _, teacher = load_module(pair / "t.onnx")
+    _, student = load_module(pair / "s.onnx")
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((64, 3, 16, 16), dtype=np.float32))
+    moved = {k: float((p - teacher.trainable()[k]).abs().max().detach()) for k, p in student.trainable().items()}
+    assert min(moved.values()) > 1e-3  # scrambled for real
+    report = calibrate_reconstruct(student, teacher, x, batch=24, ridges=(1e-9,))
+    assert [r["refit"] for r in report] == [True] * 5  # four convs and the classifier
+    for name, p in student.trainable().items():
+        if name.startswith("features."):
+            np.testing.assert_allclose(p.detach().numpy(), teacher.trainable()[name].detach().numpy(), atol=2e-4)
+    # The classifier reads image-wide means, nearly collinear over noise images: its weights are not
+    # pinned down, its outputs are.
+    with torch.no_grad():
+        np.testing.assert_allclose(student(x).numpy(), teacher(x).numpy(), atol=1e-4)
+    assert max(r["residual"] for r in report) < 1e-6
+
+
+def test_ridge_pulls_towards_the_current_weights():
+    rng = np.random.default_rng(0)
+    cols = torch.from_numpy(rng.standard_normal((1, 5, 3)))  # fewer rows than it takes to pin 3 weights + bias
+    y = torch.from_numpy(rng.standard_normal((1, 5, 2)))
+    current = torch.from_numpy(rng.standard_normal((1, 3, 2)))
+    eq = NormalEquations(1, 3, 2, torch.device("cpu"))
+    eq.add(cols, y)
+    heavy, _ = eq.solve(current, (1e6,), intercept=False)
+    np.testing.assert_allclose(heavy.numpy(), current.numpy(), atol=1e-4)
+    light, fit = eq.solve(current, (1e-12,), intercept=False)
+    residual = fit["residual"]
+    expected = np.linalg.lstsq(cols[0].numpy(), y[0].numpy(), rcond=None)[0]
+    np.testing.assert_allclose(light[0].numpy(), expected, atol=1e-6)
+    sse = ((cols[0].numpy() @ expected - y[0].numpy()) ** 2).sum(0)
+    assert residual == pytest.approx(float((sse / (y[0].numpy() ** 2).sum(0)).mean()), rel=1e-6)
+
+
+def test_reconstruct_beats_stats_on_the_trained_resnet20(tmp_path):
+    """Converted ResNet-20, refit on 60 bundled CIFAR images, scored on the 40 others: agreement with
+    the original is higher than after `stats` (measured 0.95 vs 0.90 on these images)."""
+    plain = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
+    aa_deploy.convert(plain, tmp_path / "r20.aa.onnx", aa_deploy.Options())
+    images = torch.from_numpy(bundled.cifar_normalize(bundled.cifar_test_images()[0]))
+    fit, check = images[:60], images[60:]
+    teacher = OnnxModule(aa_deploy.model_io.load(plain)).eval()
+
+    def agreement(method) -> float:
+        student = OnnxModule(aa_deploy.model_io.load(tmp_path / "r20.aa.onnx")).eval()
+        method(student, teacher, fit, 60)
+        with torch.no_grad():
+            return float((student(check).argmax(1) == teacher(check).argmax(1)).float().mean())
+
+    assert agreement(calibrate_reconstruct) > agreement(calibrate_stats)

@@ -15,7 +15,7 @@ def add(sub) -> None:
         "--crops",
         type=int,
         default=None,
-        help="calibrate on this many photo crops (default 1000, about 3 minutes here; fewer is faster)",
+        help="calibrate on this many photo crops (default 1000, about 2.5 minutes here; fewer is faster)",
     )
     d.set_defaults(run=run)
 

@@ -109,3 +109,25 @@ def test_reconstruct_beats_stats_on_the_trained_resnet20(tmp_path):
             return float((student(check).argmax(1) == teacher(check).argmax(1)).float().mean())
 
     assert agreement(calibrate_reconstruct) > agreement(calibrate_stats)
+
+
+def test_cross_validation_picks_the_ridge_the_data_supports():
+    """Many rows of a noisy linear map: the smallest ridge (the fit); fewer rows than weights, and a
+    target unrelated to the features: the largest (stay at the current weights)."""
+    rng = np.random.default_rng(0)
+    ridges = (1e-6, 1e-2, 100.0)
+    truth = rng.standard_normal((8, 3))
+    current = torch.zeros(1, 8, 3, dtype=torch.float64)
+    rich = NormalEquations(1, 8, 3, torch.device("cpu"))
+    poor = NormalEquations(1, 8, 3, torch.device("cpu"))
+    for fold in (0, 1):
+        x = rng.standard_normal((500, 8))
+        rich.add(
+            torch.from_numpy(x)[None], torch.from_numpy(x @ truth + 0.01 * rng.standard_normal((500, 3)))[None], fold
+        )
+        x = rng.standard_normal((3, 8))
+        poor.add(torch.from_numpy(x)[None], torch.from_numpy(rng.standard_normal((3, 3)))[None], fold)
+    w, fit = rich.solve(current, ridges, intercept=False)
+    assert fit["ridge"] == 1e-6 and np.abs(w[0].numpy() - truth).max() < 0.01
+    _, fit = poor.solve(current, ridges, intercept=False)
+    assert fit["ridge"] == 100.0

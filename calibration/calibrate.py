@@ -51,7 +51,7 @@ class CalibrationResult:
 EVAL_BUDGET = 1 << 30  # bytes of activations one evaluation batch may produce
 TRAIN_BUDGET = 3 << 29  # bytes of activations one training batch keeps for the backward pass
 CACHE_BUDGET = 256 << 20  # training images held decoded in memory; beyond it they stream from disk
-STATS_POSITIONS = 1 << 20  # the closed-form start reads enough images for about this many positions per channel
+START_POSITIONS = 1 << 20  # the closed-form start reads enough images for about this many positions per channel
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,7 +104,7 @@ def calibrate(
     check: bool = True,
 ) -> CalibrationResult:
     """Calibrate the converted `model` against `teacher` on the unlabeled `images`; writes `output`.
-    `progress` receives {"phase": ...} records: load / start (done, total), epoch (a history record)."""
+    `progress` receives {"phase": ...} records: load / start (name, done, total), epoch (a history record)."""
     from calibration.distill import distill
     from calibration.reconstruct import calibrate_reconstruct
     from calibration.stats import calibrate_stats
@@ -159,16 +159,16 @@ def calibrate(
     teacher_summary, teacher_runs = checker.figures(teacher_m)
     before, _ = checker.figures(student)
 
-    n_stats = int(np.clip(STATS_POSITIONS // (held.shape[1] * held.shape[2]), 64, 1000))
-    n_stats = min(n_stats, len(train))
+    n_start = int(np.clip(START_POSITIONS // (held.shape[1] * held.shape[2]), 64, 1000))
+    n_start = min(n_start, len(train))
 
     # Decoded once (64..1,000 images: about a million positions per channel, tens of MB at most): the
     # closed-form start makes one pass per conv over them (distill's: `reconstruct` unless told).
-    x_stats = torch.from_numpy(prepare(train[np.arange(n_stats)]))
+    x_start = torch.from_numpy(prepare(train[np.arange(n_start)]))
     start_step = calibrate_stats if start == "stats" else calibrate_reconstruct
     start_step(
-        student, teacher_m, x_stats, eval_batch,
-        progress=lambda done, total: report_progress({"phase": "start", "done": done, "total": total}),
+        student, teacher_m, x_start, eval_batch,
+        progress=lambda done, total: report_progress({"phase": "start", "name": start, "done": done, "total": total}),
     )  # fmt: skip
     report = None
     if method == "distill":

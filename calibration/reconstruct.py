@@ -121,14 +121,14 @@ def refit_conv(
     student: OnnxModule,
     teacher: OnnxModule,
     target: ConvTarget,
+    node,
     x: torch.Tensor,
     batch: int,
     ridges: tuple[float, ...] = RIDGES,
     generator: torch.Generator | None = None,
 ) -> dict:
-    """Refit one conv in place; returns the ridge chosen and the fraction of the teacher output's
-    variance left unexplained."""
-    node = next(n for n in student.nodes if n.name == target.node)
+    """Refit one conv (`node`, the graph node of `target`) in place; returns the ridge chosen and the
+    fraction of the teacher output's variance left unexplained."""
     params = student.trainable()
     weight = params[target.weight]
     bias = params[target.bias] if target.bias is not None else None
@@ -228,9 +228,9 @@ def calibrate_reconstruct(
     ridges: tuple[float, ...] = RIDGES,
     progress: Callable[[int, int], None] | None = None,
     seed: int = 0,
-    linear: bool = True,
 ) -> list[dict]:
-    """Refit every target conv of `student` in place, in graph order; returns one record per conv."""
+    """Refit every target conv of `student` in place, in graph order, then the classifier; returns one
+    record per layer."""
     targets = conv_targets(student, teacher)
     nodes = {n.name: n for n in student.nodes}
     params = student.trainable()
@@ -240,13 +240,12 @@ def calibrate_reconstruct(
         if progress:
             progress(done, len(targets))
         if _refittable(nodes[target.node], params[target.weight], target):
-            fit = refit_conv(student, teacher, target, x, batch, ridges, generator)
+            fit = refit_conv(student, teacher, target, nodes[target.node], x, batch, ridges, generator)
             report.append({"node": target.node, "refit": True} | fit)
             continue
         rescale(params, target, moments(student, x, {target.output}, batch)[target.output],
                 moments(teacher, x, {target.teacher_output}, batch)[target.teacher_output])  # fmt: skip
         report.append({"node": target.node, "refit": False})
-    if linear:
-        for node in linear_targets(student, teacher):
-            report.append({"node": node.name, "refit": True} | refit_linear(student, teacher, node, x, batch, ridges))
+    for node in linear_targets(student, teacher):
+        report.append({"node": node.name, "refit": True} | refit_linear(student, teacher, node, x, batch, ridges))
     return report

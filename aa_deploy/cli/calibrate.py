@@ -85,12 +85,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
     preprocess = common.preprocess(args)
     bars = Progress(console=console, transient=True)
     tasks: dict = {}
-    start = args.start if args.method == "distill" else args.method
 
     def progress(record: dict) -> None:
         phase = record["phase"]
         if phase in ("load", "start"):
-            label = {"load": "decoding images", "start": f"{start}: refitting convs"}[phase]
+            label = "decoding images" if phase == "load" else f"{record['name']}: refitting convs"
             if phase not in tasks:
                 tasks[phase] = bars.add_task(label, total=record["total"])
             bars.update(tasks[phase], completed=record["done"] + (phase == "start"))

@@ -102,9 +102,11 @@ def calibrate(
     workers: int | None = None,
     progress: Callable[[dict], None] | None = None,
     check: bool = True,
+    time_limit: float | None = None,
 ) -> CalibrationResult:
     """Calibrate the converted `model` against `teacher` on the unlabeled `images`; writes `output`.
-    `progress` receives {"phase": ...} records: load / start (name, done, total), epoch (a history record)."""
+    `progress` receives {"phase": ...} records: load / start (name, done, total), epoch (a history record).
+    `time_limit` (seconds from the call) ends distillation early: no epoch starts that would end past it."""
     from calibration.distill import distill
     from calibration.reconstruct import calibrate_reconstruct
     from calibration.stats import calibrate_stats
@@ -114,6 +116,8 @@ def calibrate(
     if start not in STARTS:
         raise InputError(f"start must be one of {', '.join(STARTS)}, not {start!r}")
     start = method if method != "distill" else start
+    if time_limit is not None and time_limit <= 0:
+        raise InputError(f"--time-limit must be positive, not {time_limit:g} minutes")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be 1 or more, not {batch_size}")
     report_progress = progress or (lambda record: None)
@@ -176,6 +180,7 @@ def calibrate(
             student, teacher_m, train, checker, prepare, recipe=recipe, max_epochs=max_epochs, patience=patience,
             batch=train_batch, eval_batch=eval_batch, lr=lr, seed=seed, workers=workers,
             progress=lambda record: report_progress({"phase": "epoch"} | record),
+            time_limit=None if time_limit is None else time_limit - (time.perf_counter() - began),
         )  # fmt: skip
     after, after_runs = checker.figures(student)
     versus = {key: paired_difference(teacher_runs[key], after_runs[key]).as_dict() for key in after_runs}

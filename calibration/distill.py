@@ -161,9 +161,12 @@ def distill(
     seed: int = 0,
     workers: int | None = None,
     progress: Callable[[dict], None] | None = None,
+    time_limit: float | None = None,
 ) -> DistillReport:
     """Train `student` in place towards `teacher`; `train` holds uint8 NHWC images (an array or
-    `images.ImageFiles`), `held` the held-out slice the decisions are made on."""
+    `images.ImageFiles`), `held` the held-out slice the decisions are made on. With `time_limit`
+    (seconds from the call), no epoch starts that the last one's duration says would end past it;
+    the best epoch so far is kept, as at an early stop."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -178,6 +181,10 @@ def distill(
     steps_per_epoch = math.ceil(len(train) / batch)
     total = max_epochs * steps_per_epoch
     wait = patience if patience is not None else default_patience(steps_per_epoch)
+    last_epoch = [0.0]  # seconds the last epoch took (with its evaluation)
+
+    def out_of_time() -> bool:
+        return time_limit is not None and time.perf_counter() - start + last_epoch[0] > time_limit
 
     def fit(lr: float, history: list[dict]) -> tuple:
         """Train at `lr` (cosine decay) until `wait` epochs bring no better score; the best."""
@@ -188,6 +195,9 @@ def distill(
         if progress:
             progress(history[-1])
         for epoch in range(1, max_epochs + 1):
+            if out_of_time():
+                break
+            began = time.perf_counter()
             base = (epoch - 1) * steps_per_epoch
             loss = _epoch(
                 student, teacher, train, prepare, opt, rng, batch, recipe,
@@ -196,6 +206,7 @@ def distill(
             )  # fmt: skip
             figures = held.figures(student)[0]
             history.append({"epoch": epoch, "lr": lr, "loss": loss} | figures)
+            last_epoch[0] = time.perf_counter() - began
             if progress:
                 progress(history[-1])
             if figures["score"] > best[0]:
@@ -206,7 +217,7 @@ def distill(
 
     history: list[dict] = []
     best = fit(lr, history)
-    while not chosen and best[1] == 0 and lr > min(LR_CANDIDATES):
+    while not chosen and best[1] == 0 and lr > min(LR_CANDIDATES) and not out_of_time():
         lr = max(c for c in LR_CANDIDATES if c < lr)
         student.load_state_dict(best[2])
         best = fit(lr, history)

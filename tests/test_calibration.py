@@ -227,6 +227,23 @@ def test_default_patience_counts_optimizer_steps_too(r20, tmp_path, monkeypatch,
     assert distill.default_patience(29) == 2 and distill.default_patience(3) == 3
 
 
+def test_a_time_limit_ends_distillation_at_the_best_epoch_so_far(r20, tmp_path, monkeypatch):
+    # A limit spent before the first epoch: none starts, the start is kept, and no smaller rate is
+    # tried after it (the held-out score never improves, which would otherwise step the rate down).
+    import calibration.distill as distill
+    import calibration.held_out as held_out
+
+    monkeypatch.setattr(held_out, "score", lambda figures: 0.5)
+    monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}))
+    result = calibrate(
+        r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=5, time_limit=1e-3
+    )
+    assert [h["epoch"] for h in result.history] == [0]
+    with pytest.raises(aa_deploy.errors.InputError, match="--time-limit must be positive"):
+        calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "d.onnx", time_limit=0)
+    assert not (tmp_path / "d.onnx").exists()
+
+
 def test_soft_targets_average_the_teachers_probabilities_over_views(r20):
     from calibration.held_out import pad_crop, soft_targets
 

@@ -37,6 +37,13 @@ def add(sub) -> None:
         type=int,
         help="stop after this many epochs without a better held-out score (default 12, and at least 300 optimizer steps)",
     )
+    k.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="MINUTES",
+        help="end distillation by this many minutes after the start (the best epoch so far is kept; "
+        "no epoch starts that the last one's duration says would end past it)",
+    )
     k.add_argument("--lr", type=float, help="learning rate (default: chosen by a short range test)")
     k.add_argument("--limit", type=int, help="use at most this many images")
     k.add_argument("--seed", type=int, default=0)
@@ -122,6 +129,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             progress=progress,
+            time_limit=None if args.time_limit is None else 60 * args.time_limit,
         )
     table = Table(title=f"calibration ({result.method}) on {result.held_out} held-out images", title_justify="left")
     columns = ("model", "fidelity %", "agreement %", "consistency % (pad-and-crop)", "consistency % (circular)")

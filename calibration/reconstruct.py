@@ -107,8 +107,9 @@ class NormalEquations:
         gram, cross, sq, count = self.gram.sum(0), self.cross.sum(0), self.sq.sum(0), sum(self.count)
         w = self._fit(gram, cross, current, ridge)
         mean = cross[:, -1, :] / count if intercept else 0.0
-        variance = (sq / count - mean**2).clamp_min(1e-12)
-        unexplained = float((self._sse(gram, cross, sq, w) / count / variance).mean())
+        # Over all outputs together: a near-constant output channel cannot inflate it past 1.
+        spread = (sq - count * mean**2).sum().clamp_min(1e-12)
+        unexplained = float(self._sse(gram, cross, sq, w).sum() / spread)
         return w, {"residual": unexplained, "ridge": float(ridge.median())}
 
 

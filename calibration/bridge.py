@@ -8,6 +8,7 @@ onnx2torch does not convert the opset-18 Pad that blurs and exporters emit, henc
 
 from __future__ import annotations
 
+import operator
 import os
 
 import numpy as np
@@ -31,6 +32,16 @@ _TRAINABLE_INPUTS = {
     "LayerNormalization": (1, 2),
 }
 
+
+# Ops that are one torch function of their inputs, without attributes.
+_ELEMENTWISE = {
+    "Abs": torch.abs, "Add": operator.add, "And": operator.and_, "Ceil": torch.ceil, "Div": operator.truediv,
+    "Equal": operator.eq, "Erf": torch.erf, "Exp": torch.exp, "Floor": torch.floor, "Greater": operator.gt,
+    "GreaterOrEqual": operator.ge, "HardSwish": F.hardswish, "Identity": lambda x: x, "Less": operator.lt,
+    "LessOrEqual": operator.le, "Log": torch.log, "MatMul": operator.matmul, "Mish": F.mish, "Mul": operator.mul,
+    "Neg": operator.neg, "Or": operator.or_, "Pow": torch.pow, "Reciprocal": torch.reciprocal, "Relu": F.relu,
+    "Sigmoid": torch.sigmoid, "Softplus": F.softplus, "Sqrt": torch.sqrt, "Sub": operator.sub, "Tanh": torch.tanh,
+}  # fmt: skip
 
 _TORCH_DTYPES = {
     1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
@@ -90,7 +101,13 @@ class OnnxModule(nn.Module):
                         self._last_use[v.name] = i
             for name in self.output_names:
                 self._last_use.pop(name, None)
-        unsupported = sorted({n.op_type for n in model.graph.all_nodes() if not hasattr(self, f"_op_{n.op_type}")})
+        unsupported = sorted(
+            {
+                n.op_type
+                for n in model.graph.all_nodes()
+                if n.op_type not in _ELEMENTWISE and not hasattr(self, f"_op_{n.op_type}")
+            }
+        )
         if unsupported:
             raise InputError(f"calibration cannot run these ops in PyTorch yet: {', '.join(unsupported)}")
 
@@ -151,13 +168,18 @@ class OnnxModule(nn.Module):
         out = torch.func.vmap(lambda chunk: self._forward(chunk, capture))(chunks)
         return torch.utils._pytree.tree_map(lambda t: t.reshape(-1, *t.shape[2:])[:n], out)
 
+    def _run(self, node: ir.Node, env: dict):
+        args = [self._get(env, v) for v in node.inputs]
+        if node.op_type in _ELEMENTWISE:
+            return _ELEMENTWISE[node.op_type](*args)
+        return getattr(self, f"_op_{node.op_type}")(node, *args)
+
     def _forward(self, x: torch.Tensor, capture: set[str] | None = None) -> torch.Tensor | tuple:
         env = {self.input_name: x}
         self._scope = env  # outer scope for subgraphs (If)
         captured = {}
         for i, node in enumerate(self.nodes):
-            args = [self._get(env, v) for v in node.inputs]
-            out = getattr(self, f"_op_{node.op_type}")(node, *args)
+            out = self._run(node, env)
             outs = out if isinstance(out, tuple) else (out,)
             for value, tensor in zip(node.outputs, outs):
                 if value.name in self.hooks:
@@ -195,41 +217,14 @@ class OnnxModule(nn.Module):
         y = node.attributes.get_float("alpha", 1.0) * (a @ b)
         return y if c is None else y + node.attributes.get_float("beta", 1.0) * c
 
-    def _op_MatMul(self, node, a, b):
-        return a @ b
-
     def _op_BatchNormalization(self, node, x, scale, bias, mean, var):
         return F.batch_norm(x, mean, var, scale, bias, False, 0.0, node.attributes.get_float("epsilon", 1e-5))
-
-    def _op_Relu(self, node, x):
-        return F.relu(x)
-
-    def _op_Sigmoid(self, node, x):
-        return torch.sigmoid(x)
 
     def _op_HardSigmoid(self, node, x):
         return torch.clamp(node.attributes.get_float("alpha", 0.2) * x + node.attributes.get_float("beta", 0.5), 0, 1)
 
-    def _op_HardSwish(self, node, x):
-        return F.hardswish(x)
-
     def _op_Clip(self, node, x, lo=None, hi=None):
         return torch.clamp(x, None if lo is None else float(lo), None if hi is None else float(hi))
-
-    def _op_Add(self, node, a, b):
-        return a + b
-
-    def _op_Sub(self, node, a, b):
-        return a - b
-
-    def _op_Mul(self, node, a, b):
-        return a * b
-
-    def _op_Div(self, node, a, b):
-        return a / b
-
-    def _op_Identity(self, node, x):
-        return x
 
     def _op_Constant(self, node):
         return torch.from_numpy(np.array(graph.const_array(node.outputs[0])))
@@ -330,15 +325,6 @@ class OnnxModule(nn.Module):
     def _op_ReduceL2(self, node, x, axes=None):
         return self._reduce(node, x, axes, lambda t, d, k: torch.sqrt((t * t).sum(dim=d, keepdim=k)))
 
-    def _op_Sqrt(self, node, x):
-        return torch.sqrt(x)
-
-    def _op_Pow(self, node, x, y):
-        return torch.pow(x, y)
-
-    def _op_Neg(self, node, x):
-        return -x
-
     def _op_Squeeze(self, node, x, axes=None):
         axes = graph.ints(node, "axes") if axes is None else [int(a) for a in axes]
         return x.squeeze(tuple(axes)) if axes else x.squeeze()
@@ -359,20 +345,12 @@ class OnnxModule(nn.Module):
         out = torch.index_select(data, axis, indices.reshape(-1).long() % data.shape[axis])
         return out.reshape(data.shape[:axis] + indices.shape + data.shape[axis + 1 :])
 
-    def _op_Greater(self, node, a, b):
-        return a > b
-
-    def _op_And(self, node, a, b):
-        return a & b
-
     def _op_If(self, node, cond, *_):
         """aa-deploy's guarded reflect padding: run the chosen branch's nodes in the outer scope."""
         branch = node.attributes["then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"].as_graph()
         env = dict(self._scope)
         for inner in branch:
-            args = [self._get(env, v) for v in inner.inputs]
-            out = getattr(self, f"_op_{inner.op_type}")(inner, *args)
-            env[inner.outputs[0].name] = out
+            env[inner.outputs[0].name] = self._run(inner, env)
         return env[branch.outputs[0].name]
 
     def _op_Softmax(self, node, x):
@@ -390,9 +368,6 @@ class OnnxModule(nn.Module):
 
     def _op_Gelu(self, node, x):
         return F.gelu(x, approximate=node.attributes.get_string("approximate", "none"))
-
-    def _op_Erf(self, node, x):
-        return torch.erf(x)
 
     # -- shape arithmetic (TorchScript exports compute paddings and reshapes at run time) -----------
     def _op_Cast(self, node, x):
@@ -425,23 +400,8 @@ class OnnxModule(nn.Module):
     def _op_Where(self, node, cond, a, b):
         return torch.where(cond.bool(), a, b)
 
-    def _op_Equal(self, node, a, b):
-        return a == b
-
-    def _op_Less(self, node, a, b):
-        return a < b
-
-    def _op_LessOrEqual(self, node, a, b):
-        return a <= b
-
-    def _op_GreaterOrEqual(self, node, a, b):
-        return a >= b
-
     def _op_Not(self, node, x):
         return ~x.bool()
-
-    def _op_Or(self, node, a, b):
-        return a | b
 
     def _op_Split(self, node, x, split=None):
         axis = node.attributes.get_int("axis", 0)
@@ -487,33 +447,6 @@ class OnnxModule(nn.Module):
         for x in xs[1:]:
             out = torch.minimum(out, x)
         return out
-
-    def _op_Tanh(self, node, x):
-        return torch.tanh(x)
-
-    def _op_Softplus(self, node, x):
-        return F.softplus(x)
-
-    def _op_Mish(self, node, x):
-        return F.mish(x)
-
-    def _op_Exp(self, node, x):
-        return torch.exp(x)
-
-    def _op_Log(self, node, x):
-        return torch.log(x)
-
-    def _op_Abs(self, node, x):
-        return torch.abs(x)
-
-    def _op_Reciprocal(self, node, x):
-        return torch.reciprocal(x)
-
-    def _op_Floor(self, node, x):
-        return torch.floor(x)
-
-    def _op_Ceil(self, node, x):
-        return torch.ceil(x)
 
     def _op_LeakyRelu(self, node, x):
         return F.leaky_relu(x, node.attributes.get_float("alpha", 0.01))

@@ -1,6 +1,7 @@
 """`reconstruct` calibration: conv by conv in graph order, refit each conv's weights and bias by
 ridge regression so that, fed the *student's* own input at that conv, it reproduces the *teacher's*
-output of the same conv on unlabeled images.
+output of the same conv on unlabeled images (or, for a conv whose output is added to a residual
+branch, the teacher's sum: the conv then also corrects the other branch).
 
 No gradients, no learning rate. A conv's output is linear in its weights, so the best weights for
 one conv are a least-squares solution over its unfolded input patches (im2col): per group, the
@@ -50,6 +51,21 @@ def _refittable(node, weight: torch.Tensor, target: ConvTarget) -> bool:
         and weight.dim() == 4
         and node.attributes.get_string("auto_pad", "NOTSET") in ("NOTSET", "")
     )
+
+
+def _merge_after(node, teacher_names: set[str]) -> tuple[str, str] | None:
+    """(sum, other addend) when `node`'s output goes only into an Add with another computed tensor (a
+    residual merge) whose output the teacher also has: the conv is then fit so that the *sum* matches
+    the teacher's, correcting what the other branch (a blurred shortcut, an earlier block) got wrong
+    too, since everything downstream reads only the sum."""
+    readers = list(node.outputs[0].consumers())
+    if len(readers) != 1 or readers[0].op_type != "Add":
+        return None
+    add = readers[0]
+    others = [v for v in add.inputs if v is not None and v is not node.outputs[0]]
+    if len(others) != 1 or others[0].const_value is not None or add.outputs[0].name not in teacher_names:
+        return None
+    return add.outputs[0].name, others[0].name
 
 
 def _input(module: OnnxModule, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -129,7 +145,8 @@ def refit_conv(
     generator: torch.Generator | None = None,
 ) -> dict:
     """Refit one conv (`node`, the graph node of `target`) in place; returns the ridge chosen and the
-    fraction of the teacher output's variance left unexplained."""
+    fraction of the teacher output's variance left unexplained. A conv that feeds a residual Add is
+    fit against the teacher's sum minus the student's other addend (`_merge_after`)."""
     params = student.trainable()
     weight = params[target.weight]
     bias = params[target.bias] if target.bias is not None else None
@@ -139,10 +156,14 @@ def refit_conv(
     outs = c_out // groups
     equations = NormalEquations(groups, features, outs, weight.device)
     budget = None
+    merge = _merge_after(node, {v.name for n in teacher.nodes for v in n.outputs})
     for i in range(0, len(x), batch):
         xb = x[i : i + batch]
         inputs = _input(student, xb, node.inputs[0].name)
-        y_all = _input(teacher, xb, target.teacher_output)
+        if merge is not None:
+            y_all = _input(teacher, xb, merge[0]) - _input(student, xb, merge[1])
+        else:
+            y_all = _input(teacher, xb, target.teacher_output)
         y_all = y_all.reshape(y_all.shape[0], groups, outs, -1)
         positions = y_all.shape[-1]
         if budget is None:  # positions per image, so that all of x costs about MAX_FLOPS

@@ -111,6 +111,51 @@ def test_reconstruct_beats_stats_on_the_trained_resnet20(tmp_path):
     assert agreement(calibrate_reconstruct) > agreement(calibrate_stats)
 
 
+class Residual(nn.Module):
+    """conv1 -> relu(conv2 + shortcut) -> classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        return self.fc(torch.relu(self.conv2(h) + h).mean((2, 3)))
+
+
+def test_a_conv_before_a_residual_add_corrects_the_other_branch(tmp_path, monkeypatch):
+    """The student's shortcut is blurred (3x3 box, zero padding), a linear change that conv2, 3x3
+    over the same tensor, can take up exactly (teacher conv2 + identity - box). Fit against the
+    teacher's sum, the outputs match; fit against conv2's own output, the change stays."""
+    import calibration.reconstruct as reconstruct
+
+    torch.manual_seed(0)
+    teacher_path = export(Residual().eval(), tmp_path / "t.onnx", (2, 3, 12, 12))
+    model = onnx.load(teacher_path)
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    shortcut = add.input[1]
+    box = onnx.helper.make_node(
+        "AveragePool", [shortcut], ["box"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1
+    )
+    add.input[1] = "box"
+    model.graph.node.insert(list(model.graph.node).index(add), box)
+    onnx.save(model, tmp_path / "s.onnx")
+    teacher = OnnxModule(aa_deploy.model_io.load(teacher_path)).eval()
+    x = torch.randn(64, 3, 12, 12)
+
+    def error() -> float:
+        student = OnnxModule(aa_deploy.model_io.load(tmp_path / "s.onnx")).eval()
+        calibrate_reconstruct(student, teacher, x, 64, ridges=(1e-9,))
+        with torch.no_grad():
+            return float((student(x) - teacher(x)).abs().max() / teacher(x).abs().max())
+
+    assert error() < 1e-4
+    monkeypatch.setattr(reconstruct, "_merge_after", lambda node, names: None)
+    assert error() > 1e-2
+
+
 def test_cross_validation_picks_the_ridge_the_data_supports():
     """Many rows of a noisy linear map: the smallest ridge (the fit); fewer rows than weights, and a
     target unrelated to the features: the largest (stay at the current weights)."""

@@ -53,7 +53,7 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
 
         console.print(
             f"3/5 calibrate: refit and distill on {crops} unlabeled 32-px crops of the six bundled public-domain "
-            f"photos (no CIFAR image is used; patience {DEMO_PATIENCE} epochs; about 3 minutes on 2 cores)"
+            f"photos (no CIFAR image is used; patience {DEMO_PATIENCE} epochs; about 2 minutes on 2 cores)"
         )
         calib = folder / "calib"
         calib.mkdir(exist_ok=True)

@@ -90,6 +90,7 @@ class OnnxModule(nn.Module):
         # size under torch.func.vmap: any number of samples, batched kernels, gradients as usual.
         self.fixed_batch = fixed_batch(model.graph.inputs[0].shape)
         self.output_names = [v.name for v in model.graph.outputs]
+        self.computed = {v.name for n in self.nodes for v in n.outputs}  # every tensor a node produces
         self.hooks: dict[str, callable] = {}  # tensor name -> fn(tensor) -> tensor (probes)
         # Each tensor is dropped from the environment after its last reader (not when subgraphs read the
         # outer scope by name): without gradients, peak memory is then the live activations only.
@@ -129,8 +130,7 @@ class OnnxModule(nn.Module):
             total += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
             return t
 
-        names = {v.name for n in self.nodes for v in n.outputs}
-        saved, self.hooks = self.hooks, dict.fromkeys(names, count) | self.hooks
+        saved, self.hooks = self.hooks, dict.fromkeys(self.computed, count) | self.hooks
         try:
             self._forward(x[:1].to(self.device).expand(self.fixed_batch or 1, *x.shape[1:]))
         finally:

@@ -117,7 +117,7 @@ def calibrate(
         raise InputError(f"start must be one of {', '.join(STARTS)}, not {start!r}")
     start = method if method != "distill" else start
     if time_limit is not None and time_limit <= 0:
-        raise InputError(f"--time-limit must be positive, not {time_limit:g} minutes")
+        raise InputError(f"--time-limit must be positive, not {time_limit / 60:g} minutes")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be 1 or more, not {batch_size}")
     report_progress = progress or (lambda record: None)

@@ -181,13 +181,14 @@ def distill(
     steps_per_epoch = math.ceil(len(train) / batch)
     total = max_epochs * steps_per_epoch
     wait = patience if patience is not None else default_patience(steps_per_epoch)
-    last_epoch = [0.0]  # seconds the last epoch took (with its evaluation)
+    last_epoch = 0.0  # seconds the last epoch took (with its evaluation)
 
     def out_of_time() -> bool:
-        return time_limit is not None and time.perf_counter() - start + last_epoch[0] > time_limit
+        return time_limit is not None and time.perf_counter() - start + last_epoch > time_limit
 
     def fit(lr: float, history: list[dict]) -> tuple:
         """Train at `lr` (cosine decay) until `wait` epochs bring no better score; the best."""
+        nonlocal last_epoch
         opt = torch.optim.SGD(list(student.trainable().values()), lr=lr, momentum=0.9)
         figures = held.figures(student)[0]
         best = (figures["score"], 0, copy.deepcopy(student.state_dict()))
@@ -206,7 +207,7 @@ def distill(
             )  # fmt: skip
             figures = held.figures(student)[0]
             history.append({"epoch": epoch, "lr": lr, "loss": loss} | figures)
-            last_epoch[0] = time.perf_counter() - began
+            last_epoch = time.perf_counter() - began
             if progress:
                 progress(history[-1])
             if figures["score"] > best[0]:

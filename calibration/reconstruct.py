@@ -68,10 +68,15 @@ def _merge_after(node, teacher_names: set[str]) -> tuple[str, str] | None:
     return add.outputs[0].name, others[0].name
 
 
+def _inputs(module: OnnxModule, x: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """The named tensors of `module` on `x`, from one pass that stops at the last of them."""
+    wanted = {name for name in names if name != module.input_name}
+    captured = module(x, capture=wanted)[1] if wanted else {}
+    return [x.to(module.device) if name == module.input_name else captured[name] for name in names]
+
+
 def _input(module: OnnxModule, x: torch.Tensor, name: str) -> torch.Tensor:
-    if name == module.input_name:
-        return x.to(module.device)
-    return module(x, capture={name})[1][name]
+    return _inputs(module, x, (name,))[0]
 
 
 class NormalEquations:
@@ -156,13 +161,14 @@ def refit_conv(
     outs = c_out // groups
     equations = NormalEquations(groups, features, outs, weight.device)
     budget = None
-    merge = _merge_after(node, {v.name for n in teacher.nodes for v in n.outputs})
+    merge = _merge_after(node, teacher.computed)
     for i in range(0, len(x), batch):
         xb = x[i : i + batch]
-        inputs = _input(student, xb, node.inputs[0].name)
-        if merge is not None:
-            y_all = _input(teacher, xb, merge[0]) - _input(student, xb, merge[1])
+        if merge is not None:  # the conv's input and the other addend, in one pass of the student
+            inputs, other = _inputs(student, xb, (node.inputs[0].name, merge[1]))
+            y_all = _input(teacher, xb, merge[0]) - other
         else:
+            inputs = _input(student, xb, node.inputs[0].name)
             y_all = _input(teacher, xb, target.teacher_output)
         y_all = y_all.reshape(y_all.shape[0], groups, outs, -1)
         positions = y_all.shape[-1]
@@ -193,7 +199,6 @@ def refit_conv(
 
 def linear_targets(student: OnnxModule, teacher: OnnxModule) -> list:
     """Gemm nodes (the classifier) with a trainable 2-D weight whose output the teacher also has."""
-    teacher_names = {v.name for n in teacher.nodes for v in n.outputs}
     trainable = student.trainable()
     found = []
     for node in student.nodes:
@@ -206,7 +211,7 @@ def linear_targets(student: OnnxModule, teacher: OnnxModule) -> list:
             and a.get_float("alpha", 1.0) == 1.0
             and a.get_float("beta", 1.0) == 1.0
             and trainable[node.inputs[1].name].dim() == 2
-            and node.outputs[0].name in teacher_names
+            and node.outputs[0].name in teacher.computed
         ):
             found.append(node)
     return found

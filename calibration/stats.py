@@ -32,14 +32,13 @@ class ConvTarget:
 
 def conv_targets(student: OnnxModule, teacher: OnnxModule) -> list[ConvTarget]:
     """Trainable student Convs whose output tensor also exists in the teacher, in graph order."""
-    teacher_names = {v.name for n in teacher.nodes for v in n.outputs}
     trainable = student.trainable()
     targets = []
     for node in student.nodes:
         if node.op_type != "Conv" or node.inputs[1] is None or node.inputs[1].name not in trainable:
             continue
         name = node.outputs[0].name
-        if name not in teacher_names:
+        if name not in teacher.computed:
             continue
         # A blurpool conv: the blur's output is the stride-s counterpart (a pre blur after a conv is not).
         carrier = (blur_after(node) if node.name in student.blurpool_nodes else None) or node

@@ -90,7 +90,10 @@ class OnnxModule(nn.Module):
         # size under torch.func.vmap: any number of samples, batched kernels, gradients as usual.
         self.fixed_batch = fixed_batch(model.graph.inputs[0].shape)
         self.output_names = [v.name for v in model.graph.outputs]
-        self.computed = {v.name for n in self.nodes for v in n.outputs}  # every tensor a node produces
+        # every tensor a node produces -> that node's position (the graph input: -1)
+        self.producers = {v.name: i for i, n in enumerate(self.nodes) for v in n.outputs}
+        self.producers[self.input_name] = -1
+        self.computed = set(self.producers) - {self.input_name}
         self.hooks: dict[str, callable] = {}  # tensor name -> fn(tensor) -> tensor (probes)
         # Each tensor is dropped from the environment after its last reader (not when subgraphs read the
         # outer scope by name): without gradients, peak memory is then the live activations only.
@@ -174,11 +177,21 @@ class OnnxModule(nn.Module):
             return _ELEMENTWISE[node.op_type](*args)
         return getattr(self, f"_op_{node.op_type}")(node, *args)
 
-    def _forward(self, x: torch.Tensor, capture: set[str] | None = None) -> torch.Tensor | tuple:
-        env = {self.input_name: x}
+    @property
+    def streams(self) -> bool:
+        """Whether a pass can be held part way and resumed (`run_nodes`): not for a fixed-batch graph
+        (run under vmap) nor one with control flow (whose tensors are never released)."""
+        return self.fixed_batch is None and bool(self._last_use)
+
+    def run_nodes(
+        self, env: dict, start: int, stop: int, capture: set[str] | None = None, captured: dict | None = None
+    ) -> int:
+        """Run nodes [start, stop) on the live tensors `env` in place, releasing each after its last reader;
+        named tensors of `capture` go into `captured` as they are computed, and the run ends once all are
+        there. Returns the index of the next node to run."""
         self._scope = env  # outer scope for subgraphs (If)
-        captured = {}
-        for i, node in enumerate(self.nodes):
+        for i in range(start, stop):
+            node = self.nodes[i]
             out = self._run(node, env)
             outs = out if isinstance(out, tuple) else (out,)
             for value, tensor in zip(node.outputs, outs):
@@ -187,11 +200,18 @@ class OnnxModule(nn.Module):
                 env[value.name] = tensor
                 if capture and value.name in capture:
                     captured[value.name] = tensor
-            if capture and len(captured) == len(capture):
-                return None, captured
             for v in node.inputs:
                 if v is not None and self._last_use.get(v.name) == i:
                     env.pop(v.name, None)
+            if capture and len(captured) == len(capture):
+                return i + 1
+        return max(start, stop)
+
+    def _forward(self, x: torch.Tensor, capture: set[str] | None = None) -> torch.Tensor | tuple:
+        env, captured = {self.input_name: x}, {}
+        self.run_nodes(env, 0, len(self.nodes), capture, captured)
+        if capture and len(captured) == len(capture):
+            return None, captured
         outputs = env[self.output_names[0]]
         return (outputs, captured) if capture is not None else outputs
 

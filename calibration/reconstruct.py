@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from aa_deploy import graph
 from calibration.bridge import OnnxModule
+from calibration.frontier import Frontier
 from calibration.stats import ConvTarget, conv_targets, moments, rescale
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # relative to the mean diagonal of X'X
@@ -66,17 +67,6 @@ def _merge_after(node, teacher_names: set[str]) -> tuple[str, str] | None:
     if len(others) != 1 or others[0].const_value is not None or add.outputs[0].name not in teacher_names:
         return None
     return add.outputs[0].name, others[0].name
-
-
-def _inputs(module: OnnxModule, x: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
-    """The named tensors of `module` on `x`, from one pass that stops at the last of them."""
-    wanted = {name for name in names if name != module.input_name}
-    captured = module(x, capture=wanted)[1] if wanted else {}
-    return [x.to(module.device) if name == module.input_name else captured[name] for name in names]
-
-
-def _input(module: OnnxModule, x: torch.Tensor, name: str) -> torch.Tensor:
-    return _inputs(module, x, (name,))[0]
 
 
 class NormalEquations:
@@ -140,19 +130,19 @@ def _with_ones(cols: torch.Tensor, intercept: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def refit_conv(
-    student: OnnxModule,
-    teacher: OnnxModule,
+    student: Frontier,
+    teacher: Frontier,
     target: ConvTarget,
     node,
-    x: torch.Tensor,
-    batch: int,
+    position: int,
     ridges: tuple[float, ...] = RIDGES,
     generator: torch.Generator | None = None,
 ) -> dict:
-    """Refit one conv (`node`, the graph node of `target`) in place; returns the ridge chosen and the
-    fraction of the teacher output's variance left unexplained. A conv that feeds a residual Add is
-    fit against the teacher's sum minus the student's other addend (`_merge_after`)."""
-    params = student.trainable()
+    """Refit one conv (`node`, the graph node of `target`, at `position` in the student's graph) in
+    place; returns the ridge chosen and the fraction of the teacher output's variance left unexplained.
+    A conv that feeds a residual Add is fit against the teacher's sum minus the student's other addend
+    (`_merge_after`)."""
+    params = student.module.trainable()
     weight = params[target.weight]
     bias = params[target.bias] if target.bias is not None else None
     c_out, per_group, *kernel = weight.shape
@@ -161,22 +151,23 @@ def refit_conv(
     outs = c_out // groups
     equations = NormalEquations(groups, features, outs, weight.device)
     budget = None
-    merge = _merge_after(node, teacher.computed)
-    for i in range(0, len(x), batch):
-        xb = x[i : i + batch]
-        if merge is not None:  # the conv's input and the other addend, in one pass of the student
-            inputs, other = _inputs(student, xb, (node.inputs[0].name, merge[1]))
-            y_all = _input(teacher, xb, merge[0]) - other
-        else:
-            inputs = _input(student, xb, node.inputs[0].name)
-            y_all = _input(teacher, xb, target.teacher_output)
+    merge = _merge_after(node, teacher.module.computed)
+    source = node.inputs[0].name
+    # The conv's input (and the other addend, in the same pass of the student) and the teacher's target.
+    wanted = (source,) if merge is None else (source, merge[1])
+    pairs = zip(
+        student.tensors(wanted, position), teacher.tensors([target.teacher_output if merge is None else merge[0]])
+    )
+    for (i, got), (_, want) in pairs:
+        inputs = got[source]
+        y_all = next(iter(want.values())) - (got[merge[1]] if merge is not None else 0)
         y_all = y_all.reshape(y_all.shape[0], groups, outs, -1)
         positions = y_all.shape[-1]
-        if budget is None:  # positions per image, so that all of x costs about MAX_FLOPS
-            budget = max(1, min(positions, int(MAX_FLOPS / (groups * features * features * len(x)))))
+        if budget is None:  # positions per image, so that all images cost about MAX_FLOPS
+            budget = max(1, min(positions, int(MAX_FLOPS / (groups * features * features * len(student)))))
         # Patches of a few images at a time: one image's can be tens of MB (float32, then sampled float64).
         step = max(1, PATCH_BYTES // (4 * groups * features * (positions + 2 * budget)))
-        for j in range(0, len(xb), step):
+        for j in range(0, len(inputs), step):
             cols = _patches(node, inputs[j : j + step], groups, kernel)
             y = y_all[j : j + step]
             if budget < positions:
@@ -218,11 +209,10 @@ def linear_targets(student: OnnxModule, teacher: OnnxModule) -> list:
 
 
 @torch.no_grad()
-def refit_linear(
-    student: OnnxModule, teacher: OnnxModule, node, x: torch.Tensor, batch: int, ridges: tuple[float, ...] = RIDGES
-) -> dict:
-    """Refit one Gemm (y = a @ w' + c, or a @ w) in place against the teacher's output."""
-    params = student.trainable()
+def refit_linear(student: Frontier, teacher: Frontier, node, position: int, ridges: tuple[float, ...] = RIDGES) -> dict:
+    """Refit one Gemm (y = a @ w' + c, or a @ w; at `position` in the student's graph) in place
+    against the teacher's output."""
+    params = student.module.trainable()
     weight = params[node.inputs[1].name]
     trans = bool(node.attributes.get_int("transB", 0))
     bias = params[node.inputs[2].name] if len(node.inputs) > 2 and node.inputs[2] is not None else None
@@ -230,11 +220,10 @@ def refit_linear(
     if bias is not None and bias.numel() != w.shape[1]:
         return {}  # a broadcast bias of another shape: left as it is
     equations = NormalEquations(1, w.shape[0] + (bias is not None), w.shape[1], weight.device)
-    for i in range(0, len(x), batch):
-        xb = x[i : i + batch]
-        a = _input(student, xb, node.inputs[0].name).flatten(1)
-        y = _input(teacher, xb, node.outputs[0].name).flatten(1)
-        rows = _with_ones(a, bias is not None)
+    source, output = node.inputs[0].name, node.outputs[0].name
+    for (i, got), (_, want) in zip(student.tensors([source], position), teacher.tensors([output])):
+        rows = _with_ones(got[source].flatten(1), bias is not None)
+        y = want[output].flatten(1)
         for fold in (0, 1):  # alternate images
             equations.add(rows[(i + fold) % 2 :: 2][None], y[(i + fold) % 2 :: 2][None], fold)
     current = torch.cat([w, bias.detach()[None]]) if bias is not None else w
@@ -257,22 +246,25 @@ def calibrate_reconstruct(
     seed: int = 0,
 ) -> list[dict]:
     """Refit every target conv of `student` in place, in graph order, then the classifier; returns one
-    record per layer."""
+    record per layer. Each node runs once per image (`Frontier`), not once per conv."""
     targets = conv_targets(student, teacher)
     nodes = {n.name: n for n in student.nodes}
+    at = {n.name: i for i, n in enumerate(student.nodes)}
     params = student.trainable()
     generator = torch.Generator().manual_seed(seed)
+    held, reference = Frontier(student, x, batch), Frontier(teacher, x, batch)
     report = []
     for done, target in enumerate(targets):
         if progress:
             progress(done, len(targets))
         if _refittable(nodes[target.node], params[target.weight], target):
-            fit = refit_conv(student, teacher, target, nodes[target.node], x, batch, ridges, generator)
+            fit = refit_conv(held, reference, target, nodes[target.node], at[target.node], ridges, generator)
             report.append({"node": target.node, "refit": True} | fit)
             continue
-        rescale(params, target, moments(student, x, {target.output}, batch)[target.output],
-                moments(teacher, x, {target.teacher_output}, batch)[target.teacher_output])  # fmt: skip
+        rescale(params, target, moments(held, {target.output}, at[target.node])[target.output],
+                moments(reference, {target.teacher_output})[target.teacher_output])  # fmt: skip
         report.append({"node": target.node, "refit": False})
     for node in linear_targets(student, teacher):
-        report.append({"node": node.name, "refit": True} | refit_linear(student, teacher, node, x, batch, ridges))
+        fit = refit_linear(held, reference, node, at[node.name], ridges)
+        report.append({"node": node.name, "refit": True} | fit)
     return report

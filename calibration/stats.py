@@ -16,6 +16,7 @@ import torch
 
 from aa_deploy.blur_nodes import blur_after
 from calibration.bridge import OnnxModule
+from calibration.frontier import Frontier
 
 
 @dataclass
@@ -58,12 +59,11 @@ def conv_targets(student: OnnxModule, teacher: OnnxModule) -> list[ConvTarget]:
 
 
 @torch.no_grad()
-def moments(module: OnnxModule, x: torch.Tensor, names: set[str], batch: int = 250) -> dict[str, tuple]:
-    """Per-channel mean/std of the named tensors over all of `x`, batch by batch (each pass stops
-    where the last named tensor is computed)."""
+def moments(source: Frontier, names: set[str], commit_until: int | None = None) -> dict[str, tuple]:
+    """Per-channel mean/std of the named tensors over all of the frontier's images, batch by batch
+    (the frontier's held point does not pass node `commit_until`)."""
     sums: dict[str, list] = {}
-    for i in range(0, len(x), batch):
-        _, captured = module(x[i : i + batch], capture=names)
+    for _, captured in source.tensors(names, commit_until):
         for name, t in captured.items():
             t = t.double().transpose(0, 1).reshape(t.shape[1], -1)
             s = sums.setdefault(name, [0.0, 0.0, 0])
@@ -86,16 +86,18 @@ def calibrate_stats(
     batch: int = 250,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
-    """Rescale every target conv of `student` in place, one pass over `x` per conv (stopping at that
-    conv); returns one record per conv."""
+    """Rescale every target conv of `student` in place, in graph order (each node run once per image:
+    `Frontier`); returns one record per conv."""
     targets = conv_targets(student, teacher)
-    reference = moments(teacher, x, {t.teacher_output for t in targets}, batch)
+    reference = moments(Frontier(teacher, x, batch), {t.teacher_output for t in targets})
     params = student.trainable()
+    at = {n.name: i for i, n in enumerate(student.nodes)}
+    held = Frontier(student, x, batch)
     report = []
     for done, target in enumerate(targets):
         if progress:
             progress(done, len(targets))
-        scale = rescale(params, target, moments(student, x, {target.output}, batch)[target.output],
+        scale = rescale(params, target, moments(held, {target.output}, at[target.node])[target.output],
                         reference[target.teacher_output])  # fmt: skip
         report.append({"node": target.node, "scale_mean": float(scale.mean()), "shifted": target.bias is not None})
     return report

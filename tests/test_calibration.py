@@ -15,6 +15,7 @@ import aa_deploy
 from aa_deploy import bundled
 from calibration.bridge import load_module
 from calibration.calibrate import calibrate
+from calibration.frontier import Frontier
 from calibration.stats import calibrate_stats, conv_targets, moments
 from converters.export import export
 from tests.helpers import cli
@@ -185,8 +186,8 @@ def test_stats_matches_every_conv_blurpool_ones_through_their_blur(r20, tmp_path
     assert len(targets) == 19 and len(through_blur) == 2
     assert all(t.output != t.teacher_output and t.bias is not None for t in through_blur)
     calibrate_stats(student, teacher, x)
-    got = moments(student, x, {t.output for t in targets})
-    want = moments(teacher, x, {t.teacher_output for t in targets})
+    got = moments(Frontier(student, x, 64), {t.output for t in targets})
+    want = moments(Frontier(teacher, x, 64), {t.teacher_output for t in targets})
     for t in targets:
         (ms, ss), (mt, st) = got[t.output], want[t.teacher_output]
         torch.testing.assert_close(ss, st, rtol=1e-3, atol=1e-4)

@@ -51,7 +51,12 @@ class CalibrationResult:
 EVAL_BUDGET = 1 << 30  # bytes of activations one evaluation batch may produce
 TRAIN_BUDGET = 3 << 29  # bytes of activations one training batch keeps for the backward pass
 CACHE_BUDGET = 256 << 20  # training images held decoded in memory; beyond it they stream from disk
-START_POSITIONS = 1 << 20  # the closed-form start reads enough images for about this many positions per channel
+# The closed-form start reads enough images for about START_POSITIONS positions per channel at the
+# input, and at least START_MIN: the deepest layers (7x7 maps with over a thousand input channels at
+# ImageNet size) need a few hundred images for their least-squares refit, affordable since each node
+# runs once per image (calibration/frontier.py). Decoded at once, within CACHE_BUDGET.
+START_POSITIONS = 1 << 20
+START_MIN = 256
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,11 +168,11 @@ def calibrate(
     teacher_summary, teacher_runs = checker.figures(teacher_m)
     before, _ = checker.figures(student)
 
-    n_start = int(np.clip(START_POSITIONS // (held.shape[1] * held.shape[2]), 64, 1000))
-    n_start = min(n_start, len(train))
+    n_start = int(np.clip(START_POSITIONS // (held.shape[1] * held.shape[2]), START_MIN, 1000))
+    n_start = min(n_start, len(train), max(16, CACHE_BUDGET // (4 * held[0].nbytes)))  # float32
 
-    # Decoded once (64..1,000 images: about a million positions per channel, tens of MB at most): the
-    # closed-form start makes one pass per conv over them (distill's: `reconstruct` unless told).
+    # Decoded once (256..1,000 images, CACHE_BUDGET at most): the closed-form start (distill's:
+    # `reconstruct` unless told) goes through them layer by layer.
     x_start = torch.from_numpy(prepare(train[np.arange(n_start)]))
     start_step = calibrate_stats if start == "stats" else calibrate_reconstruct
     start_step(

@@ -8,9 +8,10 @@ images, the live tensors at the point of the graph the pass has reached and runs
 between that point and the next one asked for.
 
 A frontier never runs past a node the caller is about to change (`commit_until`): what lies beyond
-is computed on a copy and dropped. Batches whose live tensors would exceed the byte budget, graphs
-that cannot be held part way (`OnnxModule.streams`), and requests for a tensor already released
-fall back to a pass from the image, so the results are the same either way, only the time differs.
+is computed on a copy and dropped. Batches whose live tensors would exceed the byte budget (held
+again once they fit), graphs that cannot be held part way (`OnnxModule.streams`), and requests for
+a tensor already released start again from the image, so the results are the same either way; only
+the time differs.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Frontier:
         self.envs: dict[int, dict] = {}  # batch start -> live tensors before node positions[start]
         self.positions: dict[int, int] = {}
         self.held: dict[int, int] = {}  # batch start -> bytes its live tensors take
-        self.dropped: set[int] = set()  # batches over the budget: always run from the image
+        self.restarts = 0  # passes that began at the image again (a batch not held, or a tensor released)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -52,13 +53,14 @@ class Frontier:
         stop = max(module.producers[name] for name in names) + 1
         for start in self.starts:
             xb = self.x[start : start + self.batch].to(module.device)
-            if not module.streams or start in self.dropped:
+            if not module.streams:
                 yield start, self._from_image(xb, names)
                 continue
-            env, at = self.envs.pop(start, None), self.positions.get(start, 0)
+            env, at = self.envs.pop(start, None), self.positions.pop(start, 0)
             passed = commit_until is not None and at > commit_until
             if env is None or passed or any(n not in env and module.producers[n] < at for n in names):
-                env, at = {module.input_name: xb}, 0  # released already (or never held): from the image
+                self.restarts += at > 0 or start in self.held
+                env, at = {module.input_name: xb}, 0  # released already (or not held): from the image
             found = {n: env[n] for n in names if n in env}
             if len(found) < len(names):
                 at = module.run_nodes(env, at, stop if commit_until is None else min(stop, commit_until), names, found)
@@ -73,9 +75,10 @@ class Frontier:
         return found | ({self.module.input_name: xb} if self.module.input_name in names else {})
 
     def _hold(self, start: int, env: dict, at: int) -> None:
+        """Keep the batch's live tensors if all batches' together stay within the budget (the held
+        ones shrink as the pass reaches smaller feature maps: a batch left out now may fit later)."""
         self.held[start] = _bytes(env)
         if sum(self.held.values()) > self.budget:
-            self.held.pop(start)
-            self.dropped.add(start)
+            self.held[start] = 0
             return
         self.envs[start], self.positions[start] = env, at

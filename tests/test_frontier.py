@@ -51,7 +51,7 @@ def test_held_dropped_and_copied_tensors_equal_a_fresh_pass(r20):
                     torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
                 assert held.positions.get(start, 0) <= position
             params[node.inputs[1].name].mul_(1.1)
-    assert copied == 9 and held.envs and held.dropped
+    assert copied == 9 and held.envs and held.restarts
 
 
 @pytest.mark.parametrize("step", [calibrate_reconstruct, calibrate_stats], ids=["reconstruct", "stats"])

@@ -41,6 +41,13 @@ def test_convert_writes_a_runnable_model_and_prints_the_table(conv_onnx, tmp_pat
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".aa-deploy-")]  # no temporary left over
 
 
+def test_convert_suggests_skip_stem_when_the_first_blur_filters_the_input_image(conv_onnx, tmp_path):
+    proc = cli("convert", conv_onnx, "-o", tmp_path / "a.onnx", "--no-drift")
+    assert proc.returncode == 0 and "filters the input image itself (before stage/conv.0)" in proc.stdout
+    proc = cli("convert", conv_onnx, "-o", tmp_path / "b.onnx", "--no-drift", "--skip-stem")
+    assert proc.returncode == 0 and "input image" not in proc.stdout, proc.stdout
+
+
 def test_inspect_json_lists_the_plan(conv_onnx, capsys):
     assert main(["inspect", str(conv_onnx), "--json", "--mode", "blurpool"]) == 0
     plan = json.loads(capsys.readouterr().out)

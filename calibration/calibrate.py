@@ -54,9 +54,10 @@ CACHE_BUDGET = 256 << 20  # training images held decoded in memory; beyond it th
 # The closed-form start reads enough images for about START_POSITIONS positions per channel at the
 # input, and at least START_MIN: the deepest layers (7x7 maps with over a thousand input channels at
 # ImageNet size) need a few hundred images for their least-squares refit, affordable since each node
-# runs once per image (calibration/frontier.py). Decoded at once, within CACHE_BUDGET.
+# runs once per image (calibration/frontier.py). Decoded at once, within START_BUDGET bytes of float32.
 START_POSITIONS = 1 << 20
 START_MIN = 256
+START_BUDGET = 256 << 20
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,9 +170,9 @@ def calibrate(
     before, _ = checker.figures(student)
 
     n_start = int(np.clip(START_POSITIONS // (held.shape[1] * held.shape[2]), START_MIN, 1000))
-    n_start = min(n_start, len(train), max(16, CACHE_BUDGET // (4 * held[0].nbytes)))  # float32
+    n_start = min(n_start, len(train), max(16, START_BUDGET // (4 * held[0].nbytes)))
 
-    # Decoded once (256..1,000 images, CACHE_BUDGET at most): the closed-form start (distill's:
+    # Decoded once (256..1,000 images, START_BUDGET at most): the closed-form start (distill's:
     # `reconstruct` unless told) goes through them layer by layer.
     x_start = torch.from_numpy(prepare(train[np.arange(n_start)]))
     start_step = calibrate_stats if start == "stats" else calibrate_reconstruct

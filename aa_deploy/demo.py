@@ -53,7 +53,7 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
 
         console.print(
             f"3/5 calibrate: refit and distill on {crops} unlabeled 32-px crops of the six bundled public-domain "
-            f"photos (no CIFAR image is used; patience {DEMO_PATIENCE} epochs; about 2 minutes on 2 cores)"
+            f"photos (no CIFAR image is used; patience {DEMO_PATIENCE} epochs; under 2 minutes on 2 cores)"
         )
         calib = folder / "calib"
         calib.mkdir(exist_ok=True)
@@ -63,7 +63,7 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
         # Patience 4 epochs instead of calibrate's 300 steps (20 epochs here), to keep the demo within 3
         # minutes. Measured: patience 12 found its best at epoch 9 of 21 (top-1 94.0, consistency -0.7 /
         # -0.6 against the original, 246 s in all); patience 4 stops at epoch 4 on the refit's weights
-        # (95.0, +0.7 / -1.2, 125 s).
+        # (95.0, +0.7 / -1.2, 125 s; 84 s since the refit runs each node once per image).
         report = calibrate(converted, original, calib, calibrated, patience=DEMO_PATIENCE)
         console.print(
             f"    {report.seconds:.0f} s, lr {report.lr:g}, best epoch {report.best_epoch} of {report.epochs}"

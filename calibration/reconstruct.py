@@ -249,7 +249,6 @@ def calibrate_reconstruct(
     record per layer. Each node runs once per image (`Frontier`), not once per conv."""
     targets = conv_targets(student, teacher)
     nodes = {n.name: n for n in student.nodes}
-    at = {n.name: i for i, n in enumerate(student.nodes)}
     params = student.trainable()
     generator = torch.Generator().manual_seed(seed)
     held, reference = Frontier(student, x, batch), Frontier(teacher, x, batch)
@@ -258,13 +257,15 @@ def calibrate_reconstruct(
         if progress:
             progress(done, len(targets))
         if _refittable(nodes[target.node], params[target.weight], target):
-            fit = refit_conv(held, reference, target, nodes[target.node], at[target.node], ridges, generator)
+            fit = refit_conv(
+                held, reference, target, nodes[target.node], student.producers[target.teacher_output], ridges, generator
+            )
             report.append({"node": target.node, "refit": True} | fit)
             continue
-        rescale(params, target, moments(held, {target.output}, at[target.node])[target.output],
+        rescale(params, target, moments(held, {target.output}, student.producers[target.teacher_output])[target.output],
                 moments(reference, {target.teacher_output})[target.teacher_output])  # fmt: skip
         report.append({"node": target.node, "refit": False})
     for node in linear_targets(student, teacher):
-        fit = refit_linear(held, reference, node, at[node.name], ridges)
+        fit = refit_linear(held, reference, node, student.producers[node.outputs[0].name], ridges)
         report.append({"node": node.name, "refit": True} | fit)
     return report

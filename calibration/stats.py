@@ -25,7 +25,7 @@ class ConvTarget:
 
     node: str
     output: str  # the student tensor whose statistics are matched
-    teacher_output: str  # its counterpart in the teacher (the conv's own output name)
+    teacher_output: str  # its counterpart in the teacher (the conv's own output name, the same in both)
     weight: str
     bias: str | None
     followed_by_blur: bool
@@ -91,13 +91,12 @@ def calibrate_stats(
     targets = conv_targets(student, teacher)
     reference = moments(Frontier(teacher, x, batch), {t.teacher_output for t in targets})
     params = student.trainable()
-    at = {n.name: i for i, n in enumerate(student.nodes)}
     held = Frontier(student, x, batch)
     report = []
     for done, target in enumerate(targets):
         if progress:
             progress(done, len(targets))
-        scale = rescale(params, target, moments(held, {target.output}, at[target.node])[target.output],
+        scale = rescale(params, target, moments(held, {target.output}, student.producers[target.teacher_output])[target.output],
                         reference[target.teacher_output])  # fmt: skip
         report.append({"node": target.node, "scale_mean": float(scale.mean()), "shifted": target.bias is not None})
     return report

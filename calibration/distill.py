@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from calibration.bridge import OnnxModule
 from calibration.held_out import HeldOut, autocast, logits, pad_crop, soft_targets
@@ -49,6 +50,9 @@ class Recipe:
     teacher_views: int = 4  # teacher averaged over this many shifts of each blend; 0: the student's own view
     student_views: int = 2  # shifted views of each blend the student trains on, all to the same target
     temperature: float = 2.0
+    invariance: float = 0.0  # weight of a term pulling the student's views towards their own mean answer
+    circular: bool = False  # every second student view is a circular roll (+-shift px) instead of a pad-and-crop
+    average_epochs: float = 0.0  # >0: scored and kept are the weights' exponential average over about this many epochs
 
 
 @dataclass
@@ -75,15 +79,36 @@ def kd_loss(student_logits: torch.Tensor, target: torch.Tensor, temperature: flo
     return F.kl_div(F.log_softmax(student_logits.float() / t, 1), target, reduction="batchmean") * t * t
 
 
+def roll(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Random circular shifts within +-shift pixels (the content wraps around); NHWC, any dtype."""
+    offsets = rng.integers(-shift, shift + 1, size=(len(images), 2))
+    return np.stack([np.roll(img, tuple(s), axis=(0, 1)) for img, s in zip(images, offsets)])
+
+
+def invariance_loss(views: tuple[torch.Tensor, ...], temperature: float) -> torch.Tensor:
+    """Mean KL(mean answer || each view's answer) at `temperature`, the mean held fixed: zero exactly
+    when the student answers every shifted view of an image alike."""
+    with torch.no_grad():
+        mean = sum(F.softmax(v / temperature, 1) for v in views) / len(views)
+    return sum(kd_loss(v, mean, temperature) for v in views) / len(views)
+
+
 def _step_views(base: np.ndarray, recipe: Recipe, rng: np.random.Generator) -> tuple[list, list]:
     """Student views of a batch of (blended) images, and the teacher views its target averages."""
-    student = [pad_crop(base, recipe.shift, rng) for _ in range(recipe.student_views)]
+    student = [
+        roll(base, recipe.shift, rng) if recipe.circular and k % 2 else pad_crop(base, recipe.shift, rng)
+        for k in range(recipe.student_views)
+    ]
     teacher = [pad_crop(base, recipe.shift, rng) for _ in range(recipe.teacher_views)] or student
     return student, teacher
 
 
-def _epoch(student, teacher, images, prepare, opt, rng, batch, recipe, lr_at, steps=None, eval_batch=250, workers=None):
-    """One pass over `images` (or its first `steps` batches); the mean loss."""
+def _epoch(
+    student, teacher, images, prepare, opt, rng, batch, recipe, lr_at, steps=None, eval_batch=250, workers=None,
+    averaged=None,
+):  # fmt: skip
+    """One pass over `images` (or its first `steps` batches); the mean loss. `averaged` (an
+    `AveragedModel` of `student`) is updated after every step."""
     losses = []
     order = rng.permutation(len(images))
     for k, chunk in enumerate(batches(images, order, batch, workers)):
@@ -98,9 +123,13 @@ def _epoch(student, teacher, images, prepare, opt, rng, batch, recipe, lr_at, st
         with autocast(student.device):
             out = student(torch.from_numpy(prepare(np.concatenate(views))))
         loss = kd_loss(out, target.repeat(len(views), 1), recipe.temperature)
+        if recipe.invariance and len(views) > 1:
+            loss = loss + recipe.invariance * invariance_loss(out.float().chunk(len(views)), recipe.temperature)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if averaged is not None:
+            averaged.update_parameters(student)
         losses.append(float(loss.detach()))
     return float(np.mean(losses)) if losses else float("nan")
 
@@ -190,6 +219,11 @@ def distill(
         """Train at `lr` (cosine decay) until `wait` epochs bring no better score; the best."""
         nonlocal last_epoch
         opt = torch.optim.SGD(list(student.trainable().values()), lr=lr, momentum=0.9)
+        averaged = None
+        if recipe.average_epochs > 0:
+            decay = 1 - 1 / max(1.0, recipe.average_epochs * steps_per_epoch)
+            averaged = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        scored = student if averaged is None else averaged.module
         figures = held.figures(student)[0]
         best = (figures["score"], 0, copy.deepcopy(student.state_dict()))
         history.append({"epoch": 0, "lr": lr, "loss": None} | figures)
@@ -203,15 +237,15 @@ def distill(
             loss = _epoch(
                 student, teacher, train, prepare, opt, rng, batch, recipe,
                 lambda k, base=base: lr * 0.5 * (1 + math.cos(math.pi * (base + k) / total)),
-                eval_batch=eval_batch, workers=workers,
+                eval_batch=eval_batch, workers=workers, averaged=averaged,
             )  # fmt: skip
-            figures = held.figures(student)[0]
+            figures = held.figures(scored)[0]
             history.append({"epoch": epoch, "lr": lr, "loss": loss} | figures)
             last_epoch = time.perf_counter() - began
             if progress:
                 progress(history[-1])
             if figures["score"] > best[0]:
-                best = (figures["score"], epoch, copy.deepcopy(student.state_dict()))
+                best = (figures["score"], epoch, copy.deepcopy(scored.state_dict()))
             elif epoch - best[1] >= wait:
                 break
         return best

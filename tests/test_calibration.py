@@ -409,3 +409,37 @@ def test_calibrated_weights_go_back_into_the_twin(r20, tmp_path, mode):
     ref = ort.InferenceSession(str(out)).run(None, {"input": x})[0]
     assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
     assert np.abs(before - ref).max() > 1e-2 * np.abs(ref).max()  # calibration moved it: the check can fail
+
+
+def test_student_views_alternate_pad_and_crop_with_circular_rolls():
+    from calibration.distill import Recipe, _step_views
+
+    images = np.random.default_rng(0).integers(1, 256, (6, 12, 12, 3)).astype(np.float32)
+    student, teacher = _step_views(images, Recipe(student_views=3, circular=True), np.random.default_rng(1))
+    assert len(student) == 3 and len(teacher) == Recipe.teacher_views
+    offsets = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)]
+    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    for k, view in enumerate(student):
+        for img, canvas, got in zip(images, padded, view):
+            rolled = any(np.array_equal(np.roll(img, s, axis=(0, 1)), got) for s in offsets)
+            cropped = any(np.array_equal(canvas[4 + dy : 16 + dy, 4 + dx : 16 + dx], got) for dy, dx in offsets)
+            # Only the unshifted view is both; images are >= 1, so a crop's zero border tells them apart.
+            assert rolled if k % 2 else cropped
+            assert not (rolled and cropped) or np.array_equal(img, got)
+
+
+def test_invariance_loss_is_the_kl_to_the_views_mean_and_pulls_views_together():
+    from calibration.distill import invariance_loss
+
+    torch.manual_seed(0)
+    a = torch.randn(5, 10, requires_grad=True)
+    b = torch.randn(5, 10)
+    loss = invariance_loss((a, b), 2.0)
+    pa, pb = torch.softmax(a.detach() / 2, 1).numpy(), torch.softmax(b / 2, 1).numpy()
+    mean = (pa + pb) / 2
+    want = sum((mean * (np.log(mean) - np.log(p))).sum(1).mean() for p in (pa, pb)) / 2 * 4
+    np.testing.assert_allclose(float(loss.detach()), want, rtol=1e-5)
+    assert float(invariance_loss((b, b.clone()), 2.0)) == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    stepped = a.detach() - 1.0 * a.grad
+    assert float(invariance_loss((stepped, b), 2.0)) < float(loss.detach())

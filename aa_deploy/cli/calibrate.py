@@ -65,6 +65,32 @@ def add(sub) -> None:
         "(default %(default)s; 2 adds an explicit invariance pull at twice the training cost)",
     )
     k.add_argument(
+        "--shift",
+        type=int,
+        default=Recipe.shift,
+        help="training views are shifted by up to this many pixels each way (default %(default)s)",
+    )
+    k.add_argument(
+        "--invariance",
+        type=float,
+        default=Recipe.invariance,
+        help="weight of a term pulling the student's shifted views of an image towards their mean answer "
+        "(default %(default)s; needs --student-views 2 or more)",
+    )
+    k.add_argument(
+        "--circular-views",
+        action="store_true",
+        default=Recipe.circular,
+        help="every second student view is a circular roll of the image instead of a pad-and-crop shift",
+    )
+    k.add_argument(
+        "--average-epochs",
+        type=float,
+        default=Recipe.average_epochs,
+        help="score and keep an exponential average of the weights over about this many epochs "
+        "(default %(default)s: the weights themselves)",
+    )
+    k.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when torch sees one"
     )
     k.add_argument("--batch-size", type=int, help="training batch (default: 64, less where activations are large)")
@@ -124,7 +150,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
             patience=args.patience,
             lr=args.lr,
             seed=args.seed,
-            recipe=Recipe(mix=not args.no_mixup, teacher_views=args.teacher_views, student_views=args.student_views),
+            recipe=Recipe(
+                shift=args.shift,
+                mix=not args.no_mixup,
+                teacher_views=args.teacher_views,
+                student_views=args.student_views,
+                invariance=args.invariance,
+                circular=args.circular_views,
+                average_epochs=args.average_epochs,
+            ),
             device=args.device,
             batch_size=args.batch_size,
             workers=args.workers,

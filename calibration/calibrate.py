@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.errors import InputError
 from calibration.bridge import OnnxModule, write_back
 from calibration.distill import Recipe
-from calibration.held_out import HeldOut
+from calibration.held_out import HeldOut, shift_for
 from calibration.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for
 
 METHODS = ("stats", "reconstruct", "distill")
@@ -160,7 +160,9 @@ def calibrate(
             report_progress({"phase": "load", "done": i + len(decoded[-1]), "total": len(train)})
         train = np.concatenate(decoded)
 
-    checker = HeldOut(teacher_m, held, prepare, seed=seed, batch=eval_batch)
+    if recipe.shift is None:
+        recipe = replace(recipe, shift=shift_for(teacher_m, torch.from_numpy(prepare(held[:1])), held.shape[1]))
+    checker = HeldOut(teacher_m, held, prepare, seed=seed, batch=eval_batch, shift=recipe.shift)
     if method == "distill" and not checker.classifier:
         raise InputError(
             "distill matches the class probabilities of an (N, classes) output, and this model's output is not one "

@@ -26,12 +26,12 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from calibration.bridge import OnnxModule
 from calibration.held_out import HeldOut, autocast, logits, pad_crop, soft_targets
@@ -45,7 +45,7 @@ PATIENCE_EPOCHS, PATIENCE_STEPS = 12, 300
 class Recipe:
     """What each distillation step trains on (the defaults are the shipped recipe)."""
 
-    shift: int = 4  # pad-and-crop shifts of +-shift px
+    shift: int | None = None  # pad-and-crop shifts of +-shift px; None: held_out.shift_for the network
     mix: bool = True  # blend pairs of images first
     teacher_views: int = 4  # teacher averaged over this many shifts of each blend; 0: the student's own view
     student_views: int = 2  # shifted views of each blend the student trains on, all to the same target
@@ -107,8 +107,8 @@ def _epoch(
     student, teacher, images, prepare, opt, rng, batch, recipe, lr_at, steps=None, eval_batch=250, workers=None,
     averaged=None,
 ):  # fmt: skip
-    """One pass over `images` (or its first `steps` batches); the mean loss. `averaged` (an
-    `AveragedModel` of `student`) is updated after every step."""
+    """One pass over `images` (or its first `steps` batches); the mean loss. `averaged` (a
+    `WeightAverage` of `student`) is updated after every step."""
     losses = []
     order = rng.permutation(len(images))
     for k, chunk in enumerate(batches(images, order, batch, workers)):
@@ -129,9 +129,36 @@ def _epoch(
         loss.backward()
         opt.step()
         if averaged is not None:
-            averaged.update_parameters(student)
+            averaged.update()
         losses.append(float(loss.detach()))
     return float(np.mean(losses)) if losses else float("nan")
+
+
+class WeightAverage:
+    """An exponential moving average of `module`'s trainable weights (`decay` per step), which
+    `swapped_in` puts in place of the weights for a while (to score it, or copy it)."""
+
+    def __init__(self, module: OnnxModule, decay: float) -> None:
+        self.params = list(module.trainable().values())
+        self.average = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - self.decay)
+
+    @contextmanager
+    def swapped_in(self):
+        with torch.no_grad():
+            own = [p.detach().clone() for p in self.params]
+            for p, a in zip(self.params, self.average):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, o in zip(self.params, own):
+                    p.copy_(o)
 
 
 def default_patience(steps_per_epoch: int) -> int:
@@ -197,6 +224,8 @@ def distill(
     (seconds from the call), no epoch starts that the last one's duration says would end past it;
     the best epoch so far is kept, as at an early stop."""
     start = time.perf_counter()
+    if recipe.shift is None:
+        recipe = replace(recipe, shift=held.shift)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
 
@@ -221,9 +250,7 @@ def distill(
         opt = torch.optim.SGD(list(student.trainable().values()), lr=lr, momentum=0.9)
         averaged = None
         if recipe.average_epochs > 0:
-            decay = 1 - 1 / max(1.0, recipe.average_epochs * steps_per_epoch)
-            averaged = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(decay))
-        scored = student if averaged is None else averaged.module
+            averaged = WeightAverage(student, 1 - 1 / max(1.0, recipe.average_epochs * steps_per_epoch))
         figures = held.figures(student)[0]
         best = (figures["score"], 0, copy.deepcopy(student.state_dict()))
         history.append({"epoch": 0, "lr": lr, "loss": None} | figures)
@@ -239,13 +266,15 @@ def distill(
                 lambda k, base=base: lr * 0.5 * (1 + math.cos(math.pi * (base + k) / total)),
                 eval_batch=eval_batch, workers=workers, averaged=averaged,
             )  # fmt: skip
-            figures = held.figures(scored)[0]
+            with averaged.swapped_in() if averaged is not None else nullcontext():
+                figures = held.figures(student)[0]
+                kept = copy.deepcopy(student.state_dict()) if figures["score"] > best[0] else None
             history.append({"epoch": epoch, "lr": lr, "loss": loss} | figures)
             last_epoch = time.perf_counter() - began
             if progress:
                 progress(history[-1])
-            if figures["score"] > best[0]:
-                best = (figures["score"], epoch, copy.deepcopy(scored.state_dict()))
+            if kept is not None:
+                best = (figures["score"], epoch, kept)
             elif epoch - best[1] >= wait:
                 break
         return best

@@ -128,6 +128,12 @@ def calibrate(
         raise InputError(f"--batch-size must be 1 or more, not {batch_size}")
     report_progress = progress or (lambda record: None)
     recipe = recipe or Recipe()
+    if recipe.shift is not None and recipe.shift < 1:
+        raise InputError(f"--shift must be 1 pixel or more, not {recipe.shift}")
+    if recipe.invariance < 0 or recipe.average_epochs < 0:
+        raise InputError("--invariance and --average-epochs must be 0 or more")
+    if recipe.student_views < 1 or recipe.teacher_views < 0:
+        raise InputError("--student-views must be 1 or more, --teacher-views 0 or more")
     began = time.perf_counter()
     torch.manual_seed(seed)
     dev = resolve_device(device)

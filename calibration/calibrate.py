@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.errors import InputError
 from calibration.bridge import OnnxModule, write_back
 from calibration.distill import Recipe
-from calibration.held_out import HeldOut, shift_for
+from calibration.held_out import HeldOut
 from calibration.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for
 
 METHODS = ("stats", "reconstruct", "distill")
@@ -128,7 +128,7 @@ def calibrate(
         raise InputError(f"--batch-size must be 1 or more, not {batch_size}")
     report_progress = progress or (lambda record: None)
     recipe = recipe or Recipe()
-    if recipe.shift is not None and recipe.shift < 1:
+    if recipe.shift < 1:
         raise InputError(f"--shift must be 1 pixel or more, not {recipe.shift}")
     if recipe.invariance < 0 or recipe.average_epochs < 0:
         raise InputError("--invariance and --average-epochs must be 0 or more")
@@ -166,8 +166,6 @@ def calibrate(
             report_progress({"phase": "load", "done": i + len(decoded[-1]), "total": len(train)})
         train = np.concatenate(decoded)
 
-    if recipe.shift is None:
-        recipe = replace(recipe, shift=shift_for(teacher_m, torch.from_numpy(prepare(held[:1])), held.shape[1]))
     checker = HeldOut(teacher_m, held, prepare, seed=seed, batch=eval_batch, shift=recipe.shift)
     if method == "distill" and not checker.classifier:
         raise InputError(

@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ PATIENCE_EPOCHS, PATIENCE_STEPS = 12, 300
 class Recipe:
     """What each distillation step trains on (the defaults are the shipped recipe)."""
 
-    shift: int | None = None  # pad-and-crop shifts of +-shift px; None: held_out.shift_for the network
+    shift: int = 4  # pad-and-crop shifts of +-shift px (circular rolls too, with `circular`)
     mix: bool = True  # blend pairs of images first
     teacher_views: int = 4  # teacher averaged over this many shifts of each blend; 0: the student's own view
     student_views: int = 2  # shifted views of each blend the student trains on, all to the same target
@@ -224,8 +224,6 @@ def distill(
     (seconds from the call), no epoch starts that the last one's duration says would end past it;
     the best epoch so far is kept, as at an early stop."""
     start = time.perf_counter()
-    if recipe.shift is None:
-        recipe = replace(recipe, shift=held.shift)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
 

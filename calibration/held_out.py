@@ -4,8 +4,8 @@ fidelity     top-1 agreement with the teacher averaged over shifts of each image
              test-time-augmented answer: an accuracy proxy that does not reward copying its aliasing)
 agreement    top-1 agreement with the teacher's answer on the unshifted image
 consistency  the two protocols `calibrate` reports: pad-and-crop +-shift px and circular +-shift/2 px
-             (4 and 2 on CIFAR, see `shift_for`), on fixed shifts (the same views for every model and
-             every epoch, so figures are paired)
+             (4 and 2 by default), on fixed shifts (the same views for every model and every epoch,
+             so figures are paired)
 score        fidelity + the mean of the consistencies: what early stopping and the rate choice
              maximize. Neither term alone decides: a constant model is perfectly consistent, and
              fidelity alone rewards the aliasing the blurs removed.
@@ -27,25 +27,6 @@ PROTOCOLS = {"consistency_pad_crop": ("random-crop", 1, "zero"), "consistency_ci
 # (protocol, shift divisor, padding): pad-and-crop shifts by up to +-shift, circular by up to +-shift/2
 TEACHER_SHIFTS = 8  # shifted views (besides the image itself) the held-out teacher is averaged over
 PASSES = 3
-
-
-@torch.no_grad()
-def shift_for(module: OnnxModule, sample: torch.Tensor, size: int) -> int:
-    """Pixels of shift (each way) that reach every phase of the network's coarsest subsampling: half
-    its total stride (input `size` over the smallest subsampled map, measured on one `sample`), and
-    at least 4. ResNet-20 on CIFAR (32 px down to 8): 4; EfficientNet-Lite0 at 224 px (down to 7): 16."""
-    from aa_deploy.sites import find_sites
-
-    sites = [site for site in find_sites(module.graph) if site.value.producer() is not None]
-    names = {site.value.name for site in sites}
-    shapes = {module.input_name: tuple(sample.shape)}
-    if names:
-        _, captured = module(sample[:1], capture=names)
-        shapes |= {name: tuple(t.shape) for name, t in captured.items()}
-    smallest = [
-        -(-shapes[site.value.name][site.axes[0]] // site.strides[0]) for site in sites if site.value.name in shapes
-    ]
-    return max(4, size // (2 * min(smallest))) if smallest else 4
 
 
 def pad_crop(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:

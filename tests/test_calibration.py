@@ -415,7 +415,7 @@ def test_student_views_alternate_pad_and_crop_with_circular_rolls():
     from calibration.distill import Recipe, _step_views
 
     images = np.random.default_rng(0).integers(1, 256, (6, 12, 12, 3)).astype(np.float32)
-    student, teacher = _step_views(images, Recipe(shift=4, student_views=3, circular=True), np.random.default_rng(1))
+    student, teacher = _step_views(images, Recipe(student_views=3, circular=True), np.random.default_rng(1))
     assert len(student) == 3 and len(teacher) == Recipe.teacher_views
     offsets = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)]
     padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
@@ -443,20 +443,6 @@ def test_invariance_loss_is_the_kl_to_the_views_mean_and_pulls_views_together():
     loss.backward()
     stepped = a.detach() - 1.0 * a.grad
     assert float(invariance_loss((stepped, b), 2.0)) < float(loss.detach())
-
-
-@pytest.mark.parametrize("halvings,size,shift", [(2, 32, 4), (4, 64, 8), (5, 224, 16), (5, 96, 16)])
-def test_training_shift_is_half_the_networks_total_stride(tmp_path, halvings, size, shift):
-    # Strided convs and a max pool, `halvings` of them: the coarsest map is size / 2**halvings, and
-    # every phase of it is reached by shifts of +-2**halvings / 2 (at least 4).
-    from calibration.held_out import shift_for
-
-    layers = [torch.nn.Conv2d(3, 4, 3, 2, 1)]
-    for k in range(1, halvings):
-        layers += [torch.nn.ReLU(), torch.nn.MaxPool2d(2) if k == 1 else torch.nn.Conv2d(4, 4, 3, 2, 1)]
-    net = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
-    _, module = load_module(export(net, tmp_path / "n.onnx", (1, 3, size, size)))
-    assert shift_for(module, torch.zeros(1, 3, size, size), size) == shift
 
 
 def test_the_weight_average_is_what_is_scored_and_kept(r20, tmp_path, monkeypatch):

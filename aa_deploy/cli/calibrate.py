@@ -69,8 +69,7 @@ def add(sub) -> None:
         type=int,
         default=Recipe.shift,
         help="training views are shifted by up to this many pixels each way, and the held-out consistency "
-        "measured at this shift (pad-and-crop) and half of it (circular); default: half the network's total "
-        "stride, at least 4 (4 for CIFAR ResNets, 16 for an ImageNet model at 224 px)",
+        "measured at this shift (pad-and-crop) and half of it (circular) (default %(default)s)",
     )
     k.add_argument(
         "--invariance",

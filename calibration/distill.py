@@ -1,7 +1,8 @@
 """`distill` calibration: label-free distillation of the converted model from the original.
 
 Each step blends pairs of unlabeled images (mixup; new points where the student must match the
-teacher), shifts the blend at random (pad-and-crop, +-`shift` px), and trains the student (the
+teacher), shifts the blend at random (pad-and-crop, +-`shift` px; the second student view a circular
+roll instead, so both kinds of shift are trained on), and trains the student (the
 converted graph, run by `OnnxModule`) to reproduce a *shift-averaged* teacher: the teacher's class
 probabilities averaged over `teacher_views` other random shifts of the same blend (KL divergence at
 temperature 2). Matching the teacher view by view would teach the student the teacher's flips under
@@ -51,7 +52,7 @@ class Recipe:
     student_views: int = 2  # shifted views of each blend the student trains on, all to the same target
     temperature: float = 2.0
     invariance: float = 0.0  # weight of a term pulling the student's views towards their own mean answer
-    circular: bool = False  # every second student view is a circular roll (+-shift px) instead of a pad-and-crop
+    circular: bool = True  # every second student view is a circular roll (+-shift px) instead of a pad-and-crop
     average_epochs: float = 0.0  # >0: scored and kept are the weights' exponential average over about this many epochs
 
 

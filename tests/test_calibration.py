@@ -471,11 +471,11 @@ def test_the_weight_average_is_what_is_scored_and_kept(r20, tmp_path, monkeypatc
 def test_recipe_options_reach_the_training_and_the_metadata(r20, tmp_path):
     base = ("calibrate", r20 / "r20.pre.onnx", "--teacher", r20 / "r20.onnx", "--images", r20 / "images")
     out = tmp_path / "o.onnx"
-    proc = cli(*base, "-o", out, "--epochs", "1", "--shift", "6", "--invariance", "0.5", "--circular-views",
+    proc = cli(*base, "-o", out, "--epochs", "1", "--shift", "6", "--invariance", "0.5", "--no-circular-views",
                "--average-epochs", "1")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     recipe = aa_deploy.model_io.read_metadata(onnx.load(out))["calibration"]["recipe"]
-    assert (recipe["shift"], recipe["invariance"], recipe["circular"], recipe["average_epochs"]) == (6, 0.5, True, 1)
+    assert (recipe["shift"], recipe["invariance"], recipe["circular"], recipe["average_epochs"]) == (6, 0.5, False, 1)
     for flag, value in (("--shift", "0"), ("--invariance", "-1"), ("--student-views", "0")):
         proc = cli(*base, "-o", tmp_path / "bad.onnx", flag, value)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and flag in proc.stderr, proc.stderr

@@ -79,10 +79,9 @@ def add(sub) -> None:
         "(default %(default)s; needs --student-views 2 or more)",
     )
     k.add_argument(
-        "--circular-views",
+        "--no-circular-views",
         action="store_true",
-        default=Recipe.circular,
-        help="every second student view is a circular roll of the image instead of a pad-and-crop shift",
+        help="every student view a pad-and-crop shift (default: every second one a circular roll of the image)",
     )
     k.add_argument(
         "--average-epochs",
@@ -157,7 +156,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 teacher_views=args.teacher_views,
                 student_views=args.student_views,
                 invariance=args.invariance,
-                circular=args.circular_views,
+                circular=not args.no_circular_views,
                 average_epochs=args.average_epochs,
             ),
             device=args.device,

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aa_deploy.consistency.protocols import roll_each
 from calibration.bridge import OnnxModule
 from calibration.held_out import HeldOut, autocast, logits, pad_crop, soft_targets
 from calibration.images import batches
@@ -82,8 +83,7 @@ def kd_loss(student_logits: torch.Tensor, target: torch.Tensor, temperature: flo
 
 def roll(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
     """Random circular shifts within +-shift pixels (the content wraps around); NHWC, any dtype."""
-    offsets = rng.integers(-shift, shift + 1, size=(len(images), 2))
-    return np.stack([np.roll(img, tuple(s), axis=(0, 1)) for img, s in zip(images, offsets)])
+    return roll_each(images, rng.integers(-shift, shift + 1, size=(len(images), 2)))
 
 
 def invariance_loss(views: tuple[torch.Tensor, ...], temperature: float) -> torch.Tensor:

@@ -256,13 +256,12 @@ def calibrate_reconstruct(
     for done, target in enumerate(targets):
         if progress:
             progress(done, len(targets))
+        position = student.producers[target.teacher_output]  # the conv's place in the student graph
         if _refittable(nodes[target.node], params[target.weight], target):
-            fit = refit_conv(
-                held, reference, target, nodes[target.node], student.producers[target.teacher_output], ridges, generator
-            )
+            fit = refit_conv(held, reference, target, nodes[target.node], position, ridges, generator)
             report.append({"node": target.node, "refit": True} | fit)
             continue
-        rescale(params, target, moments(held, {target.output}, student.producers[target.teacher_output])[target.output],
+        rescale(params, target, moments(held, {target.output}, position)[target.output],
                 moments(reference, {target.teacher_output})[target.teacher_output])  # fmt: skip
         report.append({"node": target.node, "refit": False})
     for node in linear_targets(student, teacher):

@@ -96,7 +96,8 @@ def calibrate_stats(
     for done, target in enumerate(targets):
         if progress:
             progress(done, len(targets))
-        scale = rescale(params, target, moments(held, {target.output}, student.producers[target.teacher_output])[target.output],
+        position = student.producers[target.teacher_output]  # the conv's place in the student graph
+        scale = rescale(params, target, moments(held, {target.output}, position)[target.output],
                         reference[target.teacher_output])  # fmt: skip
         report.append({"node": target.node, "scale_mean": float(scale.mean()), "shifted": target.bias is not None})
     return report

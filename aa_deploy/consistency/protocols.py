@@ -121,7 +121,8 @@ def _crop(canvas: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
     return np.stack([canvas[i, y : y + size, x : x + size] for i, (y, x) in enumerate(offsets)])
 
 
-def _roll(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+def roll_each(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Each NHWC image rolled circularly by its own (dy, dx) of `shifts`."""
     return np.stack([np.roll(img, tuple(s), axis=(0, 1)) for img, s in zip(images, shifts)])
 
 
@@ -160,7 +161,7 @@ def random_pairs(
     for _ in range(passes):
         if circular:
             a, b = (step * rng.integers(-(shift // step), shift // step + 1, size=(len(images), 2)) for _ in range(2))
-            va, vb = _roll(images, a), _roll(images, b)
+            va, vb = roll_each(images, a), roll_each(images, b)
         else:
             a, b = (rng.integers(0, span + 1, size=(len(images), 2)) for _ in range(2))
             va, vb = _crop(canvas, a, size), _crop(canvas, b, size)

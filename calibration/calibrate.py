@@ -39,7 +39,7 @@ class CalibrationResult:
     seconds: float
     lr: float | None = None
     epochs: int | None = None
-    best_epoch: int | None = None
+    kept_epoch: int | None = None  # the schedule's last epoch, or 0: the start was kept
     history: list = field(default_factory=list)
     # calibrated minus original consistency on the held-out images (same shifts: paired), per protocol
     versus_teacher: dict = field(default_factory=dict)
@@ -99,7 +99,6 @@ def calibrate(
     held_out: float = 0.1,
     limit: int | None = None,
     max_epochs: int = 45,
-    patience: int | None = None,
     lr: float | None = None,
     seed: int = 0,
     recipe: Recipe | None = None,
@@ -112,7 +111,7 @@ def calibrate(
 ) -> CalibrationResult:
     """Calibrate the converted `model` against `teacher` on the unlabeled `images`; writes `output`.
     `progress` receives {"phase": ...} records: load / start (name, done, total), epoch (a history record).
-    `time_limit` (seconds from the call) ends distillation early: no epoch starts that would end past it."""
+    `time_limit` (seconds from the call) shortens distillation's schedule to what fits."""
     from calibration.distill import distill
     from calibration.reconstruct import calibrate_reconstruct
     from calibration.stats import calibrate_stats
@@ -124,6 +123,8 @@ def calibrate(
     start = method if method != "distill" else start
     if time_limit is not None and time_limit <= 0:
         raise InputError(f"--time-limit must be positive, not {time_limit / 60:g} minutes")
+    if max_epochs < 1:
+        raise InputError(f"--epochs must be 1 or more, not {max_epochs}")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be 1 or more, not {batch_size}")
     report_progress = progress or (lambda record: None)
@@ -189,7 +190,7 @@ def calibrate(
     report = None
     if method == "distill":
         report = distill(
-            student, teacher_m, train, checker, prepare, recipe=recipe, max_epochs=max_epochs, patience=patience,
+            student, teacher_m, train, checker, prepare, recipe=recipe, max_epochs=max_epochs,
             batch=train_batch, eval_batch=eval_batch, lr=lr, seed=seed, workers=workers,
             progress=lambda record: report_progress({"phase": "epoch"} | record),
             time_limit=None if time_limit is None else time_limit - (time.perf_counter() - began),
@@ -209,7 +210,7 @@ def calibrate(
         time.perf_counter() - began,
         lr=report.lr if report else None,
         epochs=report.epochs if report else None,
-        best_epoch=report.best_epoch if report else None,
+        kept_epoch=report.kept_epoch if report else None,
         history=report.history if report else [],
         versus_teacher=versus,
         device=str(dev),
@@ -228,7 +229,7 @@ def calibrate(
                 "seed": seed,
                 "lr": result.lr,
                 "epochs": result.epochs,
-                "best_epoch": result.best_epoch,
+                "kept_epoch": result.kept_epoch,
                 "recipe": asdict(recipe),
                 "score": "fidelity + mean(consistency_pad_crop, consistency_circular) on the held-out images",
                 "original": teacher_summary,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -194,43 +195,57 @@ def test_stats_matches_every_conv_blurpool_ones_through_their_blur(r20, tmp_path
         torch.testing.assert_close(ms, mt, rtol=1e-3, atol=1e-4)
 
 
-def test_a_rate_that_never_beats_the_start_backs_off(r20, tmp_path, monkeypatch):
-    # A held-out score that never improves: every rate fails, so training steps down through the
-    # smaller candidates, each from the start, and ends at the smallest.
+def test_a_rate_whose_end_scores_below_the_start_backs_off(r20, tmp_path, monkeypatch):
+    # A held-out score that falls with every measurement: each rate ends below its start, so
+    # training steps down through the smaller candidates, each from the start, and then keeps the start.
     import calibration.distill as distill
     import calibration.held_out as held_out
 
-    monkeypatch.setattr(held_out, "score", lambda figures: 0.5)
+    calls = itertools.count()
+    monkeypatch.setattr(held_out, "score", lambda figures: -next(calls))
     monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}))
-    result = calibrate(
-        r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=2, patience=1
-    )
+    args = (r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images")
+    result = calibrate(*args, tmp_path / "c.onnx", max_epochs=2)
     rates = [h["lr"] for h in result.history if h["epoch"] == 0]
     assert rates == sorted(distill.LR_CANDIDATES, reverse=True)
-    assert result.lr == min(distill.LR_CANDIDATES) and result.best_epoch == 0
+    assert result.lr == min(distill.LR_CANDIDATES) and result.kept_epoch == 0
+    calibrate(*args, tmp_path / "start.onnx", method="reconstruct")
+    kept, start = (
+        {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / n).graph.initializer}
+        for n in ("c.onnx", "start.onnx")
+    )
+    assert max(np.abs(kept[k] - start[k]).max() for k in start) < 1e-6
 
 
-@pytest.mark.parametrize("patience,epochs", [(None, 4), (2, 2)])
-def test_default_patience_counts_optimizer_steps_too(r20, tmp_path, monkeypatch, patience, epochs):
-    # 70 training images = 2 steps an epoch. Default: max(2 epochs, 8 steps = 4 epochs) without
-    # a better held-out score; a patience the caller gives is kept as given.
+def test_the_whole_schedule_runs_and_its_end_is_kept(r20, tmp_path, monkeypatch):
+    # Epoch 1 scores best, the end only above the start: all four epochs run (no early stop on a
+    # lucky epoch) and the weights at the end are kept.
     import calibration.distill as distill
     import calibration.held_out as held_out
 
-    monkeypatch.setattr(held_out, "score", lambda figures: 0.5)
-    monkeypatch.setattr(distill, "range_test", lambda *a: (min(distill.LR_CANDIDATES), {}))
-    monkeypatch.setattr(distill, "PATIENCE_EPOCHS", 2)
-    monkeypatch.setattr(distill, "PATIENCE_STEPS", 8)
-    result = calibrate(
-        r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=20, patience=patience
-    )
-    assert [h["epoch"] for h in result.history] == list(range(epochs + 1))
-    assert distill.default_patience(29) == 2 and distill.default_patience(3) == 3
+    scores = {2: 0.5, 3: 0.9}  # measurements 0, 1: teacher and converted; 2: the start; 3..6: epochs 1..4
+    calls = itertools.count()
+    monkeypatch.setattr(held_out, "score", lambda figures: scores.get(next(calls), 0.6))
+    monkeypatch.setattr(distill, "range_test", lambda *a: (1e-3, {}))
+    result = calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=4)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3, 4]
+    assert [h["planned"] for h in result.history[1:]] == [4, 4, 4, 4]
+    assert result.kept_epoch == 4 and result.epochs == 4
+    assert aa_deploy.model_io.read_metadata(onnx.load(tmp_path / "c.onnx"))["calibration"]["kept_epoch"] == 4
 
 
-def test_a_time_limit_ends_distillation_at_the_best_epoch_so_far(r20, tmp_path, monkeypatch):
-    # A limit spent before the first epoch: none starts, the start is kept, and no smaller rate is
-    # tried after it (the held-out score never improves, which would otherwise step the rate down).
+def test_a_time_limit_shortens_the_schedule():
+    from calibration.distill import schedule_length
+
+    assert schedule_length(45, 3, None, 10.0) == 45  # no limit: the whole schedule
+    assert schedule_length(45, 3, 100.0, 10.0) == 13  # 10 more epochs fit
+    assert schedule_length(45, 3, 1e6, 10.0) == 45  # never longer than asked
+    assert schedule_length(45, 3, 5.0, 10.0) == 3  # none fits: it ends here
+    assert schedule_length(45, 3, -5.0, 10.0) == 3
+
+
+def test_a_time_limit_spent_before_the_first_epoch_keeps_the_start(r20, tmp_path, monkeypatch):
+    # No epoch starts, and no smaller rate is tried after it.
     import calibration.distill as distill
     import calibration.held_out as held_out
 
@@ -239,9 +254,11 @@ def test_a_time_limit_ends_distillation_at_the_best_epoch_so_far(r20, tmp_path, 
     result = calibrate(
         r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=5, time_limit=1e-3
     )
-    assert [h["epoch"] for h in result.history] == [0]
+    assert [h["epoch"] for h in result.history] == [0] and result.kept_epoch == 0
     with pytest.raises(aa_deploy.errors.InputError, match="--time-limit must be positive"):
         calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "d.onnx", time_limit=0)
+    with pytest.raises(aa_deploy.errors.InputError, match="--epochs must be 1 or more"):
+        calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "d.onnx", max_epochs=0)
     assert not (tmp_path / "d.onnx").exists()
 
 
@@ -459,7 +476,7 @@ def test_the_weight_average_is_what_is_scored_and_kept(r20, tmp_path, monkeypatc
     calibrate(*args, tmp_path / "start.onnx", method="reconstruct")
     for name, average in (("avg.onnx", 1e9), ("plain.onnx", 0.0)):
         result = calibrate(*args, tmp_path / name, max_epochs=1, recipe=distill.Recipe(average_epochs=average))
-        assert result.best_epoch == 1
+        assert result.kept_epoch == 1
     start, avg, plain = (
         {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / n).graph.initializer}
         for n in ("start.onnx", "avg.onnx", "plain.onnx")

@@ -31,18 +31,18 @@ def add(sub) -> None:
         help="where distill starts (default %(default)s; stats starts further from the original, and "
         "measured more invariant but less accurate on CIFAR ResNets, far less accurate on ImageNet)",
     )
-    k.add_argument("--epochs", type=int, default=45, help="most epochs of distillation (early stop decides)")
     k.add_argument(
-        "--patience",
+        "--epochs",
         type=int,
-        help="stop after this many epochs without a better held-out score (default 12, and at least 300 optimizer steps)",
+        default=45,
+        help="epochs of distillation: the cosine schedule's length (default %(default)s)",
     )
     k.add_argument(
         "--time-limit",
         type=float,
         metavar="MINUTES",
-        help="end distillation by this many minutes after the start (the best epoch so far is kept; "
-        "no epoch starts that the last one's duration says would end past it)",
+        help="end distillation by this many minutes after the start: after each epoch the schedule is "
+        "shortened to the epochs that the last one's duration says fit, so its rate still decays to zero",
     )
     k.add_argument("--lr", type=float, help="learning rate (default: chosen by a short range test)")
     k.add_argument("--limit", type=int, help="use at most this many images")
@@ -130,8 +130,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if record["epoch"] == 0:
             console.print(f"  learning rate {record['lr']:g}")
         loss = "" if record["loss"] is None else f", loss {record['loss']:.3f}"
+        of = f" of {record['planned']}" if "planned" in record else ""
         console.print(
-            f"  epoch {record['epoch']}: held-out fidelity {100 * record['fidelity']:.1f}%, consistency "
+            f"  epoch {record['epoch']}{of}: held-out fidelity {100 * record['fidelity']:.1f}%, consistency "
             f"{_pct(record.get('consistency_pad_crop'))} / {_pct(record.get('consistency_circular'))}, "
             f"score {record['score']:.3f}{loss}"
         )
@@ -147,7 +148,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
             preprocess=preprocess,
             limit=args.limit,
             max_epochs=args.epochs,
-            patience=args.patience,
             lr=args.lr,
             seed=args.seed,
             recipe=Recipe(
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         f"device {result.device}, batches {result.batch[0]} (evaluation) / {result.batch[1]} (training), "
         f"{result.activation_mb:.1f} MB of activations per image"
     )
-    extra = f", lr {result.lr:g}, best epoch {result.best_epoch} of {result.epochs}" if result.lr else ""
+    extra = f", lr {result.lr:g}, kept epoch {result.kept_epoch} of {result.epochs}" if result.lr else ""
     console.print(f"calibrated on {result.images} images in {result.seconds:.0f} s{extra}; wrote {args.output}")
     return common.EXIT_OK
 

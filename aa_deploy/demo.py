@@ -18,7 +18,7 @@ from aa_deploy.plan import Options
 from aa_deploy.torch import antialias_with
 
 CALIBRATION_CROPS = 1000
-DEMO_EPOCHS = 10  # a short schedule, to keep the demo within 3 minutes (calibrate's default is 45)
+DEMO_EPOCHS = 6  # a short schedule, to keep the demo within 3 minutes (calibrate's default is 45)
 
 
 def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRATION_CROPS) -> int:
@@ -60,7 +60,12 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
         for i, crop in enumerate(bundled.photo_crops(crops, 32)):
             Image.fromarray(crop).save(calib / f"{i:04d}.png")
         calibrated = folder / "resnet20.aa.cal.onnx"
-        # MEASURED_DEMO
+        # A 6-epoch schedule instead of calibrate's 45, to stay within 3 minutes. Measured (2 cores): the
+        # range test's rate and the next smaller both end below the refit's held-out score on the photo
+        # crops, so the refit is kept (epoch 0 of 6; 111 s in all). On 1,000 CIFAR-10 training images
+        # (half B of cifar10-train2k) that model is at the original's top-1 (85.4 vs 85.3) and more
+        # consistent (+0.6 pad-and-crop, +1.3 circular); the 10-epoch end at 3e-4, had it been kept, was
+        # 3.7 points below the original's top-1 there.
         report = calibrate(converted, original, calib, calibrated, max_epochs=DEMO_EPOCHS)
         console.print(
             f"    {report.seconds:.0f} s, lr {report.lr:g}, kept epoch {report.kept_epoch} of {report.epochs}"

@@ -111,7 +111,7 @@ def calibrate(
 ) -> CalibrationResult:
     """Calibrate the converted `model` against `teacher` on the unlabeled `images`; writes `output`.
     `progress` receives {"phase": ...} records: load / start (name, done, total), epoch (a history record).
-    `time_limit` (seconds from the call) shortens distillation's schedule to what fits."""
+    `time_limit` (seconds from the call) sets the length of distillation's schedule to what fits, replanned after each epoch."""
     from calibration.distill import distill
     from calibration.reconstruct import calibrate_reconstruct
     from calibration.stats import calibrate_stats

@@ -227,7 +227,7 @@ def distill(
 ) -> DistillReport:
     """Train `student` in place towards `teacher`; `train` holds uint8 NHWC images (an array or
     `images.ImageFiles`), `held` the held-out slice the figures are measured on. With `time_limit`
-    (seconds from the call), the schedule is shortened after each epoch to what the last one's
+    (seconds from the call), the schedule is replanned after each epoch to what the last one's
     duration says fits, so that its rate still decays to zero before the limit."""
     start = time.perf_counter()
     torch.manual_seed(seed)

@@ -42,7 +42,7 @@ def add(sub) -> None:
         type=float,
         metavar="MINUTES",
         help="end distillation by this many minutes after the start: after each epoch the schedule is "
-        "shortened to the epochs that the last one's duration says fit, so its rate still decays to zero",
+        "replanned to the epochs that the last one's duration says fit, so its rate still decays to zero",
     )
     k.add_argument("--lr", type=float, help="learning rate (default: chosen by a short range test)")
     k.add_argument("--limit", type=int, help="use at most this many images")

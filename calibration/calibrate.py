@@ -173,8 +173,8 @@ def calibrate(
             "distill matches the class probabilities of an (N, classes) output, and this model's output is not one "
             "(a dense map or a detection head): use --method reconstruct (or stats)"
         )
-    teacher_summary, teacher_runs = checker.figures(teacher_m)
-    before, _ = checker.figures(student)
+    teacher_summary, teacher_runs, _ = checker.figures(teacher_m)
+    before, _, _ = checker.figures(student)
 
     n_start = int(np.clip(START_POSITIONS // (held.shape[1] * held.shape[2]), START_MIN, 1000))
     n_start = min(n_start, len(train), max(16, START_BUDGET // (4 * held[0].nbytes)))
@@ -195,7 +195,7 @@ def calibrate(
             progress=lambda record: report_progress({"phase": "epoch"} | record),
             time_limit=None if time_limit is None else time_limit - (time.perf_counter() - began),
         )  # fmt: skip
-    after, after_runs = checker.figures(student)
+    after, after_runs, _ = checker.figures(student)
     versus = {key: paired_difference(teacher_runs[key], after_runs[key]).as_dict() for key in after_runs}
 
     values = {name: p.detach().cpu().numpy() for name, p in student.trainable().items()}

@@ -6,9 +6,10 @@ agreement    top-1 agreement with the teacher's answer on the unshifted image
 consistency  the two protocols `calibrate` reports: pad-and-crop +-shift px and circular +-shift/2 px
              (4 and 2 by default), on fixed shifts (the same views for every model and every epoch,
              so figures are paired)
-score        fidelity + the mean of the consistencies: what early stopping and the rate choice
-             maximize. Neither term alone decides: a constant model is perfectly consistent, and
-             fidelity alone rewards the aliasing the blurs removed.
+score        fidelity + the mean of the consistencies, per image and averaged: what decides whether
+             a distillation run improved on its start (`worse`). Neither term alone decides: a
+             constant model is perfectly consistent, and fidelity alone rewards the aliasing the
+             blurs removed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ PROTOCOLS = {"consistency_pad_crop": ("random-crop", 1, "zero"), "consistency_ci
 # (protocol, shift divisor, padding): pad-and-crop shifts by up to +-shift, circular by up to +-shift/2
 TEACHER_SHIFTS = 8  # shifted views (besides the image itself) the held-out teacher is averaged over
 PASSES = 3
+WORSE_Z = 1.64  # `worse`: a model is worse than another when the held-out slice says so at one-sided 95 %
 
 
 def pad_crop(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
@@ -73,8 +75,9 @@ class HeldOut:
             soft_targets(teacher, views, prepare, 1.0, batch).argmax(1).numpy() if self.classifier else None
         )
 
-    def figures(self, module: OnnxModule) -> tuple[dict, dict]:
-        """The figures above for `module`, and the consistency results (for paired differences)."""
+    def figures(self, module: OnnxModule) -> tuple[dict, dict, np.ndarray | None]:
+        """The figures above for `module`, the consistency results (for paired differences), and each
+        image's score (None for a model that is not a classifier)."""
         from aa_deploy.consistency import measure
 
         module.train(False)
@@ -86,8 +89,9 @@ class HeldOut:
         out: dict = {}
         if self.classifier:
             top1 = logits(module, self.prepare, self.images, self.batch).argmax(1).numpy()
+            hits = top1 == self.averaged_top1
             out = {
-                "fidelity": float((top1 == self.averaged_top1).mean()),
+                "fidelity": float(hits.mean()),
                 "agreement": float((top1 == self.teacher_top1).mean()),
             }
         results = {}
@@ -101,12 +105,25 @@ class HeldOut:
             except InputError:  # a protocol that does not apply to this output (a dense map under pad-and-crop)
                 pass
             out[key] = results[key].consistency if key in results else None
+        per_image = None
         if self.classifier:
-            out["score"] = score(out)
-        return out, results
+            per_image = per_image_score(hits, results)
+            out["score"] = float(per_image.mean())
+        return out, results, per_image
 
 
-def score(figures: dict) -> float:
-    """fidelity + the mean of the consistencies measured."""
-    cons = [v for k, v in figures.items() if k.startswith("consistency_") and v is not None]
-    return figures["fidelity"] + (sum(cons) / len(cons) if cons else 0.0)
+def per_image_score(hits: np.ndarray, results: dict) -> np.ndarray:
+    """Each image's fidelity hit (0 or 1) + the mean of its consistencies (its share of agreeing
+    pairs) over the protocols measured; their mean is fidelity + the mean of the consistencies."""
+    cons = [np.asarray(r.per_image, np.float64) for r in results.values()]
+    return hits.astype(np.float64) + (sum(cons) / len(cons) if cons else 0.0)
+
+
+def worse(a: np.ndarray, b: np.ndarray, z: float = WORSE_Z) -> bool:
+    """Whether per-image scores `a` are below `b` (the same images) by more than the slice's noise:
+    the mean paired difference under -z standard errors. Scores within noise of each other are not
+    worse; on 100 images one image is 0.01 of the mean, and two runs of distillation differ by that."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if len(d) < 2:
+        return bool(d.mean() < 0)
+    return bool(d.mean() < -z * d.std(ddof=1) / np.sqrt(len(d)))

@@ -202,7 +202,7 @@ def test_a_rate_whose_end_scores_below_the_start_backs_off(r20, tmp_path, monkey
     import calibration.held_out as held_out
 
     calls = itertools.count()
-    monkeypatch.setattr(held_out, "score", lambda figures: -next(calls))
+    monkeypatch.setattr(held_out, "per_image_score", lambda hits, runs: np.full(len(hits), -float(next(calls))))
     monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}))
     args = (r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images")
     result = calibrate(*args, tmp_path / "c.onnx", max_epochs=2)
@@ -225,13 +225,32 @@ def test_the_whole_schedule_runs_and_its_end_is_kept(r20, tmp_path, monkeypatch)
 
     scores = {2: 0.5, 3: 0.9}  # measurements 0, 1: teacher and converted; 2: the start; 3..6: epochs 1..4
     calls = itertools.count()
-    monkeypatch.setattr(held_out, "score", lambda figures: scores.get(next(calls), 0.6))
+    monkeypatch.setattr(
+        held_out, "per_image_score", lambda hits, runs: np.full(len(hits), scores.get(next(calls), 0.6))
+    )
     monkeypatch.setattr(distill, "range_test", lambda *a: (1e-3, {}))
     result = calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=4)
     assert [h["epoch"] for h in result.history] == [0, 1, 2, 3, 4]
     assert [h["planned"] for h in result.history[1:]] == [4, 4, 4, 4]
     assert result.kept_epoch == 4 and result.epochs == 4
     assert aa_deploy.model_io.read_metadata(onnx.load(tmp_path / "c.onnx"))["calibration"]["kept_epoch"] == 4
+
+
+def test_worse_means_below_by_more_than_the_held_out_noise():
+    from calibration.held_out import worse
+
+    rng = np.random.default_rng(0)
+    start = rng.integers(0, 2, 100) + rng.random(100)
+    one = start.copy()
+    one[np.flatnonzero(start >= 1)[:1]] -= 1  # one image loses its fidelity hit: within noise
+    assert not worse(one, start) and not worse(start, start) and not worse(start + 0.01, start)
+    five = start.copy()
+    five[np.flatnonzero(start >= 1)[:5]] -= 1  # five of 100 lose it, nothing gained elsewhere
+    assert worse(five, start) and not worse(start, five)
+    assert worse(start - 0.01, start)  # every image a little lower
+    noisy = start + rng.normal(0, 0.3, 100)  # as much lower on average, but no more than the noise says
+    noisy -= noisy.mean() - start.mean() + 0.01
+    assert not worse(noisy, start)
 
 
 def test_a_time_limit_shortens_the_schedule():
@@ -249,7 +268,7 @@ def test_a_time_limit_spent_before_the_first_epoch_keeps_the_start(r20, tmp_path
     import calibration.distill as distill
     import calibration.held_out as held_out
 
-    monkeypatch.setattr(held_out, "score", lambda figures: 0.5)
+    monkeypatch.setattr(held_out, "per_image_score", lambda hits, runs: np.full(len(hits), 0.5))
     monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}))
     result = calibrate(
         r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=5, time_limit=1e-3
@@ -286,9 +305,12 @@ def test_held_out_score_does_not_reward_a_constant_model(r20):
     _, teacher = load_module(r20 / "r20.onnx")
     images = bundled.cifar_test_images()[0][:40]
     held = HeldOut(teacher, images, bundled.cifar_normalize, seed=0, batch=16)
-    figures, results = held.figures(teacher)
+    figures, results, per_image = held.figures(teacher)
     assert figures["agreement"] == 1.0 and 0.5 < figures["fidelity"] <= 1.0
     assert set(results) == {"consistency_pad_crop", "consistency_circular"}
+    cons = (figures["consistency_pad_crop"] + figures["consistency_circular"]) / 2
+    assert per_image.shape == (40,) and per_image.mean() == pytest.approx(figures["fidelity"] + cons)
+    assert figures["score"] == pytest.approx(per_image.mean())
 
     class Constant(torch.nn.Module):
         device = torch.device("cpu")
@@ -296,7 +318,7 @@ def test_held_out_score_does_not_reward_a_constant_model(r20):
         def forward(self, x):
             return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
 
-    constant, _ = held.figures(Constant())
+    constant, _, _ = held.figures(Constant())
     assert constant["consistency_pad_crop"] == constant["consistency_circular"] == 1.0
     assert constant["score"] < figures["score"]
     assert constant["fidelity"] == pytest.approx(float((held.averaged_top1 == 0).mean()))
@@ -470,7 +492,7 @@ def test_the_weight_average_is_what_is_scored_and_kept(r20, tmp_path, monkeypatc
     import calibration.held_out as held_out
 
     calls = iter(range(1000))
-    monkeypatch.setattr(held_out, "score", lambda figures: next(calls))
+    monkeypatch.setattr(held_out, "per_image_score", lambda hits, runs: np.full(len(hits), float(next(calls))))
     monkeypatch.setattr(distill, "range_test", lambda *a: (1e-3, {}))
     args = (r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images")
     calibrate(*args, tmp_path / "start.onnx", method="reconstruct")

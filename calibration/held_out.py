@@ -6,10 +6,12 @@ agreement    top-1 agreement with the teacher's answer on the unshifted image
 consistency  the two protocols `calibrate` reports: pad-and-crop +-shift px and circular +-shift/2 px
              (4 and 2 by default), on fixed shifts (the same views for every model and every epoch,
              so figures are paired)
-score        fidelity + the mean of the consistencies, per image and averaged: what decides whether
-             a distillation run improved on its start (`worse`). Neither term alone decides: a
-             constant model is perfectly consistent, and fidelity alone rewards the aliasing the
-             blurs removed.
+score        fidelity + the mean of the consistencies, per image and averaged.
+
+`worse` decides whether a distillation run failed against its start: when its fidelity or its score
+is lower by more than the slice's noise. Neither term alone would do: a constant model is perfectly
+consistent, and fidelity alone rewards the aliasing the blurs removed; fidelity on its own as well,
+since the score lets a gain in consistency pay for a real loss of accuracy.
 """
 
 from __future__ import annotations
@@ -75,9 +77,10 @@ class HeldOut:
             soft_targets(teacher, views, prepare, 1.0, batch).argmax(1).numpy() if self.classifier else None
         )
 
-    def figures(self, module: OnnxModule) -> tuple[dict, dict, np.ndarray | None]:
+    def figures(self, module: OnnxModule) -> tuple[dict, dict, dict]:
         """The figures above for `module`, the consistency results (for paired differences), and each
-        image's score (None for a model that is not a classifier)."""
+        image's fidelity hit and score ({"fidelity": ..., "score": ...}; empty for a model that is not
+        a classifier)."""
         from aa_deploy.consistency import measure
 
         module.train(False)
@@ -105,10 +108,10 @@ class HeldOut:
             except InputError:  # a protocol that does not apply to this output (a dense map under pad-and-crop)
                 pass
             out[key] = results[key].consistency if key in results else None
-        per_image = None
+        per_image = {}
         if self.classifier:
-            per_image = per_image_score(hits, results)
-            out["score"] = float(per_image.mean())
+            per_image = {"fidelity": hits.astype(np.float64), "score": per_image_score(hits, results)}
+            out["score"] = float(per_image["score"].mean())
         return out, results, per_image
 
 
@@ -119,11 +122,17 @@ def per_image_score(hits: np.ndarray, results: dict) -> np.ndarray:
     return hits.astype(np.float64) + (sum(cons) / len(cons) if cons else 0.0)
 
 
-def worse(a: np.ndarray, b: np.ndarray, z: float = WORSE_Z) -> bool:
-    """Whether per-image scores `a` are below `b` (the same images) by more than the slice's noise:
-    the mean paired difference under -z standard errors. Scores within noise of each other are not
-    worse; on 100 images one image is 0.01 of the mean, and two runs of distillation differ by that."""
+def below(a: np.ndarray, b: np.ndarray, z: float = WORSE_Z) -> bool:
+    """Whether per-image values `a` are below `b` (the same images) by more than the slice's noise:
+    the mean paired difference under -z standard errors. On 100 images one image is 0.01 of a mean,
+    and two runs of distillation differ by that much."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     if len(d) < 2:
         return bool(d.mean() < 0)
     return bool(d.mean() < -z * d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def worse(a: dict, b: dict) -> bool:
+    """Whether per-image figures `a` (`figures`' third item) are worse than `b`'s: fidelity or score
+    below them by more than the noise."""
+    return any(below(a[key], b[key]) for key in ("fidelity", "score"))

@@ -237,20 +237,26 @@ def test_the_whole_schedule_runs_and_its_end_is_kept(r20, tmp_path, monkeypatch)
 
 
 def test_worse_means_below_by_more_than_the_held_out_noise():
-    from calibration.held_out import worse
+    from calibration.held_out import below, worse
 
     rng = np.random.default_rng(0)
     start = rng.integers(0, 2, 100) + rng.random(100)
     one = start.copy()
     one[np.flatnonzero(start >= 1)[:1]] -= 1  # one image loses its fidelity hit: within noise
-    assert not worse(one, start) and not worse(start, start) and not worse(start + 0.01, start)
+    assert not below(one, start) and not below(start, start) and not below(start + 0.01, start)
     five = start.copy()
     five[np.flatnonzero(start >= 1)[:5]] -= 1  # five of 100 lose it, nothing gained elsewhere
-    assert worse(five, start) and not worse(start, five)
-    assert worse(start - 0.01, start)  # every image a little lower
+    assert below(five, start) and not below(start, five)
+    assert below(start - 0.01, start)  # every image a little lower
     noisy = start + rng.normal(0, 0.3, 100)  # as much lower on average, but no more than the noise says
     noisy -= noisy.mean() - start.mean() + 0.01
-    assert not worse(noisy, start)
+    assert not below(noisy, start)
+    # Fidelity is guarded on its own: five images lose their hit while consistency pays for it in the score.
+    hits = (start >= 1).astype(float)
+    lost = hits.copy()
+    lost[np.flatnonzero(hits)[:5]] = 0
+    assert worse({"fidelity": lost, "score": start + 0.1}, {"fidelity": hits, "score": start})
+    assert not worse({"fidelity": hits, "score": start + 0.1}, {"fidelity": hits, "score": start})
 
 
 def test_a_time_limit_shortens_the_schedule():
@@ -309,8 +315,9 @@ def test_held_out_score_does_not_reward_a_constant_model(r20):
     assert figures["agreement"] == 1.0 and 0.5 < figures["fidelity"] <= 1.0
     assert set(results) == {"consistency_pad_crop", "consistency_circular"}
     cons = (figures["consistency_pad_crop"] + figures["consistency_circular"]) / 2
-    assert per_image.shape == (40,) and per_image.mean() == pytest.approx(figures["fidelity"] + cons)
-    assert figures["score"] == pytest.approx(per_image.mean())
+    assert per_image["score"].shape == (40,) and per_image["score"].mean() == pytest.approx(figures["fidelity"] + cons)
+    assert figures["score"] == pytest.approx(per_image["score"].mean())
+    assert per_image["fidelity"].mean() == pytest.approx(figures["fidelity"])
 
     class Constant(torch.nn.Module):
         device = torch.device("cpu")

@@ -15,7 +15,7 @@ def add(sub) -> None:
         "--crops",
         type=int,
         default=None,
-        help="calibrate on this many photo crops (default 1000, about 2.5 minutes here; fewer is faster)",
+        help="calibrate on this many photo crops (default 1000, about 25 s here with the rest of the demo)",
     )
     d.set_defaults(run=run)
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from aa_deploy import graph
+from aa_deploy.errors import InputError
 from calibration.bridge import OnnxModule
 from calibration.frontier import Frontier
 from calibration.stats import ConvTarget, conv_targets, moments, rescale
@@ -169,6 +170,12 @@ def refit_conv(
         step = max(1, PATCH_BYTES // (4 * groups * features * (positions + 2 * budget)))
         for j in range(0, len(inputs), step):
             cols = _patches(node, inputs[j : j + step], groups, kernel)
+            if cols.shape[-1] != positions:
+                raise InputError(
+                    f"{target.teacher_output}: the model's tensor has {cols.shape[-1]} positions per channel and the "
+                    f"teacher's {positions}; calibrate pairs tensors by name, so the model must be a conversion of "
+                    "this teacher"
+                )
             y = y_all[j : j + step]
             if budget < positions:
                 pick = torch.randperm(positions, generator=generator)[:budget].to(cols.device)

@@ -123,6 +123,28 @@ def test_calibrate_cli_errors(r20, tmp_path):
         calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "o.onnx", start="nope")
 
 
+def test_a_tensor_whose_shape_differs_from_the_teachers_is_one_line(r20, tmp_path):
+    # The first strided conv runs at stride 1 and its output is subsampled after the Relu: same tensor
+    # names as the teacher, one of them four times larger. A one-line error, no output file.
+    m = onnx.load(r20 / "r20.onnx")
+    conv = next(n for n in m.graph.node if n.op_type == "Conv" and 2 in onnx.helper.get_node_attr_value(n, "strides"))
+    conv.attribute.remove(next(a for a in conv.attribute if a.name == "strides"))
+    conv.attribute.append(onnx.helper.make_attribute("strides", [1, 1]))
+    relu = next(n for n in m.graph.node if n.op_type == "Relu" and n.input[0] == conv.output[0])
+    full, relu.output[0] = relu.output[0], relu.output[0] + "_full"
+    pool = onnx.helper.make_node("MaxPool", [relu.output[0]], [full], kernel_shape=[1, 1], strides=[2, 2])
+    nodes = list(m.graph.node)
+    nodes.insert(nodes.index(relu) + 1, pool)
+    del m.graph.node[:], m.graph.value_info[:]
+    m.graph.node.extend(nodes)
+    onnx.save(m, tmp_path / "moved.onnx")
+    proc = cli("calibrate", tmp_path / "moved.onnx", "--teacher", r20 / "r20.onnx", "--images", r20 / "images",
+               "-o", tmp_path / "o.onnx", "--method", "reconstruct")  # fmt: skip
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert conv.output[0] in proc.stderr and "positions" in proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_an_unreadable_image_met_in_a_worker_is_one_line(tmp_path):
     from calibration.images import ImageFiles, Preprocess, batches
 

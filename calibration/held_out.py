@@ -8,10 +8,11 @@ consistency  the two protocols `calibrate` reports: pad-and-crop +-shift px and 
              so figures are paired)
 score        fidelity + the mean of the consistencies, per image and averaged.
 
-`worse` decides whether a distillation run failed against its start: when its fidelity or its score
-is lower by more than the slice's noise. Neither term alone would do: a constant model is perfectly
-consistent, and fidelity alone rewards the aliasing the blurs removed; fidelity on its own as well,
-since the score lets a gain in consistency pay for a real loss of accuracy.
+`worse` decides whether a distillation run failed against its start: when its fidelity, or its
+score, is lower by more than the slice's noise. Consistency is never judged alone (a constant model
+is perfectly consistent), and fidelity alone would reward the aliasing the blurs removed; but the
+score alone lets a gain in consistency pay for a real loss of accuracy, so fidelity is guarded on its
+own as well.
 """
 
 from __future__ import annotations

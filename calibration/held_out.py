@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aa_deploy.consistency.paired import bootstrap_ci
 from aa_deploy.errors import InputError
 from calibration.bridge import OnnxModule
 
@@ -31,7 +32,7 @@ PROTOCOLS = {"consistency_pad_crop": ("random-crop", 1, "zero"), "consistency_ci
 # (protocol, shift divisor, padding): pad-and-crop shifts by up to +-shift, circular by up to +-shift/2
 TEACHER_SHIFTS = 8  # shifted views (besides the image itself) the held-out teacher is averaged over
 PASSES = 3
-WORSE_Z = 1.64  # `worse`: a model is worse than another when the held-out slice says so at one-sided 95 %
+WORSE_LEVEL = 0.90  # `worse`: the two-sided 90 % interval of a paired difference below zero, one-sided 95 %
 
 
 def pad_crop(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
@@ -123,14 +124,13 @@ def per_image_score(hits: np.ndarray, results: dict) -> np.ndarray:
     return hits.astype(np.float64) + (sum(cons) / len(cons) if cons else 0.0)
 
 
-def below(a: np.ndarray, b: np.ndarray, z: float = WORSE_Z) -> bool:
+def below(a: np.ndarray, b: np.ndarray, level: float = WORSE_LEVEL) -> bool:
     """Whether per-image values `a` are below `b` (the same images) by more than the slice's noise:
-    the mean paired difference under -z standard errors. On 100 images one image is 0.01 of a mean,
-    and two runs of distillation differ by that much."""
+    the whole interval of the mean paired difference below zero, by the same bootstrap over images
+    as every interval `consistency` reports. On 100 images one image is 0.01 of a mean, and two runs
+    of distillation differ by that much."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    if len(d) < 2:
-        return bool(d.mean() < 0)
-    return bool(d.mean() < -z * d.std(ddof=1) / np.sqrt(len(d)))
+    return bootstrap_ci(d, level=level)[1] < 0
 
 
 def worse(a: dict, b: dict) -> bool:

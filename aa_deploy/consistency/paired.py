@@ -16,8 +16,10 @@ import numpy as np
 RESAMPLES = 10_000
 
 
-def bootstrap_ci(values: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of the mean of `values` (one per image), images resampled."""
+def bootstrap_ci(
+    values: np.ndarray, resamples: int = RESAMPLES, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval (95 % by default) of the mean of `values` (one per image), images resampled."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return (0.0, 1.0)
@@ -27,7 +29,8 @@ def bootstrap_ci(values: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) 
     levels, counts = np.unique(values, return_counts=True)
     picks = np.random.default_rng(seed).multinomial(len(values), counts / len(values), size=resamples)
     means = picks @ levels / len(values)
-    lo, hi = np.percentile(means, [2.5, 97.5])
+    tail = 50.0 * (1.0 - level)
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
     return (float(lo), float(hi))
 
 

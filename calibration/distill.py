@@ -19,7 +19,7 @@ its end are kept. The held-out score (`held_out.per_image_score`, averaged over 
 where fidelity is top-1 agreement with the shift-averaged teacher and the consistencies are the
 two protocols `calibrate` reports, on fixed shifts, is measured after every epoch and decides one
 thing: when the end is *worse* than the start (`held_out.worse`: its fidelity or its score below
-the start's by more than 1.64 standard errors of the paired per-image difference), that rate
+the start's with the whole one-sided 95 % bootstrap interval of the paired per-image difference), that rate
 failed; the next smaller candidate is tried from the start, and when none is left (or no time),
 the start is kept. A plain "score below the start" threw away whole schedules on noise (two of six
 CIFAR runs kept the start when their end scored 0.005 below it on 100 images, half an image's

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx_ir as ir
@@ -60,7 +60,8 @@ def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
             model,
             {
                 "version": __version__,
-                "options": options.as_dict(),
+                # the stem decision as made, so that the twin built from this record does the same
+                "options": replace(options, skip_stem=bool(actions) and actions[0].note.startswith("stem")).as_dict(),
                 "filter": options.filter_label,
                 "mode": options.mode,
                 "pad": options.pad,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aa_deploy import filters
-from aa_deploy.plan import POOLING, Options, mode_for, pad_mode_for
+from aa_deploy.plan import IMAGE_CHANNELS, POOLING, Options, mode_for, pad_mode_for
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -195,6 +195,13 @@ def find_sites(model: nn.Module) -> list[tuple[str, nn.Module, str, tuple[int, .
     return found
 
 
+def _on_image(module: nn.Module, kind: str) -> bool:
+    """`plan.reads_image` for a module: the first site, a strided conv with at most 4 input channels
+    (the graph's data flow is not visible here; a converted model's metadata records the ONNX pass's
+    decision, which `antialias_with` then follows)."""
+    return kind == "strided-conv" and module.in_channels <= IMAGE_CHANNELS
+
+
 def _selected(name: str, options: Options) -> str | None:
     if options.include is not None and not re.search(options.include, name):
         return f"not matched by --include {options.include}"
@@ -216,7 +223,7 @@ def antialias(
     pad: str = "reflect",
     *,
     filter_size: int | None = None,
-    skip_stem: bool = False,
+    skip_stem: bool | None = None,
     include: str | None = None,
     exclude: str | None = None,
     inplace: bool = False,
@@ -232,7 +239,9 @@ def antialias_with(model: nn.Module, options: Options, *, inplace: bool = False)
         model = copy.deepcopy(model)
     report = []
     for i, (name, module, kind, strides, channels_last) in enumerate(find_sites(model)):
-        skip = "stem (--skip-stem)" if options.skip_stem and i == 0 else None
+        skip = None
+        if i == 0 and options.skip_stem is not False and (options.skip_stem or _on_image(module, kind)):
+            skip = "stem (--skip-stem)" if options.skip_stem else "stem on the input image (--blur-stem blurs it)"
         if skip is None and options.size == 1:
             skip = "a 1-tap filter is the identity"
         skip = skip or _selected(name, options)

@@ -33,7 +33,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, needle: 
 
 def test_convert_writes_a_runnable_model_and_prints_the_table(conv_onnx, tmp_path):
     out = tmp_path / "model.aa.onnx"
-    proc = cli("convert", conv_onnx, "--filter", "binomial", "-o", out)
+    proc = cli("convert", conv_onnx, "--filter", "binomial", "--blur-stem", "-o", out)
     assert proc.returncode == 0, proc.stderr
     assert "stage/conv.0" in proc.stdout and "strided-conv" in proc.stdout and "changed 1 of 1" in proc.stdout
     y = ort.InferenceSession(str(out)).run(None, {"X": np.ones((2, 3, 16, 16), np.float32)})[0]
@@ -41,15 +41,18 @@ def test_convert_writes_a_runnable_model_and_prints_the_table(conv_onnx, tmp_pat
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".aa-deploy-")]  # no temporary left over
 
 
-def test_convert_suggests_skip_stem_when_the_first_blur_filters_the_input_image(conv_onnx, tmp_path):
+def test_the_stem_on_the_input_image_is_left_alone_unless_asked(conv_onnx, tmp_path):
+    # The only site is a strided conv reading the 3-channel input: skipped by default, blurred on request.
     proc = cli("convert", conv_onnx, "-o", tmp_path / "a.onnx", "--no-drift")
-    assert proc.returncode == 0 and "filters the input image itself (before stage/conv.0)" in proc.stdout
-    proc = cli("convert", conv_onnx, "-o", tmp_path / "b.onnx", "--no-drift", "--skip-stem")
-    assert proc.returncode == 0 and "input image" not in proc.stdout, proc.stdout
+    assert proc.returncode == 0 and "stem on the input image" in proc.stdout and "nothing added" in proc.stdout
+    proc = cli("convert", conv_onnx, "-o", tmp_path / "b.onnx", "--no-drift", "--blur-stem")
+    assert proc.returncode == 0 and "changed 1 of 1" in proc.stdout, proc.stdout
+    assert cli("convert", conv_onnx, "-o", tmp_path / "c.onnx", "--skip-stem", "--blur-stem").returncode == 2
+    assert not (tmp_path / "c.onnx").exists()
 
 
 def test_inspect_json_lists_the_plan(conv_onnx, capsys):
-    assert main(["inspect", str(conv_onnx), "--json", "--mode", "blurpool"]) == 0
+    assert main(["inspect", str(conv_onnx), "--json", "--mode", "blurpool", "--blur-stem"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert [(p["node"], p["action"], p["stride"]) for p in plan] == [("stage/conv.0", "blurpool", [2, 2])]
 

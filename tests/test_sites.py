@@ -116,6 +116,49 @@ def test_weights_from_constant_and_constant_of_shape_opset11_and_odd_names():
     assert run(converted, x).shape == run(m, x).shape
 
 
+def test_the_stem_is_skipped_by_default_only_where_it_subsamples_the_input_image():
+    w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+
+    def stem_model(before):  # [normalization / activation nodes] -> strided conv -> strided conv
+        nodes = [*before, helper.make_node("Conv", ["x1", "w"], ["t"], strides=[2, 2], pads=[1, 1, 1, 1], name="stem")]
+        nodes.append(helper.make_node("Conv", ["t", "w2"], ["Y"], strides=[2, 2], pads=[1, 1, 1, 1], name="next"))
+        inits = [G.const("w", w), G.const("w2", RNG.standard_normal((4, 4, 3, 3)).astype(np.float32))]
+        inits += [G.const("mean", np.full((1, 3, 1, 1), 0.5, np.float32))]
+        return G.model(nodes, [G.inp("X", ["N", 3, 16, 16])], [G.out("Y", 4)], inits)
+
+    normalized = [
+        helper.make_node("Sub", ["X", "mean"], ["xs"]),
+        helper.make_node("Div", ["xs", "mean"], ["x1"]),
+    ]
+    activated = [helper.make_node("Relu", ["X"], ["x1"])]
+    for before, skipped in (
+        ([helper.make_node("Identity", ["X"], ["x1"])], True),
+        (normalized, True),
+        (activated, False),
+    ):
+        m = stem_model(before)
+        _, result = convert(m, skip_stem=None)  # the default rule
+        assert [a.action for a in result.actions] == (["skip", "pre"] if skipped else ["pre", "pre"])
+        assert [a.action for a in convert(m, skip_stem=False)[1].actions] == ["pre", "pre"]  # --blur-stem
+        # The decision is recorded as made, so the twin rebuilt from the metadata does the same.
+        assert aa_deploy.model_io.read_metadata(result.model)["options"]["skip_stem"] is skipped
+    # More than 4 channels is a feature map, not an image.
+    assert convert(G.conv_model([1, 8, 12, 12]), skip_stem=None)[1].actions[0].action == "pre"
+
+
+def test_the_twins_default_stem_rule():
+    import torch as pt
+
+    from aa_deploy import torch as twin_torch
+
+    net = pt.nn.Sequential(pt.nn.Conv2d(3, 8, 3, 2, 1), pt.nn.ReLU(), pt.nn.Conv2d(8, 8, 3, 2, 1))
+    _, report = twin_torch.antialias(net)
+    assert [r.action for r in report] == ["skip", "pre"] and "input image" in report[0].note
+    assert [r.action for r in twin_torch.antialias(net, skip_stem=False)[1]] == ["pre", "pre"]
+    _, report = twin_torch.antialias(pt.nn.Sequential(pt.nn.Conv2d(8, 8, 3, 2, 1)))
+    assert [r.action for r in report] == ["pre"]
+
+
 def test_conv_blurpool_moves_bias_after_the_blur():
     m = G.conv_model([1, 3, 12, 12], c_out=4, bias=True)
     converted, result = convert(m, mode="blurpool", pad="zero")

@@ -61,7 +61,7 @@ def test_fp16_keeps_inexact_widened_blurs_in_float32(tmp_path):
     # rect at stride 3 widens to [1, 1, 1] / 3: not representable in float16, so that blur stays float32.
     src = tmp_path / "s3.onnx"
     onnx.save(G.conv_model([1, 3, 12, 12], strides=(3, 3)), src)
-    aa_deploy.convert(src, tmp_path / "s3.aa.onnx", aa_deploy.Options(filter="rect"))
+    aa_deploy.convert(src, tmp_path / "s3.aa.onnx", aa_deploy.Options(filter="rect", skip_stem=False))
     kept = to_fp16(tmp_path / "s3.aa.onnx", tmp_path / "s3.fp16.onnx")
     assert kept and all(name.startswith("aa_blur") for name in kept)
     m = onnx.load(tmp_path / "s3.fp16.onnx")

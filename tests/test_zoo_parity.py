@@ -34,8 +34,12 @@ def test_zoo_parity_all_options(name, zoo_model, tmp_path):
     with torch.no_grad():
         plain = zoo.module(torch.from_numpy(x3)).numpy()
     failures = []
-    for filt, mode, pad in COMBOS:
-        options = aa_deploy.Options(filter=filt, mode=mode, pad=pad)
+    for i, (filt, mode, pad) in enumerate(COMBOS):
+        # Every other combination with the default stem rule, the others --blur-stem. The ImageNet models' first
+        # site is a strided conv on the image: left strided by default, by the ONNX pass and the twin alike; the
+        # CIFAR ResNet's is a stage transition at 16 channels, blurred either way.
+        stem = (None, False)[i % 2]
+        options = aa_deploy.Options(filter=filt, mode=mode, pad=pad, skip_stem=stem)
         out_path = tmp_path / f"{name}.{filt}.{mode}.{pad}.onnx"
         result = aa_deploy.convert(zoo.onnx, out_path, options)
         twin, twin_sites = antialias_with(zoo.module, options)
@@ -46,7 +50,9 @@ def test_zoo_parity_all_options(name, zoo_model, tmp_path):
                 f"{filt}/{mode}/{pad}: actions differ "
                 f"{[s.action for s in twin_sites]} vs {[a.action for a in result.actions]}"
             )
-        assert all(a.action != "skip" for a in result.actions), [a.describe() for a in result.actions]
+        skipped = [k for k, a in enumerate(result.actions) if a.action == "skip"]
+        image_stem = stem is None and name != "cifar_resnet20"
+        assert skipped == ([0] if image_stem else []), [a.describe() for a in result.actions]
         runner = OnnxRuntimeRunner(out_path)
         with torch.no_grad():
             ref = twin(torch.from_numpy(x3)).numpy()

@@ -17,7 +17,21 @@ def add_options(p: argparse.ArgumentParser) -> None:
         "--mode", default="auto", choices=MODES, help="pre, blurpool, or auto: blurpool for pooling, pre elsewhere"
     )
     p.add_argument("--pad", default="reflect", choices=PADS, help="padding of the blur (default: reflect)")
-    p.add_argument("--skip-stem", action="store_true", help="leave the first downsampling site untouched")
+    stem = p.add_mutually_exclusive_group()
+    stem.add_argument(
+        "--skip-stem",
+        dest="skip_stem",
+        action="store_true",
+        default=None,
+        help="leave the first downsampling site untouched (default: only when it is a strided conv on the input image)",
+    )
+    stem.add_argument(
+        "--blur-stem",
+        dest="skip_stem",
+        action="store_false",
+        default=None,
+        help="blur the first downsampling site even when it is a strided conv on the input image",
+    )
     p.add_argument("--include", metavar="REGEX", help="only sites whose node name or module scope matches")
     p.add_argument("--exclude", metavar="REGEX", help="leave out sites whose node name or module scope matches")
 

@@ -36,19 +36,6 @@ def add(sub) -> None:
     c.set_defaults(run=run)
 
 
-def _image_stem(actions) -> str | None:
-    """The stem conv's name when the first changed site is a strided conv reading the model's input
-    image directly (at most 4 channels: grey, RGB, RGBA)."""
-    changed = [a for a in actions if a.action != "skip"]
-    if not changed or actions[0] is not changed[0]:
-        return None
-    site = changed[0].site
-    reads_input = site.value.producer() is None and site.value.const_value is None
-    if site.kind == "strided-conv" and reads_input and site.channels is not None and site.channels <= 4:
-        return site.name or site.op
-    return None
-
-
 def run(args: argparse.Namespace, console: Console) -> int:
     from aa_deploy.convert import convert
     from aa_deploy.drift import output_drift
@@ -93,13 +80,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"changed {changed} of {len(result.actions)} sites with {result.blurs} blur nodes in {seconds:.2f} s"
             + ("" if args.calibrate else f"; wrote {out}")
         )
-        stem = _image_stem(result.actions)
-        if stem is not None:
-            console.print(
-                f"the first blur filters the input image itself (before {stem}): for ImageNet-style models, "
-                "--skip-stem leaves it out (EfficientNet-Lite0 after calibrate: 1.9 points more top-1, "
-                "same consistency; README, convert options)"
-            )
         drift = None
         if not args.no_drift:
             try:

@@ -11,7 +11,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from aa_deploy import model_io
 from aa_deploy.errors import InputError
-from aa_deploy.plan import Action, Options, plan
+from aa_deploy.plan import IMAGE_STEM, SKIP_STEM, Action, Options, plan
 from aa_deploy.sites import find_sites
 from aa_deploy.version import __version__
 
@@ -61,7 +61,9 @@ def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
             {
                 "version": __version__,
                 # the stem decision as made, so that the twin built from this record does the same
-                "options": replace(options, skip_stem=bool(actions) and actions[0].note.startswith("stem")).as_dict(),
+                "options": replace(
+                    options, skip_stem=bool(actions) and actions[0].note in (SKIP_STEM, IMAGE_STEM)
+                ).as_dict(),
                 "filter": options.filter_label,
                 "mode": options.mode,
                 "pad": options.pad,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from aa_deploy import filters
+from aa_deploy import filters, graph
 from aa_deploy.blur_nodes import BlurSpec
 from aa_deploy.sites import Site
 
@@ -102,6 +102,16 @@ def _selected(site: Site, options: Options) -> str | None:
 
 IMAGE_CHANNELS = 4  # grey, RGB, RGBA
 PASS_THROUGH = ("Cast", "Identity", "Transpose", "Sub", "Add", "Mul", "Div", "Pad")  # normalization, layout
+SKIP_STEM = "stem (--skip-stem)"
+IMAGE_STEM = "stem on the input image (--blur-stem blurs it)"
+
+
+def stem_skip(options: Options, on_image: bool) -> str | None:
+    """Why the first site is left alone (`SKIP_STEM`, `IMAGE_STEM`), or None: the one rule of the ONNX
+    pass and the twin, which differ only in how they tell that the site is `on_image`."""
+    if options.skip_stem:
+        return SKIP_STEM
+    return IMAGE_STEM if options.skip_stem is None and on_image else None
 
 
 def reads_image(site: Site) -> bool:
@@ -114,16 +124,11 @@ def reads_image(site: Site) -> bool:
         return False
     value = site.value
     while (node := value.producer()) is not None:
-        live = [v for v in node.inputs if v is not None and v.const_value is None and not _constant(v)]
-        if node.op_type not in PASS_THROUGH or len(live) != 1:
+        live = [v for v in node.inputs if v is not None and graph.const_array(v) is None]
+        if not graph.is_onnx(node, *PASS_THROUGH) or len(live) != 1:
             return False
         value = live[0]
-    return value.const_value is None
-
-
-def _constant(value) -> bool:
-    node = value.producer()
-    return node is not None and node.op_type == "Constant"
+    return value.is_graph_input() and graph.const_array(value) is None  # not an initializer listed as input
 
 
 def plan(sites: list[Site], options: Options) -> list[Action]:
@@ -134,8 +139,8 @@ def plan(sites: list[Site], options: Options) -> list[Action]:
         skip = None
         if site.protected:
             skip = "already anti-aliased (reads a fixed blur)"
-        elif i == 0 and options.skip_stem is not False and (options.skip_stem or reads_image(site)):
-            skip = "stem (--skip-stem)" if options.skip_stem else "stem on the input image (--blur-stem blurs it)"
+        elif i == 0 and (reason := stem_skip(options, reads_image(site))):
+            skip = reason
         elif options.size == 1:
             skip = "a 1-tap filter is the identity"
         elif site.channels is None:

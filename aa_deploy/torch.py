@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aa_deploy import filters
-from aa_deploy.plan import IMAGE_CHANNELS, POOLING, Options, mode_for, pad_mode_for
+from aa_deploy.plan import IMAGE_CHANNELS, POOLING, Options, mode_for, pad_mode_for, stem_skip
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -239,9 +239,7 @@ def antialias_with(model: nn.Module, options: Options, *, inplace: bool = False)
         model = copy.deepcopy(model)
     report = []
     for i, (name, module, kind, strides, channels_last) in enumerate(find_sites(model)):
-        skip = None
-        if i == 0 and options.skip_stem is not False and (options.skip_stem or _on_image(module, kind)):
-            skip = "stem (--skip-stem)" if options.skip_stem else "stem on the input image (--blur-stem blurs it)"
+        skip = stem_skip(options, _on_image(module, kind)) if i == 0 else None
         if skip is None and options.size == 1:
             skip = "a 1-tap filter is the identity"
         skip = skip or _selected(name, options)

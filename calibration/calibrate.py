@@ -1,7 +1,7 @@
 """`aa-deploy calibrate`: converted ONNX + original ONNX + unlabeled images -> calibrated ONNX.
 
 load both graphs -> split the images (a held-out slice for early stopping and the summary) ->
-a closed-form start (`reconstruct`, or `stats`) -> `distill` (default) -> write the weights back by
+a closed-form start (`pointwise`, `reconstruct` or `stats`) -> `distill` (default) -> write the weights back by
 initializer name -> check -> save.
 """
 
@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,10 @@ from calibration.held_out import HeldOut
 from calibration.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for
 
 METHODS = ("stats", "reconstruct", "distill")
-STARTS = ("reconstruct", "stats")  # where distill starts from
+# Where distill starts from: `pointwise` refits the 1x1 convs and the classifier by least squares and
+# rescales the spatial convs (`reconstruct.calibrate_reconstruct(spatial=False)`); `reconstruct` refits
+# every conv; `stats` rescales every conv.
+STARTS = ("pointwise", "reconstruct", "stats")
 
 
 @dataclass
@@ -94,7 +98,7 @@ def calibrate(
     output: str | os.PathLike,
     *,
     method: str = "distill",
-    start: str = "reconstruct",
+    start: str = "pointwise",
     preprocess: Preprocess | None = None,
     held_out: float = 0.1,
     limit: int | None = None,
@@ -180,9 +184,13 @@ def calibrate(
     n_start = min(n_start, len(train), max(16, START_BUDGET // (4 * held[0].nbytes)))
 
     # Decoded once (256..1,000 images, START_BUDGET at most): the closed-form start (distill's:
-    # `reconstruct` unless told) goes through them layer by layer.
+    # `pointwise` unless told) goes through them layer by layer.
     x_start = torch.from_numpy(prepare(train[np.arange(n_start)]))
-    start_step = calibrate_stats if start == "stats" else calibrate_reconstruct
+    start_step = {
+        "stats": calibrate_stats,
+        "reconstruct": calibrate_reconstruct,
+        "pointwise": partial(calibrate_reconstruct, spatial=False),
+    }[start]
     start_step(
         student, teacher_m, x_start, eval_batch,
         progress=lambda done, total: report_progress({"phase": "start", "name": start, "done": done, "total": total}),

@@ -10,7 +10,7 @@ shift, which is the aliasing the blurs removed; the averaged teacher is what tes
 of the original would answer, so it keeps the accuracy signal without the aliasing.
 
 The learning rate comes from a short range test over small rates (BatchNorm-folded weights diverge
-at the usual rates). Training starts from the `reconstruct` result and runs the whole cosine
+at the usual rates). Training starts from the closed-form start (`pointwise` unless told) and runs the whole cosine
 schedule (`max_epochs`, shortened to end within `time_limit` when one is given); the weights at
 its end are kept. The held-out score (`held_out.per_image_score`, averaged over the images)
 

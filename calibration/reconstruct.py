@@ -14,7 +14,8 @@ The ridge pulls towards the conv's current weights (`lam` = `ridge` x the mean d
 a conv whose patches carry little information stays close to where it was. Positions are
 subsampled at random to bound the work per conv (`MAX_FLOPS`). Convs this cannot refit in closed
 form (a blurpool conv, whose output only exists after the blur; rank other than 2) get `stats`'
-per-channel rescaling instead.
+per-channel rescaling instead, and so do the spatial convs with `spatial=False` (distill's default
+start, which refits the channel mixing only).
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ def _patches(node, x: torch.Tensor, groups: int, kernel: list[int]) -> torch.Ten
     return cols.reshape(x.shape[0], groups, -1, cols.shape[-1])
 
 
-def _refittable(node, weight: torch.Tensor, target: ConvTarget) -> bool:
+def _refittable(node, weight: torch.Tensor, target: ConvTarget, spatial: bool) -> bool:
     return (
         not target.followed_by_blur
         and weight.dim() == 4
+        and (spatial or tuple(weight.shape[2:]) == (1, 1))
         and node.attributes.get_string("auto_pad", "NOTSET") in ("NOTSET", "")
     )
 
@@ -251,9 +253,15 @@ def calibrate_reconstruct(
     ridges: tuple[float, ...] = RIDGES,
     progress: Callable[[int, int], None] | None = None,
     seed: int = 0,
+    spatial: bool = True,
 ) -> list[dict]:
     """Refit every target conv of `student` in place, in graph order, then the classifier; returns one
-    record per layer. Each node runs once per image (`Frontier`), not once per conv."""
+    record per layer. Each node runs once per image (`Frontier`), not once per conv.
+
+    `spatial=False` (distill's default start, `pointwise`) refits only the convs with 1x1 kernels and
+    gives the others `stats`' per-channel rescaling: a spatial kernel refit against the original can
+    sharpen itself to undo the blurs before it, bringing back the aliasing they removed, which a
+    channel mix cannot."""
     targets = conv_targets(student, teacher)
     nodes = {n.name: n for n in student.nodes}
     params = student.trainable()
@@ -264,7 +272,7 @@ def calibrate_reconstruct(
         if progress:
             progress(done, len(targets))
         position = student.producers[target.teacher_output]  # the conv's place in the student graph
-        if _refittable(nodes[target.node], params[target.weight], target):
+        if _refittable(nodes[target.node], params[target.weight], target, spatial):
             fit = refit_conv(held, reference, target, nodes[target.node], position, ridges, generator)
             report.append({"node": target.node, "refit": True} | fit)
             continue

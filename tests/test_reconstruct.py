@@ -76,6 +76,35 @@ def test_refit_recovers_the_teachers_weights(pair):
     assert max(r["residual"] for r in report) < 1e-6
 
 
+def test_the_pointwise_start_refits_only_the_1x1_convs(pair):
+    # `spatial=False`: the 3x3 / 3x1 convs keep their (scrambled) kernels up to one factor per output
+    # channel (`stats`' rescaling); the 1x1 conv and the classifier are refit. Reference for the 1x1 conv:
+    # NumPy's least squares from the student's own input at that conv to the teacher's output.
+    _, teacher = load_module(pair / "t.onnx")
+    _, student = load_module(pair / "s.onnx")
+    before = {k: p.detach().clone() for k, p in student.trainable().items()}
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((64, 3, 16, 16), dtype=np.float32))
+    report = calibrate_reconstruct(student, teacher, x, batch=24, ridges=(1e-9,), spatial=False)
+    assert [r["refit"] for r in report] == [False, False, False, True, True]
+    after = {k: p.detach() for k, p in student.trainable().items()}
+    for i in (0, 2, 4):
+        w0, w1 = before[f"features.{i}.weight"].flatten(1), after[f"features.{i}.weight"].flatten(1)
+        ratio = w1 / w0
+        assert float((ratio - ratio[:, :1]).abs().max()) < 1e-5  # one factor per output channel
+        assert float((ratio - 1).abs().max()) > 1e-3  # and rescaled for real
+    as_torch = {}  # both graphs' weights in the PyTorch module, to read the 1x1 conv's input and output
+    for name, weights in (("student", after), ("teacher", {k: p.detach() for k, p in teacher.trainable().items()})):
+        net = Small().eval()
+        net.load_state_dict(weights)
+        with torch.no_grad():
+            as_torch[name] = net.features[:6](x), net.features[:7](x)
+    cols = as_torch["student"][0].permute(0, 2, 3, 1).reshape(-1, 12).numpy().astype(np.float64)
+    want = as_torch["teacher"][1].permute(0, 2, 3, 1).reshape(-1, 16).numpy().astype(np.float64)
+    solution = np.linalg.lstsq(np.hstack([cols, np.ones((len(cols), 1))]), want, rcond=None)[0]
+    np.testing.assert_allclose(after["features.6.weight"].reshape(16, 12).numpy(), solution[:12].T, atol=1e-4)
+    np.testing.assert_allclose(after["features.6.bias"].numpy(), solution[12], atol=1e-4)
+
+
 def test_ridge_pulls_towards_the_current_weights():
     rng = np.random.default_rng(0)
     cols = torch.from_numpy(rng.standard_normal((1, 5, 3)))  # fewer rows than it takes to pin 3 weights + bias

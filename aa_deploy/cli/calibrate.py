@@ -21,15 +21,16 @@ def add(sub) -> None:
         default="distill",
         choices=["stats", "reconstruct", "distill"],
         help="stats: rescale each conv's channels; reconstruct: refit each conv by least squares against the "
-        "original's conv outputs (no training); distill (default): reconstruct, then train towards the "
-        "shift-averaged original",
+        "original's conv outputs (no training); distill (default): a closed-form start (--start), then train "
+        "towards the shift-averaged original",
     )
     k.add_argument(
         "--start",
-        default="reconstruct",
-        choices=["reconstruct", "stats"],
-        help="where distill starts (default %(default)s; stats starts further from the original, and "
-        "measured more invariant but less accurate on CIFAR ResNets, far less accurate on ImageNet)",
+        default="pointwise",
+        choices=["pointwise", "reconstruct", "stats"],
+        help="where distill starts (default %(default)s: the 1x1 convs and the classifier refit by least squares, "
+        "the spatial convs rescaled; reconstruct refits every conv, measured less invariant after distillation; "
+        "stats rescales every conv, far less accurate on ImageNet)",
     )
     k.add_argument(
         "--epochs",

@@ -7,6 +7,7 @@ import argparse
 from rich.console import Console
 
 from aa_deploy.cli import common
+from calibration.calibrate import METHODS, STARTS
 from calibration.distill import Recipe
 
 
@@ -19,7 +20,7 @@ def add(sub) -> None:
     k.add_argument(
         "--method",
         default="distill",
-        choices=["stats", "reconstruct", "distill"],
+        choices=METHODS,
         help="stats: rescale each conv's channels; reconstruct: refit each conv by least squares against the "
         "original's conv outputs (no training); distill (default): a closed-form start (--start), then train "
         "towards the shift-averaged original",
@@ -27,7 +28,7 @@ def add(sub) -> None:
     k.add_argument(
         "--start",
         default="pointwise",
-        choices=["pointwise", "reconstruct", "stats"],
+        choices=STARTS,
         help="where distill starts (default %(default)s: the 1x1 convs and the classifier refit by least squares, "
         "the spatial convs rescaled; reconstruct refits every conv, measured less invariant after distillation; "
         "stats rescales every conv, far less accurate on ImageNet)",

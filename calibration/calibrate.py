@@ -112,10 +112,13 @@ def calibrate(
     progress: Callable[[dict], None] | None = None,
     check: bool = True,
     time_limit: float | None = None,
+    rescale_after_blur: bool = False,
 ) -> CalibrationResult:
     """Calibrate the converted `model` against `teacher` on the unlabeled `images`; writes `output`.
     `progress` receives {"phase": ...} records: load / start (name, done, total), epoch (a history record).
-    `time_limit` (seconds from the call) sets the length of distillation's schedule to what fits, replanned after each epoch."""
+    `time_limit` (seconds from the call) sets the length of distillation's schedule to what fits, replanned after each epoch.
+    `rescale_after_blur`: `reconstruct` (as the method or the start) rescales the spatial convs that read a blur's
+    output instead of refitting them."""
     from calibration.distill import distill
     from calibration.reconstruct import calibrate_reconstruct
     from calibration.stats import calibrate_stats
@@ -188,7 +191,7 @@ def calibrate(
     x_start = torch.from_numpy(prepare(train[np.arange(n_start)]))
     start_step = {
         "stats": calibrate_stats,
-        "reconstruct": calibrate_reconstruct,
+        "reconstruct": partial(calibrate_reconstruct, after_blur=not rescale_after_blur),
         "pointwise": partial(calibrate_reconstruct, spatial=False),
     }[start]
     start_step(
@@ -231,6 +234,7 @@ def calibrate(
             "calibration": {
                 "method": method,
                 "start": start,
+                "rescale_after_blur": rescale_after_blur,
                 "images": str(images),
                 "count": len(files),
                 "held_out": len(held),

@@ -15,7 +15,9 @@ a conv whose patches carry little information stays close to where it was. Posit
 subsampled at random to bound the work per conv (`MAX_FLOPS`). Convs this cannot refit in closed
 form (a blurpool conv, whose output only exists after the blur; rank other than 2) get `stats`'
 per-channel rescaling instead, and so do the spatial convs with `spatial=False` (distill's default
-start, which refits the channel mixing only).
+start, which refits the channel mixing only), and with `after_blur=False` the spatial convs that read
+a blur's output: fit against the original's output of the same conv, such a kernel can sharpen itself
+to undo the blur in front of it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from aa_deploy import graph
+from aa_deploy import blur_nodes, graph
 from aa_deploy.errors import InputError
 from calibration.bridge import OnnxModule
 from calibration.frontier import Frontier
@@ -48,11 +50,13 @@ def _patches(node, x: torch.Tensor, groups: int, kernel: list[int]) -> torch.Ten
     return cols.reshape(x.shape[0], groups, -1, cols.shape[-1])
 
 
-def _refittable(node, weight: torch.Tensor, target: ConvTarget, spatial: bool) -> bool:
+def _refittable(node, weight: torch.Tensor, target: ConvTarget, spatial: bool, after_blur: bool = True) -> bool:
+    pointwise = tuple(weight.shape[2:]) == (1, 1)
     return (
         not target.followed_by_blur
         and weight.dim() == 4
-        and (spatial or tuple(weight.shape[2:]) == (1, 1))
+        and (spatial or pointwise)
+        and (after_blur or pointwise or not blur_nodes.reads_blurred(node.inputs[0]))
         and node.attributes.get_string("auto_pad", "NOTSET") in ("NOTSET", "")
     )
 
@@ -254,6 +258,7 @@ def calibrate_reconstruct(
     progress: Callable[[int, int], None] | None = None,
     seed: int = 0,
     spatial: bool = True,
+    after_blur: bool = True,
 ) -> list[dict]:
     """Refit every target conv of `student` in place, in graph order, then the classifier; returns one
     record per layer. Each node runs once per image (`Frontier`), not once per conv.
@@ -261,7 +266,9 @@ def calibrate_reconstruct(
     `spatial=False` (distill's default start, `pointwise`) refits only the convs with 1x1 kernels and
     gives the others `stats`' per-channel rescaling: a spatial kernel refit against the original can
     sharpen itself to undo the blurs before it, bringing back the aliasing they removed, which a
-    channel mix cannot."""
+    channel mix cannot. `after_blur=False` rescales only the spatial convs that read a blur's output
+    and refits the rest (measured on the CIFAR ResNets more consistent than the full refit, at the
+    same top-1: docs/results.md, "Calibrating on images that may ship")."""
     targets = conv_targets(student, teacher)
     nodes = {n.name: n for n in student.nodes}
     params = student.trainable()
@@ -272,7 +279,7 @@ def calibrate_reconstruct(
         if progress:
             progress(done, len(targets))
         position = student.producers[target.teacher_output]  # the conv's place in the student graph
-        if _refittable(nodes[target.node], params[target.weight], target, spatial):
+        if _refittable(nodes[target.node], params[target.weight], target, spatial, after_blur):
             fit = refit_conv(held, reference, target, nodes[target.node], position, ridges, generator)
             report.append({"node": target.node, "refit": True} | fit)
             continue

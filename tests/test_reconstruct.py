@@ -205,3 +205,29 @@ def test_cross_validation_picks_the_ridge_the_data_supports():
     assert fit["ridge"] == 1e-6 and np.abs(w[0].numpy() - truth).max() < 0.01
     _, fit = poor.solve(current, ridges, intercept=False)
     assert fit["ridge"] == 100.0
+
+
+def test_after_blur_false_rescales_only_the_spatial_convs_that_read_a_blur(tmp_path):
+    """Converted ResNet-20: its two blurs feed the strided 3x3 convs of the stage transitions. With
+    `after_blur=False` exactly those get `stats`' rescaling (one factor per output channel of the
+    converted weights); every other conv and the classifier are refit, as with the default."""
+    from aa_deploy.blur_nodes import reads_blurred
+
+    plain = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
+    aa_deploy.convert(plain, tmp_path / "r20.aa.onnx", aa_deploy.Options())
+    x = torch.from_numpy(bundled.cifar_normalize(bundled.cifar_test_images()[0][:40]))
+    teacher = OnnxModule(aa_deploy.model_io.load(plain)).eval()
+    student = OnnxModule(aa_deploy.model_io.load(tmp_path / "r20.aa.onnx")).eval()
+    nodes = {n.name: n for n in student.nodes}
+    before = {k: p.detach().clone() for k, p in student.trainable().items()}
+    report = calibrate_reconstruct(student, teacher, x, 40, after_blur=False)
+    blurred = [r["node"] for r in report if r["node"] in nodes and reads_blurred(nodes[r["node"]].inputs[0])]
+    assert len(blurred) == 2
+    assert [r["node"] for r in report if not r["refit"]] == blurred
+    for name in blurred:
+        weight = nodes[name].inputs[1].name
+        ratio = (student.trainable()[weight].detach() / before[weight]).flatten(1)
+        assert float((ratio - ratio[:, :1]).abs().max()) < 1e-4
+        assert float((ratio - 1).abs().max()) > 1e-3
+    default = OnnxModule(aa_deploy.model_io.load(tmp_path / "r20.aa.onnx")).eval()
+    assert all(r["refit"] for r in calibrate_reconstruct(default, teacher, x, 40))

@@ -554,3 +554,29 @@ def test_recipe_options_reach_the_training_and_the_metadata(r20, tmp_path):
         proc = cli(*base, "-o", tmp_path / "bad.onnx", flag, value)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and flag in proc.stderr, proc.stderr
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_rescale_after_blur_reaches_the_refit_and_the_metadata(r20, tmp_path):
+    # `--rescale-after-blur`: the strided convs that read a blur keep the converted kernels up to one
+    # factor per output channel; without it they are refit (kernels change shape, not only scale).
+    from aa_deploy.blur_nodes import reads_blurred
+
+    base = ("calibrate", r20 / "r20.pre.onnx", "--teacher", r20 / "r20.onnx", "--images", r20 / "images",
+            "--method", "reconstruct")  # fmt: skip
+    for flag, out in (("--rescale-after-blur", tmp_path / "r.onnx"), (None, tmp_path / "f.onnx")):
+        proc = cli(*base, "-o", out, *([flag] if flag else []))
+        assert proc.returncode == 0, proc.stderr
+        assert aa_deploy.model_io.read_metadata(onnx.load(out))["calibration"]["rescale_after_blur"] is bool(flag)
+    converted = aa_deploy.model_io.load(r20 / "r20.pre.onnx")
+    fed = [n.inputs[1].name for n in converted.graph if n.op_type == "Conv" and reads_blurred(n.inputs[0])]
+    fed = [name for name in fed if name in {t.name for t in onnx.load(r20 / "r20.pre.onnx").graph.initializer}]
+    assert len(fed) == 2
+
+    def spread(path, name):  # how far the ratio to the converted kernel is from one factor per output channel
+        weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+        start = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(r20 / "r20.pre.onnx").graph.initializer}
+        ratio = (weights[name] / start[name]).reshape(len(start[name]), -1)
+        return float(np.abs(ratio - ratio[:, :1]).max())
+
+    assert all(spread(tmp_path / "r.onnx", name) < 1e-4 for name in fed)
+    assert all(spread(tmp_path / "f.onnx", name) > 1e-2 for name in fed)

@@ -50,7 +50,7 @@ def _patches(node, x: torch.Tensor, groups: int, kernel: list[int]) -> torch.Ten
     return cols.reshape(x.shape[0], groups, -1, cols.shape[-1])
 
 
-def _refittable(node, weight: torch.Tensor, target: ConvTarget, spatial: bool, after_blur: bool = True) -> bool:
+def _refittable(node, weight: torch.Tensor, target: ConvTarget, spatial: bool, after_blur: bool) -> bool:
     pointwise = tuple(weight.shape[2:]) == (1, 1)
     return (
         not target.followed_by_blur

@@ -19,7 +19,7 @@ from calibration.calibrate import calibrate
 from calibration.frontier import Frontier
 from calibration.stats import calibrate_stats, conv_targets, moments
 from converters.export import export
-from tests.helpers import cli
+from tests.helpers import cli, factor_spread
 
 
 @pytest.fixture(scope="module")
@@ -567,16 +567,14 @@ def test_rescale_after_blur_reaches_the_refit_and_the_metadata(r20, tmp_path):
         proc = cli(*base, "-o", out, *([flag] if flag else []))
         assert proc.returncode == 0, proc.stderr
         assert aa_deploy.model_io.read_metadata(onnx.load(out))["calibration"]["rescale_after_blur"] is bool(flag)
+
+    def initializers(path):
+        return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+
+    start, rescaled, refit = (initializers(p) for p in (r20 / "r20.pre.onnx", tmp_path / "r.onnx", tmp_path / "f.onnx"))
     converted = aa_deploy.model_io.load(r20 / "r20.pre.onnx")
     fed = [n.inputs[1].name for n in converted.graph if n.op_type == "Conv" and reads_blurred(n.inputs[0])]
-    fed = [name for name in fed if name in {t.name for t in onnx.load(r20 / "r20.pre.onnx").graph.initializer}]
+    fed = [name for name in fed if name in start]
     assert len(fed) == 2
-
-    def spread(path, name):  # how far the ratio to the converted kernel is from one factor per output channel
-        weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
-        start = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(r20 / "r20.pre.onnx").graph.initializer}
-        ratio = (weights[name] / start[name]).reshape(len(start[name]), -1)
-        return float(np.abs(ratio - ratio[:, :1]).max())
-
-    assert all(spread(tmp_path / "r.onnx", name) < 1e-4 for name in fed)
-    assert all(spread(tmp_path / "f.onnx", name) > 1e-2 for name in fed)
+    assert all(factor_spread(rescaled[name], start[name]) < 1e-4 for name in fed)
+    assert all(factor_spread(refit[name], start[name]) > 1e-2 for name in fed)

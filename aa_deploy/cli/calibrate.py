@@ -38,7 +38,8 @@ def add(sub) -> None:
         action="store_true",
         help="with --method reconstruct or --start reconstruct: rescale the spatial convs that read a blur's output "
         "instead of refitting them (a refit kernel can sharpen itself to undo the blur; measured more "
-        "shift-consistent on the CIFAR ResNets, the same on EfficientNet-Lite0)",
+        "shift-consistent on the CIFAR ResNets, the same on EfficientNet-Lite0); the pointwise and stats starts "
+        "rescale every spatial conv already",
     )
     k.add_argument(
         "--epochs",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.errors import InputError
 from calibration.bridge import OnnxModule, write_back
 from calibration.distill import Recipe
-from calibration.held_out import HeldOut
+from calibration.held_out import HeldOut, centre
 from calibration.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for
 
 METHODS = ("stats", "reconstruct", "distill")
@@ -30,6 +30,9 @@ METHODS = ("stats", "reconstruct", "distill")
 # rescales the spatial convs (`reconstruct.calibrate_reconstruct(spatial=False)`); `reconstruct` refits
 # every conv; `stats` rescales every conv.
 STARTS = ("pointwise", "reconstruct", "stats")
+# What the training views and held-out figures shift: crops of the image resized before its centre crop
+# (`canvas`), or the centre crop itself by pad-and-crop and circular rolls (`shift`).
+VIEWS = ("auto", "canvas", "shift")
 
 
 @dataclass
@@ -113,12 +116,16 @@ def calibrate(
     check: bool = True,
     time_limit: float | None = None,
     rescale_after_blur: bool = False,
+    views: str = "auto",
 ) -> CalibrationResult:
     """Calibrate the converted `model` against `teacher` on the unlabeled `images`; writes `output`.
     `progress` receives {"phase": ...} records: load / start (name, done, total), epoch (a history record).
     `time_limit` (seconds from the call) sets the length of distillation's schedule to what fits, replanned after each epoch.
     `rescale_after_blur`: `reconstruct` (as the method or the start) rescales the spatial convs that read a blur's
-    output instead of refitting them."""
+    output instead of refitting them. `views`: `canvas` trains on, and measures with, crops of the
+    image resized before its centre crop (`preprocess.resize` > `preprocess.size`), `shift` on pad-and-crop
+    shifts and circular rolls of the centre crop; `auto` (default) is `canvas` wherever the
+    preprocessing has such a resize."""
     from calibration.distill import distill
     from calibration.reconstruct import calibrate_reconstruct
     from calibration.stats import calibrate_stats
@@ -140,8 +147,10 @@ def calibrate(
         raise InputError(f"--shift must be 1 pixel or more, not {recipe.shift}")
     if recipe.invariance < 0 or recipe.average_epochs < 0:
         raise InputError("--invariance and --average-epochs must be 0 or more")
-    if recipe.student_views < 1 or recipe.teacher_views < 0:
+    if (recipe.student_views is not None and recipe.student_views < 1) or recipe.teacher_views < 0:
         raise InputError("--student-views must be 1 or more, --teacher-views 0 or more")
+    if views not in VIEWS:
+        raise InputError(f"views must be one of {', '.join(VIEWS)}, not {views!r}")
     began = time.perf_counter()
     torch.manual_seed(seed)
     dev = resolve_device(device)
@@ -153,6 +162,16 @@ def calibrate(
     student, teacher_m = OnnxModule(student_ir).eval().to(dev), OnnxModule(teacher_ir).eval().to(dev)
     dims = [d if isinstance(d, int) else None for d in (student_ir.graph.inputs[0].shape or [])]
     preprocess = preprocess_for(dims[-1] if dims else None, preprocess)
+    span = max(0, (preprocess.resize or 0) - preprocess.size)
+    if views == "canvas" and not span:
+        raise InputError(
+            f"--views canvas crops the image resized before its centre crop, and this preprocessing resizes to "
+            f"the model's {preprocess.size} px (give --preprocess with a larger resize, or --views shift)"
+        )
+    span = span if views != "shift" else 0
+    recipe = replace(recipe, span=span, student_views=recipe.student_views or (1 if span else 2))
+    # Canvas views: every image decoded at the resize, its centre crop being what the model sees in use.
+    decode = replace(preprocess, size=preprocess.size + span, resize=(preprocess.size + span) if span else preprocess.resize)
     files = list_images(images)[:limit]
     if len(files) < 20:
         raise InputError(f"{images}: {len(files)} images is too few to calibrate (need 20 or more)")
@@ -161,12 +180,12 @@ def calibrate(
         return normalize(x, preprocess)
 
     held_files, train_files = _split(files, held_out, seed)
-    held = np.stack([load_rgb(p, preprocess) for p in held_files])
+    held = np.stack([load_rgb(p, decode) for p in held_files])
     eval_batch, train_batch, per_sample = batch_sizes(
-        student, torch.from_numpy(prepare(held[:1])), batch_size, recipe.student_views
+        student, torch.from_numpy(prepare(centre(held[:1], span))), batch_size, recipe.student_views
     )
     # Training images: decoded once when they fit CACHE_BUDGET, else decoded batch by batch from disk.
-    train = ImageFiles(train_files, preprocess)
+    train = ImageFiles(train_files, decode)
     if len(train) * held[0].nbytes <= CACHE_BUDGET:
         decoded = []
         for i in range(0, len(train), 250):
@@ -174,21 +193,22 @@ def calibrate(
             report_progress({"phase": "load", "done": i + len(decoded[-1]), "total": len(train)})
         train = np.concatenate(decoded)
 
-    checker = HeldOut(teacher_m, held, prepare, seed=seed, batch=eval_batch, shift=recipe.shift)
+    checker = HeldOut(teacher_m, held, prepare, seed=seed, batch=eval_batch, shift=recipe.shift, span=span)
     if method == "distill" and not checker.classifier:
         raise InputError(
             "distill matches the class probabilities of an (N, classes) output, and this model's output is not one "
             "(a dense map or a detection head): use --method reconstruct (or stats)"
         )
-    teacher_summary, teacher_runs, _ = checker.figures(teacher_m)
-    before, _, _ = checker.figures(student)
+    teacher_summary, teacher_runs, _ = checker.figures(teacher_m, final=True)
+    before, _, _ = checker.figures(student, final=True)
 
-    n_start = int(np.clip(START_POSITIONS // (held.shape[1] * held.shape[2]), START_MIN, 1000))
-    n_start = min(n_start, len(train), max(16, START_BUDGET // (4 * held[0].nbytes)))
+    view = checker.view[0]
+    n_start = int(np.clip(START_POSITIONS // (view.shape[0] * view.shape[1]), START_MIN, 1000))
+    n_start = min(n_start, len(train), max(16, START_BUDGET // (4 * view.nbytes)))
 
     # Decoded once (256..1,000 images, START_BUDGET at most): the closed-form start (distill's:
     # `pointwise` unless told) goes through them layer by layer.
-    x_start = torch.from_numpy(prepare(train[np.arange(n_start)]))
+    x_start = torch.from_numpy(prepare(centre(train[np.arange(n_start)], span)))
     start_step = {
         "stats": calibrate_stats,
         "reconstruct": partial(calibrate_reconstruct, after_blur=not rescale_after_blur),
@@ -206,7 +226,7 @@ def calibrate(
             progress=lambda record: report_progress({"phase": "epoch"} | record),
             time_limit=None if time_limit is None else time_limit - (time.perf_counter() - began),
         )  # fmt: skip
-    after, after_runs, _ = checker.figures(student)
+    after, after_runs, _ = checker.figures(student, final=True)
     versus = {key: paired_difference(teacher_runs[key], after_runs[key]).as_dict() for key in after_runs}
 
     values = {name: p.detach().cpu().numpy() for name, p in student.trainable().items()}
@@ -243,7 +263,8 @@ def calibrate(
                 "epochs": result.epochs,
                 "kept_epoch": result.kept_epoch,
                 "recipe": asdict(recipe),
-                "score": "fidelity + mean(consistency_pad_crop, consistency_circular) on the held-out images",
+                "views": "canvas" if span else "shift",
+                "score": f"fidelity + mean({', '.join(checker.protocols(final=False))}) on the held-out images",
                 "original": teacher_summary,
                 "before": before,
                 "after": after,

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from aa_deploy.consistency.protocols import roll_each
 from calibration.bridge import OnnxModule
-from calibration.held_out import HeldOut, autocast, logits, pad_crop, soft_targets, worse
+from calibration.held_out import HeldOut, autocast, canvas_crops, centre, logits, pad_crop, soft_targets, worse
 from calibration.images import batches
 
 LR_CANDIDATES = (1e-4, 3e-4, 1e-3, 3e-3)
@@ -60,11 +60,19 @@ class Recipe:
     shift: int = 4  # pad-and-crop shifts of +-shift px (circular rolls too, with `circular`)
     mix: bool = True  # blend pairs of images first
     teacher_views: int = 4  # teacher averaged over this many shifts of each blend; 0: the student's own view
-    student_views: int = 2  # shifted views of each blend the student trains on, all to the same target
+    # shifted views of each blend the student trains on, all to one target; None: 2, or 1 crop of a canvas
+    # (cached targets make the student the whole cost of a step: one view is twice the epochs in the same time)
+    student_views: int | None = None
     temperature: float = 2.0
     invariance: float = 0.0  # weight of a term pulling the student's views towards their own mean answer
     circular: bool = True  # every second student view is a circular roll (+-shift px) instead of a pad-and-crop
     average_epochs: float = 0.0  # >0: scored and kept are the weights' exponential average over about this many epochs
+    # >0: the images are canvases `span` px larger than the model's input (the resize before the centre crop),
+    # and every view is a crop of one at offsets 0..span, mirrored at random: the shifts a user's images
+    # undergo, with real content at every border. The target, the teacher's answer averaged over
+    # `teacher_views` such crops and their mirror images, is computed once per image and reused every epoch
+    # (so no mixup).
+    span: int = 0
 
 
 @dataclass
@@ -104,6 +112,24 @@ def invariance_loss(views: tuple[torch.Tensor, ...], temperature: float) -> torc
     return sum(kd_loss(v, mean, temperature) for v in views) / len(views)
 
 
+def canvas_targets(
+    teacher, canvases, size: int, prepare, recipe: Recipe, batch: int, seed: int, workers=None, progress=None
+) -> torch.Tensor:
+    """Each canvas's target: the teacher's probabilities at the recipe's temperature, averaged over
+    `teacher_views` crops at random offsets and their mirror images (float32, on the CPU)."""
+    rng = np.random.default_rng(seed + 2)
+    out = []
+    for chunk in batches(canvases, np.arange(len(canvases)), batch, workers):
+        views = []
+        for _ in range(max(1, recipe.teacher_views)):
+            crops = canvas_crops(chunk, size, rng, mirror=False)
+            views += [crops, crops[:, :, ::-1]]
+        out.append(soft_targets(teacher, views, prepare, recipe.temperature, batch))
+        if progress:
+            progress(sum(len(o) for o in out), len(canvases))
+    return torch.cat(out)
+
+
 def _step_views(base: np.ndarray, recipe: Recipe, rng: np.random.Generator) -> tuple[list, list]:
     """Student views of a batch of (blended) images, and the teacher views its target averages."""
     student = [
@@ -116,18 +142,25 @@ def _step_views(base: np.ndarray, recipe: Recipe, rng: np.random.Generator) -> t
 
 def _epoch(
     student, teacher, images, prepare, opt, rng, batch, recipe, lr_at, steps=None, eval_batch=250, workers=None,
-    averaged=None,
+    averaged=None, targets=None,
 ):  # fmt: skip
     """One pass over `images` (or its first `steps` batches); the mean loss. `averaged` (a
-    `WeightAverage` of `student`) is updated after every step."""
+    `WeightAverage` of `student`) is updated after every step. `targets` (canvas recipes): each
+    image's cached target, by position in `images`."""
     losses = []
     order = rng.permutation(len(images))
-    for k, chunk in enumerate(batches(images, order, batch, workers)):
+    indices = [order[i : i + batch] for i in range(0, len(order), batch)]
+    for k, (index, chunk) in enumerate(zip(indices, batches(images, order, batch, workers))):
         if steps is not None and k >= steps:
             break
-        base = mixup(chunk, rng) if recipe.mix else chunk.astype(np.float32)
-        views, teacher_views = _step_views(base, recipe, rng)
-        target = soft_targets(teacher, teacher_views, prepare, recipe.temperature, eval_batch).to(student.device)
+        if targets is not None:
+            size = chunk.shape[1] - recipe.span
+            views = [canvas_crops(chunk, size, rng) for _ in range(recipe.student_views)]
+            target = targets[index].to(student.device)
+        else:
+            base = mixup(chunk, rng) if recipe.mix else chunk.astype(np.float32)
+            views, teacher_views = _step_views(base, recipe, rng)
+            target = soft_targets(teacher, teacher_views, prepare, recipe.temperature, eval_batch).to(student.device)
         for group in opt.param_groups:
             group["lr"] = lr_at(k)
         student.train(False)
@@ -180,36 +213,37 @@ def schedule_length(max_epochs: int, done: int, left: float | None, epoch_second
     return max(done, min(max_epochs, done + int(max(left, 0.0) // epoch_seconds)))
 
 
-def range_test(student, teacher, train, probe: np.ndarray, prepare, recipe, batch, seed, eval_batch=250, workers=None):
+def range_test(
+    student, teacher, train, probe: np.ndarray, prepare, recipe, batch, seed, eval_batch=250, workers=None,
+    targets=None,
+):  # fmt: skip
     """Learning rate from a short range test: a few steps from the same start per candidate, the
     lowest distillation loss against the shift-averaged teacher on held-out images decides.
-    Returns (rate, {candidate: loss})."""
+    Returns (rate, {candidate: loss}, seconds one training step took)."""
     start_state = copy.deepcopy(student.state_dict())
-    views, teacher_views = _step_views(probe.astype(np.float32), recipe, np.random.default_rng(seed))
-    target = soft_targets(teacher, teacher_views, prepare, recipe.temperature, eval_batch)
+    if targets is not None:
+        views = [centre(probe, recipe.span)]
+        size = views[0].shape[1]
+        target = canvas_targets(teacher, probe, size, prepare, recipe, eval_batch, seed, workers)
+    else:
+        views, teacher_views = _step_views(probe.astype(np.float32), recipe, np.random.default_rng(seed))
+        target = soft_targets(teacher, teacher_views, prepare, recipe.temperature, eval_batch)
     steps = max(5, min(20, len(train) // batch))
+    step_seconds = []
     losses = {}
     for candidate in LR_CANDIDATES:
         opt = torch.optim.SGD(list(student.trainable().values()), lr=candidate, momentum=0.9)
         rng = np.random.default_rng(seed)
+        began = time.perf_counter()
         _epoch(
-            student,
-            teacher,
-            train,
-            prepare,
-            opt,
-            rng,
-            batch,
-            recipe,
-            lambda k, c=candidate: c,
-            steps,
-            eval_batch,
-            workers,
-        )
+            student, teacher, train, prepare, opt, rng, batch, recipe, lambda k, c=candidate: c, steps, eval_batch,
+            workers, targets=targets,
+        )  # fmt: skip
+        step_seconds.append((time.perf_counter() - began) / steps)
         loss = float(kd_loss(logits(student, prepare, views[0], eval_batch), target, recipe.temperature))
         losses[candidate] = loss if math.isfinite(loss) else float("inf")
         student.load_state_dict(start_state)
-    return min(losses, key=losses.get), losses
+    return min(losses, key=losses.get), losses, float(np.median(step_seconds))
 
 
 def distill(
@@ -237,14 +271,23 @@ def distill(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
 
+    report = progress or (lambda record: None)
+    targets = None
+    if recipe.span:
+        targets = canvas_targets(
+            teacher, train, held.size, prepare, recipe, eval_batch, seed, workers,
+            progress=lambda done, total: report({"phase": "targets", "done": done, "total": total}),
+        )  # fmt: skip
     lr_losses = {}
     chosen = lr is not None  # the caller's rate is kept as given
-    if lr is None:
-        lr, lr_losses = range_test(
-            student, teacher, train, held.images[:256], prepare, recipe, batch, seed, eval_batch, workers
-        )
-
     steps_per_epoch = math.ceil(len(train) / batch)
+    if lr is None:
+        lr, lr_losses, step_seconds = range_test(
+            student, teacher, train, held.images[:256], prepare, recipe, batch, seed, eval_batch, workers, targets
+        )
+    else:
+        step_seconds = None
+
     last_epoch = 0.0  # seconds the last epoch took (with its evaluation)
 
     def left() -> float | None:
@@ -260,12 +303,16 @@ def distill(
         averaged = None
         if recipe.average_epochs > 0:
             averaged = WeightAverage(student, 1 - 1 / max(1.0, recipe.average_epochs * steps_per_epoch))
+        began = time.perf_counter()
         figures, _, per_image = held.figures(student)
         first = (per_image, 0, copy.deepcopy(student.state_dict()))
         history.append({"epoch": 0, "lr": lr, "loss": None} | figures)
-        if progress:
-            progress(history[-1])
+        report(history[-1])
         planned, epoch = max_epochs, 0
+        if step_seconds is not None and len(history) == 1:  # the expected wall time, from the range test's steps
+            expected = steps_per_epoch * step_seconds + time.perf_counter() - began
+            planned = schedule_length(max_epochs, 0, left(), expected)
+            report({"phase": "plan", "epochs": planned, "epoch_seconds": expected, "seconds": planned * expected})
         while epoch < planned and not out_of_time():
             epoch += 1
             began = time.perf_counter()
@@ -273,15 +320,14 @@ def distill(
             loss = _epoch(
                 student, teacher, train, prepare, opt, rng, batch, recipe,
                 lambda k, base=base, total=total: lr * 0.5 * (1 + math.cos(math.pi * (base + k) / total)),
-                eval_batch=eval_batch, workers=workers, averaged=averaged,
+                eval_batch=eval_batch, workers=workers, averaged=averaged, targets=targets,
             )  # fmt: skip
             with averaged.swapped_in() if averaged is not None else nullcontext():
                 figures, _, per_image = held.figures(student)
             last_epoch = time.perf_counter() - began
             planned = schedule_length(max_epochs, epoch, left(), last_epoch)
             history.append({"epoch": epoch, "lr": lr, "loss": loss, "planned": planned} | figures)
-            if progress:
-                progress(history[-1])
+            report(history[-1])
         if epoch == 0:
             return first, first
         with averaged.swapped_in() if averaged is not None else nullcontext():

@@ -28,8 +28,6 @@ from aa_deploy.consistency.paired import bootstrap_ci
 from aa_deploy.errors import InputError
 from calibration.bridge import OnnxModule
 
-PROTOCOLS = {"consistency_pad_crop": ("random-crop", 1, "zero"), "consistency_circular": ("circular", 2, None)}
-# (protocol, shift divisor, padding): pad-and-crop shifts by up to +-shift, circular by up to +-shift/2
 TEACHER_SHIFTS = 8  # shifted views (besides the image itself) the held-out teacher is averaged over
 PASSES = 3
 WORSE_LEVEL = 0.90  # `worse`: the two-sided 90 % interval of a paired difference below zero, one-sided 95 %
@@ -41,6 +39,26 @@ def pad_crop(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.nda
     padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
     offsets = rng.integers(0, 2 * shift + 1, size=(n, 2))
     return np.stack([padded[i, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)])
+
+
+def canvas_crops(canvases: np.ndarray, size: int, rng: np.random.Generator, mirror: bool = True) -> np.ndarray:
+    """A `size` x `size` crop of each NHWC canvas at a random offset, mirrored left-right with
+    probability 1/2 when `mirror`."""
+    n, h, w, _ = canvases.shape
+    ys, xs = rng.integers(0, h - size + 1, n), rng.integers(0, w - size + 1, n)
+    crops = np.stack([c[y : y + size, x : x + size] for c, y, x in zip(canvases, ys, xs)])
+    if mirror:
+        flip = rng.random(n) < 0.5
+        crops[flip] = crops[flip, :, ::-1]
+    return crops
+
+
+def centre(canvases: np.ndarray, span: int) -> np.ndarray:
+    """The centre crop of each canvas, `span` px smaller: the view the model gets in use."""
+    if span == 0:
+        return canvases
+    a = span // 2
+    return canvases[:, a : a + canvases.shape[1] - span, a : a + canvases.shape[2] - span]
 
 
 def autocast(device: torch.device):
@@ -65,24 +83,51 @@ def soft_targets(teacher: OnnxModule, views: list[np.ndarray], prepare, temperat
 
 
 class HeldOut:
+    """The held-out images and the teacher's answers on them. `span` > 0: the images are canvases
+    `span` px larger than the model's input (the resize before the centre crop); the model's view is
+    the centre crop, and consistency is measured as a user measures it for such a model
+    (`aa-deploy consistency`: random-crop pairs of the canvas, and the diagonal shift)."""
+
     def __init__(
         self, teacher: OnnxModule, images: np.ndarray, prepare: Callable, *, seed: int = 0, batch: int = 250,
-        shift: int = 4,
+        shift: int = 4, span: int = 0,
     ):  # fmt: skip
         self.images, self.prepare, self.seed, self.batch, self.shift = images, prepare, seed, batch, shift
+        self.span = span
+        self.size = images.shape[1] - span
+        self.view = centre(images, span)
         rng = np.random.default_rng(seed + 1)
-        views = [images] + [pad_crop(images, shift, rng) for _ in range(TEACHER_SHIFTS)]
-        plain = logits(teacher, prepare, images, batch)
+        others = (
+            [canvas_crops(images, self.size, rng, mirror=False) for _ in range(TEACHER_SHIFTS)]
+            if span
+            else [pad_crop(images, shift, rng) for _ in range(TEACHER_SHIFTS)]
+        )
+        plain = logits(teacher, prepare, self.view, batch)
         self.classifier = plain.dim() == 2
         self.teacher_top1 = plain.argmax(1).numpy() if self.classifier else None
         self.averaged_top1 = (
-            soft_targets(teacher, views, prepare, 1.0, batch).argmax(1).numpy() if self.classifier else None
+            soft_targets(teacher, [self.view, *others], prepare, 1.0, batch).argmax(1).numpy()
+            if self.classifier
+            else None
         )
 
-    def figures(self, module: OnnxModule) -> tuple[dict, dict, dict]:
+    def protocols(self, final: bool) -> dict:
+        """figure name -> `consistency.measure` arguments; the diagonal only in `final` summaries."""
+        if not self.span:
+            return {
+                "consistency_pad_crop": {"protocol": "random-crop", "shift": self.shift, "pad": "zero"},
+                "consistency_circular": {"protocol": "circular", "shift": max(1, self.shift // 2), "pad": None},
+            }
+        found = {"consistency_random_crop": {"protocol": "random-crop", "shift": self.span, "pad": None}}
+        if final:
+            found["consistency_diagonal"] = {"protocol": "diagonal", "shift": max(1, self.span // 2), "pad": None}
+        return found
+
+    def figures(self, module: OnnxModule, final: bool = False) -> tuple[dict, dict, dict]:
         """The figures above for `module`, the consistency results (for paired differences), and each
         image's fidelity hit and score ({"fidelity": ..., "score": ...}; empty for a model that is not
-        a classifier)."""
+        a classifier). `final` adds the figures measured only before and after (the diagonal shift of
+        canvas images); the score never counts them."""
         from aa_deploy.consistency import measure
 
         module.train(False)
@@ -93,26 +138,27 @@ class HeldOut:
 
         out: dict = {}
         if self.classifier:
-            top1 = logits(module, self.prepare, self.images, self.batch).argmax(1).numpy()
+            top1 = logits(module, self.prepare, self.view, self.batch).argmax(1).numpy()
             hits = top1 == self.averaged_top1
             out = {
                 "fidelity": float(hits.mean()),
                 "agreement": float((top1 == self.teacher_top1).mean()),
             }
         results = {}
-        for key, (protocol, divisor, pad) in PROTOCOLS.items():
-            shift = max(1, self.shift // divisor)
+        scored = self.protocols(final=False)
+        for key, settings in self.protocols(final).items():
             try:
                 results[key] = measure(
-                    protocol, run, self.prepare, self.images, crop=self.images.shape[1], shift=shift, pad=pad,
-                    passes=PASSES, seed=self.seed, batch=min(self.batch, 64),
+                    settings["protocol"], run, self.prepare, self.images, crop=self.size, shift=settings["shift"],
+                    pad=settings["pad"], passes=PASSES, seed=self.seed, batch=min(self.batch, 64),
                 )  # fmt: skip
             except InputError:  # a protocol that does not apply to this output (a dense map under pad-and-crop)
                 pass
             out[key] = results[key].consistency if key in results else None
         per_image = {}
         if self.classifier:
-            per_image = {"fidelity": hits.astype(np.float64), "score": per_image_score(hits, results)}
+            score = per_image_score(hits, {k: r for k, r in results.items() if k in scored})
+            per_image = {"fidelity": hits.astype(np.float64), "score": score}
             out["score"] = float(per_image["score"].mean())
         return out, results, per_image
 

@@ -225,7 +225,7 @@ def test_a_rate_whose_end_scores_below_the_start_backs_off(r20, tmp_path, monkey
 
     calls = itertools.count()
     monkeypatch.setattr(held_out, "per_image_score", lambda hits, runs: np.full(len(hits), -float(next(calls))))
-    monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}))
+    monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}, 0.0))
     args = (r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images")
     result = calibrate(*args, tmp_path / "c.onnx", max_epochs=2, start="reconstruct")
     rates = [h["lr"] for h in result.history if h["epoch"] == 0]
@@ -250,7 +250,7 @@ def test_the_whole_schedule_runs_and_its_end_is_kept(r20, tmp_path, monkeypatch)
     monkeypatch.setattr(
         held_out, "per_image_score", lambda hits, runs: np.full(len(hits), scores.get(next(calls), 0.6))
     )
-    monkeypatch.setattr(distill, "range_test", lambda *a: (1e-3, {}))
+    monkeypatch.setattr(distill, "range_test", lambda *a: (1e-3, {}, 0.0))
     # From the full refit, whose held-out fidelity four epochs at 1e-3 keep (the fidelity guard is real,
     # not mocked: from the `pointwise` start that rate's end was judged worse on these images and backed off).
     result = calibrate(
@@ -301,7 +301,7 @@ def test_a_time_limit_spent_before_the_first_epoch_keeps_the_start(r20, tmp_path
     import calibration.held_out as held_out
 
     monkeypatch.setattr(held_out, "per_image_score", lambda hits, runs: np.full(len(hits), 0.5))
-    monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}))
+    monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}, 0.0))
     result = calibrate(
         r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=5, time_limit=1e-3
     )
@@ -526,7 +526,7 @@ def test_the_weight_average_is_what_is_scored_and_kept(r20, tmp_path, monkeypatc
 
     calls = iter(range(1000))
     monkeypatch.setattr(held_out, "per_image_score", lambda hits, runs: np.full(len(hits), float(next(calls))))
-    monkeypatch.setattr(distill, "range_test", lambda *a: (1e-3, {}))
+    monkeypatch.setattr(distill, "range_test", lambda *a: (1e-3, {}, 0.0))
     args = (r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images")
     calibrate(*args, tmp_path / "start.onnx", method="reconstruct")
     for name, average in (("avg.onnx", 1e9), ("plain.onnx", 0.0)):

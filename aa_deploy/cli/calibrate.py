@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 
 from aa_deploy.cli import common
-from calibration.calibrate import METHODS, STARTS
+from calibration.calibrate import METHODS, STARTS, VIEWS
 from calibration.distill import Recipe
 
 
@@ -42,6 +42,15 @@ def add(sub) -> None:
         "rescale every spatial conv already",
     )
     k.add_argument(
+        "--views",
+        default="auto",
+        choices=VIEWS,
+        help="what distillation shifts and the held-out figures measure: canvas, crops of the image resized "
+        "before its centre crop (random-crop pairs, as `aa-deploy consistency` measures such a model), each "
+        "image's target computed once and reused, no mixup; shift, pad-and-crop shifts and circular rolls of "
+        "the centre crop itself; auto (default): canvas when the preprocessing resizes beyond the input size",
+    )
+    k.add_argument(
         "--epochs",
         type=int,
         default=45,
@@ -70,9 +79,9 @@ def add(sub) -> None:
     k.add_argument(
         "--student-views",
         type=int,
-        default=Recipe.student_views,
+        default=None,
         help="shifted views of each image the student trains on, all towards the same averaged teacher "
-        "(default %(default)s; 2 adds an explicit invariance pull at twice the training cost)",
+        "(default: 2, or 1 with canvas views, whose targets are cached so that the student is the whole cost of a step)",
     )
     k.add_argument(
         "--shift",
@@ -131,8 +140,16 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     def progress(record: dict) -> None:
         phase = record["phase"]
-        if phase in ("load", "start"):
-            label = "decoding images" if phase == "load" else f"{record['name']}: refitting convs"
+        if phase == "plan":
+            console.print(
+                f"  expected: {record['epochs']} epochs of about {record['epoch_seconds']:.0f} s, "
+                f"{record['seconds'] / 60:.1f} minutes of distillation (from the range test's steps)"
+            )
+            return
+        if phase in ("load", "start", "targets"):
+            label = {"load": "decoding images", "targets": "teacher targets (once per image)"}.get(
+                phase, f"{record.get('name')}: refitting convs"
+            )
             if phase not in tasks:
                 tasks[phase] = bars.add_task(label, total=record["total"])
             bars.update(tasks[phase], completed=record["done"] + (phase == "start"))
@@ -141,10 +158,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
             console.print(f"  learning rate {record['lr']:g}")
         loss = "" if record["loss"] is None else f", loss {record['loss']:.3f}"
         of = f" of {record['planned']}" if "planned" in record else ""
+        consistency = " / ".join(_pct(record[key]) for key in LABELS if key in record)
         console.print(
             f"  epoch {record['epoch']}{of}: held-out fidelity {100 * record['fidelity']:.1f}%, consistency "
-            f"{_pct(record.get('consistency_pad_crop'))} / {_pct(record.get('consistency_circular'))}, "
-            f"score {record['score']:.3f}{loss}"
+            f"{consistency}, score {record['score']:.3f}{loss}"
         )
 
     with bars:
@@ -175,12 +192,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
             progress=progress,
             time_limit=None if args.time_limit is None else 60 * args.time_limit,
             rescale_after_blur=args.rescale_after_blur,
+            views=args.views,
         )
     table = Table(title=f"calibration ({result.method}) on {result.held_out} held-out images", title_justify="left")
-    columns = ("model", "fidelity %", "agreement %", "consistency % (pad-and-crop)", "consistency % (circular)")
+    measured = [key for key in LABELS if key in result.after]
+    columns = ("model", "fidelity %", "agreement %", *(f"consistency % ({LABELS[key]})" for key in measured))
     for column in columns:
         table.add_column(column)
-    keys = ("fidelity", "agreement", "consistency_pad_crop", "consistency_circular")
+    keys = ("fidelity", "agreement", *measured)
     for name, row in (("original", result.teacher), ("converted", result.before), ("calibrated", result.after)):
         table.add_row(name, *(_pct(row.get(key)) for key in keys))
     console.print(table)
@@ -188,14 +207,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
         "fidelity: top-1 agreement with the original averaged over shifts of each image; agreement: with its answer on "
         "the image itself"
     )
-    labels = {"consistency_pad_crop": "pad-and-crop", "consistency_circular": "circular"}
     parts = [
-        f"{labels[key]} {100 * d['delta']:+.1f} ({100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f})"
+        f"{LABELS[key]} {100 * d['delta']:+.1f} ({100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}"
+        f"{'' if d['ci95'][0] > 0 or d['ci95'][1] < 0 else ': not resolved'})"
         for key, d in result.versus_teacher.items()
     ]
     if parts:
         console.print(f"consistency, calibrated minus original (paired, 95 % interval over images): {', '.join(parts)}")
-    worse = [labels[key] for key, d in result.versus_teacher.items() if d["delta"] < 0]
+    worse = [LABELS[key] for key, d in result.versus_teacher.items() if d["delta"] < 0]
     if worse:
         console.print(
             f"[yellow]note: on these held-out images the calibrated model is LESS consistent than the original "
@@ -208,6 +227,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
     extra = f", lr {result.lr:g}, kept epoch {result.kept_epoch} of {result.epochs}" if result.lr else ""
     console.print(f"calibrated on {result.images} images in {result.seconds:.0f} s{extra}; wrote {args.output}")
     return common.EXIT_OK
+
+
+LABELS = {
+    "consistency_pad_crop": "pad-and-crop",
+    "consistency_circular": "circular",
+    "consistency_random_crop": "random-crop",
+    "consistency_diagonal": "diagonal",
+}
 
 
 def _pct(value) -> str:

@@ -43,9 +43,20 @@ def test_converted_resnet20_matches_twin_on_real_images(resnet20_onnx, tmp_path,
     assert (got.argmax(1) == ref.argmax(1)).all()
 
 
-def test_demo_runs_the_chain_and_prints_the_table():
-    proc = cli("demo", timeout=600)
+def test_demo_runs_the_chain_and_prints_the_table(tmp_path):
+    proc = cli("demo", "--workdir", tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Step 6: every site of ResNet-20 is blurred, and at each the calibrated model's tensor before the
+    # subsampling carries less energy above the site's Nyquist frequency than the original's.
+    sites = [line.split("│") for line in proc.stdout.splitlines() if "->" in line and "strided-" in line]
+    assert [cells[3].strip() for cells in sites] == ["strided-conv", "strided-slice"] * 2, proc.stdout
+    for cells in sites:
+        original, calibrated = (float(v) for v in cells[5].split("->"))
+        assert calibrated < original, cells
+    for png in ("aliasing.png", "diagonal.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000, png
+    assert "swing of p(correct class) over one period of the total stride (4 px)" in proc.stdout
     rows = {line.split("│")[1].strip(): line for line in proc.stdout.splitlines() if line.count("│") >= 8}
     assert set(rows) == {"original", "converted (triangle)", "converted + calibrated"}, proc.stdout
     assert "94.0" in rows["original"]

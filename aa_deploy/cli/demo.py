@@ -10,7 +10,11 @@ from rich.console import Console
 
 def add(sub) -> None:
     d = sub.add_parser("demo", help="the whole chain on the bundled trained CIFAR-10 ResNet-20 and test images")
-    d.add_argument("--workdir", help="keep the exported and converted models here (default: a temporary folder)")
+    d.add_argument(
+        "--workdir",
+        default="aa-deploy-demo",
+        help="where the models and the two figures (aliasing.png, diagonal.png) are written (default %(default)s)",
+    )
     d.add_argument(
         "--crops",
         type=int,
@@ -26,4 +30,4 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     if args.crops is not None and args.crops < 20:
         raise InputError("--crops: calibration needs 20 images or more")
-    return run_demo(console, Path(args.workdir) if args.workdir else None, args.crops or CALIBRATION_CROPS)
+    return run_demo(console, Path(args.workdir), args.crops or CALIBRATION_CROPS)

@@ -8,8 +8,9 @@ logits) after `prepare` (uint8 NHWC -> float NCHW), and counts agreements:
   CIFAR style (`pad`): the image padded by `shift` on each side, crops of the original size, so the
   two views are shifted within +-shift pixels.
 - circular: the same with torch.roll-style shifts in [-shift, shift]^2 (nothing leaves the frame).
-- diagonal: views shifted by (d, d); per shift the agreement with the unshifted view, accuracy,
-  and the mean probability of the class chosen there (the plot of Zhang 2019).
+- diagonal: views shifted by (d, d) (canvas crops, pad-and-crop, or circular rolls); per shift the
+  agreement with the unshifted view, accuracy, the mean probability of the class chosen there, and with
+  labels each image's probability of its correct class (the plot of Zhang 2019).
 - worst-case: every offset of the grid; consistent only if all views agree, correct only if all are.
 
 What "agree" means depends on the output (`output_kind`): for (N, classes) outputs, the same top-1
@@ -207,26 +208,44 @@ def diagonal(
     shift: int,
     pad: str | None = None,
     labels: np.ndarray | None = None,
+    circular: bool = False,
 ) -> ConsistencyResult:
-    """Views shifted by (d, d): agreement with the unshifted view, accuracy, p(class of the unshifted view).
+    """Views shifted by (d, d): agreement with the unshifted view, accuracy, p(class of the unshifted view),
+    and with labels each image's probability of its correct class at every shift (the paper's plot).
 
     Canvas crops: d = 0..shift from the top-left crop. Pad-and-crop: d = -shift..shift around the image.
+    `circular`: the image rolled by d = 0..shift (nothing leaves the frame, no border is made up).
     """
-    canvas = _canvas(images, shift, pad)
-    size = images.shape[1] if pad is not None else crop
-    base = shift if pad is not None else 0
-    positions = list(range(min(base + shift, canvas.shape[1] - size) + 1))
-    logits = {p: harness.logits(canvas[:, p : p + size, p : p + size]) for p in positions}
+    canvas = images if circular else _canvas(images, shift, pad)
+    size = images.shape[1] if pad is not None or circular else crop
+    base = shift if pad is not None and not circular else 0
+    if circular:
+        positions = list(range(shift + 1))
+        logits = {p: harness.logits(np.roll(images, (p, p), axis=(1, 2))) for p in positions}
+    else:
+        positions = list(range(min(base + shift, canvas.shape[1] - size) + 1))
+        logits = {p: harness.logits(canvas[:, p : p + size, p : p + size]) for p in positions}
     base_class = logits[base].argmax(1)
-    agreement, accuracy, probability = [], [], []
+    agreement, accuracy, probability, correct = [], [], [], []
     per_image = np.zeros(len(images))
     for p in positions:
         cls = logits[p].argmax(1)
         per_image += (cls == base_class) if p != base else 0
         agreement.append(float((cls == base_class).mean()))
-        probability.append(float(softmax(logits[p])[np.arange(len(cls)), base_class].mean()))
+        probs = softmax(logits[p])
+        probability.append(float(probs[np.arange(len(cls)), base_class].mean()))
         accuracy.append(float((cls == labels).mean()) if labels is not None else None)
+        if labels is not None:
+            correct.append(probs[np.arange(len(cls)), labels])
     per_image = per_image / (len(positions) - 1) if len(positions) > 1 else np.ones(len(images))
+    curve = {
+        "offset": [p - base for p in positions],
+        "agreement": agreement,
+        "accuracy": accuracy,
+        "probability": probability,
+    }
+    if labels is not None:  # images x offsets
+        curve["correct_probability"] = np.stack(correct, axis=1).tolist()
     return ConsistencyResult(
         protocol="diagonal",
         consistency=float(per_image.mean()),
@@ -235,13 +254,8 @@ def diagonal(
         images=len(images),
         views=harness.views,
         per_image=per_image.tolist(),
-        curve={
-            "offset": [p - base for p in positions],
-            "agreement": agreement,
-            "accuracy": accuracy,
-            "probability": probability,
-        },
-        settings={"crop": size, "shift": shift, "pad": pad},
+        curve=curve,
+        settings={"crop": size, "shift": shift, "pad": pad, "circular": circular},
     )
 
 
@@ -300,8 +314,10 @@ def measure(
     labels: np.ndarray | None = None,
     batch: int = 64,
     progress: Callable[[int], None] | None = None,
+    circular: bool = False,
 ) -> ConsistencyResult:
-    """Run one protocol on one model; `progress(n)` is called after each batch of n views."""
+    """Run one protocol on one model; `progress(n)` is called after each batch of n views. `circular`:
+    the diagonal protocol rolls the image instead of cropping it."""
     harness = Harness(run, prepare, batch, progress)
     if protocol in ("diagonal", "worst-case"):
         out = run(prepare(images[:1, :crop, :crop]))
@@ -317,7 +333,7 @@ def measure(
             harness, images, crop=crop, shift=shift, passes=passes, seed=seed, circular=True, labels=labels
         )
     if protocol == "diagonal":
-        return diagonal(harness, images, crop=crop, shift=shift, pad=pad, labels=labels)
+        return diagonal(harness, images, crop=crop, shift=shift, pad=pad, labels=labels, circular=circular)
     if protocol == "worst-case":
         return worst_case(harness, images, crop=crop, shift=shift, pad=pad, labels=labels)
     raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")

@@ -33,3 +33,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
             tmp.write_text(text)
     except OSError as e:
         raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def refuse_overwrite(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+    """A one-line error when `output` is the same file as any of `inputs` (a model, a teacher, an image
+    folder's file): no command writes over what it reads unless its --in-place says so, and then it
+    does not call this."""
+    out = Path(output)
+    if not out.exists():
+        return
+    for source in inputs:
+        if source is not None and Path(source).exists() and os.path.samefile(out, source):
+            raise InputError(f"{out}: output would overwrite an input ({source}); give another -o")

@@ -106,6 +106,8 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, check: 
         k = min(5, ref.shape[1])
         top5 = float((np.argsort(-got, axis=1)[:, :k] == r1[:, None]).any(axis=1).mean())
     failures = []
+    if not np.isfinite(ref64).all():  # NaN compares false with every bound below: it must fail here
+        failures.append("the reference has non-finite values")
     if not np.isfinite(got64).all():
         failures.append("non-finite values")
     if max_abs > tol.atol + tol.rtol * scale:
@@ -336,7 +338,7 @@ def verify(
         from converters.tensorrt import Sidecar, require_tensorrt
 
         require_tensorrt()
-        graph_path = Path(Sidecar.read(path).onnx_path)
+        graph_path = Sidecar.read(path).onnx_file(path)
     reference_name = reference if isinstance(reference, str) else type(reference).__name__
     if isinstance(reference, str):
         from converters.export import load_model

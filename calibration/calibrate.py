@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from aa_deploy import model_io
+from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.errors import InputError
 from calibration.bridge import OnnxModule, write_back
 from calibration.distill import Recipe
 from calibration.held_out import HeldOut, centre
-from calibration.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for
+from calibration.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for, spread
 
 METHODS = ("stats", "reconstruct", "distill")
 # Where distill starts from: `pointwise` refits the 1x1 convs and the classifier by least squares and
@@ -155,8 +156,7 @@ def calibrate(
     torch.manual_seed(seed)
     dev = resolve_device(device)
     model_path, out_path = Path(model), Path(output)
-    if out_path.exists() and model_path.exists() and os.path.samefile(model_path, out_path):
-        raise InputError(f"{out_path}: output would overwrite the input")
+    refuse_overwrite(out_path, model_path, teacher)
     student_ir = model_io.load(model_path)
     teacher_ir = model_io.load(teacher)
     student, teacher_m = OnnxModule(student_ir).eval().to(dev), OnnxModule(teacher_ir).eval().to(dev)
@@ -172,7 +172,7 @@ def calibrate(
     recipe = replace(recipe, span=span, student_views=recipe.student_views or (1 if span else 2))
     # Canvas views: every image decoded at the resize, its centre crop being what the model sees in use.
     decode = replace(preprocess, size=preprocess.size + span, resize=(preprocess.size + span) if span else preprocess.resize)
-    files = list_images(images)[:limit]
+    files = spread(list_images(images), limit, images)
     if len(files) < 20:
         raise InputError(f"{images}: {len(files)} images is too few to calibrate (need 20 or more)")
 

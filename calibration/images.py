@@ -60,6 +60,27 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def spread(files: list[Path], limit: int | None, root: str | os.PathLike) -> list[Path]:
+    """At most `limit` of `files` (sorted), spread over the folder rather than the first ones: with one
+    folder per class, the classes in turn (each class's files in order); otherwise evenly spaced.
+    The first N files of a class-per-folder tree would be one or two classes."""
+    if limit is None or limit >= len(files):
+        return files
+    if limit <= 0:
+        return []
+    groups: dict = {}
+    for p in files:
+        groups.setdefault(p.parent.relative_to(root), []).append(p)
+    if len(groups) > 1:
+        picked: list[Path] = []
+        for k in range(max(len(g) for g in groups.values())):
+            picked += [g[k] for g in groups.values() if k < len(g)]
+            if len(picked) >= limit:
+                break
+        return sorted(picked[:limit])
+    return [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+
+
 def load_rgb(path: Path, pre: Preprocess) -> np.ndarray:
     """One image as uint8 HWC after resize and centre crop."""
     from PIL import Image, UnidentifiedImageError
@@ -86,8 +107,8 @@ def normalize(images: np.ndarray, pre: Preprocess) -> np.ndarray:
 
 
 def load_folder(folder: str | os.PathLike, pre: Preprocess, limit: int | None = None) -> tuple[np.ndarray, list[Path]]:
-    """All (or the first `limit`) images of `folder` as uint8 NHWC, with their paths."""
-    files = list_images(folder)[:limit]
+    """All images of `folder` (or `limit` of them, spread over it) as uint8 NHWC, with their paths."""
+    files = spread(list_images(folder), limit, folder)
     return np.stack([load_rgb(p, pre) for p in files]), files
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from aa_deploy import blur_nodes, model_io
+from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.errors import InputError
 from calibration.images import Preprocess, load_folder, normalize
 
@@ -84,6 +85,7 @@ def quantize(
     from converters.batching import fixed_batch
 
     model, output = Path(model), Path(output)
+    refuse_overwrite(output, model)
     if not output.parent.is_dir():
         raise InputError(f"{output.parent}: output folder does not exist")
     keep_float = blur_node_names(model)

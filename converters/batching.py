@@ -29,10 +29,15 @@ def run_in_batches(
     feeds: dict[str, np.ndarray],
     batch: int | None,
     output_names: Callable[[], list[str] | None],
+    max_batch: int | None = None,
 ) -> list[np.ndarray]:
-    """`run(feeds)` for a model that takes exactly `batch` samples (None: any number); `output_names()`
-    names the outputs in errors (a runner may learn them from its first result)."""
+    """`run(feeds)` for a model that takes exactly `batch` samples (None: any number, in chunks of at
+    most `max_batch` when one is given: an engine's profile ends there); `output_names()` names the
+    outputs in errors (a runner may learn them from its first result)."""
     n = len(next(iter(feeds.values())))
+    if batch is None and max_batch is not None and n > max_batch:
+        parts = [run({k: x[i : i + max_batch] for k, x in feeds.items()}) for i in range(0, n, max_batch)]
+        return [np.concatenate(chunks) for chunks in zip(*parts)]
     if batch is None or n == batch:
         return run(feeds)
     parts = []

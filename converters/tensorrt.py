@@ -73,6 +73,10 @@ class Sidecar:
     def path_for(engine: str | os.PathLike) -> Path:
         return Path(f"{engine}.json")
 
+    def onnx_file(self, engine: str | os.PathLike) -> Path:
+        """The ONNX source, whose path the sidecar keeps relative to the engine `engine`."""
+        return Path(engine).parent / self.onnx_path
+
     def write(self, engine: str | os.PathLike) -> None:
         write_text(self.path_for(engine), json.dumps(asdict(self), indent=2) + "\n")
 
@@ -139,13 +143,21 @@ def build_engine(
         tmp.write_bytes(engine)
     sidecar = Sidecar(
         file_sha256(onnx_path),
-        str(onnx_path),
+        # relative to the engine, so that the pair can move together
+        os.path.relpath(Path(onnx_path).resolve(), Path(engine_path).resolve().parent),
         trt.__version__,
         precision,
         {k: [list(v) for v in s] for k, s in shapes.items()},
     )
     sidecar.write(engine_path)
     return sidecar
+
+
+def profile_batches(shapes: dict) -> tuple[int | None, int]:
+    """(the one batch size of a profile whose min and max batch agree, else None; its max batch): an
+    engine runs no more samples at a time than its profile's max."""
+    lo, _, hi = next(iter(shapes.values()))
+    return (lo[0] if lo[0] == hi[0] else None), hi[0]
 
 
 class TensorRTRunner:
@@ -161,8 +173,7 @@ class TensorRTRunner:
         self.runner.activate()
         self.input_names = list(self.sidecar.shapes)
         self.output_names = None
-        lo, _, hi = next(iter(self.sidecar.shapes.values()))
-        self.fixed_batch = lo[0] if lo[0] == hi[0] else None  # a profile with one batch size
+        self.fixed_batch, self.max_batch = profile_batches(self.sidecar.shapes)
 
     def _infer(self, feeds: dict) -> list:
         outputs = self.runner.infer(feeds)
@@ -171,7 +182,7 @@ class TensorRTRunner:
         return [outputs[name] for name in self.output_names]
 
     def run(self, feeds: dict) -> list:
-        return run_in_batches(self._infer, feeds, self.fixed_batch, lambda: self.output_names)
+        return run_in_batches(self._infer, feeds, self.fixed_batch, lambda: self.output_names, self.max_batch)
 
     def __call__(self, x):
         return self.run({self.input_names[0]: x})[0]

@@ -578,3 +578,21 @@ def test_rescale_after_blur_reaches_the_refit_and_the_metadata(r20, tmp_path):
     assert len(fed) == 2
     assert all(factor_spread(rescaled[name], start[name]) < 1e-4 for name in fed)
     assert all(factor_spread(refit[name], start[name]) > 1e-2 for name in fed)
+
+
+def test_limit_spreads_over_the_classes_of_a_folder_tree(tmp_path):
+    """--limit N on a folder-per-class tree takes the classes in turn, not the first class's files;
+    on a flat folder it takes evenly spaced files."""
+    from calibration.images import list_images, spread
+
+    for c in ("cat", "dog", "emu"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            (tmp_path / c / f"{i:02d}.png").write_bytes(b"")
+    files = list_images(tmp_path)
+    picked = spread(files, 6, tmp_path)
+    assert [p.parent.name for p in picked].count("cat") == 2 and {p.parent.name for p in picked} == {"cat", "dog", "emu"}
+    assert [p.name for p in picked if p.parent.name == "dog"] == ["00.png", "01.png"]
+    assert spread(files, None, tmp_path) == files and len(spread(files, 100, tmp_path)) == 30
+    flat = [p for p in files if p.parent.name == "cat"]
+    assert [p.name for p in spread(flat, 4, tmp_path / "cat")] == ["00.png", "03.png", "06.png", "09.png"]

@@ -129,3 +129,30 @@ def test_external_data_in_external_data_out(tmp_path):
     assert ort.InferenceSession(str(out)).run(None, {"X": x})[0].shape == (1, 64, 8, 8)
     (tmp_path / "ext.onnx.data").unlink()
     assert_one_line_error(cli("inspect", src), 2, "external data")
+
+
+def test_no_command_writes_over_its_inputs(tmp_path):
+    """calibrate -o TEACHER, convert -o MODEL --calibrate DIR and quantize -o MODEL each refuse in one
+    line before any work, and leave the file as it was."""
+    from aa_deploy import bundled
+    from converters.export import export
+
+    original = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
+    converted = tmp_path / "r20.aa.onnx"
+    assert cli("convert", original, "-o", converted, "--no-drift").returncode == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i, crop in enumerate(bundled.photo_crops(24, 32)):
+        Image.fromarray(crop).save(images / f"{i}.png")
+    before = {p: p.read_bytes() for p in (original, converted)}
+    calls = (
+        ("calibrate", converted, "--teacher", original, "--images", images, "-o", original),
+        ("calibrate", converted, "--teacher", original, "--images", images, "-o", converted),
+        ("convert", original, "-o", original, "--calibrate", images),
+        ("quantize", converted, "--calib-images", images, "-o", converted),
+    )
+    for args in calls:
+        assert_one_line_error(cli(*args), 2, "would overwrite")
+    assert {p: p.read_bytes() for p in before} == before

@@ -4,6 +4,7 @@ clear error where TensorRT is missing. Building and running engines needs Tensor
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import onnx
@@ -102,3 +103,34 @@ def test_engine_build_and_parity_on_gpu(tmp_path):  # pragma: no cover - runs on
     assert proc.returncode == 0, proc.stderr
     result = aa_deploy.verify(tmp_path / "r20.plan", bundled.resnet20(), backend="tensorrt", images="bundled:cifar10")
     assert result.passed, result.outputs
+
+
+def test_engine_runs_in_chunks_no_larger_than_its_profile_max():
+    """A dynamic-batch engine whose profile ends at 8 gets 20 samples as 8 + 8 + 4; one with a single
+    batch size gets exactly that many (filled), as ONNX Runtime's fixed-batch graphs do."""
+    from converters.batching import run_in_batches
+    from converters.tensorrt import profile_batches
+
+    seen = []
+
+    def run(feeds):
+        seen.append(len(feeds["x"]))
+        return [feeds["x"] * 2]
+
+    x = np.arange(20, dtype=np.float32).reshape(20, 1)
+    fixed, most = profile_batches({"x": [[1, 3, 8, 8], [4, 3, 8, 8], [8, 3, 8, 8]]})
+    assert (fixed, most) == (None, 8)
+    out = run_in_batches(run, {"x": x}, fixed, lambda: ["y"], most)[0]
+    assert seen == [8, 8, 4] and np.array_equal(out, x * 2)
+    seen.clear()
+    fixed, most = profile_batches({"x": [[4, 3, 8, 8]] * 3})
+    assert run_in_batches(run, {"x": x[:6]}, fixed, lambda: ["y"], most)[0].shape == (6, 1) and seen == [4, 4]
+
+
+def test_the_sidecar_keeps_the_onnx_path_relative_to_the_engine(tmp_path):
+    """An engine and its ONNX source moved together still find each other."""
+    (tmp_path / "a" / "models").mkdir(parents=True)
+    side = Sidecar("ab" * 32, os.path.relpath(tmp_path / "a" / "models" / "m.onnx", tmp_path / "a"), "10.9.0", "fp16", {})
+    assert side.onnx_path == os.path.join("models", "m.onnx")
+    moved = tmp_path / "b"
+    assert side.onnx_file(moved / "m.plan") == moved / "models" / "m.onnx"

@@ -142,3 +142,15 @@ def test_input_errors_exit_2(models, tmp_path):
         proc = cli(*args)
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_reference_with_non_finite_values_fails_the_gate():
+    """NaN compares false with every bound: a reference that returns NaN must fail, not pass."""
+    from aa_deploy.parity import Tolerance, compare
+
+    ref = np.array([[0.5, np.nan, 1.0], [1.0, 2.0, 3.0]], np.float32)
+    got = np.array([[0.5, 0.0, 1.0], [1.0, 2.0, 3.0]], np.float32)
+    tol = Tolerance(1e-4, 1e-4, 0.99, 0.9999)
+    result = compare("logits", ref, got, tol)
+    assert not result.passed and "reference has non-finite values" in result.failure
+    assert compare("logits", got, got, tol).passed

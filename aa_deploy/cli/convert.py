@@ -46,7 +46,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.calibrate is not None and args.in_place:
         raise InputError("--calibrate writes a new file: give -o FILE instead of --in-place")
     if args.calibrate is not None:
+        from aa_deploy.atomic import refuse_overwrite
         from calibration.images import list_images
+
+        refuse_overwrite(args.output, args.model)  # the converted graph goes elsewhere first: check here
 
         list_images(args.calibrate)  # a missing or empty folder fails before anything is written
     start = time.perf_counter()

@@ -35,6 +35,12 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def data_inputs(g: ir.Graph) -> list[ir.Value]:
+    """The graph inputs that are not initializers: what a caller feeds. IR version 3 lists every
+    initializer as a graph input too, and the ONNX Model Zoo's classic CNNs list them before the image."""
+    return [v for v in g.inputs if v.name not in g.initializers]
+
+
 def const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     """Shape of a constant value without materializing it (ConstantOfShape reads only its shape)."""
     if value is None:

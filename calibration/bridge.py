@@ -87,10 +87,16 @@ class OnnxModule(nn.Module):
                         self.frozen.add(value.name)
                 else:
                     self.consts[value.name] = tensor
-        self.input_name = model.graph.inputs[0].name
+        feeds = graph.data_inputs(model.graph)
+        if len(feeds) != 1:
+            raise InputError(
+                f"calibration runs graphs of one input, and this one takes {len(feeds)}: "
+                f"{', '.join(v.name for v in feeds)}"
+            )
+        self.input_name = feeds[0].name
         # A graph exported with a fixed batch (Reshape to [1, 2048] and the like) runs per batch of that
         # size under torch.func.vmap: any number of samples, batched kernels, gradients as usual.
-        self.fixed_batch = fixed_batch(model.graph.inputs[0].shape)
+        self.fixed_batch = fixed_batch(feeds[0].shape)
         self.output_names = [v.name for v in model.graph.outputs]
         # every tensor a node produces -> that node's position (the graph input: -1)
         self.producers = {v.name: i for i, n in enumerate(self.nodes) for v in n.outputs}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aa_deploy import model_io
+from aa_deploy import graph, model_io
 from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.errors import InputError
@@ -160,7 +160,7 @@ def calibrate(
     student_ir = model_io.load(model_path)
     teacher_ir = model_io.load(teacher)
     student, teacher_m = OnnxModule(student_ir).eval().to(dev), OnnxModule(teacher_ir).eval().to(dev)
-    dims = [d if isinstance(d, int) else None for d in (student_ir.graph.inputs[0].shape or [])]
+    dims = [d if isinstance(d, int) else None for d in (graph.data_inputs(student_ir.graph)[0].shape or [])]
     preprocess = preprocess_for(dims[-1] if dims else None, preprocess)
     span = max(0, (preprocess.resize or 0) - preprocess.size)
     if views == "canvas" and not span:

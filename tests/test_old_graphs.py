@@ -165,3 +165,52 @@ def test_sites_inside_a_loop_body_default_mode():
     assert y.shape == (2, 1, 3, 8, 8)
     np.testing.assert_allclose(y[0, 0], expected[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y[1], y[0], rtol=0, atol=0)
+
+
+def zoo_classifier(opset: int) -> onnx.ModelProto:
+    """A classic-zoo-style classifier: IR 3, opset `opset`, the weights listed as graph inputs *before*
+    the image (as AlexNet, ResNet-50 and the rest are distributed). Conv(s2) -> Relu -> MaxPool(s2) ->
+    GlobalAveragePool -> Flatten -> Gemm."""
+    w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
+    b = RNG.standard_normal(8).astype(np.float32) * 0.1
+    fc = RNG.standard_normal((5, 8)).astype(np.float32)
+    fc_b = np.zeros(5, np.float32)
+    nodes = [
+        helper.make_node("Conv", ["data", "w", "b"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu1"),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool1"),
+        helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc", "fc_b"], ["prob"], transB=1, name="fc1"),
+    ]
+    weights = [("w", w), ("b", b), ("fc", fc), ("fc_b", fc_b)]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, a.shape) for n, a in weights]
+    inputs.append(G.inp("data", [1, 3, 32, 32]))
+    out = helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 5])
+    g = helper.make_graph(nodes, "zoo", inputs, [out], [G.const(n, a) for n, a in weights])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 3
+    onnx.checker.check_model(m)
+    return m
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+def test_calibrate_runs_on_a_zoo_graph_whose_weights_come_before_the_image(tmp_path, opset):
+    """The image input is found by what it is (the one input that is no initializer), not by position."""
+    from PIL import Image
+
+    from aa_deploy import bundled
+
+    src, conv, cal = tmp_path / "zoo.onnx", tmp_path / "zoo.aa.onnx", tmp_path / "zoo.cal.onnx"
+    src.write_bytes(zoo_classifier(opset).SerializeToString())
+    assert cli("convert", src, "-o", conv, "--blur-stem", "--no-drift").returncode == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, crop in enumerate(bundled.photo_crops(24, 32)):
+        Image.fromarray(crop).save(images / f"{i}.png")
+    proc = cli("calibrate", conv, "--teacher", src, "--images", images, "--method", "stats", "-o", cal)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = onnx.load(cal)
+    assert [i.name for i in out.graph.input][:5] == ["w", "b", "fc", "fc_b", "data"]
+    x = RNG.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    assert np.isfinite(_session(cal).run(None, {"data": x})[0]).all()

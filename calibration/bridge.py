@@ -168,11 +168,7 @@ class OnnxModule(nn.Module):
         x = x.to(self.device)
         b = self.fixed_batch
         if b is None or x.shape[0] == b:
-            if self.channels_last and x.dim() == 4 and x.is_floating_point():
-                # NHWC in memory: PyTorch's CPU convolutions (depthwise above all) run 2-2.5x faster on it,
-                # and every op downstream keeps the layout (benchmarks/distill_throughput.py).
-                x = x.contiguous(memory_format=torch.channels_last)
-            return self._forward(x, capture)
+            return self._forward(self.laid_out(x), capture)
         n = x.shape[0]
         if n % b:
             x = torch.cat([x, x[-1:].expand(b - n % b, *x.shape[1:])])
@@ -182,6 +178,14 @@ class OnnxModule(nn.Module):
             return None, torch.utils._pytree.tree_map(lambda t: t.reshape(-1, *t.shape[2:])[:n], captured)
         out = torch.func.vmap(lambda chunk: self._forward(chunk, capture))(chunks)
         return torch.utils._pytree.tree_map(lambda t: t.reshape(-1, *t.shape[2:])[:n], out)
+
+    def laid_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the pass runs it: a 4-D float tensor NHWC in memory (same values), where PyTorch's
+        CPU convolutions, depthwise above all, run 2-2.5x faster and every op downstream keeps the
+        layout (benchmarks/distill_throughput.py). Every pass starts here, so that all agree bit for bit."""
+        if self.channels_last and x.dim() == 4 and x.is_floating_point():
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def _run(self, node: ir.Node, env: dict):
         args = [self._get(env, v) for v in node.inputs]

@@ -60,7 +60,7 @@ class Frontier:
             passed = commit_until is not None and at > commit_until
             if env is None or passed or any(n not in env and module.producers[n] < at for n in names):
                 self.restarts += at > 0 or start in self.held
-                env, at = {module.input_name: xb}, 0  # released already (or not held): from the image
+                env, at = {module.input_name: module.laid_out(xb)}, 0  # released already (or not held): from the image
             found = {n: env[n] for n in names if n in env}
             if len(found) < len(names):
                 at = module.run_nodes(env, at, stop if commit_until is None else min(stop, commit_until), names, found)

@@ -349,6 +349,16 @@ def verify(
     inputs, info = make_inputs(
         graph_path, images=images, preprocess=preprocess, count=count, seed=seed, input_shape=input_shape
     )
+    graph_model = model_io.load(graph_path)
+    if not change and twin_options is not None and "calibration" in model_io.read_metadata(graph_model):
+        # The file that ships is calibrated: its reference is the twin holding the calibrated weights,
+        # read from the model itself (the BatchNorm-folded values go back into the twin's convs).
+        import torch
+
+        from aa_deploy.twin_weights import load_folded_weights
+
+        placed = load_folded_weights(module, graph_model, torch.from_numpy(np.asarray(inputs[:2], np.float32)))
+        info = info | {"calibrated_weights": placed}
     runner = make_runner(path, backend, provider)
     return compare_runners(
         path,

@@ -154,3 +154,27 @@ def test_a_reference_with_non_finite_values_fails_the_gate():
     result = compare("logits", ref, got, tol)
     assert not result.passed and "reference has non-finite values" in result.failure
     assert compare("logits", got, got, tol).passed
+
+
+def test_verify_of_a_calibrated_model_uses_its_calibrated_weights(tmp_path):
+    """The file that ships is the calibrated one: verify builds the twin with the weights read from the
+    model (its aa_deploy.calibration metadata says it was calibrated) and passes at fp32 tolerances."""
+    from PIL import Image
+
+    original = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
+    converted, calibrated = tmp_path / "r20.aa.onnx", tmp_path / "r20.aa.cal.onnx"
+    aa_deploy.convert(original, converted)
+    images = tmp_path / "crops"
+    images.mkdir()
+    for i, crop in enumerate(bundled.photo_crops(40, 32)):
+        Image.fromarray(crop).save(images / f"{i}.png")
+    proc = cli("calibrate", converted, "--teacher", original, "--images", images, "--method", "reconstruct",
+               "-o", calibrated)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = tmp_path / "parity.json"
+    proc = cli("verify", calibrated, "--reference", "aa:cifar10_resnet20", "--images", "bundled:cifar10",
+               "--report", report)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["inputs"]["calibrated_weights"] > 0
+    assert data["outputs"][0]["top1_agreement"] == 1.0

@@ -45,11 +45,35 @@ def _seconds_per_image(student, teacher, images, recipe, batch, steps, targets=N
     opt = torch.optim.SGD(list(student.trainable().values()), lr=1e-4, momentum=0.9)
     context = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else torch.autocast("cpu", enabled=False)
     with context:
-        distill._epoch(student, teacher, images, _prepare, opt, np.random.default_rng(0), batch, recipe,
-                       lambda k: 1e-4, 1, batch, targets=targets)  # warm-up step
+        distill._epoch(
+            student,
+            teacher,
+            images,
+            _prepare,
+            opt,
+            np.random.default_rng(0),
+            batch,
+            recipe,
+            lambda k: 1e-4,
+            1,
+            batch,
+            targets=targets,
+        )  # warm-up step
         began = time.perf_counter()
-        distill._epoch(student, teacher, images, _prepare, opt, np.random.default_rng(1), batch, recipe,
-                       lambda k: 1e-4, steps, batch, targets=targets)
+        distill._epoch(
+            student,
+            teacher,
+            images,
+            _prepare,
+            opt,
+            np.random.default_rng(1),
+            batch,
+            recipe,
+            lambda k: 1e-4,
+            steps,
+            batch,
+            targets=targets,
+        )
     return (time.perf_counter() - began) / (steps * batch)
 
 
@@ -99,8 +123,10 @@ def main() -> None:
     print("\n| recipe | training images/s | vs before |\n|---|---|---|")
     for name, rate, _ in rows:
         print(f"| {name} | {rate:.2f} | {rate / before:.2f}x |")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}"
+    )
 
 
 if __name__ == "__main__":

@@ -171,7 +171,9 @@ def calibrate(
     span = span if views != "shift" else 0
     recipe = replace(recipe, span=span, student_views=recipe.student_views or (1 if span else 2))
     # Canvas views: every image decoded at the resize, its centre crop being what the model sees in use.
-    decode = replace(preprocess, size=preprocess.size + span, resize=(preprocess.size + span) if span else preprocess.resize)
+    decode = replace(
+        preprocess, size=preprocess.size + span, resize=(preprocess.size + span) if span else preprocess.resize
+    )
     files = spread(list_images(images), limit, images)
     if len(files) < 20:
         raise InputError(f"{images}: {len(files)} images is too few to calibrate (need 20 or more)")

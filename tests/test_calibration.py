@@ -591,7 +591,11 @@ def test_limit_spreads_over_the_classes_of_a_folder_tree(tmp_path):
             (tmp_path / c / f"{i:02d}.png").write_bytes(b"")
     files = list_images(tmp_path)
     picked = spread(files, 6, tmp_path)
-    assert [p.parent.name for p in picked].count("cat") == 2 and {p.parent.name for p in picked} == {"cat", "dog", "emu"}
+    assert [p.parent.name for p in picked].count("cat") == 2 and {p.parent.name for p in picked} == {
+        "cat",
+        "dog",
+        "emu",
+    }
     assert [p.name for p in picked if p.parent.name == "dog"] == ["00.png", "01.png"]
     assert spread(files, None, tmp_path) == files and len(spread(files, 100, tmp_path)) == 30
     flat = [p for p in files if p.parent.name == "cat"]

@@ -130,7 +130,9 @@ def test_engine_runs_in_chunks_no_larger_than_its_profile_max():
 def test_the_sidecar_keeps_the_onnx_path_relative_to_the_engine(tmp_path):
     """An engine and its ONNX source moved together still find each other."""
     (tmp_path / "a" / "models").mkdir(parents=True)
-    side = Sidecar("ab" * 32, os.path.relpath(tmp_path / "a" / "models" / "m.onnx", tmp_path / "a"), "10.9.0", "fp16", {})
+    side = Sidecar(
+        "ab" * 32, os.path.relpath(tmp_path / "a" / "models" / "m.onnx", tmp_path / "a"), "10.9.0", "fp16", {}
+    )
     assert side.onnx_path == os.path.join("models", "m.onnx")
     moved = tmp_path / "b"
     assert side.onnx_file(moved / "m.plan") == moved / "models" / "m.onnx"

@@ -3,9 +3,10 @@
 fidelity     top-1 agreement with the teacher averaged over shifts of each image (the original's
              test-time-augmented answer: an accuracy proxy that does not reward copying its aliasing)
 agreement    top-1 agreement with the teacher's answer on the unshifted image
-consistency  the two protocols `calibrate` reports: pad-and-crop +-shift px and circular +-shift/2 px
-             (4 and 2 by default), on fixed shifts (the same views for every model and every epoch,
-             so figures are paired)
+consistency  the protocols `calibrate` reports: pad-and-crop +-shift px and circular +-shift/2 px
+             (4 and 2 by default); for canvas images (a resize before the centre crop) random-crop
+             pairs of the canvas, and the diagonal shift in before/after summaries. On fixed shifts
+             (the same views for every model and every epoch, so figures are paired)
 score        fidelity + the mean of the consistencies, per image and averaged.
 
 `worse` decides whether a distillation run failed against its start: when its fidelity, or its

@@ -44,36 +44,17 @@ def _prepare(x: np.ndarray) -> np.ndarray:
 def _seconds_per_image(student, teacher, images, recipe, batch, steps, targets=None, cpu_bf16=False) -> float:
     opt = torch.optim.SGD(list(student.trainable().values()), lr=1e-4, momentum=0.9)
     context = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else torch.autocast("cpu", enabled=False)
-    with context:
+
+    def train(seed: int, count: int) -> None:
+        rng = np.random.default_rng(seed)
         distill._epoch(
-            student,
-            teacher,
-            images,
-            _prepare,
-            opt,
-            np.random.default_rng(0),
-            batch,
-            recipe,
-            lambda k: 1e-4,
-            1,
-            batch,
-            targets=targets,
-        )  # warm-up step
-        began = time.perf_counter()
-        distill._epoch(
-            student,
-            teacher,
-            images,
-            _prepare,
-            opt,
-            np.random.default_rng(1),
-            batch,
-            recipe,
-            lambda k: 1e-4,
-            steps,
-            batch,
-            targets=targets,
+            student, teacher, images, _prepare, opt, rng, batch, recipe, lambda k: 1e-4, count, batch, targets=targets
         )
+
+    with context:
+        train(0, 1)  # warm-up step
+        began = time.perf_counter()
+        train(1, steps)
     return (time.perf_counter() - began) / (steps * batch)
 
 

@@ -1,4 +1,7 @@
-"""The trained model and real images that ship with aa-deploy (see assets/README.md)."""
+"""The trained model and real images that ship with aa-deploy (see assets/README.md).
+
+The CIFAR network's module (and with it torch) is imported inside the two functions that need it:
+`convert` reads the bundled photos through here and runs without torch."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from aa_deploy import model_io
 from aa_deploy.errors import InputError
 from aa_deploy.plan import IMAGE_STEM, SKIP_STEM, Action, Options, plan
+from aa_deploy.rewrite import rewrite
 from aa_deploy.sites import find_sites
 from aa_deploy.version import __version__
 
@@ -50,8 +51,6 @@ def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
     g = model.graph
     declared = [(v.shape, v.type) for v in (*g.inputs, *g.outputs)]
     actions = inspect(model, options)
-    from aa_deploy.rewrite import rewrite
-
     blurs = rewrite(g, actions)
     for value, (shape, type_) in zip((*g.inputs, *g.outputs), declared):  # the interface stays as declared
         value.shape, value.type = shape, type_

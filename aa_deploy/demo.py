@@ -10,15 +10,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from aa_deploy import bundled
+from aa_deploy import bundled, model_io
+from aa_deploy.calibration.calibrate import calibrate
 from aa_deploy.cli.common import EXIT_NOTHING, EXIT_OK
 from aa_deploy.consistency import measure
 from aa_deploy.consistency.oscillation import oscillation, paired_oscillation
+from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.consistency.plots import plot_probe, plot_shift_curve
 from aa_deploy.consistency.probe import probe
 from aa_deploy.convert import convert
+from aa_deploy.converters.export import export
+from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.plan import Options
 from aa_deploy.torch import antialias_with
+from aa_deploy.twin_weights import load_folded_weights
 
 CALIBRATION_CROPS = 1000
 
@@ -29,13 +34,6 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
     import time
 
     from PIL import Image
-
-    from aa_deploy import model_io
-    from aa_deploy.consistency.paired import paired_difference
-    from aa_deploy.twin_weights import load_folded_weights
-    from calibration.calibrate import calibrate
-    from converters.export import export
-    from converters.onnxruntime import OnnxRuntimeRunner
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aa_deploy.consistency.compare import load_images
+from aa_deploy.consistency.protocols import cosine_and_change
+from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
+
 LIMITS = {"top-1 agreement": 0.9, "cosine similarity": 0.99}  # below these, the model needs calibrating
 
 
@@ -35,10 +39,6 @@ class Drift:
 
 def output_drift(original: str | os.PathLike, converted: str | os.PathLike, preprocess=None) -> Drift | None:
     """Original vs converted on bundled images; None for a model that does not take NCHW RGB images."""
-    from aa_deploy.consistency.compare import load_images
-    from aa_deploy.consistency.protocols import cosine_and_change
-    from converters.onnxruntime import OnnxRuntimeRunner
-
     runners = [OnnxRuntimeRunner(p) for p in (original, converted)]
     shape = runners[0].session.get_inputs()[0].shape
     if len(runners[0].input_names) != 1 or len(shape) != 4 or shape[1] != 3:

@@ -178,3 +178,26 @@ def read_metadata(model: ir.Model | onnx.ModelProto) -> dict:
             except json.JSONDecodeError:
                 out[key.removeprefix(META_PREFIX)] = value
     return out
+
+
+def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model's protobuf without its external data (for its inputs and metadata), or a one-line error."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+        raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+
+
+def input_spec(path: str | os.PathLike) -> tuple[str, list[int | str | None]]:
+    """(name, dims) of the model's single input; dims are ints or names of dynamic axes."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    m = load_proto(path)
+    inits = {i.name for i in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise InputError(f"{path}: aa-deploy measures single-input models; this one has {len(inputs)} inputs")
+    dims = [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in inputs[0].type.tensor_type.shape.dim
+    ]
+    return inputs[0].name, dims

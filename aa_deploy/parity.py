@@ -13,10 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from aa_deploy import model_io
+from aa_deploy import bundled, model_io
 from aa_deploy.atomic import write_text
+from aa_deploy.converters.export import load_model
+from aa_deploy.converters.pytorch import TorchRunner
+from aa_deploy.converters.runners import make_runner
+from aa_deploy.converters.tensorrt import Sidecar, require_tensorrt
 from aa_deploy.errors import InputError
+from aa_deploy.images import Preprocess, load_folder, normalize
 from aa_deploy.plan import Options
+from aa_deploy.torch import antialias_with
+from aa_deploy.twin_weights import load_folded_weights
 from aa_deploy.version import __version__
 
 SCHEMA = "aa-deploy.parity/1"
@@ -134,21 +141,6 @@ def random_inputs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
-def input_spec(path: str | os.PathLike) -> tuple[str, list[int | str | None]]:
-    """(name, dims) of the model's single input; dims are ints or names of dynamic axes."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no such file")
-    m = _load_proto(path)
-    inits = {i.name for i in m.graph.initializer}
-    inputs = [i for i in m.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise InputError(f"{path}: aa-deploy measures single-input models; this one has {len(inputs)} inputs")
-    dims = [
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in inputs[0].type.tensor_type.shape.dim
-    ]
-    return inputs[0].name, dims
-
-
 def concrete_shape(dims: list, batch: int, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
     """A runnable input shape: `batch` for the first axis, `input_shape` (C, H, W...) where given or dynamic."""
     if input_shape is not None:
@@ -169,21 +161,12 @@ def reference_options(path: str | os.PathLike, antialiased: bool | None, overrid
         return None
     if override is not None:
         return override
-    meta = model_io.read_metadata(_load_proto(path))
+    meta = model_io.read_metadata(model_io.load_proto(path))
     if "options" in meta:
         return Options(**meta["options"])
     if antialiased:
         raise InputError(f"{path}: --antialiased needs filter options, and the model records none (not converted?)")
     return None
-
-
-def _load_proto(path):
-    import onnx
-
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
-        raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
 
 
 def compare_runners(
@@ -274,7 +257,7 @@ def make_inputs(
     input_shape: tuple[int, ...] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Inputs for a check: deterministic random, the bundled CIFAR test images, or an image folder."""
-    _, dims = input_spec(model)
+    _, dims = model_io.input_spec(model)
     if images is None:
         shape = concrete_shape(dims, count, input_shape)
         return random_inputs(shape, seed), {
@@ -284,12 +267,8 @@ def make_inputs(
             "shape": list(shape[1:]),
         }
     if images == "bundled:cifar10":
-        from aa_deploy import bundled
-
         x = bundled.cifar_normalize(bundled.cifar_test_images()[0])
         return x, {"source": "bundled CIFAR-10 test images", "count": len(x), "shape": list(x.shape[1:])}
-    from calibration.images import Preprocess, load_folder, normalize
-
     if preprocess is None:
         size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else 224
         preprocess = Preprocess(size=size)
@@ -326,23 +305,15 @@ def verify(
     `antialiased` is False. With `change`, the model is compared with the *plain* reference and
     the result reports how much the anti-aliasing changed the outputs; it never fails.
     """
-    from aa_deploy.torch import antialias_with
-    from converters.pytorch import TorchRunner
-    from converters.runners import make_runner
-
     path = Path(model)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     graph_path = path
     if backend == "tensorrt":  # an engine: its ONNX source (from the sidecar) has the metadata and input spec
-        from converters.tensorrt import Sidecar, require_tensorrt
-
         require_tensorrt()
         graph_path = Sidecar.read(path).onnx_file(path)
     reference_name = reference if isinstance(reference, str) else type(reference).__name__
     if isinstance(reference, str):
-        from converters.export import load_model
-
         reference, _ = load_model(reference, weights)
     twin_options = None if change else reference_options(graph_path, antialiased, options)
     module = antialias_with(reference, twin_options)[0] if twin_options is not None else reference
@@ -354,8 +325,6 @@ def verify(
         # The file that ships is calibrated: its reference is the twin holding the calibrated weights,
         # read from the model itself (the BatchNorm-folded values go back into the twin's convs).
         import torch
-
-        from aa_deploy.twin_weights import load_folded_weights
 
         placed = load_folded_weights(module, graph_model, torch.from_numpy(np.asarray(inputs[:2], np.float32)))
         info = info | {"calibrated_weights": placed}

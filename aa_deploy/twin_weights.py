@@ -15,7 +15,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from aa_deploy import graph
+from aa_deploy import graph, model_io
 from aa_deploy.blur_nodes import blur_after
 from aa_deploy.errors import InputError
 from aa_deploy.torch import ConvBlurPool, PreBlur
@@ -61,8 +61,6 @@ def _conv_to_norm(twin: nn.Module, sample: torch.Tensor) -> dict[nn.Module, nn.M
 def load_folded_weights(twin: nn.Module, model: ir.Model, sample: torch.Tensor) -> int:
     """Copy the conv weights/biases and linear layers of the ONNX `model` into `twin` (in place).
     Returns the number of tensors placed; an initializer that has no place in the twin is an error."""
-    from aa_deploy import model_io
-
     twin.eval()
     modules = dict(twin.named_modules())
     norms = _conv_to_norm(twin, sample)

@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, resource, sys, time
-from calibration.calibrate import calibrate
-from calibration.images import Preprocess
+from aa_deploy.calibration.calibrate import calibrate
+from aa_deploy.images import Preprocess
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
 r = calibrate(args["model"], args["teacher"], args["images"], args["output"], method=args["method"],
@@ -45,7 +45,7 @@ def main() -> int:
     args = p.parse_args()
 
     from aa_deploy.convert import convert
-    from converters.export import export, load_model
+    from aa_deploy.converters.export import export, load_model
 
     work = Path(args.workdir)
     work.mkdir(exist_ok=True)

@@ -26,12 +26,12 @@ def main() -> None:
 
     from aa_deploy import bundled
     from aa_deploy.consistency import measure
-    from converters.onnxruntime import OnnxRuntimeRunner
+    from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if path is None:
-            from converters.export import export
+            from aa_deploy.converters.export import export
 
             path = export(bundled.resnet20(), Path(tmp) / "r20.onnx", (2, 3, 32, 32))
         runner = OnnxRuntimeRunner(path, threads=2)

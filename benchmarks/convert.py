@@ -51,7 +51,7 @@ def main() -> None:
         for spec in args.models:
             path = Path(spec)
             if not path.exists():
-                from converters.export import export, load_model
+                from aa_deploy.converters.export import export, load_model
 
                 path = Path(tmp) / (spec.replace(":", "_") + ".onnx")
                 export(load_model(spec)[0], path, (1, 3, 224, 224))

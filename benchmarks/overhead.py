@@ -39,7 +39,7 @@ def with_precision(path: Path, backend: str, precision: str) -> Path:
     """The graph to run: `path`, or its float16 version for the tensorrt backend at --precision fp16."""
     if backend != "tensorrt" or precision == "fp32":
         return path
-    from converters.precision import to_fp16
+    from aa_deploy.converters.precision import to_fp16
 
     graph = path.with_suffix(".fp16.onnx")
     to_fp16(path, graph)
@@ -49,12 +49,12 @@ def with_precision(path: Path, backend: str, precision: str) -> Path:
 def make_runner(graph: Path, backend: str, threads: int, batch: int, precision: str):
     """A runner (`run(feeds)`, `input_names`) of `graph` on `backend`, for inputs of `batch` images."""
     if backend.startswith("ort-"):
-        from converters.onnxruntime import OnnxRuntimeRunner
+        from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(graph, backend.removeprefix("ort-"), threads)
     import onnx
 
-    from converters.tensorrt import TensorRTRunner, build_engine
+    from aa_deploy.converters.tensorrt import TensorRTRunner, build_engine
 
     name = onnx.load(str(graph), load_external_data=False).graph.input[0].name
     engine = graph.with_suffix(f".b{batch}.engine")  # x.b8.engine, x.fp16.b8.engine
@@ -106,16 +106,16 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     if args.backend == "tensorrt":
-        from converters.tensorrt import require_tensorrt
+        from aa_deploy.converters.tensorrt import require_tensorrt
 
         require_tensorrt()
     else:
-        from converters.onnxruntime import available_provider
+        from aa_deploy.converters.onnxruntime import available_provider
 
         available_provider(args.backend.removeprefix("ort-"))
 
     import aa_deploy
-    from converters.export import export, load_model
+    from aa_deploy.converters.export import export, load_model
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

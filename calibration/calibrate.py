@@ -19,12 +19,14 @@ import torch
 
 from aa_deploy import graph, model_io
 from aa_deploy.atomic import refuse_overwrite
+from aa_deploy.calibration.distill import Recipe, distill
+from aa_deploy.calibration.held_out import HeldOut, centre
+from aa_deploy.calibration.reconstruct import calibrate_reconstruct
+from aa_deploy.calibration.stats import calibrate_stats
 from aa_deploy.consistency.paired import paired_difference
+from aa_deploy.converters.bridge import OnnxModule, write_back
 from aa_deploy.errors import InputError
-from calibration.bridge import OnnxModule, write_back
-from calibration.distill import Recipe
-from calibration.held_out import HeldOut, centre
-from calibration.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for, spread
+from aa_deploy.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for, spread
 
 METHODS = ("stats", "reconstruct", "distill")
 # Where distill starts from: `pointwise` refits the 1x1 convs and the classifier by least squares and
@@ -127,9 +129,6 @@ def calibrate(
     image resized before its centre crop (`preprocess.resize` > `preprocess.size`), `shift` on pad-and-crop
     shifts and circular rolls of the centre crop; `auto` (default) is `canvas` wherever the
     preprocessing has such a resize."""
-    from calibration.distill import distill
-    from calibration.reconstruct import calibrate_reconstruct
-    from calibration.stats import calibrate_stats
 
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}")

@@ -45,10 +45,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aa_deploy.calibration.held_out import (
+    HeldOut,
+    autocast,
+    canvas_crops,
+    centre,
+    logits,
+    pad_crop,
+    soft_targets,
+    worse,
+)
 from aa_deploy.consistency.protocols import roll_each
-from calibration.bridge import OnnxModule
-from calibration.held_out import HeldOut, autocast, canvas_crops, centre, logits, pad_crop, soft_targets, worse
-from calibration.images import batches
+from aa_deploy.converters.bridge import OnnxModule
+from aa_deploy.images import batches
 
 LR_CANDIDATES = (1e-4, 3e-4, 1e-3, 3e-3)
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from calibration.bridge import OnnxModule
+from aa_deploy.converters.bridge import OnnxModule
 
 FRONTIER_BYTES = 768 << 20  # live tensors held per module, all batches together
 

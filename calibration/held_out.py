@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aa_deploy.consistency import measure
 from aa_deploy.consistency.paired import bootstrap_ci
+from aa_deploy.converters.bridge import OnnxModule
 from aa_deploy.errors import InputError
-from calibration.bridge import OnnxModule
 
 TEACHER_SHIFTS = 8  # shifted views (besides the image itself) the held-out teacher is averaged over
 PASSES = 3
@@ -129,8 +130,6 @@ class HeldOut:
         image's fidelity hit and score ({"fidelity": ..., "score": ...}; empty for a model that is not
         a classifier). `final` adds the figures measured only before and after (the diagonal shift of
         canvas images); the score never counts them."""
-        from aa_deploy.consistency import measure
-
         module.train(False)
 
         def run(x):

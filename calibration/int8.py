@@ -1,6 +1,6 @@
 """INT8 by explicit quantization: Q/DQ nodes in the ONNX graph (what TensorRT 10/11 and ONNX Runtime run).
 
-Symmetric, per-channel weights and symmetric activations from calibration images, through
+Symmetric, per-channel weights and symmetric activations from aa_deploy.calibration images, through
 onnxruntime.quantization. The blurs stay exact: their nodes (and the Pad/Transpose glue around them)
 are kept out of quantization, so their taps stay float and still sum to one. The graph therefore
 runs fp32 blurs between quantized convolutions; a TensorRT build fuses them as it can.
@@ -17,8 +17,10 @@ import onnx
 
 from aa_deploy import blur_nodes, model_io
 from aa_deploy.atomic import refuse_overwrite
+from aa_deploy.converters.batching import fill, fixed_batch
 from aa_deploy.errors import InputError
-from calibration.images import Preprocess, load_folder, normalize
+from aa_deploy.images import Preprocess, load_folder, normalize
+from aa_deploy.model_io import input_spec
 
 
 class ImageReader:
@@ -27,8 +29,6 @@ class ImageReader:
     which leaves min/max ranges unchanged)."""
 
     def __init__(self, input_name: str, x: np.ndarray, batch: int = 32, fixed: int | None = None) -> None:
-        from converters.batching import fill
-
         batch = fixed or batch
         parts = [x[i : i + batch] for i in range(0, len(x), batch)]
         self.batches = iter([{input_name: fill(p, fixed) if fixed else p} for p in parts])
@@ -86,9 +86,6 @@ def quantize(
     Q/DQ graph itself is right, but the session that runs it is not (ResNet-20's top-1 agreement with
     fp32 fell to 0.81 once its stem conv was fused, 0.97 with the optimizer off, 0.99 with 7-bit weights)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from aa_deploy.parity import input_spec
-    from converters.batching import fixed_batch
 
     model, output = Path(model), Path(output)
     refuse_overwrite(output, model)

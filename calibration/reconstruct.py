@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from aa_deploy import blur_nodes, graph
+from aa_deploy.calibration.frontier import Frontier
+from aa_deploy.calibration.stats import ConvTarget, conv_targets, moments, rescale
+from aa_deploy.converters.bridge import OnnxModule
 from aa_deploy.errors import InputError
-from calibration.bridge import OnnxModule
-from calibration.frontier import Frontier
-from calibration.stats import ConvTarget, conv_targets, moments, rescale
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # relative to the mean diagonal of X'X
 MAX_FLOPS = 4e10  # multiply-adds spent on one conv's normal equations (positions are sampled to fit)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from aa_deploy.blur_nodes import blur_after
-from calibration.bridge import OnnxModule
-from calibration.frontier import Frontier
+from aa_deploy.calibration.frontier import Frontier
+from aa_deploy.converters.bridge import OnnxModule
 
 
 @dataclass

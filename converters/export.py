@@ -11,8 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from aa_deploy import bundled
 from aa_deploy.atomic import atomic_path
 from aa_deploy.errors import InputError
+from aa_deploy.models.cifar_resnet import cifar_resnet
+from aa_deploy.models.efficientnet_lite import efficientnet_lite0
 
 DEFAULT_OPSET = 18
 
@@ -34,12 +37,7 @@ def _load_model(spec: str, weights: str | os.PathLike | None) -> tuple[nn.Module
         raise InputError(f"model name {spec!r}: expected timm:NAME, torchvision:NAME, aa:NAME or module:factory")
     trained = weights is not None
     if source == "aa":
-        from aa_deploy import bundled
-        from aa_deploy.models.cifar_resnet import cifar_resnet
-
         if name == "efficientnet_lite0" and weights is None:
-            from aa_deploy.models.efficientnet_lite import efficientnet_lite0
-
             return efficientnet_lite0(), True
         depth = {"cifar10_resnet20": 20, "cifar10_resnet32": 32}.get(name)
         if depth is None:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from converters.batching import fixed_batch, run_in_batches
+from aa_deploy.converters.batching import fixed_batch, run_in_batches
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aa_deploy.atomic import atomic_path, write_text
+from aa_deploy.converters.batching import run_in_batches
 from aa_deploy.errors import InputError
 from aa_deploy.version import __version__
-from converters.batching import run_in_batches
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from converters.export import export, load_model
+from aa_deploy.converters.export import export, load_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import aa_deploy
-from calibration.bridge import load_module
-from calibration.stats import calibrate_stats
+from aa_deploy.calibration.stats import calibrate_stats
+from aa_deploy.converters.bridge import load_module
 
 pytestmark = pytest.mark.zoo
 

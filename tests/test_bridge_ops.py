@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import aa_deploy
 from aa_deploy import bundled
-from calibration.bridge import load_module
+from aa_deploy.converters.bridge import load_module
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((2, 4, 8, 8)).astype(np.float32)
@@ -228,7 +228,7 @@ def test_op_matches_onnxruntime(name, tmp_path):
 
 @pytest.mark.parametrize("opset", [11, 13, 17])
 def test_torchscript_resnet20_converts_and_calibration_runs_it(tmp_path, opset):
-    from calibration.stats import calibrate_stats
+    from aa_deploy.calibration.stats import calibrate_stats
 
     path = tmp_path / "r20.onnx"
     with warnings.catch_warnings():

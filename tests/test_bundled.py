@@ -8,9 +8,9 @@ import torch
 
 import aa_deploy
 from aa_deploy import bundled
+from aa_deploy.converters.export import export
+from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.torch import antialias_with, options_from_metadata
-from converters.export import export
-from converters.onnxruntime import OnnxRuntimeRunner
 from tests.helpers import cli
 
 

@@ -14,11 +14,11 @@ from PIL import Image
 
 import aa_deploy
 from aa_deploy import bundled
-from calibration.bridge import load_module
-from calibration.calibrate import calibrate
-from calibration.frontier import Frontier
-from calibration.stats import calibrate_stats, conv_targets, moments
-from converters.export import export
+from aa_deploy.calibration.calibrate import calibrate
+from aa_deploy.calibration.frontier import Frontier
+from aa_deploy.calibration.stats import calibrate_stats, conv_targets, moments
+from aa_deploy.converters.bridge import load_module
+from aa_deploy.converters.export import export
 from tests.helpers import cli, factor_spread
 
 
@@ -146,7 +146,7 @@ def test_a_tensor_whose_shape_differs_from_the_teachers_is_one_line(r20, tmp_pat
 
 
 def test_an_unreadable_image_met_in_a_worker_is_one_line(tmp_path):
-    from calibration.images import ImageFiles, Preprocess, batches
+    from aa_deploy.images import ImageFiles, Preprocess, batches
 
     Image.fromarray(bundled.cifar_test_images()[0][0]).save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"not an image")
@@ -175,7 +175,7 @@ def test_bridge_runs_the_run_time_padding_guard(tmp_path):
 
 
 def test_mixup_blends_pairs_of_the_batch():
-    from calibration.distill import mixup
+    from aa_deploy.calibration.distill import mixup
 
     images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
     mixed = mixup(images, np.random.default_rng(1))
@@ -220,8 +220,8 @@ def test_stats_matches_every_conv_blurpool_ones_through_their_blur(r20, tmp_path
 def test_a_rate_whose_end_scores_below_the_start_backs_off(r20, tmp_path, monkeypatch):
     # A held-out score that falls with every measurement: each rate ends below its start, so
     # training steps down through the smaller candidates, each from the start, and then keeps the start.
-    import calibration.distill as distill
-    import calibration.held_out as held_out
+    import aa_deploy.calibration.distill as distill
+    import aa_deploy.calibration.held_out as held_out
 
     calls = itertools.count()
     monkeypatch.setattr(held_out, "per_image_score", lambda hits, runs: np.full(len(hits), -float(next(calls))))
@@ -242,8 +242,8 @@ def test_a_rate_whose_end_scores_below_the_start_backs_off(r20, tmp_path, monkey
 def test_the_whole_schedule_runs_and_its_end_is_kept(r20, tmp_path, monkeypatch):
     # Epoch 1 scores best, the end only above the start: all four epochs run (no early stop on a
     # lucky epoch) and the weights at the end are kept.
-    import calibration.distill as distill
-    import calibration.held_out as held_out
+    import aa_deploy.calibration.distill as distill
+    import aa_deploy.calibration.held_out as held_out
 
     scores = {2: 0.5, 3: 0.9}  # measurements 0, 1: teacher and converted; 2: the start; 3..6: epochs 1..4
     calls = itertools.count()
@@ -263,7 +263,7 @@ def test_the_whole_schedule_runs_and_its_end_is_kept(r20, tmp_path, monkeypatch)
 
 
 def test_worse_means_below_by_more_than_the_held_out_noise():
-    from calibration.held_out import below, worse
+    from aa_deploy.calibration.held_out import below, worse
 
     rng = np.random.default_rng(0)
     start = rng.integers(0, 2, 100) + rng.random(100)
@@ -286,7 +286,7 @@ def test_worse_means_below_by_more_than_the_held_out_noise():
 
 
 def test_a_time_limit_shortens_the_schedule():
-    from calibration.distill import schedule_length
+    from aa_deploy.calibration.distill import schedule_length
 
     assert schedule_length(45, 3, None, 10.0) == 45  # no limit: the whole schedule
     assert schedule_length(45, 3, 100.0, 10.0) == 13  # 10 more epochs fit
@@ -297,8 +297,8 @@ def test_a_time_limit_shortens_the_schedule():
 
 def test_a_time_limit_spent_before_the_first_epoch_keeps_the_start(r20, tmp_path, monkeypatch):
     # No epoch starts, and no smaller rate is tried after it.
-    import calibration.distill as distill
-    import calibration.held_out as held_out
+    import aa_deploy.calibration.distill as distill
+    import aa_deploy.calibration.held_out as held_out
 
     monkeypatch.setattr(held_out, "per_image_score", lambda hits, runs: np.full(len(hits), 0.5))
     monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}, 0.0))
@@ -314,7 +314,7 @@ def test_a_time_limit_spent_before_the_first_epoch_keeps_the_start(r20, tmp_path
 
 
 def test_soft_targets_average_the_teachers_probabilities_over_views(r20):
-    from calibration.held_out import pad_crop, soft_targets
+    from aa_deploy.calibration.held_out import pad_crop, soft_targets
 
     _, teacher = load_module(r20 / "r20.onnx")
     images = bundled.cifar_test_images()[0][:8]
@@ -332,7 +332,7 @@ def test_soft_targets_average_the_teachers_probabilities_over_views(r20):
 def test_held_out_score_does_not_reward_a_constant_model(r20):
     # fidelity + mean consistency: a model answering one class for everything is perfectly consistent
     # and scores below the teacher it was made from.
-    from calibration.held_out import HeldOut
+    from aa_deploy.calibration.held_out import HeldOut
 
     _, teacher = load_module(r20 / "r20.onnx")
     images = bundled.cifar_test_images()[0][:40]
@@ -360,7 +360,7 @@ def test_held_out_score_does_not_reward_a_constant_model(r20):
 def test_streamed_images_give_the_same_calibration_as_decoded_ones(r20, tmp_path, monkeypatch):
     # Beyond CACHE_BUDGET the training images are decoded batch by batch in DataLoader workers: same
     # batches, same order, so the same weights.
-    import calibration.calibrate as cal
+    import aa_deploy.calibration.calibrate as cal
 
     args = (r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images")
     kwargs = dict(method="distill", max_epochs=1, lr=1e-4, seed=0, workers=2)
@@ -374,7 +374,7 @@ def test_streamed_images_give_the_same_calibration_as_decoded_ones(r20, tmp_path
 
 
 def test_batch_sizes_follow_the_activation_size(r20):
-    from calibration.calibrate import EVAL_BUDGET, TRAIN_BUDGET, batch_sizes
+    from aa_deploy.calibration.calibrate import EVAL_BUDGET, TRAIN_BUDGET, batch_sizes
 
     _, module = load_module(r20 / "r20.onnx")
     x = torch.from_numpy(bundled.cifar_normalize(bundled.cifar_test_images()[0][:2]))
@@ -382,7 +382,7 @@ def test_batch_sizes_follow_the_activation_size(r20):
     # ResNet-20 at 32 px: every node output of one sample, about 2 MB, so the caps decide
     assert 1 << 20 < per_sample < 4 << 20 and (evaluation, train) == (250, 64)
     assert batch_sizes(module, x, 7, 1)[1] == 7  # the user's batch is kept
-    import calibration.calibrate as cal
+    import aa_deploy.calibration.calibrate as cal
 
     big = per_sample * 40
     assert EVAL_BUDGET // big < 250 and TRAIN_BUDGET // big < 64  # a model 40x larger gets smaller batches
@@ -403,7 +403,7 @@ def test_capture_stops_the_pass_at_the_last_named_tensor(r20):
 
 
 def test_device_choice(r20, tmp_path):
-    from calibration.calibrate import resolve_device
+    from aa_deploy.calibration.calibrate import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -484,7 +484,7 @@ def test_calibrated_weights_go_back_into_the_twin(r20, tmp_path, mode):
 
 
 def test_student_views_alternate_pad_and_crop_with_circular_rolls():
-    from calibration.distill import Recipe, _step_views
+    from aa_deploy.calibration.distill import Recipe, _step_views
 
     images = np.random.default_rng(0).integers(1, 256, (6, 12, 12, 3)).astype(np.float32)
     student, teacher = _step_views(images, Recipe(student_views=3, circular=True), np.random.default_rng(1))
@@ -501,7 +501,7 @@ def test_student_views_alternate_pad_and_crop_with_circular_rolls():
 
 
 def test_invariance_loss_is_the_kl_to_the_views_mean_and_pulls_views_together():
-    from calibration.distill import invariance_loss
+    from aa_deploy.calibration.distill import invariance_loss
 
     torch.manual_seed(0)
     a = torch.randn(5, 10, requires_grad=True)
@@ -521,8 +521,8 @@ def test_the_weight_average_is_what_is_scored_and_kept(r20, tmp_path, monkeypatc
     # Every epoch scores better than the last, so the last epoch's weights are kept. With an average
     # over ~1e9 epochs those are the start's weights (the `reconstruct` result), though training moved
     # the weights themselves; without averaging they differ from the start.
-    import calibration.distill as distill
-    import calibration.held_out as held_out
+    import aa_deploy.calibration.distill as distill
+    import aa_deploy.calibration.held_out as held_out
 
     calls = iter(range(1000))
     monkeypatch.setattr(held_out, "per_image_score", lambda hits, runs: np.full(len(hits), float(next(calls))))
@@ -583,7 +583,7 @@ def test_rescale_after_blur_reaches_the_refit_and_the_metadata(r20, tmp_path):
 def test_limit_spreads_over_the_classes_of_a_folder_tree(tmp_path):
     """--limit N on a folder-per-class tree takes the classes in turn, not the first class's files;
     on a flat folder it takes evenly spaced files."""
-    from calibration.images import list_images, spread
+    from aa_deploy.images import list_images, spread
 
     for c in ("cat", "dog", "emu"):
         (tmp_path / c).mkdir()

@@ -135,7 +135,7 @@ def test_no_command_writes_over_its_inputs(tmp_path):
     """calibrate -o TEACHER, convert -o MODEL --calibrate DIR and quantize -o MODEL each refuse in one
     line before any work, and leave the file as it was."""
     from aa_deploy import bundled
-    from converters.export import export
+    from aa_deploy.converters.export import export
 
     original = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
     converted = tmp_path / "r20.aa.onnx"

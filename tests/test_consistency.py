@@ -188,7 +188,7 @@ def test_cli_compares_models_and_writes_report_and_plot(tmp_path):
 
     import aa_deploy
     from aa_deploy import bundled
-    from converters.export import export
+    from aa_deploy.converters.export import export
     from tests.helpers import cli
 
     plain = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
@@ -271,7 +271,7 @@ def test_probe_cli_on_the_trained_resnet20(tmp_path):
 
     import aa_deploy
     from aa_deploy import bundled
-    from converters.export import export
+    from aa_deploy.converters.export import export
     from tests.helpers import cli
 
     plain = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
@@ -336,7 +336,7 @@ def test_image_folder_views_have_the_model_input_size(tmp_path, protocol):
 
     from aa_deploy import bundled
     from aa_deploy.consistency.compare import compare
-    from converters.export import export
+    from aa_deploy.converters.export import export
 
     images, labels = bundled.cifar_test_images()
     for i in range(8):

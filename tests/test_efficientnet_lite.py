@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from aa_deploy import bundled
+from aa_deploy.converters.bridge import load_module
 from aa_deploy.drift import output_drift
-from calibration.bridge import load_module
-from calibration.images import Preprocess, load_rgb, normalize
+from aa_deploy.images import Preprocess, load_rgb, normalize
 from tests.helpers import cli
 
 pytest.importorskip("efficientnet_lite_pytorch", reason="pip install -e '.[imagenet]'")

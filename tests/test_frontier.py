@@ -9,12 +9,12 @@ import torch
 
 import aa_deploy
 from aa_deploy import bundled
-from calibration import frontier
-from calibration.bridge import OnnxModule
-from calibration.frontier import Frontier
-from calibration.reconstruct import calibrate_reconstruct
-from calibration.stats import calibrate_stats
-from converters.export import export
+from aa_deploy.calibration import frontier
+from aa_deploy.calibration.frontier import Frontier
+from aa_deploy.calibration.reconstruct import calibrate_reconstruct
+from aa_deploy.calibration.stats import calibrate_stats
+from aa_deploy.converters.bridge import OnnxModule
+from aa_deploy.converters.export import export
 
 
 @pytest.fixture(scope="module")

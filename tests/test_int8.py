@@ -11,8 +11,8 @@ from PIL import Image
 
 import aa_deploy
 from aa_deploy import bundled
-from converters.export import export
-from converters.onnxruntime import OnnxRuntimeRunner
+from aa_deploy.converters.export import export
+from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from tests.helpers import cli
 
 SHARED_TRAIN = __import__("tests.conftest", fromlist=["SHARED"]).SHARED / "data" / "cifar10-train2k"
@@ -100,7 +100,7 @@ def test_quantize_without_onnxruntime_shape_inference(monkeypatch, tmp_path):
     # When onnxruntime's pre-processing fails outright, quantize goes on without it and says so.
     import onnxruntime.quantization.shape_inference as shape_inference
 
-    from calibration.int8 import quantize
+    from aa_deploy.calibration.int8 import quantize
     from tests import graphs as G
 
     def fails(*args, **kwargs):

@@ -15,10 +15,10 @@ from torch import nn
 
 import aa_deploy
 from aa_deploy import bundled
-from calibration.bridge import OnnxModule, load_module
-from calibration.reconstruct import NormalEquations, calibrate_reconstruct
-from calibration.stats import calibrate_stats
-from converters.export import export
+from aa_deploy.calibration.reconstruct import NormalEquations, calibrate_reconstruct
+from aa_deploy.calibration.stats import calibrate_stats
+from aa_deploy.converters.bridge import OnnxModule, load_module
+from aa_deploy.converters.export import export
 from tests.helpers import factor_spread
 
 
@@ -158,7 +158,7 @@ def test_a_conv_before_a_residual_add_corrects_the_other_branch(tmp_path, monkey
     """The student's shortcut is blurred (3x3 box, zero padding), a linear change that conv2, 3x3
     over the same tensor, can take up exactly (teacher conv2 + identity - box). Fit against the
     teacher's sum, the outputs match; fit against conv2's own output, the change stays."""
-    import calibration.reconstruct as reconstruct
+    import aa_deploy.calibration.reconstruct as reconstruct
 
     torch.manual_seed(0)
     teacher_path = export(Residual().eval(), tmp_path / "t.onnx", (2, 3, 12, 12))

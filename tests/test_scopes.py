@@ -10,8 +10,8 @@ import torch
 
 import aa_deploy
 from aa_deploy import model_io
+from aa_deploy.converters.export import export
 from aa_deploy.torch import antialias_with
-from converters.export import export
 
 pytestmark = pytest.mark.zoo
 

@@ -141,8 +141,8 @@ def test_timm_convnextv2_fixed_batch_quantizes_and_calibrates(tmp_path, calib_di
     import timm
     import torch
 
-    from calibration.bridge import load_module
-    from converters.onnxruntime import OnnxRuntimeRunner
+    from aa_deploy.converters.bridge import load_module
+    from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 
     torch.manual_seed(0)
     module = timm.create_model("convnextv2_atto", pretrained=False).eval()

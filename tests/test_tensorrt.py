@@ -12,10 +12,10 @@ import pytest
 
 import aa_deploy
 from aa_deploy import bundled
+from aa_deploy.converters.export import export
+from aa_deploy.converters.precision import to_fp16
+from aa_deploy.converters.tensorrt import Sidecar, check_version, parse_shapes
 from aa_deploy.errors import InputError
-from converters.export import export
-from converters.precision import to_fp16
-from converters.tensorrt import Sidecar, check_version, parse_shapes
 from tests import graphs as G
 from tests.helpers import cli
 
@@ -108,8 +108,8 @@ def test_engine_build_and_parity_on_gpu(tmp_path):  # pragma: no cover - runs on
 def test_engine_runs_in_chunks_no_larger_than_its_profile_max():
     """A dynamic-batch engine whose profile ends at 8 gets 20 samples as 8 + 8 + 4; one with a single
     batch size gets exactly that many (filled), as ONNX Runtime's fixed-batch graphs do."""
-    from converters.batching import run_in_batches
-    from converters.tensorrt import profile_batches
+    from aa_deploy.converters.batching import run_in_batches
+    from aa_deploy.converters.tensorrt import profile_batches
 
     seen = []
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import aa_deploy
 from aa_deploy import bundled
+from aa_deploy.converters.export import export
 from aa_deploy.testing import assert_parity
-from converters.export import export
 from tests.helpers import cli
 
 REF = "aa:cifar10_resnet20"

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import aa_deploy
+from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.torch import antialias_with
-from converters.onnxruntime import OnnxRuntimeRunner
 from tests.conftest import ZOO
 
 pytestmark = pytest.mark.zoo

@@ -29,10 +29,10 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from converters.tensorrt import build_engine, parse_shapes
+    from aa_deploy.converters.tensorrt import build_engine, parse_shapes
 
     if args.shapes is None:
-        from aa_deploy.parity import input_spec
+        from aa_deploy.model_io import input_spec
 
         name, dims = input_spec(args.model)
         if not all(isinstance(d, int) and d > 0 for d in dims):
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.output)
     graph = Path(args.model)
     if args.precision == "fp16":
-        from converters.precision import to_fp16
+        from aa_deploy.converters.precision import to_fp16
 
         graph = out.with_suffix(".fp16.onnx")
         kept = to_fp16(args.model, graph)
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     elif args.precision == "int8":
         if not args.calib_images:
             raise InputError("--precision int8 needs --calib-images DIR")
-        from calibration.images import preprocess_for
-        from calibration.int8 import calibration_inputs, quantize
+        from aa_deploy.calibration.int8 import calibration_inputs, quantize
+        from aa_deploy.images import preprocess_for
 
         graph = out.with_suffix(".int8.onnx")
         size = next(iter(shapes.values()))[1][-1]

@@ -6,9 +6,9 @@ import argparse
 
 from rich.console import Console
 
+from aa_deploy.calibration.calibrate import METHODS, STARTS, VIEWS
+from aa_deploy.calibration.distill import Recipe
 from aa_deploy.cli import common
-from calibration.calibrate import METHODS, STARTS, VIEWS
-from calibration.distill import Recipe
 
 
 def add(sub) -> None:
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from calibration.calibrate import calibrate
+    from aa_deploy.calibration.calibrate import calibrate
 
     preprocess = common.preprocess(args)
     bars = Progress(console=console, transient=True)

@@ -60,7 +60,7 @@ def add_preprocess(p: argparse.ArgumentParser) -> None:
 
 def preprocess(args: argparse.Namespace, default_size: int | None = None):
     """The user's preprocessing (file, or --size/--mean/--std), or None to let the command decide."""
-    from calibration.images import Preprocess
+    from aa_deploy.images import Preprocess
 
     if args.preprocess:
         return Preprocess.from_file(args.preprocess)

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise InputError("--calibrate writes a new file: give -o FILE instead of --in-place")
     if args.calibrate is not None:
         from aa_deploy.atomic import refuse_overwrite
-        from calibration.images import list_images
+        from aa_deploy.images import list_images
 
         refuse_overwrite(args.output, args.model)  # the converted graph goes elsewhere first: check here
 

@@ -24,7 +24,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from converters.export import export, load_model
+    from aa_deploy.converters.export import export, load_model
 
     model, trained = load_model(args.model, args.weights)
     cifar = args.model.startswith("aa:cifar10")

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     from aa_deploy.consistency.compare import load_images
     from aa_deploy.consistency.probe import probe
-    from aa_deploy.parity import input_spec
+    from aa_deploy.model_io import input_spec
 
     dims = input_spec(args.model)[1]
     size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else 224

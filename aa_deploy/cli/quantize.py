@@ -27,9 +27,9 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from aa_deploy.parity import input_spec
-    from calibration.images import preprocess_for
-    from calibration.int8 import calibration_inputs, quantize
+    from aa_deploy.calibration.int8 import calibration_inputs, quantize
+    from aa_deploy.images import preprocess_for
+    from aa_deploy.model_io import input_spec
 
     dims = input_spec(args.model)[1]
     size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else None

@@ -8,8 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from aa_deploy.consistency.protocols import ConsistencyResult, measure
+from aa_deploy import bundled
+from aa_deploy.consistency.protocols import ConsistencyResult, measure, view_count
+from aa_deploy.converters.runners import make_runner
+from aa_deploy.converters.tensorrt import Sidecar
 from aa_deploy.errors import InputError
+from aa_deploy.images import Preprocess, csv_labels, folder_labels, load_folder, normalize
+from aa_deploy.model_io import input_spec
 
 BUNDLED_PHOTOS = Path(__file__).resolve().parents[1] / "assets" / "photos"
 
@@ -40,11 +45,7 @@ def load_images(
     """`bundled:cifar10`, `bundled:photos`, or an image folder; labels from a `file,label` CSV or a
     folder-per-class layout. Images are loaded at the view size for pad-and-crop and `circular`
     shifts, and `shift` px larger for canvas crops."""
-    from calibration.images import Preprocess, csv_labels, folder_labels, load_folder, normalize
-
     if spec == "bundled:cifar10":
-        from aa_deploy import bundled
-
         images, labels = bundled.cifar_test_images()
         return ImageSet(
             images[:limit], labels[:limit], bundled.cifar_normalize, 32, pad or "zero", "bundled CIFAR-10 test images"
@@ -78,11 +79,7 @@ def _selecting(runner, output: str | None, model: str):
 def _input_dims(model: str | os.PathLike, backend: str) -> list:
     """The first model's input dims: from the ONNX file, or from an engine's sidecar (its opt shape)."""
     if backend == "tensorrt":
-        from converters.tensorrt import Sidecar
-
         return list(next(iter(Sidecar.read(model).shapes.values()))[1])
-    from aa_deploy.parity import input_spec
-
     return input_spec(model)[1]
 
 
@@ -110,8 +107,6 @@ def compare(
     `progress`, if given, is a context manager factory `progress(total) -> advance(n)` (a progress bar).
     `output` names the output to measure (default: the first).
     """
-    from converters.runners import make_runner
-
     runners = {str(m): make_runner(m, backend, provider) for m in models}
     dims = _input_dims(models[0], backend)
     size = crop or (dims[-1] if isinstance(dims[-1], int) else 224)
@@ -133,8 +128,6 @@ def compare(
     if isinstance(dims[-1], int) and dims[-1] != data.crop:
         raise InputError(f"views are {data.crop} px, the model takes {dims[-1]} px: check --crop/--size")
     from contextlib import nullcontext
-
-    from aa_deploy.consistency.protocols import view_count
 
     total = len(runners) * view_count(protocol, len(data.images), shift=shift, passes=passes, pad=data.pad)
     results = {}

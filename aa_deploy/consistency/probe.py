@@ -26,6 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from aa_deploy import blur_nodes, model_io
+from aa_deploy.convert import _prepare
+from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.sites import find_sites, strided_slice
 
 
@@ -69,8 +71,6 @@ def _output_of(site) -> ir.Value:
 
 
 def _taps_for(model: ir.Model) -> list[_Taps]:
-    from aa_deploy.convert import _prepare
-
     _prepare(model)
     recorded = {s["node"]: s for s in model_io.read_metadata(model).get("sites", [])}
     by_name = {n.name: n for n in model.graph if n.name}
@@ -131,8 +131,6 @@ def probe(path: str | os.PathLike, x: np.ndarray, margin: int = 2) -> list[SiteP
     circularly, and there the model's padding, not aliasing, decides (two cells: the rolled reference
     reads one cell further).
     """
-    from converters.onnxruntime import OnnxRuntimeRunner
-
     model = model_io.load(path)
     taps = _taps_for(model)
     g = model.graph

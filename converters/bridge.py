@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aa_deploy import blur_nodes, graph, model_io
+from aa_deploy.converters.batching import fixed_batch
 from aa_deploy.errors import InputError
-from converters.batching import fixed_batch
 
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
 _TRAINABLE_INPUTS = {
@@ -567,7 +567,5 @@ def write_back(model: ir.Model, values: dict[str, np.ndarray]) -> None:
 
 def load_module(path: str | os.PathLike) -> tuple[ir.Model, OnnxModule]:
     """The ONNX model (onnx_ir) and its PyTorch execution."""
-    from aa_deploy import model_io
-
     model = model_io.load(path)
     return model, OnnxModule(model).eval()

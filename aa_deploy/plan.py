@@ -90,9 +90,9 @@ def pad_mode_for(pad: str, pads: tuple[tuple[int, int], ...], sizes: tuple[int |
     return pad
 
 
-def _selected(site: Site, options: Options) -> str | None:
-    """Why the user's selection leaves `site` out, or None if it is in."""
-    names = (site.name, site.scope)
+def selected(names: tuple[str, ...], options: Options) -> str | None:
+    """Why the user's `--include`/`--exclude` leave out a site known by `names` (node name and module
+    scope in a graph, the module path in the twin), or None if it is in."""
     if options.include is not None and not any(re.search(options.include, n) for n in names if n):
         return f"not matched by --include {options.include}"
     if options.exclude is not None and any(re.search(options.exclude, n) for n in names if n):
@@ -131,39 +131,69 @@ def reads_image(site: Site) -> bool:
     return value.is_graph_input() and graph.const_array(value) is None  # not an initializer listed as input
 
 
+ALREADY_BLURRED = "already anti-aliased (reads a fixed blur)"
+IDENTITY = "a 1-tap filter is the identity"
+NO_CHANNELS = "channel count unknown (no static shape information)"
+POINTWISE = "1x1 conv: blurpool equals pre, at a quarter of the cost"
+
+
+def skip_reason(
+    options: Options,
+    names: tuple[str, ...],
+    *,
+    first: bool,
+    on_image: bool,
+    protected: bool = False,
+    channels_known: bool = True,
+) -> str | None:
+    """Why a site is left alone, or None: the one rule of the ONNX pass and the twin (the twin sees
+    no fixed blurs and always knows its channel counts)."""
+    if protected:
+        return ALREADY_BLURRED
+    if first and (reason := stem_skip(options, on_image)):
+        return reason
+    if options.size == 1:
+        return IDENTITY
+    if not channels_known:
+        return NO_CHANNELS
+    return selected(names, options)
+
+
+def site_mode(kind: str, options: Options, *, pointwise: bool, obstacle: str | None) -> tuple[str, str]:
+    """(mode, note) for a site: the user's mode for `kind`, except that blurpool falls back to pre on a
+    pointwise conv (the same function, cheaper) and where the site says why blurpool cannot apply."""
+    mode = mode_for(kind, options.mode)
+    if mode == "blurpool" and pointwise:
+        return "pre", POINTWISE
+    if mode == "blurpool" and obstacle is not None:
+        return "pre", f"pre instead of blurpool: {obstacle}"
+    return mode, ""
+
+
 def plan(sites: list[Site], options: Options) -> list[Action]:
     """One Action per site, in site order."""
     actions: list[Action] = []
     shared: dict[tuple, int] = {}
     for i, site in enumerate(sites):
-        skip = None
-        if site.protected:
-            skip = "already anti-aliased (reads a fixed blur)"
-        elif i == 0 and (reason := stem_skip(options, reads_image(site))):
-            skip = reason
-        elif options.size == 1:
-            skip = "a 1-tap filter is the identity"
-        elif site.channels is None:
-            skip = "channel count unknown (no static shape information)"
-        else:
-            skip = _selected(site, options)
+        skip = skip_reason(
+            options,
+            (site.name, site.scope),
+            first=i == 0,
+            on_image=i == 0 and reads_image(site),
+            protected=site.protected,
+            channels_known=site.channels is not None,
+        )
         if skip is not None:
             actions.append(Action(site, "skip", skip))
             continue
-        mode = mode_for(site.kind, options.mode)
-        note = ""
-        if mode == "blurpool" and site.extra.get("pointwise"):
-            mode, note = "pre", "1x1 conv: blurpool equals pre, at a quarter of the cost"
-        elif mode == "blurpool" and site.blurpool is not None:
-            note = f"pre instead of blurpool: {site.blurpool}"
-            mode = "pre"
+        mode, note = site_mode(site.kind, options, pointwise=site.pointwise, obstacle=site.blurpool)
         # A 1x1 conv (no padding, no auto_pad) reading the tensor directly keeps only every s-th blurred
         # pixel: the blur can take the stride itself (same numbers, 1/s^n of the blur's work) and the
         # conv run at stride 1.
         restride = (
             mode == "pre"
             and site.kind == "strided-conv"
-            and bool(site.extra.get("pointwise"))
+            and site.pointwise
             and site.blurpool is None
             and site.readers == (site.node,)
         )
@@ -171,11 +201,11 @@ def plan(sites: list[Site], options: Options) -> list[Action]:
             note = "; ".join(filter(None, [note, "1x1 conv: blur at the conv's stride, conv at stride 1"]))
         taps = tuple(filters.taps_1d(options.size, s) for s in site.strides)
         pads = tuple(filters.padding(len(t)) for t in taps)
-        sizes = site.sizes if mode == "pre" else site.extra.get("stride1_sizes", site.sizes)
+        sizes = site.sizes if mode == "pre" or site.stride1_sizes is None else site.stride1_sizes
         pad_mode = pad_mode_for(options.pad, pads, sizes)
         if pad_mode != options.pad:
             note = "; ".join(filter(None, [note, f"reflect -> replicate: map of {min(s for s in sizes if s)} px"]))
-        channels = site.channels if mode == "pre" else site.extra.get("out_channels")
+        channels = site.channels if mode == "pre" else site.out_channels
         if channels is None:
             actions.append(Action(site, "skip", "output channel count unknown"))
             continue

@@ -14,7 +14,6 @@ timm's Swin `PatchMerging` (channels-last), and any module declaring `antialias_
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from aa_deploy import filters
-from aa_deploy.plan import IMAGE_CHANNELS, POOLING, Options, mode_for, pad_mode_for, stem_skip
+from aa_deploy.plan import IMAGE_CHANNELS, POOLING, Options, pad_mode_for, site_mode, skip_reason
+from aa_deploy.sites import strided_slice
+from aa_deploy.sites.pooling import CEIL_MODE, acts_globally
+from aa_deploy.sites.strided_conv import is_pointwise
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -108,6 +110,13 @@ class ConvBlurPool(nn.Module):
         return self.blur(y, bias=conv.bias)
 
 
+def _acts_globally(pool: nn.Module, x: torch.Tensor) -> bool:
+    """`sites.pooling.acts_globally` for a pooling module on `x` (PyTorch pads both ends alike)."""
+    n = x.dim() - 2
+    padding = _tuple(pool.padding, n)
+    return acts_globally(_tuple(pool.kernel_size, n), tuple(x.shape[2:]), (*padding, *padding))
+
+
 class PoolBlurPool(nn.Module):
     """The pool at stride 1, then the blur at the pool's stride (MaxBlurPool for MaxPool)."""
 
@@ -119,7 +128,7 @@ class PoolBlurPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pool, n = self.pool, x.dim() - 2
         kernel, padding = _tuple(pool.kernel_size, n), _tuple(pool.padding, n)
-        if all(k >= s + 2 * p for k, s, p in zip(kernel, x.shape[2:], padding)):
+        if _acts_globally(pool, x):
             return pool(x)  # a global pool at this size: not a site, as in the ONNX pass
         if isinstance(pool, _MAXPOOL):
             fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
@@ -135,10 +144,8 @@ class GuardedPreBlur(PreBlur):
     """PreBlur for pools: no blur when the pool acts as a global pool at the input's size."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pool, n = self.module, x.dim() - 2
-        kernel, padding = _tuple(pool.kernel_size, n), _tuple(pool.padding, n)
-        if all(k >= s + 2 * p for k, s, p in zip(kernel, x.shape[2:], padding)):
-            return pool(x)
+        if _acts_globally(self.module, x):
+            return self.module(x)
         return super().forward(x)
 
 
@@ -202,11 +209,19 @@ def _on_image(module: nn.Module, kind: str) -> bool:
     return kind == "strided-conv" and module.in_channels <= IMAGE_CHANNELS
 
 
-def _selected(name: str, options: Options) -> str | None:
-    if options.include is not None and not re.search(options.include, name):
-        return f"not matched by --include {options.include}"
-    if options.exclude is not None and re.search(options.exclude, name):
-        return f"matched by --exclude {options.exclude}"
+def _pointwise(module: nn.Module, kind: str) -> bool:
+    """`sites.strided_conv.is_pointwise` for a conv module."""
+    if kind != "strided-conv" or isinstance(module.padding, str) and module.padding != "valid":
+        return False
+    return is_pointwise(module.kernel_size, () if module.padding == "valid" else _tuple(module.padding, 1))
+
+
+def _obstacle(module: nn.Module, kind: str) -> str | None:
+    """Why the site cannot take the blurpool form, in the site modules' words (None: it can)."""
+    if kind in POOLING:
+        return CEIL_MODE if module.ceil_mode else None
+    if kind in ("strided-slice", "patch-merge"):
+        return strided_slice.BLURPOOL_OBSTACLE
     return None
 
 
@@ -239,35 +254,20 @@ def antialias_with(model: nn.Module, options: Options, *, inplace: bool = False)
         model = copy.deepcopy(model)
     report = []
     for i, (name, module, kind, strides, channels_last) in enumerate(find_sites(model)):
-        skip = stem_skip(options, _on_image(module, kind)) if i == 0 else None
-        if skip is None and options.size == 1:
-            skip = "a 1-tap filter is the identity"
-        skip = skip or _selected(name, options)
+        skip = skip_reason(options, (name,), first=i == 0, on_image=i == 0 and _on_image(module, kind))
         if skip is not None:
             report.append(TwinSite(name, kind, strides, "skip", skip))
             continue
         blur = Blur(len(strides), strides, options.size, options.pad, channels_last)
-        site_mode = mode_for(kind, options.mode)
-        note = ""
-        pointwise = (
-            kind == "strided-conv"
-            and all(k == 1 for k in module.kernel_size)
-            and (module.padding == "valid" or not any(_tuple(module.padding, 1)))
-        )
-        if site_mode == "blurpool" and pointwise:
-            site_mode, note = "pre", "1x1 conv: blurpool equals pre, at a quarter of the cost"
-            new: nn.Module = PreBlur(module, blur)
-        elif site_mode == "blurpool" and kind == "strided-conv":
+        mode, note = site_mode(kind, options, pointwise=_pointwise(module, kind), obstacle=_obstacle(module, kind))
+        if mode == "pre":
+            new: nn.Module = GuardedPreBlur(module, blur) if kind in POOLING else PreBlur(module, blur)
+        elif kind == "strided-conv":
             new = ConvBlurPool(module, blur)
-        elif site_mode == "blurpool" and kind in POOLING and not module.ceil_mode:
-            new = PoolBlurPool(module, blur)
         else:
-            if site_mode == "blurpool":
-                note = "pre instead of blurpool: " + ("ceil_mode=1" if kind in POOLING else "slicing")
-            site_mode = "pre"
-            new = GuardedPreBlur(module, blur) if kind in POOLING else PreBlur(module, blur)
+            new = PoolBlurPool(module, blur)
         _set(model, name, new)
-        report.append(TwinSite(name, kind, strides, site_mode, note))
+        report.append(TwinSite(name, kind, strides, mode, note))
     return model, report
 
 

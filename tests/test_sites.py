@@ -515,3 +515,39 @@ def test_input_output_names_shapes_and_dtypes_kept():
         assert [(v.name, v.type.tensor_type.elem_type, str(v.type.tensor_type.shape)) for v in a] == [
             (v.name, v.type.tensor_type.elem_type, str(v.type.tensor_type.shape)) for v in b
         ]
+
+
+def _decision_note(note: str) -> str:
+    """The part of a pass's note that is a decision the twin makes too (not how the graph is rewritten:
+    a 1x1 conv's blur taking the stride, the padding fallback on small maps, shared blur nodes)."""
+    rewriting = ("1x1 conv: blur at the conv's stride", "reflect -> replicate", "shares the blur")
+    return "; ".join(part for part in note.split("; ") if part and not part.startswith(rewriting))
+
+
+@pytest.mark.parametrize("mode", ["auto", "pre", "blurpool"])
+def test_the_twin_and_the_pass_decide_alike(mode, tmp_path):
+    """Each site's action and note come from one rule: a stem on the image, a 1x1 strided conv, a pool
+    with ceil_mode, a 3x3 strided conv, and the CIFAR ResNet's option-A shortcut (a strided slice)."""
+    import torch as pt
+
+    from aa_deploy import bundled
+    from aa_deploy import torch as twin_torch
+    from aa_deploy.converters.export import export
+
+    small = pt.nn.Sequential(
+        pt.nn.Conv2d(3, 8, 3, 2, 1),
+        pt.nn.ReLU(),
+        pt.nn.Conv2d(8, 8, 1, 2),
+        pt.nn.MaxPool2d(2, 2, ceil_mode=True),
+        pt.nn.Conv2d(8, 8, 3, 2, 1),
+    ).eval()
+    for name, net, shape in [("small", small, (1, 3, 64, 64)), ("resnet20", bundled.resnet20(), (1, 3, 32, 32))]:
+        path = tmp_path / f"{name}.onnx"
+        export(net, path, shape)
+        _, result = convert(onnx.load(path), mode=mode, skip_stem=None)
+        _, report = twin_torch.antialias(net, mode=mode)
+        onnx_side = sorted((a.site.kind, a.action, _decision_note(a.note)) for a in result.actions)
+        twin_side = sorted((r.kind, r.action, r.note) for r in report)
+        assert onnx_side == twin_side, name
+        if mode == "blurpool":
+            assert any("slicing" in note for _, _, note in onnx_side) == (name == "resnet20")

@@ -1,5 +1,9 @@
 """Finding downsampling sites: one module per site kind, each `find(graph, claimed) -> list[Site]`.
 
+A site module also holds its kind's rules: what is not a site (`pooling.acts_globally`), when a
+form applies (`strided_conv.is_pointwise`) and the words for why not (`pooling.CEIL_MODE`,
+`strided_slice.BLURPOOL_OBSTACLE`). `plan` and the PyTorch twin both ask them; the decisions made
+from them (skips, modes, notes) are `plan.skip_reason` and `plan.site_mode`, also used by both.
 A new site kind is one module here plus its entry in FINDERS (and one test module).
 """
 

@@ -34,7 +34,7 @@ def _slice_concat(node: ir.Node) -> tuple[Site, list[ir.Node]] | None:
     readers = tuple(dict.fromkeys(nodes[-1] for _, _, nodes in paths))
     value, readers = look_through_pad(source, readers)
     site = strided_slice.site_for("patch-merge", node, value, readers, strides, channel_axis)
-    site.extra["form"] = "Slice+Concat"
+    site.form = "Slice+Concat"
     return site, [n for _, _, nodes in paths for n in nodes]
 
 
@@ -80,7 +80,7 @@ def _reshape_transpose(node: ir.Node) -> tuple[Site, list[ir.Node]] | None:
     axes = (1, 2) if channel_axis == 3 else (2, 3)
     value, site_readers = look_through_pad(node.inputs[0], (node,))
     site = strided_slice.site_for("patch-merge", node, value, site_readers, dict.fromkeys(axes, stride), channel_axis)
-    site.extra["form"] = "Reshape+Transpose"
+    site.form = "Reshape+Transpose"
     return site, [node]
 
 
@@ -90,7 +90,7 @@ def _space_to_depth(node: ir.Node) -> tuple[Site, list[ir.Node]] | None:
     if x is None or len(x) != 4 or b < 2:
         return None
     site = strided_slice.site_for("patch-merge", node, node.inputs[0], (node,), {2: b, 3: b}, 1)
-    site.extra["form"] = "SpaceToDepth"
+    site.form = "SpaceToDepth"
     return site, [node]
 
 

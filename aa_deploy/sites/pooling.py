@@ -7,25 +7,32 @@ static input (a global pool in disguise).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import onnx_ir as ir
 
 from aa_deploy import blur_nodes, graph
 from aa_deploy.sites.site import Site
 from aa_deploy.sites.strided_conv import strided_site
 
+CEIL_MODE = "ceil_mode=1"  # why a pool keeps the pre form: its stride-1 output has other sizes
+
+
+def acts_globally(kernel: Sequence[int], sizes: Sequence[int | None], pads: Sequence[int]) -> bool:
+    """Whether the pool's window covers its whole padded input on every axis (`pads`: begins, then
+    ends): a global pool in disguise, which subsamples nothing and is no site."""
+    n = len(kernel)
+    return all(size is not None and k >= size + pads[i] + pads[i + n] for i, (k, size) in enumerate(zip(kernel, sizes)))
+
 
 def _is_global(node: ir.Node, kernel: tuple[int, ...]) -> bool:
     x = graph.dims(node.inputs[0])
-    if x is None or any(d is None for d in x[2:]):
-        return False
-    n = len(kernel)
-    pads = graph.ints(node, "pads", [0] * (2 * n))
-    return all(k >= size + pads[i] + pads[i + n] for i, (k, size) in enumerate(zip(kernel, x[2:])))
+    return x is not None and acts_globally(kernel, x[2:], graph.ints(node, "pads", [0] * (2 * len(kernel))))
 
 
 def _blurpool_obstacle(node: ir.Node) -> str | None:
     if node.attributes.get_int("ceil_mode", 0):
-        return "ceil_mode=1"
+        return CEIL_MODE
     if (
         len(node.outputs) > 1
         and node.outputs[1] is not None
@@ -50,7 +57,7 @@ def find(g: ir.Graph, claimed: set[int]) -> list[Site]:
             continue
         x = graph.dims(node.inputs[0])
         site.channels = x[1] if x is not None and len(x) > 1 else None
-        site.extra["out_channels"] = site.channels
+        site.out_channels = site.channels
         site.blurpool = site.blurpool or _blurpool_obstacle(node)
         sites.append(site)
     return sites

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx_ir as ir
 
@@ -30,7 +30,12 @@ class Site:
     sizes: tuple[int | None, ...]  # static sizes of `axes` in `value`, None where dynamic
     blurpool: str | None = None  # why blurpool mode cannot apply here (None: it can)
     protected: bool = False  # already preceded by a fixed blur
-    extra: dict = field(default_factory=dict)
+    out_channels: int | None = None  # channels of the node's output: what a blurpool-mode blur filters
+    stride1_sizes: tuple[int | None, ...] | None = (
+        None  # `sizes` of the node's output at stride 1 (blurpool's blur input)
+    )
+    pointwise: bool = False  # a 1x1 conv without padding (`strided_conv.is_pointwise`)
+    form: str | None = None  # the pattern a patch merge was found as (Slice+Concat, Reshape+Transpose, SpaceToDepth)
 
     @property
     def name(self) -> str:

@@ -6,6 +6,8 @@ an already anti-aliased downsampler).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import onnx_ir as ir
 
 from aa_deploy import blur_nodes, graph
@@ -30,6 +32,12 @@ def _spatial_rank(node: ir.Node) -> int | None:
         return len(weight) - 2
     x = graph.dims(node.inputs[0])
     return None if x is None else len(x) - 2
+
+
+def is_pointwise(kernel: Sequence[int], pads: Sequence[int]) -> bool:
+    """A 1x1 conv without padding mixes channels only, so it commutes with the blur: its blurpool form
+    equals its pre form, which runs the conv on a quarter of the pixels."""
+    return bool(kernel) and all(k == 1 for k in kernel) and not any(pads)
 
 
 def strided_site(node: ir.Node, kind: str, kernel: tuple[int, ...] | None) -> Site | None:
@@ -68,9 +76,8 @@ def strided_site(node: ir.Node, kind: str, kernel: tuple[int, ...] | None) -> Si
         sizes=sizes,
         blurpool=None if auto_pad in ("NOTSET", "") else f"auto_pad={auto_pad}",
         protected=blur_nodes.reads_blurred(x),
-        # A 1x1 conv without padding mixes channels only, so it commutes with the blur: its blurpool
-        # form equals its pre form, which runs the conv on a quarter of the pixels.
-        extra={"stride1_sizes": stride1, "pointwise": bool(kernel) and all(k == 1 for k in kernel) and not any(pads)},
+        stride1_sizes=stride1,
+        pointwise=is_pointwise(kernel, pads),
     )
 
 
@@ -86,6 +93,6 @@ def find(g: ir.Graph, claimed: set[int]) -> list[Site]:
             site.value, site.readers = look_through_pad(site.value, site.readers)
             site.protected = site.protected or blur_nodes.reads_blurred(site.value)
             weight = graph.dims(node.inputs[1]) if len(node.inputs) > 1 else None
-            site.extra["out_channels"] = weight[0] if weight else None
+            site.out_channels = weight[0] if weight else None
             sites.append(site)
     return sites

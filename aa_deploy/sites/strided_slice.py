@@ -14,6 +14,10 @@ import onnx_ir as ir
 from aa_deploy import blur_nodes, graph
 from aa_deploy.sites.site import Site
 
+# Why a slice (or a patch merge, which is slices) cannot take the blurpool form: the ONNX pass and the
+# twin both say it with these words.
+BLURPOOL_OBSTACLE = "subsampling by slicing: its blurpool form is the pre form"
+
 
 def slice_steps(node: ir.Node) -> dict[int, int] | None:
     """Axis -> step for the steps > 1 of a Slice (opset >= 10 form), or None if not a strided Slice."""
@@ -110,7 +114,7 @@ def site_for(
         rank=rank,
         channels=channels,
         sizes=tuple(x[a] for a in axes),
-        blurpool="subsampling by slicing: its blurpool form is the pre form",
+        blurpool=BLURPOOL_OBSTACLE,
         protected=blur_nodes.reads_blurred(value),
     )
 

@@ -60,11 +60,10 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
         for i, crop in enumerate(bundled.photo_crops(crops, 32)):
             Image.fromarray(crop).save(calib / f"{i:04d}.png")
         calibrated = folder / "resnet20.aa.cal.onnx"
-        # The refit alone, not calibrate's default (a start, then distillation): distillation learns from
-        # the calibration images themselves, and on photo crops it cost 1-2 points of top-1 on CIFAR images.
-        # The two convs that read a blur are rescaled, not refit (a refit kernel sharpens itself to undo the
-        # blur). Measured on the 2,000 CIFAR-10 training images in ../shared, which the demo never sees:
-        # docs/results.md, "Calibrating on images that may ship".
+        # The refit alone, not calibrate's default (a start, then distillation): distillation learns the
+        # calibration images themselves, photo crops here, not CIFAR images. The two convs that read a blur
+        # are rescaled, not refit (a refit kernel sharpens itself to undo the blur). docs/results.md,
+        # "Calibrating on images that may ship".
         report = calibrate(converted, original, calib, calibrated, method="reconstruct", rescale_after_blur=True)
         console.print(f"    {report.seconds:.0f} s")
 

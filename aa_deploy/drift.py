@@ -1,7 +1,7 @@
 """How far conversion moved a model's outputs, read on bundled images right after `convert`.
 
 Blurs change what every later layer sees, so a trained network converted without recalibration
-usually answers differently (measured: CIFAR ResNet-20 top-1 94 -> 70, EfficientNet-Lite0 88 -> 14).
+usually answers differently (figures in docs/results.md).
 `convert` runs the original and the converted graph on a few bundled images at the model's input
 size (the 100 CIFAR-10 test images for 32-px models, else the six public-domain photos and their
 mirror images) and says so in one line when they disagree: top-1 agreement for an (N, classes)

@@ -83,8 +83,7 @@ def quantize(
 
     `reduce_range` (default): weights on 7 bits. ONNX Runtime's fused int8 convolutions on x86 CPUs
     without VNNI (AVX2 only) add pairs of int8 products in int16, which saturate at full range; the
-    Q/DQ graph itself is right, but the session that runs it is not (ResNet-20's top-1 agreement with
-    fp32 fell to 0.81 once its stem conv was fused, 0.97 with the optimizer off, 0.99 with 7-bit weights)."""
+    Q/DQ graph itself is right, but the session that runs it is not (figures: docs/results.md, INT8)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model, output = Path(model), Path(output)

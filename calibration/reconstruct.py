@@ -267,8 +267,7 @@ def calibrate_reconstruct(
     gives the others `stats`' per-channel rescaling: a spatial kernel refit against the original can
     sharpen itself to undo the blurs before it, bringing back the aliasing they removed, which a
     channel mix cannot. `after_blur=False` rescales only the spatial convs that read a blur's output
-    and refits the rest (measured on the CIFAR ResNets more consistent than the full refit, at the
-    same top-1: docs/results.md, "Calibrating on images that may ship")."""
+    and refits the rest, for the same reason (docs/results.md, "Calibrating on images that may ship")."""
     targets = conv_targets(student, teacher)
     nodes = {n.name: n for n in student.nodes}
     params = student.trainable()

@@ -181,8 +181,8 @@ class OnnxModule(nn.Module):
 
     def laid_out(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the pass runs it: a 4-D float tensor NHWC in memory (same values), where PyTorch's
-        CPU convolutions, depthwise above all, run 2-2.5x faster and every op downstream keeps the
-        layout (benchmarks/distill_throughput.py). Every pass starts here, so that all agree bit for bit."""
+        CPU convolutions, depthwise above all, run faster and every op downstream keeps the layout
+        (benchmarks/distill_throughput.py). Every pass starts here, so that all agree bit for bit."""
         if self.channels_last and x.dim() == 4 and x.is_floating_point():
             return x.contiguous(memory_format=torch.channels_last)
         return x

@@ -30,16 +30,15 @@ def add(sub) -> None:
         default="pointwise",
         choices=STARTS,
         help="where distill starts (default %(default)s: the 1x1 convs and the classifier refit by least squares, "
-        "the spatial convs rescaled; reconstruct refits every conv, measured less invariant after distillation; "
-        "stats rescales every conv, far less accurate on ImageNet)",
+        "the spatial convs rescaled, so that no spatial kernel can sharpen itself back against the blur; reconstruct "
+        "refits every conv; stats rescales every conv)",
     )
     k.add_argument(
         "--rescale-after-blur",
         action="store_true",
         help="with --method reconstruct or --start reconstruct: rescale the spatial convs that read a blur's output "
-        "instead of refitting them (a refit kernel can sharpen itself to undo the blur; measured more "
-        "shift-consistent on the CIFAR ResNets, the same on EfficientNet-Lite0); the pointwise and stats starts "
-        "rescale every spatial conv already",
+        "instead of refitting them (a refit kernel can sharpen itself to undo the blur); the pointwise and stats "
+        "starts rescale every spatial conv already",
     )
     k.add_argument(
         "--views",

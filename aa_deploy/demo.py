@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aa_deploy import bundled, model_io
-from aa_deploy.calibration.calibrate import calibrate
+from aa_deploy.calibration.calibrate import Data, Training, calibrate
 from aa_deploy.cli.common import EXIT_NOTHING, EXIT_OK
 from aa_deploy.consistency import measure
 from aa_deploy.consistency.oscillation import oscillation, paired_oscillation
@@ -64,7 +64,9 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
         # calibration images themselves, photo crops here, not CIFAR images. The two convs that read a blur
         # are rescaled, not refit (a refit kernel sharpens itself to undo the blur). docs/results.md,
         # "Calibrating on images that may ship".
-        report = calibrate(converted, original, calib, calibrated, method="reconstruct", rescale_after_blur=True)
+        report = calibrate(
+            converted, original, Data(calib), calibrated, Training(method="reconstruct", rescale_after_blur=True)
+        )
         console.print(f"    {report.seconds:.0f} s")
 
         console.print("4/6 verify: ONNX Runtime vs the PyTorch models on the 100 bundled test images")

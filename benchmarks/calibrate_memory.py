@@ -20,13 +20,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, resource, sys, time
-from aa_deploy.calibration.calibrate import calibrate
+from aa_deploy.calibration.calibrate import Compute, Data, Training, calibrate
 from aa_deploy.images import Preprocess
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
-r = calibrate(args["model"], args["teacher"], args["images"], args["output"], method=args["method"],
-              limit=args["limit"], max_epochs=args["epochs"], lr=args["lr"], device=args["device"],
-              preprocess=Preprocess(**args["preprocess"]))
+r = calibrate(args["model"], args["teacher"],
+              Data(args["images"], preprocess=Preprocess(**args["preprocess"]), limit=args["limit"]), args["output"],
+              Training(method=args["method"], max_epochs=args["epochs"], lr=args["lr"]), Compute(device=args["device"]))
 print(json.dumps({"seconds": time.perf_counter() - start, "batch": r.batch, "activation_mb": r.activation_mb,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))

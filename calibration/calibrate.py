@@ -97,63 +97,129 @@ def _split(files: list[Path], held_out: float, seed: int) -> tuple[list[Path], l
     return [files[i] for i in order[:n_held]], [files[i] for i in order[n_held:]]
 
 
+def _training_images(files: list[Path], decode: Preprocess, image_bytes: int, report_progress) -> ImageFiles | np.ndarray:
+    """The training images: decoded once when they fit CACHE_BUDGET, else decoded batch by batch from disk."""
+    train = ImageFiles(files, decode)
+    if len(train) * image_bytes > CACHE_BUDGET:
+        return train
+    decoded = []
+    for i in range(0, len(train), 250):
+        decoded.append(train[np.arange(i, min(i + 250, len(train)))])
+        report_progress({"phase": "load", "done": i + len(decoded[-1]), "total": len(train)})
+    return np.concatenate(decoded)
+
+
+def _start_count(view: np.ndarray, available: int) -> int:
+    """Images the closed-form start reads: about START_POSITIONS input positions per channel, at least
+    START_MIN, within START_BUDGET bytes of float32 and the images there are."""
+    n = int(np.clip(START_POSITIONS // (view.shape[0] * view.shape[1]), START_MIN, 1000))
+    return min(n, available, max(16, START_BUDGET // (4 * view.nbytes)))
+
+
+def _closed_form(training: Training) -> Callable:
+    """The closed-form step that runs first (`Training.first_step`)."""
+    return {
+        "stats": calibrate_stats,
+        "reconstruct": partial(calibrate_reconstruct, after_blur=not training.rescale_after_blur),
+        "pointwise": partial(calibrate_reconstruct, spatial=False),
+    }[training.first_step]
+
+
+@dataclass(frozen=True)
+class Data:
+    """What to calibrate on: an image folder (no labels), its preprocessing (default: read from the
+    model's input size), the held-out fraction, at most `limit` images (spread over the folder), and
+    what the training views shift (`VIEWS`: `canvas` trains on, and measures with, crops of the image
+    resized before its centre crop; `shift` on pad-and-crop shifts and circular rolls of the centre
+    crop; `auto` is `canvas` wherever the preprocessing has such a resize)."""
+
+    images: str | os.PathLike
+    preprocess: Preprocess | None = None
+    held_out: float = 0.1
+    limit: int | None = None
+    views: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.views not in VIEWS:
+            raise ValueError(f"views must be one of {', '.join(VIEWS)}, not {self.views!r}")
+        if not 0 < self.held_out < 1:
+            raise ValueError(f"held_out must be a fraction between 0 and 1, not {self.held_out}")
+
+
+@dataclass(frozen=True)
+class Training:
+    """How to calibrate: the method (`METHODS`), distillation's closed-form start (`STARTS`), the
+    schedule (`max_epochs`, shortened to end `time_limit` seconds after the call when given; `lr`
+    from a range test unless given), the distillation recipe, and `rescale_after_blur`: `reconstruct`
+    (as the method or the start) rescales the spatial convs that read a blur's output instead of
+    refitting them."""
+
+    method: str = "distill"
+    start: str = "pointwise"
+    max_epochs: int = 45
+    lr: float | None = None
+    time_limit: float | None = None
+    rescale_after_blur: bool = False
+    recipe: Recipe = field(default_factory=Recipe)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {', '.join(STARTS)}, not {self.start!r}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ValueError(f"time_limit must be positive, not {self.time_limit}")
+        if self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be 1 or more, not {self.max_epochs}")
+        r = self.recipe
+        if r.shift < 1 or r.invariance < 0 or r.average_epochs < 0 or r.teacher_views < 0:
+            raise ValueError("recipe: shift must be 1 or more; invariance, average_epochs, teacher_views 0 or more")
+        if r.student_views is not None and r.student_views < 1:
+            raise ValueError(f"recipe: student_views must be 1 or more, not {r.student_views}")
+
+    @property
+    def first_step(self) -> str:
+        """The closed-form step that runs first: the method itself, or distillation's start."""
+        return self.method if self.method != "distill" else self.start
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and in what pieces: `device` (auto, cpu, cuda), the training batch (default: sized to
+    the activation budget) and the image-decoding workers."""
+
+    device: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be 1 or more, not {self.batch_size}")
+
+
 def calibrate(
     model: str | os.PathLike,
     teacher: str | os.PathLike,
-    images: str | os.PathLike,
+    data: Data,
     output: str | os.PathLike,
+    training: Training = Training(),
+    compute: Compute = Compute(),
     *,
-    method: str = "distill",
-    start: str = "pointwise",
-    preprocess: Preprocess | None = None,
-    held_out: float = 0.1,
-    limit: int | None = None,
-    max_epochs: int = 45,
-    lr: float | None = None,
-    seed: int = 0,
-    recipe: Recipe | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
     progress: Callable[[dict], None] | None = None,
     check: bool = True,
-    time_limit: float | None = None,
-    rescale_after_blur: bool = False,
-    views: str = "auto",
 ) -> CalibrationResult:
-    """Calibrate the converted `model` against `teacher` on the unlabeled `images`; writes `output`.
-    `progress` receives {"phase": ...} records: load / start (name, done, total), epoch (a history record).
-    `time_limit` (seconds from the call) sets the length of distillation's schedule to what fits, replanned after each epoch.
-    `rescale_after_blur`: `reconstruct` (as the method or the start) rescales the spatial convs that read a blur's
-    output instead of refitting them. `views`: `canvas` trains on, and measures with, crops of the
-    image resized before its centre crop (`preprocess.resize` > `preprocess.size`), `shift` on pad-and-crop
-    shifts and circular rolls of the centre crop; `auto` (default) is `canvas` wherever the
-    preprocessing has such a resize."""
-
-    if method not in METHODS:
-        raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-    if start not in STARTS:
-        raise InputError(f"start must be one of {', '.join(STARTS)}, not {start!r}")
-    start = method if method != "distill" else start
-    if time_limit is not None and time_limit <= 0:
-        raise InputError(f"--time-limit must be positive, not {time_limit / 60:g} minutes")
-    if max_epochs < 1:
-        raise InputError(f"--epochs must be 1 or more, not {max_epochs}")
-    if batch_size is not None and batch_size < 1:
-        raise InputError(f"--batch-size must be 1 or more, not {batch_size}")
+    """Calibrate the converted `model` against `teacher` on `data`'s unlabeled images; writes `output`.
+    `progress` receives {"phase": ...} records: load / start (name, done, total), plan, targets,
+    epoch (a history record). `check`: run onnx's checker on the result before saving."""
     report_progress = progress or (lambda record: None)
-    recipe = recipe or Recipe()
-    if recipe.shift < 1:
-        raise InputError(f"--shift must be 1 pixel or more, not {recipe.shift}")
-    if recipe.invariance < 0 or recipe.average_epochs < 0:
-        raise InputError("--invariance and --average-epochs must be 0 or more")
-    if (recipe.student_views is not None and recipe.student_views < 1) or recipe.teacher_views < 0:
-        raise InputError("--student-views must be 1 or more, --teacher-views 0 or more")
-    if views not in VIEWS:
-        raise InputError(f"views must be one of {', '.join(VIEWS)}, not {views!r}")
+    method, start, recipe, seed = training.method, training.first_step, training.recipe, training.seed
+    preprocess, held_out, images = data.preprocess, data.held_out, data.images
     began = time.perf_counter()
     torch.manual_seed(seed)
-    dev = resolve_device(device)
+    dev = resolve_device(compute.device)
     model_path, out_path = Path(model), Path(output)
     refuse_overwrite(out_path, model_path, teacher)
     student_ir = model_io.load(model_path)
@@ -162,18 +228,18 @@ def calibrate(
     dims = [d if isinstance(d, int) else None for d in (graph.data_inputs(student_ir.graph)[0].shape or [])]
     preprocess = preprocess_for(dims[-1] if dims else None, preprocess)
     span = max(0, (preprocess.resize or 0) - preprocess.size)
-    if views == "canvas" and not span:
+    if data.views == "canvas" and not span:
         raise InputError(
             f"--views canvas crops the image resized before its centre crop, and this preprocessing resizes to "
             f"the model's {preprocess.size} px (give --preprocess with a larger resize, or --views shift)"
         )
-    span = span if views != "shift" else 0
+    span = span if data.views != "shift" else 0
     recipe = replace(recipe, span=span, student_views=recipe.student_views or (1 if span else 2))
     # Canvas views: every image decoded at the resize, its centre crop being what the model sees in use.
     decode = replace(
         preprocess, size=preprocess.size + span, resize=(preprocess.size + span) if span else preprocess.resize
     )
-    files = spread(list_images(images), limit, images)
+    files = spread(list_images(images), data.limit, images)
     if len(files) < 20:
         raise InputError(f"{images}: {len(files)} images is too few to calibrate (need 20 or more)")
 
@@ -183,16 +249,9 @@ def calibrate(
     held_files, train_files = _split(files, held_out, seed)
     held = np.stack([load_rgb(p, decode) for p in held_files])
     eval_batch, train_batch, per_sample = batch_sizes(
-        student, torch.from_numpy(prepare(centre(held[:1], span))), batch_size, recipe.student_views
+        student, torch.from_numpy(prepare(centre(held[:1], span))), compute.batch_size, recipe.student_views
     )
-    # Training images: decoded once when they fit CACHE_BUDGET, else decoded batch by batch from disk.
-    train = ImageFiles(train_files, decode)
-    if len(train) * held[0].nbytes <= CACHE_BUDGET:
-        decoded = []
-        for i in range(0, len(train), 250):
-            decoded.append(train[np.arange(i, min(i + 250, len(train)))])
-            report_progress({"phase": "load", "done": i + len(decoded[-1]), "total": len(train)})
-        train = np.concatenate(decoded)
+    train = _training_images(train_files, decode, held[0].nbytes, report_progress)
 
     checker = HeldOut(teacher_m, held, prepare, seed=seed, batch=eval_batch, shift=recipe.shift, span=span)
     if method == "distill" and not checker.classifier:
@@ -203,29 +262,20 @@ def calibrate(
     teacher_summary, teacher_runs, _ = checker.figures(teacher_m, final=True)
     before, _, _ = checker.figures(student, final=True)
 
-    view = checker.view[0]
-    n_start = int(np.clip(START_POSITIONS // (view.shape[0] * view.shape[1]), START_MIN, 1000))
-    n_start = min(n_start, len(train), max(16, START_BUDGET // (4 * view.nbytes)))
-
     # Decoded once (256..1,000 images, START_BUDGET at most): the closed-form start (distill's:
     # `pointwise` unless told) goes through them layer by layer.
-    x_start = torch.from_numpy(prepare(centre(train[np.arange(n_start)], span)))
-    start_step = {
-        "stats": calibrate_stats,
-        "reconstruct": partial(calibrate_reconstruct, after_blur=not rescale_after_blur),
-        "pointwise": partial(calibrate_reconstruct, spatial=False),
-    }[start]
-    start_step(
+    x_start = torch.from_numpy(prepare(centre(train[np.arange(_start_count(checker.view[0], len(train)))], span)))
+    _closed_form(training)(
         student, teacher_m, x_start, eval_batch,
         progress=lambda done, total: report_progress({"phase": "start", "name": start, "done": done, "total": total}),
     )  # fmt: skip
     report = None
     if method == "distill":
         report = distill(
-            student, teacher_m, train, checker, prepare, recipe=recipe, max_epochs=max_epochs,
-            batch=train_batch, eval_batch=eval_batch, lr=lr, seed=seed, workers=workers,
+            student, teacher_m, train, checker, prepare, recipe=recipe, max_epochs=training.max_epochs,
+            batch=train_batch, eval_batch=eval_batch, lr=training.lr, seed=seed, workers=compute.workers,
             progress=lambda record: report_progress({"phase": "epoch"} | record),
-            time_limit=None if time_limit is None else time_limit - (time.perf_counter() - began),
+            time_limit=None if training.time_limit is None else training.time_limit - (time.perf_counter() - began),
         )  # fmt: skip
     after, after_runs, _ = checker.figures(student, final=True)
     versus = {key: paired_difference(teacher_runs[key], after_runs[key]).as_dict() for key in after_runs}
@@ -249,30 +299,26 @@ def calibrate(
         batch=(eval_batch, train_batch),
         activation_mb=per_sample / 2**20,
     )
-    model_io.write_metadata(
-        student_ir,
-        {
-            "calibration": {
-                "method": method,
-                "start": start,
-                "rescale_after_blur": rescale_after_blur,
-                "images": str(images),
-                "count": len(files),
-                "held_out": len(held),
-                "seed": seed,
-                "lr": result.lr,
-                "epochs": result.epochs,
-                "kept_epoch": result.kept_epoch,
-                "recipe": asdict(recipe),
-                "views": "canvas" if span else "shift",
-                "score": f"fidelity + mean({', '.join(checker.protocols(final=False))}) on the held-out images",
-                "original": teacher_summary,
-                "before": before,
-                "after": after,
-                "versus_teacher": versus,
-                "preprocess": preprocess.as_dict(),
-            }
-        },
-    )
+    record = {
+        "method": method,
+        "start": start,
+        "rescale_after_blur": training.rescale_after_blur,
+        "images": str(images),
+        "count": len(files),
+        "held_out": len(held),
+        "seed": seed,
+        "lr": result.lr,
+        "epochs": result.epochs,
+        "kept_epoch": result.kept_epoch,
+        "recipe": asdict(recipe),
+        "views": "canvas" if span else "shift",
+        "score": f"fidelity + mean({', '.join(checker.protocols(final=False))}) on the held-out images",
+        "original": teacher_summary,
+        "before": before,
+        "after": after,
+        "versus_teacher": versus,
+        "preprocess": preprocess.as_dict(),
+    }
+    model_io.write_metadata(student_ir, {"calibration": record})
     model_io.save(student_ir, out_path, external=model_io.uses_external_data(student_ir), check=check)
     return result

@@ -20,3 +20,21 @@ def factor_spread(after, before) -> float:
     deviation of the element-wise ratio from each channel's first (0 for a pure rescale)."""
     ratio = (np.asarray(after, np.float64) / np.asarray(before, np.float64)).reshape(len(before), -1)
     return float(np.abs(ratio - ratio[:, :1]).max())
+
+
+def calibrate(model, teacher, images, output, *, progress=None, check=True, **options):
+    """`aa_deploy.calibration.calibrate.calibrate` with its configuration as keywords: each goes to the
+    record (Data, Training or Compute) that has a field of its name."""
+    from dataclasses import fields
+
+    from aa_deploy.calibration import calibrate as module
+
+    records = (module.Data, module.Training, module.Compute)
+    names = [{f.name for f in fields(record)} for record in records]
+    unknown = set(options) - set().union(*names)
+    assert not unknown, f"no configuration field named {sorted(unknown)}"
+    data, training, compute = (
+        record(**({"images": images} if record is module.Data else {}), **{k: v for k, v in options.items() if k in n})
+        for record, n in zip(records, names)
+    )
+    return module.calibrate(model, teacher, data, output, training, compute, progress=progress, check=check)

@@ -21,11 +21,11 @@ SHARED_TRAIN = __import__("tests.conftest", fromlist=["SHARED"]).SHARED / "data"
 def _quantize(folder, src, out, limit: int) -> None:
     if SHARED_TRAIN.is_dir():
         images = SHARED_TRAIN  # real calibration images: training images, never the test set
-    else:  # pragma: no cover - a checkout without ../shared
+    else:  # pragma: no cover - a checkout without ../shared: crops of the bundled photos, never the test images
         images = folder / "images"
         images.mkdir(exist_ok=True)
-        for i, img in enumerate(bundled.cifar_test_images()[0][:64]):
-            Image.fromarray(img).save(images / f"{i}.png")
+        for i, crop in enumerate(bundled.photo_crops(limit, 32)):
+            Image.fromarray(crop).save(images / f"{i}.png")
     proc = cli("quantize", src, "--calib-images", images, "--limit", str(limit), "-o", out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -7,8 +7,13 @@ from pathlib import Path
 
 from rich.console import Console
 
+from aa_deploy.calibration.int8 import calibration_inputs, quantize
 from aa_deploy.cli import common
+from aa_deploy.converters.precision import to_fp16
+from aa_deploy.converters.tensorrt import build_engine, parse_shapes
 from aa_deploy.errors import InputError
+from aa_deploy.images import preprocess_for
+from aa_deploy.model_io import input_spec
 
 
 def add(sub) -> None:
@@ -29,11 +34,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from aa_deploy.converters.tensorrt import build_engine, parse_shapes
-
     if args.shapes is None:
-        from aa_deploy.model_io import input_spec
-
         name, dims = input_spec(args.model)
         if not all(isinstance(d, int) and d > 0 for d in dims):
             raise InputError(f"the model's input {name} has dynamic dims {dims}: give --shapes NAME:MIN,OPT,MAX")
@@ -42,16 +43,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.output)
     graph = Path(args.model)
     if args.precision == "fp16":
-        from aa_deploy.converters.precision import to_fp16
-
         graph = out.with_suffix(".fp16.onnx")
         kept = to_fp16(args.model, graph)
         console.print(f"FP16 graph ({len(kept)} blurs kept in float32 to stay exact) -> {graph}")
     elif args.precision == "int8":
         if not args.calib_images:
             raise InputError("--precision int8 needs --calib-images DIR")
-        from aa_deploy.calibration.int8 import calibration_inputs, quantize
-        from aa_deploy.images import preprocess_for
 
         graph = out.with_suffix(".int8.onnx")
         size = next(iter(shapes.values()))[1][-1]

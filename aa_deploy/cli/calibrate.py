@@ -6,9 +6,10 @@ import argparse
 
 from rich.console import Console
 
-from aa_deploy.calibration.calibrate import METHODS, STARTS, VIEWS
+from aa_deploy.calibration.calibrate import METHODS, STARTS, VIEWS, Compute, Data, Training, calibrate
 from aa_deploy.calibration.distill import Recipe
 from aa_deploy.cli import common
+from aa_deploy.errors import InputError
 
 
 def add(sub) -> None:
@@ -127,13 +128,47 @@ def defaults(**values) -> argparse.Namespace:
     return args
 
 
+def configuration(args: argparse.Namespace) -> tuple[Data, Training, Compute]:
+    """The library's configuration from the flags, each flag checked here under its own name."""
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise InputError(f"--time-limit must be positive, not {args.time_limit:g} minutes")
+    if args.epochs < 1:
+        raise InputError(f"--epochs must be 1 or more, not {args.epochs}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size must be 1 or more, not {args.batch_size}")
+    if args.shift < 1:
+        raise InputError(f"--shift must be 1 pixel or more, not {args.shift}")
+    if args.invariance < 0 or args.average_epochs < 0:
+        raise InputError("--invariance and --average-epochs must be 0 or more")
+    if (args.student_views is not None and args.student_views < 1) or args.teacher_views < 0:
+        raise InputError("--student-views must be 1 or more, --teacher-views 0 or more")
+    recipe = Recipe(
+        shift=args.shift,
+        mix=not args.no_mixup,
+        teacher_views=args.teacher_views,
+        student_views=args.student_views,
+        invariance=args.invariance,
+        circular=not args.no_circular_views,
+        average_epochs=args.average_epochs,
+    )
+    data = Data(args.images, preprocess=common.preprocess(args), limit=args.limit, views=args.views)
+    training = Training(
+        method=args.method,
+        start=args.start,
+        max_epochs=args.epochs,
+        lr=args.lr,
+        time_limit=None if args.time_limit is None else 60 * args.time_limit,
+        rescale_after_blur=args.rescale_after_blur,
+        recipe=recipe,
+        seed=args.seed,
+    )
+    return data, training, Compute(device=args.device, batch_size=args.batch_size, workers=args.workers)
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from aa_deploy.calibration.calibrate import calibrate
-
-    preprocess = common.preprocess(args)
     bars = Progress(console=console, transient=True)
     tasks: dict = {}
 
@@ -163,36 +198,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"{consistency}, score {record['score']:.3f}{loss}"
         )
 
+    data, training, compute = configuration(args)
     with bars:
-        result = calibrate(
-            args.model,
-            args.teacher,
-            args.images,
-            args.output,
-            method=args.method,
-            start=args.start,
-            preprocess=preprocess,
-            limit=args.limit,
-            max_epochs=args.epochs,
-            lr=args.lr,
-            seed=args.seed,
-            recipe=Recipe(
-                shift=args.shift,
-                mix=not args.no_mixup,
-                teacher_views=args.teacher_views,
-                student_views=args.student_views,
-                invariance=args.invariance,
-                circular=not args.no_circular_views,
-                average_epochs=args.average_epochs,
-            ),
-            device=args.device,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            progress=progress,
-            time_limit=None if args.time_limit is None else 60 * args.time_limit,
-            rescale_after_blur=args.rescale_after_blur,
-            views=args.views,
-        )
+        result = calibrate(args.model, args.teacher, data, args.output, training, compute, progress=progress)
     chose = (
         " (held out from training; they also chose the learning rate and whether to keep the schedule's end, "
         "so these figures lean optimistic: measure on other images with aa-deploy consistency)"

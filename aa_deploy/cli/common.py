@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from aa_deploy.errors import InputError
+from aa_deploy.images import Preprocess
 from aa_deploy.plan import MODES, PADS, Options
 
 EXIT_OK, EXIT_NOTHING, EXIT_INPUT = 0, 1, 2
@@ -60,8 +61,6 @@ def add_preprocess(p: argparse.ArgumentParser) -> None:
 
 def preprocess(args: argparse.Namespace, default_size: int | None = None):
     """The user's preprocessing (file, or --size/--mean/--std), or None to let the command decide."""
-    from aa_deploy.images import Preprocess
-
     if args.preprocess:
         return Preprocess.from_file(args.preprocess)
     if not (args.size or args.mean or args.std):

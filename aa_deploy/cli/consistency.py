@@ -8,7 +8,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from aa_deploy.atomic import write_text
 from aa_deploy.cli import common
+from aa_deploy.consistency.compare import compare
+from aa_deploy.consistency.paired import paired_difference
+from aa_deploy.consistency.plots import plot
+from aa_deploy.report import print_consistency
 
 
 def add(sub) -> None:
@@ -42,10 +47,6 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
 
-    from aa_deploy.consistency.compare import compare
-    from aa_deploy.consistency.paired import paired_difference
-    from aa_deploy.report import print_consistency
-
     preprocess = common.preprocess(args, args.crop)
     models = [args.model, *(args.compare or [])]
     results, data = compare(
@@ -70,8 +71,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
     versus = {name: paired_difference(base, r) for name, r in results.items() if r is not base}
     print_consistency(results, versus, data.source, console)
     if args.report:
-        from aa_deploy.atomic import write_text
-
         payload = {
             "schema": "aa-deploy.consistency/2",
             "protocol": args.protocol,
@@ -81,8 +80,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
         }
         write_text(args.report, json.dumps(payload, indent=2) + "\n")
     if args.plot:
-        from aa_deploy.consistency.plots import plot
-
         plot({Path(n).name: r for n, r in results.items()}, args.plot, f"{args.protocol} on {Path(data.source).name}")
     return common.EXIT_OK
 

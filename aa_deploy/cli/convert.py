@@ -10,8 +10,14 @@ from pathlib import Path
 
 from rich.console import Console
 
+from aa_deploy.atomic import refuse_overwrite
+from aa_deploy.cli import calibrate as calibrate_cli
 from aa_deploy.cli import common
+from aa_deploy.convert import convert
+from aa_deploy.drift import output_drift
 from aa_deploy.errors import InputError
+from aa_deploy.images import list_images
+from aa_deploy.report import print_sites
 
 
 def add(sub) -> None:
@@ -37,18 +43,11 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from aa_deploy.convert import convert
-    from aa_deploy.drift import output_drift
-    from aa_deploy.report import print_sites
-
     if args.output is None and not args.in_place:
         raise InputError("give an output file with -o FILE (or --in-place to overwrite the input)")
     if args.calibrate is not None and args.in_place:
         raise InputError("--calibrate writes a new file: give -o FILE instead of --in-place")
     if args.calibrate is not None:
-        from aa_deploy.atomic import refuse_overwrite
-        from aa_deploy.images import list_images
-
         refuse_overwrite(args.output, args.model)  # the converted graph goes elsewhere first: check here
 
         list_images(args.calibrate)  # a missing or empty folder fails before anything is written
@@ -101,8 +100,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if args.calibrate is not None:
             if drift is not None:
                 console.print(f"before calibration: {drift.describe()}")
-            from aa_deploy.cli import calibrate as calibrate_cli
-
             calibrate_args = calibrate_cli.defaults(
                 model=target, teacher=args.model, images=args.calibrate, output=out, device=args.device,
                 size=args.size, mean=args.mean, std=args.std, preprocess=args.preprocess,

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from aa_deploy.demo import CALIBRATION_CROPS, run_demo
+from aa_deploy.errors import InputError
+
 
 def add(sub) -> None:
     d = sub.add_parser("demo", help="the whole chain on the bundled trained CIFAR-10 ResNet-20 and test images")
@@ -25,9 +28,6 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from aa_deploy.demo import CALIBRATION_CROPS, run_demo
-    from aa_deploy.errors import InputError
-
     if args.crops is not None and args.crops < 20:
         raise InputError("--crops: calibration needs 20 images or more")
     return run_demo(console, Path(args.workdir), args.crops or CALIBRATION_CROPS)

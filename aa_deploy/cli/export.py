@@ -7,6 +7,7 @@ import argparse
 from rich.console import Console
 
 from aa_deploy.cli import common
+from aa_deploy.converters.export import export, load_model
 
 
 def add(sub) -> None:
@@ -24,8 +25,6 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from aa_deploy.converters.export import export, load_model
-
     model, trained = load_model(args.model, args.weights)
     cifar = args.model.startswith("aa:cifar10")
     shape = common.shape(args.input_shape) or ((3, 32, 32) if cifar else (3, 224, 224))

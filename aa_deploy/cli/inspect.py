@@ -7,7 +7,10 @@ import json
 
 from rich.console import Console
 
+from aa_deploy import model_io
 from aa_deploy.cli import common
+from aa_deploy.convert import inspect
+from aa_deploy.report import print_sites
 
 
 def add(sub) -> None:
@@ -20,10 +23,6 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from aa_deploy import model_io
-    from aa_deploy.convert import inspect
-    from aa_deploy.report import print_sites
-
     model = model_io.load(args.model, args.target_opset)
     actions = inspect(model, common.options(args))
     if not args.json:

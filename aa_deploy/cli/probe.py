@@ -8,7 +8,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from aa_deploy.atomic import write_text
 from aa_deploy.cli import common
+from aa_deploy.consistency.compare import load_images
+from aa_deploy.consistency.plots import plot_probe
+from aa_deploy.consistency.probe import probe
+from aa_deploy.model_io import input_spec
 
 
 def add(sub) -> None:
@@ -26,10 +31,6 @@ def add(sub) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
 
     from rich.table import Table
-
-    from aa_deploy.consistency.compare import load_images
-    from aa_deploy.consistency.probe import probe
-    from aa_deploy.model_io import input_spec
 
     dims = input_spec(args.model)[1]
     size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else 224
@@ -73,8 +74,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
         )
     console.print(table)
     if args.report:
-        from aa_deploy.atomic import write_text
-
         payload = {
             "schema": "aa-deploy.probe/1",
             "images": data.source,
@@ -83,8 +82,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
         }
         write_text(args.report, json.dumps(payload, indent=2) + "\n")
     if args.plot:
-        from aa_deploy.consistency.plots import plot_probe
-
         plot_probe({Path(m).name: r for m, r in results.items()}, args.plot, f"aliasing per site ({data.source})")
     return common.EXIT_OK
 

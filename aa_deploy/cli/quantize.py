@@ -6,7 +6,10 @@ import argparse
 
 from rich.console import Console
 
+from aa_deploy.calibration.int8 import calibration_inputs, quantize
 from aa_deploy.cli import common
+from aa_deploy.images import preprocess_for
+from aa_deploy.model_io import input_spec
 
 
 def add(sub) -> None:
@@ -27,10 +30,6 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from aa_deploy.calibration.int8 import calibration_inputs, quantize
-    from aa_deploy.images import preprocess_for
-    from aa_deploy.model_io import input_spec
-
     dims = input_spec(args.model)[1]
     size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else None
     x = calibration_inputs(args.calib_images, preprocess_for(size, common.preprocess(args, size)), limit=args.limit)

@@ -8,6 +8,8 @@ from rich.console import Console
 
 from aa_deploy.cli import common
 from aa_deploy.errors import InputError
+from aa_deploy.parity import DEFAULT_TOLERANCE, Tolerance, verify, write_json, write_junit
+from aa_deploy.report import print_parity
 
 
 def add(sub) -> None:
@@ -50,8 +52,6 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from aa_deploy.parity import DEFAULT_TOLERANCE, Tolerance, verify, write_json, write_junit
-
     base = DEFAULT_TOLERANCE.get(args.precision)
     if base is None:
         raise InputError(f"precision must be one of {', '.join(DEFAULT_TOLERANCE)}")
@@ -80,8 +80,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
         input_shape=common.shape(args.input_shape),
         weights=args.weights,
     )
-    from aa_deploy.report import print_parity
-
     print_parity(result, console)
     if args.report:
         write_json(result, args.report)

@@ -8,6 +8,7 @@ onnx2torch does not convert the opset-18 Pad that blurs and exporters emit, henc
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 
@@ -21,7 +22,7 @@ from aa_deploy import blur_nodes, graph, model_io
 from aa_deploy.converters.batching import fixed_batch
 from aa_deploy.errors import InputError
 
-_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
 _TRAINABLE_INPUTS = {
     "Conv": (1, 2),
     "ConvTranspose": (1, 2),
@@ -33,9 +34,20 @@ _TRAINABLE_INPUTS = {
 }
 
 
+def _div(a, b):
+    """ONNX Div: integer tensors divide with truncation, as C does (shape arithmetic in exported graphs)."""
+    if (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and not (a.is_floating_point() or b.is_floating_point())
+    ):
+        return torch.div(a, b, rounding_mode="trunc")
+    return a / b
+
+
 # Ops that are one torch function of their inputs, without attributes.
 _ELEMENTWISE = {
-    "Abs": torch.abs, "Add": operator.add, "And": operator.and_, "Ceil": torch.ceil, "Div": operator.truediv,
+    "Abs": torch.abs, "Add": operator.add, "And": operator.and_, "Ceil": torch.ceil, "Div": _div,
     "Equal": operator.eq, "Erf": torch.erf, "Exp": torch.exp, "Floor": torch.floor, "Greater": operator.gt,
     "GreaterOrEqual": operator.ge, "HardSwish": F.hardswish, "Identity": lambda x: x, "Less": operator.lt,
     "LessOrEqual": operator.le, "Log": torch.log, "MatMul": operator.matmul, "Mish": F.mish, "Mul": operator.mul,
@@ -53,6 +65,50 @@ def _key(name: str) -> str:
     return name.replace(".", "\x1f")  # ParameterDict keys may not contain dots
 
 
+def _extreme(fn, empty: float, t: torch.Tensor, dims: tuple[int, ...], keepdim: bool) -> torch.Tensor:
+    """ReduceMax / ReduceMin: over an empty set, ONNX gives -inf / +inf (the identity of the reduction)."""
+    if all(t.shape[d] for d in dims):
+        return fn(t, dim=dims, keepdim=keepdim)
+    wanted = [1 if i in {d % t.dim() for d in dims} else n for i, n in enumerate(t.shape)]
+    out = torch.full(wanted, empty, dtype=t.dtype, device=t.device)
+    return out if keepdim else out.squeeze(tuple(d % t.dim() for d in dims))
+
+
+def _pool_pads(node: ir.Node, sizes, kernel, strides, dilations) -> list[int]:
+    """The pool's pads (begins, then ends) with `auto_pad` resolved: SAME_UPPER puts the odd pixel at
+    the end, SAME_LOWER at the beginning; VALID pads nothing."""
+    n = len(kernel)
+    auto = node.attributes.get_string("auto_pad", "NOTSET")
+    if auto in ("NOTSET", ""):
+        return list(graph.ints(node, "pads", [0] * (2 * n)))
+    if auto == "VALID":
+        return [0] * (2 * n)
+    begins, ends = [], []
+    for size, k, st, d in zip(sizes, kernel, strides, dilations):
+        total = max(0, (math.ceil(size / st) - 1) * st + d * (k - 1) + 1 - size)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto == "SAME_UPPER" else large)
+        ends.append(large if auto == "SAME_UPPER" else small)
+    return begins + ends
+
+
+def _ceil_extra(sizes, begins, ends, kernel, strides, dilations) -> list[int]:
+    """Pixels to add at each axis' end so that a floor-mode pool gives ONNX's ceil_mode output: the
+    last window may start in the input or its padding, never past them."""
+    extra = []
+    for size, b, e, k, st, d in zip(sizes, begins, ends, kernel, strides, dilations):
+        span = d * (k - 1) + 1
+        out = math.ceil((size + b + e - span) / st) + 1
+        if (out - 1) * st >= size + b:
+            out -= 1
+        extra.append(max(0, (out - 1) * st + span - (size + b + e)))
+    return extra
+
+
+def _torch_pads(begins, ends) -> list[int]:
+    return [p for b, e in zip(reversed(begins), reversed(ends)) for p in (b, e)]
+
+
 class OnnxModule(nn.Module):
     """A single-input ONNX graph as an nn.Module; `params` holds the trainable initializers."""
 
@@ -62,6 +118,7 @@ class OnnxModule(nn.Module):
         super().__init__()
         self.graph = model.graph
         self.nodes = list(model.graph)
+        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))
         sites = model_io.read_metadata(model).get("sites") or []
         self.blurpool_nodes = {e["node"] for e in sites if isinstance(e, dict) and e.get("action") == "blurpool"}
         self.params = nn.ParameterDict()
@@ -254,12 +311,20 @@ class OnnxModule(nn.Module):
         return y if c is None else y + node.attributes.get_float("beta", 1.0) * c
 
     def _op_BatchNormalization(self, node, x, scale, bias, mean, var):
+        if node.attributes.get_int("training_mode", 0):
+            raise InputError(f"{node.name}: BatchNormalization in training mode is not supported by calibration")
         return F.batch_norm(x, mean, var, scale, bias, False, 0.0, node.attributes.get_float("epsilon", 1e-5))
 
     def _op_HardSigmoid(self, node, x):
         return torch.clamp(node.attributes.get_float("alpha", 0.2) * x + node.attributes.get_float("beta", 0.5), 0, 1)
 
     def _op_Clip(self, node, x, lo=None, hi=None):
+        if lo is None and "min" in node.attributes:  # opset < 11: the bounds are attributes
+            lo = node.attributes.get_float("min")
+        if hi is None and "max" in node.attributes:
+            hi = node.attributes.get_float("max")
+        if lo is None and hi is None:
+            return x
         return torch.clamp(x, None if lo is None else float(lo), None if hi is None else float(hi))
 
     def _op_Constant(self, node):
@@ -308,38 +373,55 @@ class OnnxModule(nn.Module):
         return x.reshape(shape)
 
     def _op_Flatten(self, node, x):
-        return x.flatten(node.attributes.get_int("axis", 1) % x.dim() if x.dim() else 0)
+        axis = node.attributes.get_int("axis", 1)
+        axis = axis + x.dim() if axis < 0 else axis
+        return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
     def _op_Transpose(self, node, x):
         return x.permute(*graph.ints(node, "perm", reversed(range(x.dim()))))
 
     def _op_MaxPool(self, node, x):
-        k = graph.ints(node, "kernel_shape")
-        n = len(k)
-        pads = graph.ints(node, "pads", [0] * (2 * n))
-        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
-        return fn(
-            x,
-            k,
-            graph.ints(node, "strides", [1] * n),
-            pads[:n],
-            graph.ints(node, "dilations", [1] * n),
-            bool(node.attributes.get_int("ceil_mode", 0)),
-        )
+        indices = node.outputs[1] if len(node.outputs) > 1 else None
+        if indices is not None and (indices.consumers() or indices.is_graph_output()):
+            raise InputError(f"{node.name}: MaxPool's indices output is not supported by calibration")
+        return self._pool(node, x, average=False)
 
     def _op_AveragePool(self, node, x):
+        return self._pool(node, x, average=True)
+
+    def _pool(self, node, x, average: bool):
+        """ONNX MaxPool / AveragePool: torch's own pools where they mean the same (symmetric pads of at
+        most half the window, no dilation for averages), else the pads made explicit (asymmetric,
+        auto_pad, ceil_mode) and averages as a sum over a count, dilations included."""
         k = graph.ints(node, "kernel_shape")
         n = len(k)
-        pads = graph.ints(node, "pads", [0] * (2 * n))
-        fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
-        return fn(
-            x,
-            k,
-            graph.ints(node, "strides", [1] * n),
-            pads[:n],
-            bool(node.attributes.get_int("ceil_mode", 0)),
-            bool(node.attributes.get_int("count_include_pad", 0)),
-        )
+        strides, dilations = graph.ints(node, "strides", [1] * n), graph.ints(node, "dilations", [1] * n)
+        sizes = x.shape[2:]
+        pads = _pool_pads(node, sizes, k, strides, dilations)
+        begins, ends = pads[:n], pads[n:]
+        ceil = bool(node.attributes.get_int("ceil_mode", 0))
+        include = bool(node.attributes.get_int("count_include_pad", 0))
+        half = all(b == e and 2 * b <= d * (kk - 1) + 1 for b, e, kk, d in zip(begins, ends, k, dilations))
+        if half and not (average and any(d != 1 for d in dilations)):
+            if average:
+                fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
+                return fn(x, k, strides, begins, ceil, include)
+            fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
+            return fn(x, k, strides, begins, dilations, ceil)
+        extra = _ceil_extra(sizes, begins, ends, k, strides, dilations) if ceil else [0] * n
+        padded = _torch_pads(begins, [e + x_ for e, x_ in zip(ends, extra)])
+        if not average:
+            fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
+            return fn(F.pad(x, padded, value=-math.inf), k, strides, 0, dilations)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+        c = x.shape[1]
+        window = torch.ones((c, 1, *k), dtype=x.dtype, device=x.device)
+        sums = conv(F.pad(x, padded), window, stride=strides, dilation=dilations, groups=c)
+        mask = torch.ones((1, 1, *sizes), dtype=x.dtype, device=x.device)
+        mask = F.pad(mask, _torch_pads(begins, ends), value=float(include))
+        mask = F.pad(mask, _torch_pads([0] * n, extra))
+        counts = conv(mask, window[:1], stride=strides, dilation=dilations)
+        return sums / counts
 
     def _op_GlobalAveragePool(self, node, x):
         return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
@@ -390,9 +472,18 @@ class OnnxModule(nn.Module):
         return env[branch.outputs[0].name]
 
     def _op_Softmax(self, node, x):
-        return F.softmax(x, dim=node.attributes.get_int("axis", -1))
+        if self.opset >= 13:
+            return F.softmax(x, dim=node.attributes.get_int("axis", -1))
+        # opset < 13: over everything from `axis` (default 1) on, the input flattened to 2-D there
+        axis = node.attributes.get_int("axis", 1)
+        axis = axis + x.dim() if axis < 0 else axis
+        return F.softmax(x.reshape(*x.shape[:axis], -1), dim=-1).reshape(x.shape)
 
     def _op_LayerNormalization(self, node, x, scale, bias=None):
+        if any(v is not None and (v.consumers() or v.is_graph_output()) for v in node.outputs[1:]):
+            raise InputError(
+                f"{node.name}: LayerNormalization's Mean / InvStdDev outputs are not supported by calibration"
+            )
         axis = node.attributes.get_int("axis", -1) % x.dim()
         eps = node.attributes.get_float("epsilon", 1e-5)
         if scale.dim() == x.dim() - axis:
@@ -526,10 +617,10 @@ class OnnxModule(nn.Module):
         return torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True)
 
     def _op_ReduceMax(self, node, x, axes=None):
-        return self._reduce(node, x, axes, lambda t, d, k: torch.amax(t, dim=d, keepdim=k))
+        return self._reduce(node, x, axes, lambda t, d, k: _extreme(torch.amax, -math.inf, t, d, k))
 
     def _op_ReduceMin(self, node, x, axes=None):
-        return self._reduce(node, x, axes, lambda t, d, k: torch.amin(t, dim=d, keepdim=k))
+        return self._reduce(node, x, axes, lambda t, d, k: _extreme(torch.amin, math.inf, t, d, k))
 
     def _op_Einsum(self, node, *xs):
         return torch.einsum(node.attributes.get_string("equation"), *xs)
@@ -538,18 +629,54 @@ class OnnxModule(nn.Module):
         mode = node.attributes.get_string("mode", "nearest")
         coords = node.attributes.get_string("coordinate_transformation_mode", "half_pixel")
         nearest = node.attributes.get_string("nearest_mode", "round_prefer_floor")
-        if sizes is not None and sizes.numel():
-            size = [int(v) for v in sizes[2:]]
+        spatial = list(range(2, x.dim()))
+        axes = [a % x.dim() for a in graph.ints(node, "axes", spatial)]
+        given = sizes if sizes is not None and sizes.numel() else scales
+        values = [float(v) for v in given]
+        if len(values) == x.dim():
+            values = [values[a] for a in axes]
+        by_axis = dict(zip(axes, values))
+        unchanged = all(
+            by_axis.get(a, 1.0 if given is scales else x.shape[a]) == (1.0 if given is scales else x.shape[a])
+            for a in (0, 1)
+        )
+        antialias = bool(node.attributes.get_int("antialias", 0))
+        plain_cubic = node.attributes.get_float("cubic_coeff_a", -0.75) == -0.75 and not node.attributes.get_int(
+            "exclude_outside", 0
+        )
+        if given is scales and coords != "align_corners":  # align_corners maps by the sizes alone
+            factors = [by_axis.get(a, 1.0) for a in spatial]
+            size = [int(math.floor(d * f)) for d, f in zip(x.shape[2:], factors)]
+            interpolate = {"scale_factor": factors, "recompute_scale_factor": False}
         else:
-            size = [int(np.floor(d * float(f))) for d, f in zip(x.shape[2:], scales[2:])]
-        if mode == "nearest" and coords == "asymmetric" and nearest == "floor":
-            return F.interpolate(x, size=size, mode="nearest")
-        if mode in ("linear", "cubic") and coords in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+            size = [
+                int(by_axis[a])
+                if given is not scales
+                else int(math.floor(x.shape[a] * by_axis[a]))
+                if a in by_axis
+                else x.shape[a]
+                for a in spatial
+            ]
+            interpolate = {"size": size}
+        if unchanged and mode == "nearest" and coords == "asymmetric" and nearest == "floor" and not antialias:
+            return F.interpolate(x, mode="nearest", **interpolate)
+        # align_corners maps by (in - 1) / (in x scale - 1): torch's by the sizes, the same when in x scale is whole
+        whole = given is not scales or all(float(x.shape[a] * f).is_integer() for a, f in by_axis.items())
+        supported_coords = (
+            ("half_pixel",) + (("align_corners",) if whole else ()) + (("pytorch_half_pixel",) if min(size) > 1 else ())
+        )
+        if (
+            unchanged
+            and mode in ("linear", "cubic")
+            and coords in supported_coords
+            and (mode == "linear" or plain_cubic)
+        ):
             kind = {"linear": ("linear", "bilinear", "trilinear"), "cubic": (None, "bicubic", None)}[mode][x.dim() - 3]
-            if kind is not None:
-                return F.interpolate(x, size=size, mode=kind, align_corners=coords == "align_corners")
+            if kind is not None and not antialias:  # torch's antialias filter is not ONNX's
+                return F.interpolate(x, mode=kind, align_corners=coords == "align_corners", **interpolate)
         raise InputError(
-            f"{node.name}: Resize mode {mode}, {coords}, nearest_mode {nearest} is not supported by calibration"
+            f"{node.name}: Resize mode {mode}, {coords}, nearest_mode {nearest}"
+            f"{', antialias' if antialias else ''} is not supported by calibration"
         )
 
 

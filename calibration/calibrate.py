@@ -97,7 +97,9 @@ def _split(files: list[Path], held_out: float, seed: int) -> tuple[list[Path], l
     return [files[i] for i in order[:n_held]], [files[i] for i in order[n_held:]]
 
 
-def _training_images(files: list[Path], decode: Preprocess, image_bytes: int, report_progress) -> ImageFiles | np.ndarray:
+def _training_images(
+    files: list[Path], decode: Preprocess, image_bytes: int, report_progress
+) -> ImageFiles | np.ndarray:
     """The training images: decoded once when they fit CACHE_BUDGET, else decoded batch by batch from disk."""
     train = ImageFiles(files, decode)
     if len(train) * image_bytes > CACHE_BUDGET:
@@ -247,13 +249,13 @@ def calibrate(
         return normalize(x, preprocess)
 
     held_files, train_files = _split(files, held_out, seed)
-    held = np.stack([load_rgb(p, decode) for p in held_files])
+    held_images = np.stack([load_rgb(p, decode) for p in held_files])
     eval_batch, train_batch, per_sample = batch_sizes(
-        student, torch.from_numpy(prepare(centre(held[:1], span))), compute.batch_size, recipe.student_views
+        student, torch.from_numpy(prepare(centre(held_images[:1], span))), compute.batch_size, recipe.student_views
     )
-    train = _training_images(train_files, decode, held[0].nbytes, report_progress)
+    train = _training_images(train_files, decode, held_images[0].nbytes, report_progress)
 
-    checker = HeldOut(teacher_m, held, prepare, seed=seed, batch=eval_batch, shift=recipe.shift, span=span)
+    checker = HeldOut(teacher_m, held_images, prepare, seed=seed, batch=eval_batch, shift=recipe.shift, span=span)
     if method == "distill" and not checker.classifier:
         raise InputError(
             "distill matches the class probabilities of an (N, classes) output, and this model's output is not one "
@@ -285,7 +287,7 @@ def calibrate(
     result = CalibrationResult(
         method,
         len(files),
-        len(held),
+        len(held_images),
         before,
         after,
         teacher_summary,
@@ -305,14 +307,14 @@ def calibrate(
         "rescale_after_blur": training.rescale_after_blur,
         "images": str(images),
         "count": len(files),
-        "held_out": len(held),
+        "held_out": len(held_images),
         "seed": seed,
         "lr": result.lr,
         "epochs": result.epochs,
         "kept_epoch": result.kept_epoch,
         "recipe": asdict(recipe),
         "views": "canvas" if span else "shift",
-        "score": f"fidelity + mean({', '.join(checker.protocols(final=False))}) on the held-out images",
+        "score": f"fidelity + mean({', '.join(checker.protocols(final=False))}) on the held_images-out images",
         "original": teacher_summary,
         "before": before,
         "after": after,

@@ -258,7 +258,7 @@ def distill(
     student: OnnxModule,
     teacher: OnnxModule,
     train,
-    held: HeldOut,
+    checker: HeldOut,
     prepare: Callable[[np.ndarray], np.ndarray],
     *,
     recipe: Recipe = Recipe(),
@@ -272,7 +272,7 @@ def distill(
     time_limit: float | None = None,
 ) -> DistillReport:
     """Train `student` in place towards `teacher`; `train` holds uint8 NHWC images (an array or
-    `images.ImageFiles`), `held` the held-out slice the figures are measured on. With `time_limit`
+    `images.ImageFiles`), `checker` the held-out slice the figures are measured on. With `time_limit`
     (seconds from the call), the schedule is replanned after each epoch to what the last one's
     duration says fits, so that its rate still decays to zero before the limit."""
     start = time.perf_counter()
@@ -283,7 +283,7 @@ def distill(
     targets = None
     if recipe.span:
         targets = canvas_targets(
-            teacher, train, held.size, prepare, recipe, eval_batch, seed, workers,
+            teacher, train, checker.size, prepare, recipe, eval_batch, seed, workers,
             progress=lambda done, total: report({"phase": "targets", "done": done, "total": total}),
         )  # fmt: skip
     lr_losses = {}
@@ -291,7 +291,7 @@ def distill(
     steps_per_epoch = math.ceil(len(train) / batch)
     if lr is None:
         lr, lr_losses, step_seconds = range_test(
-            student, teacher, train, held.images[:256], prepare, recipe, batch, seed, eval_batch, workers, targets
+            student, teacher, train, checker.images[:256], prepare, recipe, batch, seed, eval_batch, workers, targets
         )
     else:
         step_seconds = None
@@ -312,7 +312,7 @@ def distill(
         if recipe.average_epochs > 0:
             averaged = WeightAverage(student, 1 - 1 / max(1.0, recipe.average_epochs * steps_per_epoch))
         began = time.perf_counter()
-        figures, _, per_image = held.figures(student)
+        figures, _, per_image = checker.figures(student)
         first = (per_image, 0, copy.deepcopy(student.state_dict()))
         history.append({"epoch": 0, "lr": lr, "loss": None} | figures)
         report(history[-1])
@@ -331,7 +331,7 @@ def distill(
                 eval_batch=eval_batch, workers=workers, averaged=averaged, targets=targets,
             )  # fmt: skip
             with averaged.swapped_in() if averaged is not None else nullcontext():
-                figures, _, per_image = held.figures(student)
+                figures, _, per_image = checker.figures(student)
             last_epoch = time.perf_counter() - began
             planned = schedule_length(max_epochs, epoch, left(), last_epoch)
             history.append({"epoch": epoch, "lr": lr, "loss": loss, "planned": planned} | figures)

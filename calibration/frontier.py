@@ -39,7 +39,7 @@ class Frontier:
         self.starts = list(range(0, len(x), self.batch))
         self.envs: dict[int, dict] = {}  # batch start -> live tensors before node positions[start]
         self.positions: dict[int, int] = {}
-        self.held: dict[int, int] = {}  # batch start -> bytes its live tensors take
+        self.held_bytes: dict[int, int] = {}  # batch start -> bytes its live tensors take
         self.restarts = 0  # passes that began at the image again (a batch not held, or a tensor released)
 
     def __len__(self) -> int:
@@ -59,7 +59,7 @@ class Frontier:
             env, at = self.envs.pop(start, None), self.positions.pop(start, 0)
             passed = commit_until is not None and at > commit_until
             if env is None or passed or any(n not in env and module.producers[n] < at for n in names):
-                self.restarts += at > 0 or start in self.held
+                self.restarts += at > 0 or start in self.held_bytes
                 env, at = {module.input_name: module.laid_out(xb)}, 0  # released already (or not held): from the image
             found = {n: env[n] for n in names if n in env}
             if len(found) < len(names):
@@ -77,8 +77,8 @@ class Frontier:
     def _hold(self, start: int, env: dict, at: int) -> None:
         """Keep the batch's live tensors if all batches' together stay within the budget (the held
         ones shrink as the pass reaches smaller feature maps: a batch left out now may fit later)."""
-        self.held[start] = _bytes(env)
-        if sum(self.held.values()) > self.budget:
-            self.held[start] = 0
+        self.held_bytes[start] = _bytes(env)
+        if sum(self.held_bytes.values()) > self.budget:
+            self.held_bytes[start] = 0
             return
         self.envs[start], self.positions[start] = env, at

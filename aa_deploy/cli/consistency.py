@@ -10,7 +10,7 @@ from rich.console import Console
 
 from aa_deploy.atomic import write_text
 from aa_deploy.cli import common
-from aa_deploy.consistency.compare import compare
+from aa_deploy.consistency import compare
 from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.consistency.plots import plot
 from aa_deploy.report import print_consistency
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     preprocess = common.preprocess(args, args.crop)
     models = [args.model, *(args.compare or [])]
-    results, data = compare(
+    results, data = compare.compare(
         models,
         progress=_progress_bar(console, "views"),
         labels=args.labels,

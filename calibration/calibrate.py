@@ -320,6 +320,13 @@ def calibrate(
         "after": after,
         "versus_teacher": versus,
         "preprocess": preprocess.as_dict(),
+        # what the images were fed as: NCHW, the model's declared dims, the views' height x width and channels
+        "input": {
+            "layout": "NCHW",
+            "dims": dims,
+            "view": [int(d) for d in checker.view.shape[1:3]],
+            "channels": int(checker.view.shape[3]),
+        },
     }
     model_io.write_metadata(student_ir, {"calibration": record})
     model_io.save(student_ir, out_path, external=model_io.uses_external_data(student_ir), check=check)

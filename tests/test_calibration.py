@@ -90,6 +90,9 @@ def test_write_back_changes_initializer_values_only(r20, tmp_path, method, mode)
     meta = aa_deploy.model_io.read_metadata(after)
     assert meta["calibration"]["method"] == method and meta["options"]["mode"] == mode
     assert meta["calibration"]["start"] == {"distill": "pointwise"}.get(method, method)  # distill's default start
+    fed = meta["calibration"]["input"]
+    assert (fed["layout"], fed["dims"][1:], fed["view"], fed["channels"]) == ("NCHW", [3, 32, 32], [32, 32], 3)
+    assert meta["calibration"]["preprocess"]["size"] == 32
     assert result.after["agreement"] >= result.before["agreement"] - 0.05
     for key, d in result.versus_teacher.items():  # paired with the teacher's run on the same shifts
         assert d["delta"] == pytest.approx(result.after[key] - result.teacher[key])

@@ -1,7 +1,8 @@
 """The trained model and real images that ship with aa-deploy (see assets/README.md).
 
 The CIFAR network's module (and with it torch) is imported inside the two functions that need it:
-`convert` reads the bundled photos through here and runs without torch."""
+`aa_deploy.drift`, convert's check of moved outputs, reads the bundled photos through here, and the
+graph pass and that check import without torch when used as a library."""
 
 from __future__ import annotations
 

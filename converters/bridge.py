@@ -297,7 +297,7 @@ class OnnxModule(nn.Module):
         if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
             raise InputError(f"{node.name}: auto_pad is not supported by calibration")
         if pads[:n] != pads[n:]:
-            x = F.pad(x, [p for i in reversed(range(n)) for p in (pads[i], pads[i + n])])
+            x = F.pad(x, _torch_pads(pads[:n], pads[n:]))
             pads = [0] * (2 * n)
         conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
         return conv(x, w, b, strides, pads[:n], dilations, node.attributes.get_int("group", 1))

@@ -18,6 +18,8 @@ import numpy as np
 from aa_deploy.consistency.compare import load_images
 from aa_deploy.consistency.protocols import cosine_and_change
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
+from aa_deploy.errors import InputError
+from aa_deploy.input_format import read as read_input_format
 
 LIMITS = {"top-1 agreement": 0.9, "cosine similarity": 0.99}  # below these, the model needs calibrating
 
@@ -38,14 +40,17 @@ class Drift:
 
 
 def output_drift(original: str | os.PathLike, converted: str | os.PathLike, preprocess=None) -> Drift | None:
-    """Original vs converted on bundled images; None for a model that does not take NCHW RGB images."""
-    runners = [OnnxRuntimeRunner(p) for p in (original, converted)]
-    shape = runners[0].session.get_inputs()[0].shape
-    if len(runners[0].input_names) != 1 or len(shape) != 4 or shape[1] != 3:
+    """Original vs converted on bundled images; None for a model that does not take square RGB images."""
+    try:
+        fmt = read_input_format(original)
+        size = fmt.square(str(original)) or 224
+    except InputError:
         return None
-    size = shape[-1] if isinstance(shape[-1], int) else 224
+    if fmt.channels != 3:
+        return None
+    runners = [OnnxRuntimeRunner(p) for p in (original, converted)]
     spec = "bundled:cifar10" if size == 32 and preprocess is None else "bundled:photos"
-    data = load_images(spec, crop=size, shift=0, pad="zero", preprocess=preprocess)
+    data = load_images(spec, crop=size, shift=0, pad="zero", preprocess=preprocess, fmt=fmt)
     images = data.images if spec == "bundled:cifar10" else np.concatenate([data.images, data.images[:, :, ::-1]])
     x = data.prepare(images)
     a, b = (r(x) for r in runners)

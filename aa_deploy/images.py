@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from aa_deploy.errors import InputError
+from aa_deploy.input_format import InputFormat
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,8 +24,8 @@ class Preprocess:
 
     size: int = 224
     resize: int | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN  # one value per channel the model takes (3, or 1 for grayscale)
+    std: tuple[float, ...] = IMAGENET_STD
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Preprocess:
@@ -39,13 +40,25 @@ class Preprocess:
         return asdict(self)
 
 
-def preprocess_for(size: int | None, preprocess: Preprocess | None) -> Preprocess:
-    """The preprocessing for a model whose input is `size` px (None: dynamic): the user's, checked
-    against that size, or the default at that size (224 px for a dynamic input)."""
+def preprocess_for(fmt: InputFormat, preprocess: Preprocess | None, source: str = "model") -> Preprocess:
+    """The preprocessing for a model whose input is `fmt` (a dynamic size: 224 px): the user's, checked
+    against the input's size and channels, or the default at that size (ImageNet's mean and std, which
+    a grayscale input has no default for)."""
+    size = fmt.square(source)
     if preprocess is None:
+        if fmt.channels != 3:
+            raise InputError(
+                f"{source} takes {fmt.channels}-channel images: give their --mean and --std "
+                "(one value each), or a --preprocess file"
+            )
         return Preprocess(size=size or 224)
     if size and size != preprocess.size:
         raise InputError(f"preprocessing gives {preprocess.size} px images, the model takes {size} px (--size)")
+    if len(preprocess.mean) != fmt.channels or len(preprocess.std) != fmt.channels:
+        raise InputError(
+            f"{source} takes {fmt.channels}-channel images and the preprocessing's mean/std have "
+            f"{len(preprocess.mean)}/{len(preprocess.std)} values"
+        )
     return preprocess
 
 
@@ -99,11 +112,23 @@ def load_rgb(path: Path, pre: Preprocess) -> np.ndarray:
         raise InputError(f"{path}: unreadable image ({e})") from None
 
 
-def normalize(images: np.ndarray, pre: Preprocess) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW, scaled to [0, 1] and normalized with `pre.mean`/`pre.std`."""
+# ITU-R 601 luma, as PIL's convert("L") weighs RGB
+LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
+def normalize(images: np.ndarray, pre: Preprocess, fmt: InputFormat = InputFormat()) -> np.ndarray:
+    """uint8 RGB NHWC -> the model's input (`fmt`, default float32 RGB NCHW): scaled to [0, 1], made
+    grayscale for a 1-channel input, normalized with `pre.mean`/`pre.std`, in the input's layout and type."""
     x = images.astype(np.float32) / 255.0
-    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    if fmt.channels == 1:
+        x = x @ LUMA[:, None]
+    mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
+    if len(mean) != fmt.channels or len(std) != fmt.channels:
+        raise InputError(
+            f"the model takes {fmt.channels}-channel images and the preprocessing normalizes {len(mean)} "
+            f"(give --mean and --std with {fmt.channels} value{'s' if fmt.channels > 1 else ''} each)"
+        )
+    return fmt.feed(((x - mean) / std).transpose(0, 3, 1, 2))
 
 
 def load_folder(folder: str | os.PathLike, pre: Preprocess, limit: int | None = None) -> tuple[np.ndarray, list[Path]]:

@@ -20,7 +20,8 @@ from aa_deploy.converters.pytorch import TorchRunner
 from aa_deploy.converters.runners import make_runner
 from aa_deploy.converters.tensorrt import Sidecar, require_tensorrt
 from aa_deploy.errors import InputError
-from aa_deploy.images import Preprocess, load_folder, normalize
+from aa_deploy.images import load_folder, normalize, preprocess_for
+from aa_deploy.input_format import from_dims
 from aa_deploy.plan import Options
 from aa_deploy.torch import antialias_with
 from aa_deploy.twin_weights import load_folded_weights
@@ -255,9 +256,11 @@ def make_inputs(
     count: int = 8,
     seed: int = 0,
     input_shape: tuple[int, ...] | None = None,
+    layout: str | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Inputs for a check: deterministic random, the bundled CIFAR test images, or an image folder."""
-    _, dims = model_io.input_spec(model)
+    """Inputs for a check: deterministic random, the bundled CIFAR test images, or an image folder (fed
+    as the model's input takes them: layout, channels, float type; `layout` where the graph cannot say)."""
+    _, dims, dtype = model_io.input_spec(model, with_type=True)
     if images is None:
         shape = concrete_shape(dims, count, input_shape)
         return random_inputs(shape, seed), {
@@ -266,15 +269,18 @@ def make_inputs(
             "count": count,
             "shape": list(shape[1:]),
         }
+    fmt = from_dims(dims, dtype, layout, str(model))
     if images == "bundled:cifar10":
-        x = bundled.cifar_normalize(bundled.cifar_test_images()[0])
+        if fmt.channels != 3:
+            raise InputError(
+                "the bundled CIFAR-10 images are RGB, and this model takes 1-channel images (give --images)"
+            )
+        x = fmt.feed(bundled.cifar_normalize(bundled.cifar_test_images()[0]))
         return x, {"source": "bundled CIFAR-10 test images", "count": len(x), "shape": list(x.shape[1:])}
-    if preprocess is None:
-        size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else 224
-        preprocess = Preprocess(size=size)
+    preprocess = preprocess_for(fmt, preprocess, str(model))
     raw, files = load_folder(images, preprocess, limit=count if count > 0 else None)
-    x = normalize(raw, preprocess)
-    if isinstance(dims[-1], int) and dims[-1] > 0 and list(x.shape[1:]) != [d for d in dims[1:]]:
+    x = normalize(raw, preprocess, fmt)
+    if any(isinstance(d, int) and d > 0 and d != k for d, k in zip(dims[1:], x.shape[1:], strict=True)):
         raise InputError(f"preprocessed images are {list(x.shape[1:])}, the model takes {dims[1:]}: check --size")
     info = {"source": str(images), "count": len(x), "shape": list(x.shape[1:]), "preprocess": preprocess.as_dict()}
     return x, info
@@ -297,6 +303,7 @@ def verify(
     seed: int = 0,
     input_shape: tuple[int, ...] | None = None,
     weights: str | os.PathLike | None = None,
+    layout: str | None = None,
 ) -> ParityResult:
     """Check an ONNX model on a backend against its PyTorch reference.
 
@@ -318,7 +325,7 @@ def verify(
     twin_options = None if change else reference_options(graph_path, antialiased, options)
     module = antialias_with(reference, twin_options)[0] if twin_options is not None else reference
     inputs, info = make_inputs(
-        graph_path, images=images, preprocess=preprocess, count=count, seed=seed, input_shape=input_shape
+        graph_path, images=images, preprocess=preprocess, count=count, seed=seed, input_shape=input_shape, layout=layout
     )
     graph_model = model_io.load(graph_path)
     if not change and twin_options is not None and "calibration" in model_io.read_metadata(graph_model):

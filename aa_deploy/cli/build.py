@@ -13,6 +13,7 @@ from aa_deploy.converters.precision import to_fp16
 from aa_deploy.converters.tensorrt import build_engine, parse_shapes
 from aa_deploy.errors import InputError
 from aa_deploy.images import preprocess_for
+from aa_deploy.input_format import from_dims
 from aa_deploy.model_io import input_spec
 
 
@@ -51,8 +52,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
             raise InputError("--precision int8 needs --calib-images DIR")
 
         graph = out.with_suffix(".int8.onnx")
-        size = next(iter(shapes.values()))[1][-1]
-        x = calibration_inputs(args.calib_images, preprocess_for(size, common.preprocess(args, size)), limit=args.limit)
+        _, _, dtype = input_spec(args.model, with_type=True)
+        fmt = from_dims(list(next(iter(shapes.values()))[1]), dtype, args.layout, args.model)  # the opt shape
+        preprocess = preprocess_for(fmt, common.preprocess(args, fmt.square(args.model)), args.model)
+        x = calibration_inputs(args.calib_images, preprocess, fmt, limit=args.limit)
         quantize(args.model, graph, x)
         console.print(f"INT8 Q/DQ graph calibrated on {len(x)} images -> {graph}")
     try:

@@ -6,6 +6,8 @@ import argparse
 
 from aa_deploy.errors import InputError
 from aa_deploy.images import Preprocess
+from aa_deploy.input_format import LAYOUTS, InputFormat
+from aa_deploy.input_format import read as read_input_format
 from aa_deploy.plan import MODES, PADS, Options
 
 EXIT_OK, EXIT_NOTHING, EXIT_INPUT = 0, 1, 2
@@ -57,21 +59,35 @@ def add_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", help="normalization mean, e.g. 0.485,0.456,0.406 (default: ImageNet's)")
     p.add_argument("--std", help="normalization std, e.g. 0.229,0.224,0.225 (default: ImageNet's)")
     p.add_argument("--preprocess", help="JSON file with size, resize, mean, std")
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        help="the image input's layout where the graph cannot say (default: read from the graph: the axis with 1 or "
+        "3 channels; NCHW when it is dynamic)",
+    )
 
 
-def preprocess(args: argparse.Namespace, default_size: int | None = None):
-    """The user's preprocessing (file, or --size/--mean/--std), or None to let the command decide."""
+def preprocess(args: argparse.Namespace, default_size: int | None = None, model=None):
+    """The user's preprocessing (file, or --size/--mean/--std), or None to let the command decide; without
+    --size, the size is `default_size`, else `model`'s input size, else 224."""
     if args.preprocess:
         return Preprocess.from_file(args.preprocess)
     if not (args.size or args.mean or args.std):
         return None
+    if not args.size and default_size is None and model is not None:
+        default_size = input_format(args, model).square(str(model))
     try:
         kw: dict = {"size": args.size or default_size or 224}
         kw |= {"mean": tuple(float(v) for v in args.mean.split(","))} if args.mean else {}
         kw |= {"std": tuple(float(v) for v in args.std.split(","))} if args.std else {}
     except ValueError:
-        raise InputError("--mean/--std take three comma-separated numbers") from None
+        raise InputError("--mean/--std take comma-separated numbers, one per channel (3, or 1 for grayscale)") from None
     return Preprocess(**kw)
+
+
+def input_format(args: argparse.Namespace, model) -> InputFormat:
+    """The model's image input as the graph (and --layout, where given) says."""
+    return read_input_format(model, getattr(args, "layout", None))
 
 
 def options(args: argparse.Namespace) -> Options:

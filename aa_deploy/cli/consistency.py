@@ -66,6 +66,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         backend=args.backend,
         limit=args.limit,
         output=args.output,
+        layout=args.layout,
     )
     base = results[str(args.model)]
     versus = {name: paired_difference(base, r) for name, r in results.items() if r is not base}

@@ -13,7 +13,6 @@ from aa_deploy.cli import common
 from aa_deploy.consistency.compare import load_images
 from aa_deploy.consistency.plots import plot_probe
 from aa_deploy.consistency.probe import probe
-from aa_deploy.model_io import input_spec
 
 
 def add(sub) -> None:
@@ -32,8 +31,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     from rich.table import Table
 
-    dims = input_spec(args.model)[1]
-    size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else 224
+    fmt = common.input_format(args, args.model)
+    size = fmt.square(args.model) or 224
     data = load_images(
         args.images or ("bundled:cifar10" if size == 32 else "bundled:photos"),
         crop=size,
@@ -41,6 +40,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         pad=None if size != 32 else "zero",
         preprocess=common.preprocess(args, size),
         limit=args.count,
+        fmt=fmt,
     )
     x = data.prepare(data.images[:, : data.crop, : data.crop])
     results = {m: probe(m, x) for m in [args.model, *(args.compare or [])]}

@@ -9,7 +9,6 @@ from rich.console import Console
 from aa_deploy.calibration.int8 import calibration_inputs, quantize
 from aa_deploy.cli import common
 from aa_deploy.images import preprocess_for
-from aa_deploy.model_io import input_spec
 
 
 def add(sub) -> None:
@@ -30,9 +29,9 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    dims = input_spec(args.model)[1]
-    size = dims[-1] if isinstance(dims[-1], int) and dims[-1] > 0 else None
-    x = calibration_inputs(args.calib_images, preprocess_for(size, common.preprocess(args, size)), limit=args.limit)
+    fmt = common.input_format(args, args.model)
+    preprocess = preprocess_for(fmt, common.preprocess(args, fmt.square(args.model)), args.model)
+    x = calibration_inputs(args.calib_images, preprocess, fmt, limit=args.limit)
     report: dict = {}
     kept = quantize(
         args.model, args.output, x, per_channel=not args.per_tensor, report=report, reduce_range=not args.full_range

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         args.min_cosine if args.min_cosine is not None else base.min_cosine,
     )
     options = common.options(args) if args.antialiased and (args.filter or args.filter_size) else None
-    preprocess = common.preprocess(args)
+    preprocess = common.preprocess(args, model=args.model if args.backend != "tensorrt" else None)
     result = verify(
         args.model,
         args.reference,
@@ -79,6 +79,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed,
         input_shape=common.shape(args.input_shape),
         weights=args.weights,
+        layout=args.layout,
     )
     print_parity(result, console)
     if args.report:

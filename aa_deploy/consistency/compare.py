@@ -14,7 +14,8 @@ from aa_deploy.converters.runners import make_runner
 from aa_deploy.converters.tensorrt import Sidecar
 from aa_deploy.errors import InputError
 from aa_deploy.images import Preprocess, csv_labels, folder_labels, load_folder, normalize
-from aa_deploy.model_io import input_spec
+from aa_deploy.input_format import InputFormat, from_dims
+from aa_deploy.input_format import read as read_input_format
 
 BUNDLED_PHOTOS = Path(__file__).resolve().parents[1] / "assets" / "photos"
 
@@ -41,15 +42,19 @@ def load_images(
     limit: int | None = None,
     labels: str | os.PathLike | None = None,
     circular: bool = False,
+    fmt: InputFormat = InputFormat(),
 ) -> ImageSet:
     """`bundled:cifar10`, `bundled:photos`, or an image folder; labels from a `file,label` CSV or a
     folder-per-class layout. Images are loaded at the view size for pad-and-crop and `circular`
-    shifts, and `shift` px larger for canvas crops."""
+    shifts, and `shift` px larger for canvas crops; `prepare` feeds them as the model's input `fmt` takes them."""
     if spec == "bundled:cifar10":
+        if fmt.channels != 3:
+            raise InputError(
+                "the bundled CIFAR-10 images are RGB, and this model takes 1-channel images (give --images)"
+            )
         images, labels = bundled.cifar_test_images()
-        return ImageSet(
-            images[:limit], labels[:limit], bundled.cifar_normalize, 32, pad or "zero", "bundled CIFAR-10 test images"
-        )
+        prepare = lambda x: fmt.feed(bundled.cifar_normalize(x))  # noqa: E731
+        return ImageSet(images[:limit], labels[:limit], prepare, 32, pad or "zero", "bundled CIFAR-10 test images")
     root = BUNDLED_PHOTOS if spec in (None, "bundled:photos") else Path(spec)
     base = preprocess or Preprocess(size=crop)
     # pad-and-crop and circular views keep the image size; canvas crops need room for the shift.
@@ -58,7 +63,7 @@ def load_images(
     images, files = load_folder(root, pre, limit=limit)
     prep = Preprocess(size=base.size, mean=base.mean, std=base.std)
     found = csv_labels(labels, files, root) if labels else folder_labels(files, root)
-    return ImageSet(images, found, lambda x: normalize(x, prep), base.size, pad, str(root))
+    return ImageSet(images, found, lambda x: normalize(x, prep, fmt), base.size, pad, str(root))
 
 
 def _selecting(runner, output: str | None, model: str):
@@ -76,11 +81,11 @@ def _selecting(runner, output: str | None, model: str):
     return run
 
 
-def _input_dims(model: str | os.PathLike, backend: str) -> list:
-    """The first model's input dims: from the ONNX file, or from an engine's sidecar (its opt shape)."""
+def _input_format(model: str | os.PathLike, backend: str, layout: str | None) -> InputFormat:
+    """The first model's image input: from the ONNX file, or from an engine's sidecar (its opt shape)."""
     if backend == "tensorrt":
-        return list(next(iter(Sidecar.read(model).shapes.values()))[1])
-    return input_spec(model)[1]
+        return from_dims(list(next(iter(Sidecar.read(model).shapes.values()))[1]), "float32", layout, str(model))
+    return read_input_format(model, layout)
 
 
 def compare(
@@ -101,15 +106,17 @@ def compare(
     labels: str | os.PathLike | None = None,
     progress=None,
     output: str | None = None,
+    layout: str | None = None,
 ) -> tuple[dict[str, ConsistencyResult], ImageSet]:
     """Each model (ONNX file) under one protocol on the same images and the same random shifts.
 
     `progress`, if given, is a context manager factory `progress(total) -> advance(n)` (a progress bar).
-    `output` names the output to measure (default: the first).
+    `output` names the output to measure (default: the first); `layout`: the image input's layout where
+    the graph cannot say.
     """
     runners = {str(m): make_runner(m, backend, provider) for m in models}
-    dims = _input_dims(models[0], backend)
-    size = crop or (dims[-1] if isinstance(dims[-1], int) else 224)
+    fmt = _input_format(models[0], backend, layout)
+    size = crop or fmt.square(str(models[0])) or 224
     if images is None:
         images = "bundled:cifar10" if size == 32 else "bundled:photos"
     small = images == "bundled:cifar10" or pad is not None
@@ -124,9 +131,10 @@ def compare(
         limit=limit,
         labels=labels,
         circular=protocol == "circular",
+        fmt=fmt,
     )
-    if isinstance(dims[-1], int) and dims[-1] != data.crop:
-        raise InputError(f"views are {data.crop} px, the model takes {dims[-1]} px: check --crop/--size")
+    if fmt.square(str(models[0])) not in (None, data.crop):
+        raise InputError(f"views are {data.crop} px, the model takes {fmt.height} px: check --crop/--size")
     from contextlib import nullcontext
 
     total = len(runners) * view_count(protocol, len(data.images), shift=shift, passes=passes, pad=data.pad)

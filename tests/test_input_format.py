@@ -1,0 +1,198 @@
+"""Image inputs the way users export them: NHWC, grayscale, non-square, float16. Every image-fed command
+reads the layout, channels, height x width and float type from the graph, feeds them, or refuses in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnxconverter_common import float16
+from PIL import Image
+
+import aa_deploy
+from aa_deploy import bundled, model_io
+from aa_deploy.converters.export import export
+from aa_deploy.errors import InputError
+from aa_deploy.images import Preprocess, normalize
+from aa_deploy.input_format import InputFormat, from_dims
+from tests.helpers import calibrate, cli
+
+
+class Net(torch.nn.Module):
+    """Two strided convs and a classifier; `nhwc` takes channels-last images and transposes them first."""
+
+    def __init__(self, channels: int = 3, nhwc: bool = False) -> None:
+        super().__init__()
+        self.nhwc = nhwc
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, 8, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x.permute(0, 3, 1, 2) if self.nhwc else x))
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """The same trained-free net exported NCHW, NHWC, grayscale, non-square and float16, each converted."""
+    folder = tmp_path_factory.mktemp("formats")
+    torch.manual_seed(0)
+    rgb = Net()
+    nhwc = Net(nhwc=True)
+    nhwc.load_state_dict(rgb.state_dict())
+    paths = {
+        "nchw": export(rgb, folder / "nchw.onnx", (2, 3, 32, 32)),
+        "nhwc": export(nhwc, folder / "nhwc.onnx", (2, 32, 32, 3)),
+        "gray": export(Net(channels=1), folder / "gray.onnx", (2, 1, 32, 32)),
+        "wide": export(Net(), folder / "wide.onnx", (2, 3, 24, 40)),
+    }
+    half = float16.convert_float_to_float16(onnx.load(str(paths["nchw"])), keep_io_types=False)
+    onnx.save(half, str(folder / "half.onnx"))
+    paths["half"] = folder / "half.onnx"
+    for name in list(paths):
+        paths[f"{name}.aa"] = folder / f"{name}.aa.onnx"
+        aa_deploy.convert(paths[name], paths[f"{name}.aa"])
+    images = folder / "images"
+    images.mkdir()
+    for i, img in enumerate(bundled.cifar_test_images()[0][:30]):
+        Image.fromarray(img).save(images / f"{i:02d}.png")
+    paths["images"] = images
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("dims", "dtype", "layout", "expected"),
+    [
+        (["N", 3, 224, 224], "float32", None, InputFormat("NCHW", 3, 224, 224)),
+        ([1, 224, 224, 3], "float32", None, InputFormat("NHWC", 3, 224, 224)),
+        (["N", 1, 28, 28], "float16", None, InputFormat("NCHW", 1, 28, 28, "float16")),
+        (["N", "h", "w", 1], "float32", None, InputFormat("NHWC", 1, None, None)),
+        (["N", "c", "h", "w"], "float32", None, InputFormat("NCHW", 3, None, None)),
+        (["N", "h", "w", "c"], "float32", "NHWC", InputFormat("NHWC", 3, None, None)),
+        ([1, 3, 24, 40], "float32", None, InputFormat("NCHW", 3, 24, 40)),
+    ],
+)
+def test_the_input_format_is_read_from_the_dims(dims, dtype, layout, expected):
+    assert from_dims(dims, dtype, layout) == expected
+
+
+@pytest.mark.parametrize(
+    ("dims", "dtype", "layout", "needle"),
+    [
+        ([1, 3, 224], "float32", None, "4-D input"),
+        ([1, 3, 224, 224], "int64", None, "is int64"),
+        ([1, 5, 224, 224], "float32", None, "neither 1 nor 3 channels"),
+        ([1, 224, 224, 3], "float32", "NCHW", "224 channels"),
+        ([1, 3, 224, 224], "float32", "NWHC", "--layout must be"),
+    ],
+)
+def test_an_input_aa_deploy_cannot_feed_is_one_line(dims, dtype, layout, needle):
+    with pytest.raises(InputError, match=needle):
+        from_dims(dims, dtype, layout)
+
+
+def test_a_non_square_input_is_refused_where_square_crops_are_fed():
+    with pytest.raises(InputError, match="24x40"):
+        from_dims([1, 3, 24, 40], "float32").square()
+    assert from_dims([1, 3, 24, 24], "float32").square() == 24
+
+
+def test_grayscale_is_the_luma_pil_computes_and_layouts_are_transposes():
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    gray = normalize(images, Preprocess(size=8, mean=(0.0,), std=(1.0,)), InputFormat("NCHW", 1))
+    pil = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in images]) / 255.0
+    assert gray.shape == (4, 1, 8, 8) and np.abs(gray[:, 0] - pil).max() <= 1 / 255 + 1e-6
+    nchw = normalize(images, Preprocess(size=8))
+    nhwc = normalize(images, Preprocess(size=8), InputFormat("NHWC"))
+    half = normalize(images, Preprocess(size=8), InputFormat(dtype="float16"))
+    assert np.array_equal(nhwc, nchw.transpose(0, 2, 3, 1)) and nhwc.flags.c_contiguous
+    assert half.dtype == np.float16 and np.allclose(half, nchw, atol=2e-3)
+    with pytest.raises(InputError, match="1-channel images and the preprocessing normalizes 3"):
+        normalize(images, Preprocess(size=8), InputFormat(channels=1))
+
+
+def test_an_nhwc_model_calibrates_exactly_as_its_nchw_twin(made, tmp_path):
+    """The same weights exported both ways, calibrated on the same images: the same result, so the NHWC
+    model was fed its images at 32x32 with 3 channels (not at 3x3 px, reading the size off the last axis)."""
+    results = {}
+    for name in ("nchw", "nhwc"):
+        out = tmp_path / f"{name}.cal.onnx"
+        calibrate(made[f"{name}.aa"], made[name], made["images"], out, method="stats")
+        meta = model_io.read_metadata(onnx.load(str(out)))["calibration"]
+        results[name] = (out, meta)
+    nchw, nhwc = results["nchw"][1]["input"], results["nhwc"][1]["input"]
+    assert nhwc["layout"] == "NHWC" and nhwc["view"] == [32, 32] and nhwc["channels"] == 3
+    assert nchw["layout"] == "NCHW" and nchw["view"] == [32, 32]
+    a, b = (
+        {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+        for path, _ in results.values()
+    )
+    convs = [k for k in a if k.endswith("weight")]
+    assert len(convs) == 3 and all(k in b for k in convs)
+    assert all(np.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in convs)
+    assert any(
+        not np.allclose(a[k], onnx.numpy_helper.to_array(i))
+        for k in convs
+        for i in onnx.load(str(made["nchw.aa"])).graph.initializer
+        if i.name == k
+    )  # calibration changed them
+
+
+def test_a_grayscale_model_calibrates_with_its_own_normalization(made, tmp_path):
+    base = ("calibrate", made["gray.aa"], "--teacher", made["gray"], "--images", made["images"], "--method", "stats")
+    proc = cli(*base, "-o", tmp_path / "a.onnx")
+    assert proc.returncode == 2 and "1-channel images" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "a.onnx").exists()
+    proc = cli(*base, "--mean", "0.45", "--std", "0.25", "-o", tmp_path / "b.onnx")
+    assert proc.returncode == 0, proc.stderr
+    meta = model_io.read_metadata(onnx.load(str(tmp_path / "b.onnx")))["calibration"]
+    assert meta["input"]["channels"] == 1 and meta["preprocess"]["mean"] == [0.45]
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [("wide", "24x40 (height x width)"), ("half", "takes float16 images; calibrate trains float32")],
+)
+def test_calibrate_refuses_a_non_square_or_float16_model_in_one_line(made, tmp_path, name, needle):
+    out = tmp_path / "o.onnx"
+    proc = cli("calibrate", made[f"{name}.aa"], "--teacher", made[name], "--images", made["images"], "-o", out)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_consistency_and_quantize_feed_nhwc_and_float16_and_refuse_non_square(made, tmp_path):
+    for name in ("nhwc", "half"):
+        report = tmp_path / f"{name}.json"
+        proc = cli(
+            "consistency", made[name], "--compare", made[f"{name}.aa"], "--images", made["images"],
+            "--passes", "1", "--report", report,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        measured = json.loads(report.read_text())["models"][str(made[name])]
+        assert measured["images"] == 30 and measured["settings"]["crop"] == 32
+    proc = cli("consistency", made["wide"], "--images", made["images"])
+    assert proc.returncode == 2 and "24x40" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = cli("quantize", made["nhwc.aa"], "--calib-images", made["images"], "-o", tmp_path / "q.onnx")
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("quantize", made["wide.aa"], "--calib-images", made["images"], "-o", tmp_path / "w.onnx")
+    assert proc.returncode == 2 and "24x40" in proc.stderr and not (tmp_path / "w.onnx").exists()
+
+
+def test_verify_feeds_images_as_the_graph_takes_them(made):
+    from aa_deploy.parity import make_inputs
+
+    x, info = make_inputs(made["nhwc"], images=str(made["images"]), count=4)
+    assert x.shape == (4, 32, 32, 3) and x.dtype == np.float32 and info["shape"] == [32, 32, 3]
+    x, _ = make_inputs(made["half"], images=str(made["images"]), count=4)
+    assert x.shape == (4, 3, 32, 32) and x.dtype == np.float16
+    x, _ = make_inputs(made["gray"], images=str(made["images"]), preprocess=Preprocess(32, None, (0.5,), (0.5,)))
+    assert x.shape[1:] == (1, 32, 32)

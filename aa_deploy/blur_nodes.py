@@ -47,6 +47,11 @@ class BlurSpec:
     guarded: bool = False  # reflect on maps of unknown size: choose reflect or edge at run time
 
 
+def is_inserted(node: ir.Node) -> bool:
+    """A node aa-deploy inserted (a blur or its glue, marked with MARK), or a fixed blur however it came."""
+    return bool(node.metadata_props.get(MARK)) or is_fixed_blur(node)
+
+
 def is_fixed_blur(node: ir.Node | None) -> bool:
     """A depthwise Conv whose constant taps are non-negative, sum to one and match in every channel;
     or an AveragePool that is a blur: one of ours, or any with stride 1 (a box filter)."""

@@ -117,7 +117,9 @@ def uses_external_data(model: ir.Model) -> bool:
 def save(model: ir.Model, path: str | os.PathLike, *, external: bool, check: bool = True) -> None:
     """Write `model` to `path` atomically: a temporary file in the same folder, checked, then renamed.
 
-    With `external`, weights go to `<name>.data` beside it. Nothing is left behind on failure.
+    With `external`, weights go to `<name>.data` beside it, and the two appear together or not at all: a
+    model already at `path` is moved aside before its data file is replaced (and back if that fails), so
+    that no model file ever stands beside data it was not written with. Nothing is left behind on failure.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -139,12 +141,29 @@ def save(model: ir.Model, path: str | os.PathLike, *, external: bool, check: boo
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
                 raise CheckError(str(e).splitlines()[0]) from None
         if data_name:
-            os.replace(tmp / data_name, folder / data_name)
-        os.replace(tmp / path.name, path)
+            _commit_pair(tmp, path, data_name)
+        else:
+            os.replace(tmp / path.name, path)
     except OSError as e:
         raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _commit_pair(tmp: Path, path: Path, data_name: str) -> None:
+    """Move the model and its data file from `tmp` to `path`'s folder: an old model at `path` goes aside
+    first (no model then, rather than one beside new data), comes back if the data cannot be moved, and
+    is dropped once the new model is in place."""
+    aside = tmp / (".old-" + path.name)
+    if path.exists():
+        os.replace(path, aside)
+    try:
+        os.replace(tmp / data_name, path.parent / data_name)
+    except OSError:
+        if aside.exists():
+            os.replace(aside, path)
+        raise
+    os.replace(tmp / path.name, path)
 
 
 def list_initializers_as_inputs(model: ir.Model) -> None:
@@ -188,8 +207,9 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
         raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
 
 
-def input_spec(path: str | os.PathLike) -> tuple[str, list[int | str | None]]:
-    """(name, dims) of the model's single input; dims are ints or names of dynamic axes."""
+def input_spec(path: str | os.PathLike, *, with_type: bool = False) -> tuple:
+    """(name, dims) of the model's single input; dims are ints or names of dynamic axes. `with_type`:
+    (name, dims, element type as a numpy name)."""
     if not Path(path).is_file():
         raise InputError(f"{path}: no such file")
     m = load_proto(path)
@@ -200,4 +220,7 @@ def input_spec(path: str | os.PathLike) -> tuple[str, list[int | str | None]]:
     dims = [
         d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in inputs[0].type.tensor_type.shape.dim
     ]
-    return inputs[0].name, dims
+    if not with_type:
+        return inputs[0].name, dims
+    elem = inputs[0].type.tensor_type.elem_type
+    return inputs[0].name, dims, onnx.helper.tensor_dtype_to_np_dtype(elem).name if elem else "float32"

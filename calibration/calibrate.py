@@ -15,18 +15,23 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import torch
+from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from aa_deploy import graph, model_io
 from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.calibration.distill import Recipe, distill
 from aa_deploy.calibration.held_out import HeldOut, centre
+from aa_deploy.calibration.matching import counterparts
 from aa_deploy.calibration.reconstruct import calibrate_reconstruct
 from aa_deploy.calibration.stats import calibrate_stats
 from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.converters.bridge import OnnxModule, write_back
+from aa_deploy.converters.bridge_check import check_against_onnxruntime
 from aa_deploy.errors import InputError
 from aa_deploy.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for, spread
+from aa_deploy.input_format import LAYOUTS, InputFormat, from_dims
 
 METHODS = ("stats", "reconstruct", "distill")
 # Where distill starts from: `pointwise` refits the 1x1 convs and the classifier by least squares and
@@ -56,6 +61,9 @@ class CalibrationResult:
     device: str = "cpu"
     batch: tuple[int, int] = (0, 0)  # evaluation, training
     activation_mb: float = 0.0  # activations one sample produces in a forward pass
+    # the closed-form start: its name, how the teacher's tensors were matched (names or structure), the
+    # student's trainable convs, and how many layers it refit by least squares and rescaled
+    start: dict = field(default_factory=dict)
 
 
 EVAL_BUDGET = 1 << 30  # bytes of activations one evaluation batch may produce
@@ -118,6 +126,29 @@ def _start_count(view: np.ndarray, available: int) -> int:
     return min(n, available, max(16, START_BUDGET // (4 * view.nbytes)))
 
 
+def _weights_as_initializers(model: ir.Model) -> ir.Model:
+    """`model` with its large Constant nodes (weights some exporters, paddle2onnx and old zoo graphs among
+    them, write as nodes) made initializers, which calibration trains and writes back."""
+    LiftConstantsToInitializersPass(lift_all_constants=False)(model)
+    return model
+
+
+def _input_format(model: ir.Model, layout: str | None, source: str) -> InputFormat:
+    """The student's image input; calibration trains float32 weights, so a float16 model is refused."""
+    inputs = graph.data_inputs(model.graph)
+    if len(inputs) != 1:
+        raise InputError(f"{source}: calibrate feeds single-input models; this one has {len(inputs)} inputs")
+    value = inputs[0]
+    dims = [d if isinstance(d, int) else None for d in (value.shape or [])]
+    fmt = from_dims(dims, value.dtype.numpy().name if value.dtype is not None else "float32", layout, source)
+    if fmt.dtype != "float32":
+        raise InputError(
+            f"{source}: the model takes {fmt.dtype} images; calibrate trains float32 weights: calibrate the float32 "
+            "model, then make the float16 one from the result"
+        )
+    return fmt
+
+
 def _closed_form(training: Training) -> Callable:
     """The closed-form step that runs first (`Training.first_step`)."""
     return {
@@ -140,10 +171,13 @@ class Data:
     held_out: float = 0.1
     limit: int | None = None
     views: str = "auto"
+    layout: str | None = None  # the image input's layout where the graph cannot say (input_format.LAYOUTS)
 
     def __post_init__(self) -> None:
         if self.views not in VIEWS:
             raise ValueError(f"views must be one of {', '.join(VIEWS)}, not {self.views!r}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
         if not 0 < self.held_out < 1:
             raise ValueError(f"held_out must be a fraction between 0 and 1, not {self.held_out}")
 
@@ -224,11 +258,21 @@ def calibrate(
     dev = resolve_device(compute.device)
     model_path, out_path = Path(model), Path(output)
     refuse_overwrite(out_path, model_path, teacher)
-    student_ir = model_io.load(model_path)
-    teacher_ir = model_io.load(teacher)
+    student_ir, teacher_ir = (_weights_as_initializers(model_io.load(path)) for path in (model_path, teacher))
     student, teacher_m = OnnxModule(student_ir).eval().to(dev), OnnxModule(teacher_ir).eval().to(dev)
-    dims = [d if isinstance(d, int) else None for d in (graph.data_inputs(student_ir.graph)[0].shape or [])]
-    preprocess = preprocess_for(dims[-1] if dims else None, preprocess)
+    match = counterparts(student, teacher_m)
+    if match.matched < match.convs:
+        raise InputError(
+            f"{teacher}: {match.matched} of the {match.convs} trainable convs of {model_path} have a counterpart in "
+            f"it (by name, or by graph structure): the teacher must be the model that was converted"
+        )
+    fmt = _input_format(student_ir, data.layout, str(model_path))
+    teacher_fmt = _input_format(teacher_ir, data.layout, str(teacher))
+    if teacher_fmt != fmt:
+        raise InputError(
+            f"{teacher} takes {teacher_fmt}, and {model_path} takes {fmt}: the teacher must be the model that was converted"
+        )
+    preprocess = preprocess_for(fmt, preprocess, str(model_path))
     span = max(0, (preprocess.resize or 0) - preprocess.size)
     if data.views == "canvas" and not span:
         raise InputError(
@@ -246,7 +290,7 @@ def calibrate(
         raise InputError(f"{images}: {len(files)} images is too few to calibrate (need 20 or more)")
 
     def prepare(x: np.ndarray) -> np.ndarray:
-        return normalize(x, preprocess)
+        return normalize(x, preprocess, fmt)
 
     held_files, train_files = _split(files, held_out, seed)
     held_images = np.stack([load_rgb(p, decode) for p in held_files])
@@ -261,13 +305,17 @@ def calibrate(
             "distill matches the class probabilities of an (N, classes) output, and this model's output is not one "
             "(a dense map or a detection head): use --method reconstruct (or stats)"
         )
+    # Both graphs as calibration runs them, against ONNX Runtime on one real batch, before anything trains.
+    batch = prepare(centre(held_images[:8], span))
+    for path, module in ((model_path, student), (Path(teacher), teacher_m)):
+        check_against_onnxruntime(path, module, batch)
     teacher_summary, teacher_runs, _ = checker.figures(teacher_m, final=True)
     before, _, _ = checker.figures(student, final=True)
 
     # Decoded once (256..1,000 images, START_BUDGET at most): the closed-form start (distill's:
     # `pointwise` unless told) goes through them layer by layer.
     x_start = torch.from_numpy(prepare(centre(train[np.arange(_start_count(checker.view[0], len(train)))], span)))
-    _closed_form(training)(
+    fitted = _closed_form(training)(
         student, teacher_m, x_start, eval_batch,
         progress=lambda done, total: report_progress({"phase": "start", "name": start, "done": done, "total": total}),
     )  # fmt: skip
@@ -300,6 +348,13 @@ def calibrate(
         device=str(dev),
         batch=(eval_batch, train_batch),
         activation_mb=per_sample / 2**20,
+        start={
+            "name": start,
+            "matched_by": match.by,
+            "convs": match.convs,
+            "refit": sum(bool(r.get("refit")) for r in fitted),
+            "rescaled": sum(not r.get("refit") for r in fitted),
+        },
     )
     record = {
         "method": method,
@@ -312,6 +367,7 @@ def calibrate(
         "lr": result.lr,
         "epochs": result.epochs,
         "kept_epoch": result.kept_epoch,
+        "start_fit": result.start,
         "recipe": asdict(recipe),
         "views": "canvas" if span else "shift",
         "score": f"fidelity + mean({', '.join(checker.protocols(final=False))}) on the held_images-out images",
@@ -320,13 +376,8 @@ def calibrate(
         "after": after,
         "versus_teacher": versus,
         "preprocess": preprocess.as_dict(),
-        # what the images were fed as: NCHW, the model's declared dims, the views' height x width and channels
-        "input": {
-            "layout": "NCHW",
-            "dims": dims,
-            "view": [int(d) for d in checker.view.shape[1:3]],
-            "channels": int(checker.view.shape[3]),
-        },
+        # what the images were fed as: the input's layout, channels, height x width and type, the views' size
+        "input": fmt.as_dict() | {"view": [int(d) for d in checker.view.shape[1:3]]},
     }
     model_io.write_metadata(student_ir, {"calibration": record})
     model_io.save(student_ir, out_path, external=model_io.uses_external_data(student_ir), check=check)

@@ -49,6 +49,8 @@ class Frontier:
         """For each batch: (index of its first image, {name: tensor}). The held point moves on to
         where the last named tensor is computed, but not past node `commit_until`."""
         names = set(names)
+        if not names:
+            return
         module = self.module
         stop = max(module.producers[name] for name in names) + 1
         for start in self.starts:

@@ -20,6 +20,7 @@ from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.converters.batching import fill, fixed_batch
 from aa_deploy.errors import InputError
 from aa_deploy.images import Preprocess, load_folder, normalize
+from aa_deploy.input_format import InputFormat
 from aa_deploy.model_io import input_spec
 
 
@@ -37,18 +38,18 @@ class ImageReader:
         return next(self.batches, None)
 
 
-def calibration_inputs(images: str | os.PathLike, preprocess: Preprocess, limit: int | None = 500) -> np.ndarray:
-    """The calibration images as float NCHW: the same notion of images as `calibrate` uses."""
+def calibration_inputs(
+    images: str | os.PathLike, preprocess: Preprocess, fmt: InputFormat = InputFormat(), limit: int | None = 500
+) -> np.ndarray:
+    """The calibration images as the model's input `fmt` takes them: the same notion of images as `calibrate` uses."""
     raw, _ = load_folder(images, preprocess, limit=limit)
-    return normalize(raw, preprocess)
+    return normalize(raw, preprocess, fmt)
 
 
 def blur_node_names(path: str | os.PathLike) -> list[str]:
     """Names of the nodes aa-deploy inserted (blur convs and their glue)."""
     model = model_io.load(path)
-    return [
-        n.name for n in model.graph if n.name and (n.metadata_props.get(blur_nodes.MARK) or blur_nodes.is_fixed_blur(n))
-    ]
+    return [n.name for n in model.graph if n.name and blur_nodes.is_inserted(n)]
 
 
 def _pre_process(model: Path, prepared: Path) -> str:

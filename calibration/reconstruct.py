@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from aa_deploy import blur_nodes, graph
 from aa_deploy.calibration.frontier import Frontier
+from aa_deploy.calibration.matching import counterparts
 from aa_deploy.calibration.stats import ConvTarget, conv_targets, moments, rescale
 from aa_deploy.converters.bridge import OnnxModule
 from aa_deploy.errors import InputError
@@ -61,9 +62,10 @@ def _refittable(node, weight: torch.Tensor, target: ConvTarget, spatial: bool, a
     )
 
 
-def _merge_after(node, teacher_names: set[str]) -> tuple[str, str] | None:
+def _merge_after(node, names: dict[str, str]) -> tuple[str, str] | None:
     """(sum, other addend) when `node`'s output goes only into an Add with another computed tensor (a
-    residual merge) whose output the teacher also has: the conv is then fit so that the *sum* matches
+    residual merge) whose output has a counterpart in the teacher (`names`: student -> teacher tensor; the
+    sum returned is the teacher's): the conv is then fit so that the *sum* matches
     the teacher's, correcting what the other branch (a blurred shortcut, an earlier block) got wrong
     too, since everything downstream reads only the sum."""
     readers = list(node.outputs[0].consumers())
@@ -71,9 +73,9 @@ def _merge_after(node, teacher_names: set[str]) -> tuple[str, str] | None:
         return None
     add = readers[0]
     others = [v for v in add.inputs if v is not None and v is not node.outputs[0]]
-    if len(others) != 1 or others[0].const_value is not None or add.outputs[0].name not in teacher_names:
+    if len(others) != 1 or others[0].const_value is not None or add.outputs[0].name not in names:
         return None
-    return add.outputs[0].name, others[0].name
+    return names[add.outputs[0].name], others[0].name
 
 
 class NormalEquations:
@@ -144,6 +146,7 @@ def refit_conv(
     position: int,
     ridges: tuple[float, ...] = RIDGES,
     generator: torch.Generator | None = None,
+    names: dict[str, str] | None = None,
 ) -> dict:
     """Refit one conv (`node`, the graph node of `target`, at `position` in the student's graph) in
     place; returns the ridge chosen and the fraction of the teacher output's variance left unexplained.
@@ -158,7 +161,8 @@ def refit_conv(
     outs = c_out // groups
     equations = NormalEquations(groups, features, outs, weight.device)
     budget = None
-    merge = _merge_after(node, teacher.module.computed)
+    names = {n: n for n in teacher.module.computed} if names is None else names
+    merge = _merge_after(node, names)
     source = node.inputs[0].name
     # The conv's input (and the other addend, in the same pass of the student) and the teacher's target.
     wanted = (source,) if merge is None else (source, merge[1])
@@ -201,8 +205,9 @@ def refit_conv(
     return fit
 
 
-def linear_targets(student: OnnxModule, teacher: OnnxModule) -> list:
-    """Gemm nodes (the classifier) with a trainable 2-D weight whose output the teacher also has."""
+def linear_targets(student: OnnxModule, names: dict[str, str]) -> list:
+    """Gemm nodes (the classifier) with a trainable 2-D weight whose output has a counterpart in the
+    teacher (`names`: student -> teacher tensor)."""
     trainable = student.trainable()
     found = []
     for node in student.nodes:
@@ -215,16 +220,23 @@ def linear_targets(student: OnnxModule, teacher: OnnxModule) -> list:
             and a.get_float("alpha", 1.0) == 1.0
             and a.get_float("beta", 1.0) == 1.0
             and trainable[node.inputs[1].name].dim() == 2
-            and node.outputs[0].name in teacher.computed
+            and node.outputs[0].name in names
         ):
             found.append(node)
     return found
 
 
 @torch.no_grad()
-def refit_linear(student: Frontier, teacher: Frontier, node, position: int, ridges: tuple[float, ...] = RIDGES) -> dict:
+def refit_linear(
+    student: Frontier,
+    teacher: Frontier,
+    node,
+    position: int,
+    ridges: tuple[float, ...] = RIDGES,
+    teacher_output: str | None = None,
+) -> dict:
     """Refit one Gemm (y = a @ w' + c, or a @ w; at `position` in the student's graph) in place
-    against the teacher's output."""
+    against the teacher's output (`teacher_output`, default: the Gemm's own output name)."""
     params = student.module.trainable()
     weight = params[node.inputs[1].name]
     trans = bool(node.attributes.get_int("transB", 0))
@@ -233,7 +245,7 @@ def refit_linear(student: Frontier, teacher: Frontier, node, position: int, ridg
     if bias is not None and bias.numel() != w.shape[1]:
         return {}  # a broadcast bias of another shape: left as it is
     equations = NormalEquations(1, w.shape[0] + (bias is not None), w.shape[1], weight.device)
-    source, output = node.inputs[0].name, node.outputs[0].name
+    source, output = node.inputs[0].name, teacher_output or node.outputs[0].name
     for (i, got), (_, want) in zip(student.tensors([source], position), teacher.tensors([output])):
         rows = _with_ones(got[source].flatten(1), bias is not None)
         y = want[output].flatten(1)
@@ -268,7 +280,8 @@ def calibrate_reconstruct(
     sharpen itself to undo the blurs before it, bringing back the aliasing they removed, which a
     channel mix cannot. `after_blur=False` rescales only the spatial convs that read a blur's output
     and refits the rest, for the same reason (docs/results.md, "Calibrating on images that may ship")."""
-    targets = conv_targets(student, teacher)
+    names = counterparts(student, teacher).names
+    targets = conv_targets(student, teacher, names)
     nodes = {n.name: n for n in student.nodes}
     params = student.trainable()
     generator = torch.Generator().manual_seed(seed)
@@ -277,15 +290,17 @@ def calibrate_reconstruct(
     for done, target in enumerate(targets):
         if progress:
             progress(done, len(targets))
-        position = student.producers[target.teacher_output]  # the conv's place in the student graph
+        position = student.producers[target.own_output]  # the conv's place in the student graph
         if _refittable(nodes[target.node], params[target.weight], target, spatial, after_blur):
-            fit = refit_conv(held, reference, target, nodes[target.node], position, ridges, generator)
+            fit = refit_conv(held, reference, target, nodes[target.node], position, ridges, generator, names)
             report.append({"node": target.node, "refit": True} | fit)
             continue
         rescale(params, target, moments(held, {target.output}, position)[target.output],
                 moments(reference, {target.teacher_output})[target.teacher_output])  # fmt: skip
         report.append({"node": target.node, "refit": False})
-    for node in linear_targets(student, teacher):
-        fit = refit_linear(held, reference, node, student.producers[node.outputs[0].name], ridges)
+    for node in linear_targets(student, names):
+        fit = refit_linear(
+            held, reference, node, student.producers[node.outputs[0].name], ridges, names[node.outputs[0].name]
+        )
         report.append({"node": node.name, "refit": True} | fit)
     return report

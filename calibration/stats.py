@@ -16,6 +16,7 @@ import torch
 
 from aa_deploy.blur_nodes import blur_after
 from aa_deploy.calibration.frontier import Frontier
+from aa_deploy.calibration.matching import counterparts
 from aa_deploy.converters.bridge import OnnxModule
 
 
@@ -25,21 +26,24 @@ class ConvTarget:
 
     node: str
     output: str  # the student tensor whose statistics are matched
-    teacher_output: str  # its counterpart in the teacher (the conv's own output name, the same in both)
+    own_output: str  # the conv's own output in the student (its place in the student graph)
+    teacher_output: str  # the counterpart of the conv's output in the teacher (`matching.counterparts`)
     weight: str
     bias: str | None
     followed_by_blur: bool
 
 
-def conv_targets(student: OnnxModule, teacher: OnnxModule) -> list[ConvTarget]:
-    """Trainable student Convs whose output tensor also exists in the teacher, in graph order."""
+def conv_targets(student: OnnxModule, teacher: OnnxModule, names: dict[str, str] | None = None) -> list[ConvTarget]:
+    """Trainable student Convs whose output has a counterpart in the teacher (`names`, default
+    `matching.counterparts`), in graph order."""
+    names = counterparts(student, teacher).names if names is None else names
     trainable = student.trainable()
     targets = []
     for node in student.nodes:
         if node.op_type != "Conv" or node.inputs[1] is None or node.inputs[1].name not in trainable:
             continue
         name = node.outputs[0].name
-        if name not in teacher.computed:
+        if name not in names:
             continue
         # A blurpool conv: the blur's output is the stride-s counterpart (a pre blur after a conv is not).
         carrier = (blur_after(node) if node.name in student.blurpool_nodes else None) or node
@@ -50,6 +54,7 @@ def conv_targets(student: OnnxModule, teacher: OnnxModule) -> list[ConvTarget]:
                 node.name,
                 carrier.outputs[0].name,
                 name,
+                names[name],
                 node.inputs[1].name,
                 bias if bias in trainable else None,
                 carrier is not node,
@@ -96,7 +101,7 @@ def calibrate_stats(
     for done, target in enumerate(targets):
         if progress:
             progress(done, len(targets))
-        position = student.producers[target.teacher_output]  # the conv's place in the student graph
+        position = student.producers[target.own_output]  # the conv's place in the student graph
         scale = rescale(params, target, moments(held, {target.output}, position)[target.output],
                         reference[target.teacher_output])  # fmt: skip
         report.append({"node": target.node, "scale_mean": float(scale.mean()), "shifted": target.bias is not None})

@@ -125,7 +125,7 @@ class OnnxModule(nn.Module):
         self.consts: dict[str, torch.Tensor] = {}
         self.frozen: set[str] = set()
         for node in model.graph.all_nodes():  # subgraphs too: the padding guard's branches read constants
-            blur = node.metadata_props.get(blur_nodes.MARK) is not None or blur_nodes.is_fixed_blur(node)
+            blur = blur_nodes.is_inserted(node)
             for i, value in enumerate(node.inputs):
                 if value is None or value.name in self.consts or _key(value.name) in self.params:
                     continue

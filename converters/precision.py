@@ -23,7 +23,7 @@ def inexact_blurs(model_path: str | os.PathLike) -> list[str]:
     model = model_io.load(model_path)
     out = []
     for node in model.graph:
-        if node.op_type == "Conv" and (node.metadata_props.get(blur_nodes.MARK) or blur_nodes.is_fixed_blur(node)):
+        if node.op_type == "Conv" and blur_nodes.is_inserted(node):
             taps = graph.const_array(node.inputs[1])
             if taps is not None and not np.array_equal(taps.astype(np.float16).astype(taps.dtype), taps):
                 out.append(node.name)

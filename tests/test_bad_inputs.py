@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper
 
+from aa_deploy.errors import InputError
 from tests import graphs as G
 from tests.helpers import cli
 
@@ -127,3 +130,35 @@ def test_another_library_failing_is_one_line_with_a_hint(monkeypatch, capsys, tm
     assert "--debug" in err and "report" in err
     with pytest.raises(ValueError):
         main(["consistency", str(tmp_path / "m.onnx"), "--debug"])
+
+
+def test_a_model_and_its_external_data_appear_together_or_not_at_all(tmp_path, monkeypatch):
+    """Overwriting an output with external data, and failing between the data file and the model: the
+    folder holds no model, never the old model beside the new data."""
+    import os
+
+    import onnx_ir as ir
+
+    from aa_deploy import model_io
+    from tests.graphs import conv_model
+
+    path = tmp_path / "m.onnx"
+    first, second = (ir.from_proto(conv_model((1, 3, 8, 8), seed=seed)) for seed in (0, 1))
+    model_io.save(first, path, external=True)
+    assert (tmp_path / "m.onnx.data").exists()
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == path and ".old-" not in str(src):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(InputError, match="No space left"):
+        model_io.save(second, path, external=True)
+    monkeypatch.setattr(os, "replace", real)
+    assert not path.exists() and [p.name for p in tmp_path.iterdir()] == ["m.onnx.data"]
+    model_io.save(second, path, external=True)  # and a later save makes the pair again
+    loaded = onnx.load(str(path))
+    want = onnx.numpy_helper.to_array(conv_model((1, 3, 8, 8), seed=1).graph.initializer[0])
+    assert np.array_equal(onnx.numpy_helper.to_array(loaded.graph.initializer[0]), want)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -91,7 +92,7 @@ def test_write_back_changes_initializer_values_only(r20, tmp_path, method, mode)
     assert meta["calibration"]["method"] == method and meta["options"]["mode"] == mode
     assert meta["calibration"]["start"] == {"distill": "pointwise"}.get(method, method)  # distill's default start
     fed = meta["calibration"]["input"]
-    assert (fed["layout"], fed["dims"][1:], fed["view"], fed["channels"]) == ("NCHW", [3, 32, 32], [32, 32], 3)
+    assert fed == {"layout": "NCHW", "channels": 3, "height": 32, "width": 32, "dtype": "float32", "view": [32, 32]}
     assert meta["calibration"]["preprocess"]["size"] == 32
     assert result.after["agreement"] >= result.before["agreement"] - 0.05
     for key, d in result.versus_teacher.items():  # paired with the teacher's run on the same shifts
@@ -605,3 +606,73 @@ def test_limit_spreads_over_the_classes_of_a_folder_tree(tmp_path):
     assert spread(files, None, tmp_path) == files and len(spread(files, 100, tmp_path)) == 30
     flat = [p for p in files if p.parent.name == "cat"]
     assert [p.name for p in spread(flat, 4, tmp_path / "cat")] == ["00.png", "03.png", "06.png", "09.png"]
+
+
+def test_a_bridge_that_differs_from_onnxruntime_stops_calibration_naming_the_node(r20, tmp_path, monkeypatch):
+    """Before any training, both graphs run through the bridge and through ONNX Runtime on one real
+    batch: a wrong op (here Relu made the identity) is a one-line error naming the first node it feeds
+    wrong, and nothing is written."""
+    import aa_deploy.converters.bridge as bridge
+    from aa_deploy.converters.bridge_check import check_against_onnxruntime
+
+    _, module = load_module(r20 / "r20.onnx")
+    x = bundled.cifar_normalize(bundled.cifar_test_images()[0][:4])
+    assert check_against_onnxruntime(r20 / "r20.onnx", module, x) < 1e-5
+    first_relu = next(n for n in module.nodes if n.op_type == "Relu")
+    monkeypatch.setitem(bridge._ELEMENTWISE, "Relu", lambda t: t)
+    with pytest.raises(aa_deploy.InputError, match=rf"first at node {first_relu.name} \(Relu\)") as e:
+        calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "o.onnx", method="stats")
+    assert len(str(e.value).splitlines()) == 1 and "r20.pre.onnx" in str(e.value)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def r20_torchscript(r20):
+    """The same trained ResNet-20 through TorchScript's exporter: other tensor and weight names."""
+    path = r20 / "r20.torchscript.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            bundled.resnet20().eval(), torch.zeros(1, 3, 32, 32), str(path), dynamo=False, opset_version=13,
+            input_names=["image"], dynamic_axes={"image": {0: "n"}},
+        )  # fmt: skip
+    return path
+
+
+def test_a_teacher_exported_the_other_way_is_matched_by_structure(r20, r20_torchscript, tmp_path):
+    """A student converted from the dynamo export and a teacher from TorchScript's exporter share no
+    tensor names; their layers match by structure, and the refit is the one the namesake teacher gives."""
+    from aa_deploy.calibration.matching import counterparts
+
+    student, by_name = load_module(r20 / "r20.pre.onnx")[1], load_module(r20 / "r20.onnx")[1]
+    renamed = load_module(r20_torchscript)[1]
+    assert not set(renamed.computed) & {n.outputs[0].name for n in student.nodes if n.op_type == "Conv"}
+    named, structural = counterparts(student, by_name), counterparts(student, renamed)
+    assert named.by == "names" and structural.by == "structure"
+    assert structural.matched == structural.convs == named.convs == 19
+    producer = {v.name: n.op_type for n in renamed.nodes for v in n.outputs}
+    assert {producer[t] for t in structural.names.values()} == {"Conv", "Gemm", "Add"}
+    results = {}
+    for teacher in (r20 / "r20.onnx", r20_torchscript):
+        out = tmp_path / f"{teacher.stem}.cal.onnx"
+        result = calibrate(r20 / "r20.pre.onnx", teacher, r20 / "images", out, method="reconstruct")
+        results[teacher.stem] = (
+            {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer},
+            result,
+        )
+    (a, ra), (b, rb) = results.values()
+    assert ra.start["matched_by"] == "names" and rb.start["matched_by"] == "structure"
+    assert ra.start["refit"] == rb.start["refit"] == 20  # 19 convs and the classifier
+    assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_a_teacher_that_is_another_network_is_refused_with_the_count(r20, tmp_path):
+    other = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10),
+    )  # fmt: skip
+    teacher = export(other, tmp_path / "other.onnx", (2, 3, 32, 32))
+    out = tmp_path / "o.onnx"
+    proc = cli("calibrate", r20 / "r20.pre.onnx", "--teacher", teacher, "--images", r20 / "images", "-o", out)
+    assert proc.returncode == 2 and "of the 19 trainable convs" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -151,7 +151,13 @@ def configuration(args: argparse.Namespace) -> tuple[Data, Training, Compute]:
         circular=not args.no_circular_views,
         average_epochs=args.average_epochs,
     )
-    data = Data(args.images, preprocess=common.preprocess(args), limit=args.limit, views=args.views)
+    data = Data(
+        args.images,
+        preprocess=common.preprocess(args, model=args.model),
+        limit=args.limit,
+        views=args.views,
+        layout=args.layout,
+    )
     training = Training(
         method=args.method,
         start=args.start,
@@ -235,6 +241,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"[yellow]note: on these held-out images the calibrated model is LESS consistent than the original "
             f"({', '.join(worse)}); more calibration images usually help[/yellow]"
         )
+    s = result.start
+    console.print(
+        f"start ({s['name']}): the teacher's layers matched by {s['matched_by']} for all {s['convs']} trainable convs; "
+        f"{s['refit']} layers refit by least squares, {s['rescaled']} rescaled"
+    )
     console.print(
         f"device {result.device}, batches {result.batch[0]} (evaluation) / {result.batch[1]} (training), "
         f"{result.activation_mb:.1f} MB of activations per image"

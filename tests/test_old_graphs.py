@@ -183,8 +183,15 @@ def zoo_classifier(opset: int) -> onnx.ModelProto:
         helper.make_node("Flatten", ["g"], ["f"], name="flat"),
         helper.make_node("Gemm", ["f", "fc", "fc_b"], ["prob"], transB=1, name="fc1"),
     ]
-    weights = [("w", w), ("b", b), ("fc", fc), ("fc_b", fc_b)]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, a.shape) for n, a in weights]
+    return _zoo_model(nodes, [("w", w), ("b", b), ("fc", fc), ("fc_b", fc_b)], opset)
+
+
+def _zoo_model(nodes, weights, opset: int) -> onnx.ModelProto:
+    """A graph as the zoo distributes it: IR 3, the weights listed as graph inputs before the image `data`
+    (1 x 3 x 32 x 32), the output `prob` (1 x 5)."""
+    inputs = [
+        helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in weights
+    ]
     inputs.append(G.inp("data", [1, 3, 32, 32]))
     out = helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 5])
     g = helper.make_graph(nodes, "zoo", inputs, [out], [G.const(n, a) for n, a in weights])
@@ -194,23 +201,114 @@ def zoo_classifier(opset: int) -> onnx.ModelProto:
     return m
 
 
-@pytest.mark.parametrize("opset", [7, 9])
-def test_calibrate_runs_on_a_zoo_graph_whose_weights_come_before_the_image(tmp_path, opset):
-    """The image input is found by what it is (the one input that is no initializer), not by position."""
+def _calibrate_on_photo_crops(conv, src, cal, size=32):
+    """`calibrate --method stats` of `conv` against `src` on 24 crops of the bundled photos (`size` px)."""
     from PIL import Image
 
     from aa_deploy import bundled
 
+    images = cal.parent / "images"
+    images.mkdir()
+    for i, crop in enumerate(bundled.photo_crops(24, size)):
+        Image.fromarray(crop).save(images / f"{i}.png")
+    return cli("calibrate", conv, "--teacher", src, "--images", images, "--method", "stats", "-o", cal)
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+def test_calibrate_runs_on_a_zoo_graph_whose_weights_come_before_the_image(tmp_path, opset):
+    """The image input is found by what it is (the one input that is no initializer), not by position."""
     src, conv, cal = tmp_path / "zoo.onnx", tmp_path / "zoo.aa.onnx", tmp_path / "zoo.cal.onnx"
     src.write_bytes(zoo_classifier(opset).SerializeToString())
     assert cli("convert", src, "-o", conv, "--blur-stem", "--no-drift").returncode == 0
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, crop in enumerate(bundled.photo_crops(24, 32)):
-        Image.fromarray(crop).save(images / f"{i}.png")
-    proc = cli("calibrate", conv, "--teacher", src, "--images", images, "--method", "stats", "-o", cal)
+    proc = _calibrate_on_photo_crops(conv, src, cal)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = onnx.load(cal)
     assert [i.name for i in out.graph.input][:5] == ["w", "b", "fc", "fc_b", "data"]
     x = RNG.standard_normal((1, 3, 32, 32)).astype(np.float32)
     assert np.isfinite(_session(cal).run(None, {"data": x})[0]).all()
+
+
+def test_calibrate_trains_weights_written_as_constant_nodes(tmp_path):
+    """paddle2onnx and some zoo graphs write their weights as Constant nodes, not initializers: calibrate
+    makes them initializers and calibrates them (once: nothing to fit, and `max()` of no tensors)."""
+    rng = np.random.default_rng(1)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((8, 3, 3, 3), (8, 8, 3, 3)))
+    nodes = [
+        helper.make_node("Constant", [], ["w1"], value=G.const("w1v", w1), name="k1"),
+        helper.make_node("Constant", [], ["w2"], value=G.const("w2v", w2), name="k2"),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["y"], name="relu2"),
+    ]
+    g = helper.make_graph(nodes, "paddle", [G.inp("x", [1, 3, 32, 32])], [G.out("y", 4)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)])
+    src, conv, cal = tmp_path / "p.onnx", tmp_path / "p.aa.onnx", tmp_path / "p.cal.onnx"
+    onnx.save(m, str(src))
+    assert cli("convert", src, "-o", conv, "--no-drift").returncode == 0
+    proc = _calibrate_on_photo_crops(conv, src, cal)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 trainable convs" in proc.stdout and "2 rescaled" in proc.stdout, proc.stdout
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(cal)).graph.initializer}
+    lifted = [a for a in weights.values() if a.shape == w2.shape]
+    assert len(lifted) == 1 and not np.allclose(lifted[0], w2)
+    x = RNG.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    assert np.isfinite(_session(cal).run(None, {"x": x})[0]).all()
+
+
+def zoo_inception_block(opset: int) -> onnx.ModelProto:
+    """GoogLeNet/AlexNet-era ops as the zoo distributes them (IR 3, weights listed first): Conv(s2) -> Relu ->
+    LRN -> MaxPool(3, s2) padded at the end only -> [1x1 Conv | AveragePool(3, s1, pads excluded) -> 1x1 Conv]
+    -> Concat -> Reshape to a fixed [1, 512] (AlexNet's [1, 9216]) -> Gemm."""
+    weights = [
+        ("w1", RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3),
+        ("wa", RNG.standard_normal((4, 8, 1, 1)).astype(np.float32) * 0.3),
+        ("wb", RNG.standard_normal((4, 8, 1, 1)).astype(np.float32) * 0.3),
+        ("fc", RNG.standard_normal((5, 512)).astype(np.float32) * 0.05),
+        ("fc_b", np.zeros(5, np.float32)),
+        ("shape", np.asarray([1, 512], np.int64)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["data", "w1"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu1"),
+        helper.make_node("LRN", ["r"], ["n"], size=5, alpha=1e-4, beta=0.75, name="norm1"),
+        helper.make_node("MaxPool", ["n"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1], name="pool1"),
+        helper.make_node("Conv", ["p", "wa"], ["a"], name="branch_a"),
+        helper.make_node("AveragePool", ["p"], ["q"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="pool_b"),
+        helper.make_node("Conv", ["q", "wb"], ["b"], name="branch_b"),
+        helper.make_node("Concat", ["a", "b"], ["cat"], axis=1, name="concat"),
+        helper.make_node("Reshape", ["cat", "shape"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc", "fc_b"], ["prob"], transB=1, name="fc1"),
+    ]
+    return _zoo_model(nodes, weights, opset)
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+def test_calibrate_runs_on_an_inception_era_zoo_block(tmp_path, opset):
+    """End-only pool pads, LRN, a branch concat and a fixed-size Reshape: the constructs behind the zoo
+    CNNs' 'Sizes of tensors must match' and "shape '[1, 9216]' is invalid" run, checked against ONNX
+    Runtime before the refit, and the result runs in ONNX Runtime."""
+    src, conv, cal = tmp_path / "zoo.onnx", tmp_path / "zoo.aa.onnx", tmp_path / "zoo.cal.onnx"
+    src.write_bytes(zoo_inception_block(opset).SerializeToString())
+    assert cli("convert", src, "-o", conv, "--blur-stem", "--no-drift").returncode == 0
+    proc = _calibrate_on_photo_crops(conv, src, cal)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 rescaled" in proc.stdout, proc.stdout
+    x = RNG.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    assert np.isfinite(_session(cal).run(None, {"data": x})[0]).all()
+
+
+def test_calibrate_runs_on_a_paddle2onnx_graph(tmp_path):
+    """A graph paddle2onnx wrote (tests/assets: PaddleOCR's direction-classifier architecture): converted
+    with defaults, calibrated, every trainable conv matched and rescaled, the result run in ONNX Runtime."""
+    from pathlib import Path
+
+    src = Path(__file__).parent / "assets" / "paddle_cls.onnx"
+    conv, cal = tmp_path / "cls.aa.onnx", tmp_path / "cls.cal.onnx"
+    assert cli("convert", src, "-o", conv, "--no-drift").returncode == 0
+    proc = _calibrate_on_photo_crops(conv, src, cal, size=64)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "matched by names for all 52 trainable convs" in proc.stdout and "52 rescaled" in proc.stdout, proc.stdout
+    x = RNG.standard_normal((2, 3, 64, 64)).astype(np.float32)
+    before, after = (_session(p).run(None, {"x": x})[0] for p in (conv, cal))
+    assert after.shape == (2, 2) and np.isfinite(after).all() and not np.allclose(before, after)

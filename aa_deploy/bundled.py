@@ -6,9 +6,13 @@ graph pass and that check import without torch when used as a library."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from aa_deploy.errors import InputError
+from aa_deploy.input_format import InputFormat
 
 ASSETS = Path(__file__).parent / "assets"
 RESNET20_WEIGHTS = ASSETS / "resnet20-12fca82f.th"
@@ -29,6 +33,14 @@ def cifar_normalize(images: np.ndarray) -> np.ndarray:
     x = images.astype(np.float32) / 255.0
     x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def cifar_feed(fmt: InputFormat) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 NHWC CIFAR images -> the model's input as `fmt` takes them (layout, float type); refused in
+    one line for a 1-channel input, which these RGB images cannot feed."""
+    if fmt.channels != 3:
+        raise InputError("the bundled CIFAR-10 images are RGB, and this model takes 1-channel images (give --images)")
+    return lambda images: fmt.feed(cifar_normalize(images))
 
 
 def resnet20():

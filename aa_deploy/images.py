@@ -54,12 +54,18 @@ def preprocess_for(fmt: InputFormat, preprocess: Preprocess | None, source: str 
         return Preprocess(size=size or 224)
     if size and size != preprocess.size:
         raise InputError(f"preprocessing gives {preprocess.size} px images, the model takes {size} px (--size)")
-    if len(preprocess.mean) != fmt.channels or len(preprocess.std) != fmt.channels:
-        raise InputError(
-            f"{source} takes {fmt.channels}-channel images and the preprocessing's mean/std have "
-            f"{len(preprocess.mean)}/{len(preprocess.std)} values"
-        )
+    _check_channels(preprocess, fmt, source)
     return preprocess
+
+
+def _check_channels(pre: Preprocess, fmt: InputFormat, source: str) -> None:
+    """A one-line error unless `pre` normalizes as many channels as the input `fmt` takes."""
+    if len(pre.mean) != fmt.channels or len(pre.std) != fmt.channels:
+        raise InputError(
+            f"{source} takes {fmt.channels}-channel images and the preprocessing normalizes "
+            f"{len(pre.mean)}/{len(pre.std)} (mean/std; give --mean and --std with {fmt.channels} "
+            f"value{'s' if fmt.channels > 1 else ''} each)"
+        )
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -122,12 +128,8 @@ def normalize(images: np.ndarray, pre: Preprocess, fmt: InputFormat = InputForma
     x = images.astype(np.float32) / 255.0
     if fmt.channels == 1:
         x = x @ LUMA[:, None]
+    _check_channels(pre, fmt, "the model")
     mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
-    if len(mean) != fmt.channels or len(std) != fmt.channels:
-        raise InputError(
-            f"the model takes {fmt.channels}-channel images and the preprocessing normalizes {len(mean)} "
-            f"(give --mean and --std with {fmt.channels} value{'s' if fmt.channels > 1 else ''} each)"
-        )
     return fmt.feed(((x - mean) / std).transpose(0, 3, 1, 2))
 
 

@@ -271,11 +271,7 @@ def make_inputs(
         }
     fmt = from_dims(dims, dtype, layout, str(model))
     if images == "bundled:cifar10":
-        if fmt.channels != 3:
-            raise InputError(
-                "the bundled CIFAR-10 images are RGB, and this model takes 1-channel images (give --images)"
-            )
-        x = fmt.feed(bundled.cifar_normalize(bundled.cifar_test_images()[0]))
+        x = bundled.cifar_feed(fmt)(bundled.cifar_test_images()[0])
         return x, {"source": "bundled CIFAR-10 test images", "count": len(x), "shape": list(x.shape[1:])}
     preprocess = preprocess_for(fmt, preprocess, str(model))
     raw, files = load_folder(images, preprocess, limit=count if count > 0 else None)

@@ -51,19 +51,18 @@ def _skeleton(module: OnnxModule, skip_inserted: bool) -> dict[str, tuple]:
     return found
 
 
-def _trainable_convs(student: OnnxModule) -> list[str]:
-    trainable = student.trainable()
+def trainable_convs(module: OnnxModule) -> list:
+    """The Conv nodes whose weight calibration trains, in graph order."""
+    trainable = module.trainable()
     return [
-        n.outputs[0].name
-        for n in student.nodes
-        if n.op_type == "Conv" and n.inputs[1] is not None and n.inputs[1].name in trainable
+        n for n in module.nodes if n.op_type == "Conv" and n.inputs[1] is not None and n.inputs[1].name in trainable
     ]
 
 
 def counterparts(student: OnnxModule, teacher: OnnxModule) -> Counterparts:
     """The teacher tensors the student's anchors are fitted against: by name where every trainable conv
     of the student has its namesake in the teacher, else by structure when that matches more convs."""
-    convs = _trainable_convs(student)
+    convs = [node.outputs[0].name for node in trainable_convs(student)]
     ours = _skeleton(student, skip_inserted=True)
     by_name = {name: name for name in ours if name in teacher.computed}
     named = sum(name in by_name for name in convs)

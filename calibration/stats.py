@@ -16,7 +16,7 @@ import torch
 
 from aa_deploy.blur_nodes import blur_after
 from aa_deploy.calibration.frontier import Frontier
-from aa_deploy.calibration.matching import counterparts
+from aa_deploy.calibration.matching import counterparts, trainable_convs
 from aa_deploy.converters.bridge import OnnxModule
 
 
@@ -39,9 +39,7 @@ def conv_targets(student: OnnxModule, teacher: OnnxModule, names: dict[str, str]
     names = counterparts(student, teacher).names if names is None else names
     trainable = student.trainable()
     targets = []
-    for node in student.nodes:
-        if node.op_type != "Conv" or node.inputs[1] is None or node.inputs[1].name not in trainable:
-            continue
+    for node in trainable_convs(student):
         name = node.outputs[0].name
         if name not in names:
             continue

@@ -48,12 +48,8 @@ def load_images(
     folder-per-class layout. Images are loaded at the view size for pad-and-crop and `circular`
     shifts, and `shift` px larger for canvas crops; `prepare` feeds them as the model's input `fmt` takes them."""
     if spec == "bundled:cifar10":
-        if fmt.channels != 3:
-            raise InputError(
-                "the bundled CIFAR-10 images are RGB, and this model takes 1-channel images (give --images)"
-            )
+        prepare = bundled.cifar_feed(fmt)
         images, labels = bundled.cifar_test_images()
-        prepare = lambda x: fmt.feed(bundled.cifar_normalize(x))  # noqa: E731
         return ImageSet(images[:limit], labels[:limit], prepare, 32, pad or "zero", "bundled CIFAR-10 test images")
     root = BUNDLED_PHOTOS if spec in (None, "bundled:photos") else Path(spec)
     base = preprocess or Preprocess(size=crop)
@@ -116,7 +112,8 @@ def compare(
     """
     runners = {str(m): make_runner(m, backend, provider) for m in models}
     fmt = _input_format(models[0], backend, layout)
-    size = crop or fmt.square(str(models[0])) or 224
+    side = fmt.square(str(models[0]))  # the model's own size; None where dynamic
+    size = crop or side or 224
     if images is None:
         images = "bundled:cifar10" if size == 32 else "bundled:photos"
     small = images == "bundled:cifar10" or pad is not None
@@ -133,7 +130,7 @@ def compare(
         circular=protocol == "circular",
         fmt=fmt,
     )
-    if fmt.square(str(models[0])) not in (None, data.crop):
+    if side not in (None, data.crop):
         raise InputError(f"views are {data.crop} px, the model takes {fmt.height} px: check --crop/--size")
     from contextlib import nullcontext
 

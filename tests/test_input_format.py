@@ -120,6 +120,16 @@ def test_grayscale_is_the_luma_pil_computes_and_layouts_are_transposes():
         normalize(images, Preprocess(size=8), InputFormat(channels=1))
 
 
+def test_the_bundled_cifar_images_feed_rgb_inputs_in_their_layout_and_refuse_grayscale():
+    images = bundled.cifar_test_images()[0][:4]
+    nchw = bundled.cifar_normalize(images)
+    nhwc = bundled.cifar_feed(InputFormat("NHWC"))(images)
+    assert np.array_equal(nhwc, nchw.transpose(0, 2, 3, 1)) and nhwc.flags.c_contiguous
+    assert bundled.cifar_feed(InputFormat(dtype="float16"))(images).dtype == np.float16
+    with pytest.raises(InputError, match="bundled CIFAR-10 images are RGB"):
+        bundled.cifar_feed(InputFormat(channels=1))
+
+
 def test_an_nhwc_model_calibrates_exactly_as_its_nchw_twin(made, tmp_path):
     """The same weights exported both ways, calibrated on the same images: the same result, so the NHWC
     model was fed its images at 32x32 with 3 channels (not at 3x3 px, reading the size off the last axis)."""

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from aa_deploy import model_io
 from aa_deploy.errors import InputError
 
 
@@ -36,12 +37,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def refuse_overwrite(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
-    """A one-line error when `output` is the same file as any of `inputs` (a model, a teacher, an image
-    folder's file): no command writes over what it reads unless its --in-place says so, and then it
-    does not call this."""
-    out = Path(output)
-    if not out.exists():
-        return
-    for source in inputs:
-        if source is not None and Path(source).exists() and os.path.samefile(out, source):
-            raise InputError(f"{out}: output would overwrite an input ({source}); give another -o")
+    """A one-line error when `output`, or the data file its weights would go to (`model_io.data_path`),
+    is the same file as any of `inputs` (a model, a teacher, an image folder's file) or as an external
+    data file an input model names: no command writes over what it reads unless its --in-place says
+    so, and then it does not call this."""
+    sources = [Path(source) for source in inputs if source is not None and Path(source).exists()]
+    read = [(source, source) for source in sources]
+    read += [(data, source) for source in sources for data in model_io.data_files(source)]
+    for out in (Path(output), model_io.data_path(output)):
+        if not out.exists():
+            continue
+        for path, source in read:
+            if path.exists() and os.path.samefile(out, path):
+                what = f"an input ({source})" if path == source else f"the external data of an input ({source})"
+                raise InputError(f"{out}: output would overwrite {what}; give another -o")

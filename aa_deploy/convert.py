@@ -10,6 +10,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from aa_deploy import model_io
+from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.errors import InputError
 from aa_deploy.plan import IMAGE_STEM, SKIP_STEM, Action, Options, plan
 from aa_deploy.rewrite import rewrite
@@ -89,8 +90,8 @@ def convert(
     elif dst is None:
         raise InputError("no output path given (-o FILE, or --in-place)")
     dst = Path(dst)
-    if not in_place and dst.exists() and src.exists() and os.path.samefile(src, dst):
-        raise InputError(f"{dst}: output would overwrite the input (use --in-place to mean it)")
+    if not in_place:
+        refuse_overwrite(dst, src)
     model = model_io.load(src, target_opset)
     external = model_io.uses_external_data(model)
     result = convert_model(model, options)

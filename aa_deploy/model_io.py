@@ -114,6 +114,31 @@ def uses_external_data(model: ir.Model) -> bool:
     return total > PROTO_LIMIT
 
 
+def data_path(path: str | os.PathLike) -> Path:
+    """Where `save` puts the weights of a model written to `path` with external data."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files the model at `path` names, its initializers' and its Constant nodes'
+    (none when `path` is not a readable model)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model (an image, a folder): it names no data files
+        return []
+    tensors = list(proto.graph.initializer)
+    tensors += [a.t for node in proto.graph.node for a in node.attribute if a.HasField("t")]
+    names = {
+        entry.value
+        for t in tensors
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    return [Path(path).parent / name for name in sorted(names)]
+
+
 def save(model: ir.Model, path: str | os.PathLike, *, external: bool, check: bool = True) -> None:
     """Write `model` to `path` atomically: a temporary file in the same folder, checked, then renamed.
 
@@ -133,7 +158,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external: bool, check: boo
         raise InputError(f"{folder}: cannot write here ({e.strerror or e})") from None
     list_initializers_as_inputs(model)
     try:
-        data_name = path.name + ".data" if external else None
+        data_name = data_path(path).name if external else None
         ir.save(model, tmp / path.name, external_data=data_name)
         if check:
             try:

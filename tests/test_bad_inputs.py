@@ -162,3 +162,23 @@ def test_a_model_and_its_external_data_appear_together_or_not_at_all(tmp_path, m
     loaded = onnx.load(str(path))
     want = onnx.numpy_helper.to_array(conv_model((1, 3, 8, 8), seed=1).graph.initializer[0])
     assert np.array_equal(onnx.numpy_helper.to_array(loaded.graph.initializer[0]), want)
+
+
+def test_no_output_is_written_over_the_external_data_an_input_names(tmp_path):
+    """A model whose weights live in `x.onnx.data` (not its own name's data file): writing `x.onnx`
+    with external data would replace them, for convert and for calibrate's teacher alike."""
+    from aa_deploy.atomic import refuse_overwrite
+
+    source = tmp_path / "y.onnx"
+    onnx.save(
+        G.conv_model((1, 3, 8, 8)), str(source), save_as_external_data=True, location="x.onnx.data", size_threshold=0
+    )
+    data = tmp_path / "x.onnx.data"
+    before = data.read_bytes()
+    result = cli("convert", source, "-o", tmp_path / "x.onnx")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "x.onnx.data: output would overwrite the external data of an input" in result.stderr
+    with pytest.raises(InputError, match="external data of an input"):
+        refuse_overwrite(tmp_path / "x.onnx", tmp_path / "student.onnx", source)
+    refuse_overwrite(tmp_path / "z.onnx", source)  # another name writes z.onnx.data: allowed
+    assert data.read_bytes() == before and not (tmp_path / "x.onnx").exists()

@@ -316,7 +316,7 @@ def calibrate(
     # `pointwise` unless told) goes through them layer by layer.
     x_start = torch.from_numpy(prepare(centre(train[np.arange(_start_count(checker.view[0], len(train)))], span)))
     fitted = _closed_form(training)(
-        student, teacher_m, x_start, eval_batch,
+        student, teacher_m, x_start, eval_batch, names=match.names,
         progress=lambda done, total: report_progress({"phase": "start", "name": start, "done": done, "total": total}),
     )  # fmt: skip
     report = None

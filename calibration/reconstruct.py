@@ -271,6 +271,7 @@ def calibrate_reconstruct(
     seed: int = 0,
     spatial: bool = True,
     after_blur: bool = True,
+    names: dict[str, str] | None = None,
 ) -> list[dict]:
     """Refit every target conv of `student` in place, in graph order, then the classifier; returns one
     record per layer. Each node runs once per image (`Frontier`), not once per conv.
@@ -279,8 +280,9 @@ def calibrate_reconstruct(
     gives the others `stats`' per-channel rescaling: a spatial kernel refit against the original can
     sharpen itself to undo the blurs before it, bringing back the aliasing they removed, which a
     channel mix cannot. `after_blur=False` rescales only the spatial convs that read a blur's output
-    and refits the rest, for the same reason (docs/results.md, "Calibrating on images that may ship")."""
-    names = counterparts(student, teacher).names
+    and refits the rest, for the same reason (docs/results.md, "Calibrating on images that may ship").
+    `names`: the teacher counterparts (`matching.counterparts`) where the caller has them already."""
+    names = counterparts(student, teacher).names if names is None else names
     targets = conv_targets(student, teacher, names)
     nodes = {n.name: n for n in student.nodes}
     params = student.trainable()

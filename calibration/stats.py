@@ -88,10 +88,11 @@ def calibrate_stats(
     x: torch.Tensor,
     batch: int = 250,
     progress: Callable[[int, int], None] | None = None,
+    names: dict[str, str] | None = None,
 ) -> list[dict]:
     """Rescale every target conv of `student` in place, in graph order (each node run once per image:
-    `Frontier`); returns one record per conv."""
-    targets = conv_targets(student, teacher)
+    `Frontier`); returns one record per conv. `names`: as `conv_targets` takes them."""
+    targets = conv_targets(student, teacher, names)
     reference = moments(Frontier(teacher, x, batch), {t.teacher_output for t in targets})
     params = student.trainable()
     held = Frontier(student, x, batch)

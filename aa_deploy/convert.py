@@ -7,9 +7,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
-from aa_deploy import model_io
+from aa_deploy import cost, dense, model_io
 from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.errors import InputError
 from aa_deploy.plan import IMAGE_STEM, SKIP_STEM, Action, Options, plan
@@ -38,13 +37,43 @@ class Conversion:
 
 def _prepare(model: ir.Model) -> None:
     """Static shapes for sites whose channel count is not in a weight (pooling, slicing)."""
-    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+    cost.with_shapes(model)
 
 
 def inspect(model: ir.Model, options: Options = Options()) -> list[Action]:
     """What `convert` would do to `model` (which is not changed beyond shape annotations)."""
     _prepare(model)
-    return plan(find_sites(model.graph), options)
+    actions = plan(find_sites(model.graph), options)
+    dense.analyse(model.graph, actions)  # refuses in one line what dense sampling cannot do exactly
+    return actions
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Multiply-adds of the original and of the converted model (a dynamic batch counted as 1)."""
+
+    original: int
+    converted: int
+    unknown: int  # nodes left uncounted for lack of static shapes
+
+    @property
+    def ratio(self) -> float:
+        return self.converted / self.original if self.original else float("nan")
+
+    def describe(self) -> str:
+        text = f"multiply-adds {self.original / 1e6:,.1f} M -> {self.converted / 1e6:,.1f} M (x{self.ratio:.2f})"
+        return text + (f"; {self.unknown} nodes without static shapes not counted" if self.unknown else "")
+
+
+def plan_cost(model: ir.Model, options: Options = Options()) -> Cost:
+    """What converting `model` with `options` costs at inference, counted on a converted copy."""
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    _prepare(copy)
+    before, unknown_before = cost.multiply_adds(copy)
+    convert_model(copy, options)
+    _prepare(copy)  # the blurs' shapes
+    after, unknown_after = cost.multiply_adds(copy)
+    return Cost(before, after, max(unknown_before, unknown_after))
 
 
 def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
@@ -53,9 +82,13 @@ def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
     declared = [(v.shape, v.type) for v in (*g.inputs, *g.outputs)]
     actions = inspect(model, options)
     blurs = rewrite(g, actions)
+    densified = dense.analyse(g, actions)
+    if densified is not None:
+        dense.apply(g, densified)
+        _prepare(model)
     for value, (shape, type_) in zip((*g.inputs, *g.outputs), declared):  # the interface stays as declared
         value.shape, value.type = shape, type_
-    if blurs:
+    if blurs or densified is not None:
         model_io.write_metadata(
             model,
             {

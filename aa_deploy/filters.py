@@ -4,7 +4,8 @@ The ONNX pass, the PyTorch twin and the INT8 path all ask this module, so a filt
 numbers everywhere.
 
 Named filters are the binomial rows of Zhang (2019): ``rect`` [1, 1], ``triangle`` [1, 2, 1],
-``binomial`` [1, 4, 6, 4, 1]; ``size`` N picks the binomial row of N taps (1..7).
+``binomial`` [1, 4, 6, 4, 1]; ``size`` N picks the binomial row of N taps (1..7). ``none`` is the
+1-tap identity: no blur is inserted (what `--dense-last` alone asks for).
 
 Widening rule for stride s > 2: a binomial row of N taps is the box [1, 1] convolved with itself
 N - 1 times. For stride s each [1, 1] factor becomes a box of s ones, so the row becomes
@@ -19,7 +20,7 @@ from functools import cache
 
 import numpy as np
 
-NAMED_SIZES = {"rect": 2, "triangle": 3, "binomial": 5}
+NAMED_SIZES = {"none": 1, "rect": 2, "triangle": 3, "binomial": 5}
 MAX_SIZE = 7
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from aa_deploy import filters, graph
 from aa_deploy.blur_nodes import BlurSpec
 from aa_deploy.sites import Site
+from aa_deploy.sites.levels import site_levels
 
 MODES = ("auto", "pre", "blurpool")
 PADS = ("reflect", "replicate", "zero")
@@ -29,9 +30,12 @@ class Options:
     skip_stem: bool | None = None  # None: skip the stem only when it subsamples the input image itself
     include: str | None = None
     exclude: str | None = None
+    dense_last: int = 0  # the last N resolution levels' sites run at stride 1, what follows dilated
 
     def __post_init__(self) -> None:
         filters.filter_size(self.filter, self.filter_size)  # validates
+        if not isinstance(self.dense_last, int) or self.dense_last < 0:
+            raise ValueError(f"dense-last must be a whole number >= 0, not {self.dense_last!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.pad not in PADS:
@@ -60,7 +64,7 @@ class Action:
     """The decision for one site."""
 
     site: Site
-    action: str  # pre | blurpool | skip
+    action: str  # pre | blurpool | dense | skip
     note: str = ""
     spec: BlurSpec | None = None
     shared_with: int | None = None  # index of the action whose blur node this one reuses
@@ -169,11 +173,28 @@ def site_mode(kind: str, options: Options, *, pointwise: bool, obstacle: str | N
     return mode, ""
 
 
+DENSE = "dense: stride 1, the layers after it dilated (every sampling phase computed, then averaged)"
+
+
+def dense_choice(levels: list[int], n: int) -> set[int]:
+    """Indices of the sites that dense sampling changes: those of the `n` coarsest resolution levels
+    (`levels[i]`: the total subsampling factor of the map site i reads). The one rule of the ONNX pass
+    and the twin, which differ only in how they find the levels."""
+    if n <= 0:
+        return set()
+    chosen = set(sorted(set(levels))[-n:])
+    return {i for i, level in enumerate(levels) if level in chosen}
+
+
 def plan(sites: list[Site], options: Options) -> list[Action]:
     """One Action per site, in site order."""
     actions: list[Action] = []
     shared: dict[tuple, int] = {}
+    dense = dense_choice(site_levels(sites), options.dense_last) if options.dense_last else set()
     for i, site in enumerate(sites):
+        if i in dense:
+            actions.append(Action(site, "dense", DENSE))
+            continue
         skip = skip_reason(
             options,
             (site.name, site.scope),

@@ -53,8 +53,10 @@ def test_the_stem_on_the_input_image_is_left_alone_unless_asked(conv_onnx, tmp_p
 
 def test_inspect_json_lists_the_plan(conv_onnx, capsys):
     assert main(["inspect", str(conv_onnx), "--json", "--mode", "blurpool", "--blur-stem"]) == 0
-    plan = json.loads(capsys.readouterr().out)
-    assert [(p["node"], p["action"], p["stride"]) for p in plan] == [("stage/conv.0", "blurpool", [2, 2])]
+    out = json.loads(capsys.readouterr().out)
+    assert [(p["node"], p["action"], p["stride"]) for p in out["sites"]] == [("stage/conv.0", "blurpool", [2, 2])]
+    # the blur adds work: a depthwise 3x3 per output position and channel on top of the original conv
+    assert out["cost"]["converted_multiply_adds"] > out["cost"]["original_multiply_adds"] > 0
 
 
 def test_missing_file(tmp_path):

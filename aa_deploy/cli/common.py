@@ -14,7 +14,11 @@ EXIT_OK, EXIT_NOTHING, EXIT_INPUT = 0, 1, 2
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--filter", choices=["rect", "triangle", "binomial"], help="blur filter (default: triangle)")
+    p.add_argument(
+        "--filter",
+        choices=["none", "rect", "triangle", "binomial"],
+        help="blur filter (default: triangle; none: no blur, e.g. with --dense-last alone)",
+    )
     p.add_argument("--filter-size", type=int, metavar="N", help="binomial row of N taps, 1..7 (overrides --filter)")
     p.add_argument(
         "--mode", default="auto", choices=MODES, help="pre, blurpool, or auto: blurpool for pooling, pre elsewhere"
@@ -37,6 +41,14 @@ def add_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--include", metavar="REGEX", help="only sites whose node name or module scope matches")
     p.add_argument("--exclude", metavar="REGEX", help="leave out sites whose node name or module scope matches")
+    p.add_argument(
+        "--dense-last",
+        type=int,
+        default=0,
+        metavar="N",
+        help="dense sampling: the sites of the last N resolution levels at stride 1, every spatial op after them "
+        "dilated (exact mean over the sampling phases, no training; costs compute). Default 0: off",
+    )
 
 
 def add_target_opset(p: argparse.ArgumentParser) -> None:
@@ -93,7 +105,14 @@ def input_format(args: argparse.Namespace, model) -> InputFormat:
 def options(args: argparse.Namespace) -> Options:
     try:
         return Options(
-            args.filter or "triangle", args.filter_size, args.mode, args.pad, args.skip_stem, args.include, args.exclude
+            args.filter or "triangle",
+            args.filter_size,
+            args.mode,
+            args.pad,
+            args.skip_stem,
+            args.include,
+            args.exclude,
+            args.dense_last,
         )
     except ValueError as e:
         raise InputError(str(e)) from None

@@ -71,7 +71,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if not args.quiet:
             print_sites(result.actions, f"{args.model} -> {out}", console)
         changed = len(result.changed)
-        if result.blurs == 0:
+        dense = sum(a.action == "dense" for a in result.actions)
+        if result.blurs == 0 and not dense:
             console.print(
                 f"nothing added: none of the {len(result.actions)} sites needed a blur (see the table); wrote {out}"
             )
@@ -79,7 +80,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 os.replace(target, out)
             return common.EXIT_OK
         console.print(
-            f"changed {changed} of {len(result.actions)} sites with {result.blurs} blur nodes in {seconds:.2f} s"
+            f"changed {changed} of {len(result.actions)} sites with {result.blurs} blur nodes"
+            + (f" and {dense} dense" if dense else "")
+            + f" in {seconds:.2f} s"
             + ("" if args.calibrate else f"; wrote {out}")
         )
         drift = None

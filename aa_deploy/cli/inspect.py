@@ -9,7 +9,7 @@ from rich.console import Console
 
 from aa_deploy import model_io
 from aa_deploy.cli import common
-from aa_deploy.convert import inspect
+from aa_deploy.convert import inspect, plan_cost
 from aa_deploy.report import print_sites
 
 
@@ -27,8 +27,24 @@ def run(args: argparse.Namespace, console: Console) -> int:
     actions = inspect(model, common.options(args))
     if not args.json:
         common.print_upgrade(model_io.read_metadata(model).get("opset_upgrade"), console)
+    options = common.options(args)
+    price = plan_cost(model, options) if actions else None
     if args.json:
-        print(json.dumps([a.describe() for a in actions], indent=2))
+        print(
+            json.dumps(
+                {
+                    "sites": [a.describe() for a in actions],
+                    "cost": price
+                    and {
+                        "original_multiply_adds": price.original,
+                        "converted_multiply_adds": price.converted,
+                        "ratio": price.ratio,
+                        "uncounted_nodes": price.unknown,
+                    },
+                },
+                indent=2,
+            )
+        )
     elif not actions:
         console.print(f"{args.model}: no downsampling sites found")
     else:
@@ -37,4 +53,5 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"{args.model}: {len(actions)} sites, {sum(a.action != 'skip' for a in actions)} to change",
             console,
         )
+        console.print(price.describe())
     return common.EXIT_OK if actions else common.EXIT_NOTHING

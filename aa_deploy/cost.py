@@ -1,0 +1,61 @@
+"""What a graph costs to run: multiply-adds from its static shapes (the convs, pools and matrix
+products; elementwise ops are left out, as multiply-add counts usually do)."""
+
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from aa_deploy import graph
+
+
+def _batch_1(dims: tuple | None) -> tuple | None:
+    """`dims` with a dynamic leading (batch) dim read as 1."""
+    return dims if not dims or dims[0] is not None else (1, *dims[1:])
+
+
+def _node_macs(node: ir.Node) -> int | None:
+    """Multiply-adds of one node, 0 for ops not counted, None when a shape it needs is unknown."""
+    if not graph.is_onnx(node, "Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool", "MaxPool"):
+        return 0
+    out = _batch_1(graph.dims(node.outputs[0]))
+    if out is None or any(d is None for d in out):
+        return None
+    if node.op_type in ("Conv", "ConvTranspose"):
+        weight = graph.dims(node.inputs[1])
+        if weight is None or any(d is None for d in weight):
+            return None
+        per_output = math.prod(weight[1:]) if node.op_type == "Conv" else weight[0] * math.prod(weight[2:])
+        if node.op_type == "ConvTranspose":  # every input position scatters into a kernel's worth of outputs
+            x = _batch_1(graph.dims(node.inputs[0]))
+            return None if x is None or None in x else math.prod(x) * weight[1] * math.prod(weight[2:])
+        return math.prod(out) * per_output
+    if node.op_type in ("AveragePool", "MaxPool"):
+        kernel = graph.ints(node, "kernel_shape", ())
+        return math.prod(out) * math.prod(kernel)
+    a = graph.dims(node.inputs[0])
+    if a is None or a[-1] is None:
+        return None
+    k = a[0] if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) else a[-1]
+    return math.prod(out) * k
+
+
+def multiply_adds(model: ir.Model) -> tuple[int, int]:
+    """(multiply-adds, nodes whose cost is unknown for lack of static shapes) of the main graph at its
+    declared input shape (a dynamic batch counts as 1)."""
+    total, unknown = 0, 0
+    for node in model.graph:
+        macs = _node_macs(node)
+        if macs is None:
+            unknown += 1
+        else:
+            total += macs
+    return total, unknown
+
+
+def with_shapes(model: ir.Model) -> ir.Model:
+    """`model` with static shapes inferred where they can be (in place), for counting."""
+    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+    return model

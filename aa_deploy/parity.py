@@ -319,10 +319,15 @@ def verify(
     if isinstance(reference, str):
         reference, _ = load_model(reference, weights)
     twin_options = None if change else reference_options(graph_path, antialiased, options)
-    module = antialias_with(reference, twin_options)[0] if twin_options is not None else reference
     inputs, info = make_inputs(
         graph_path, images=images, preprocess=preprocess, count=count, seed=seed, input_shape=input_shape, layout=layout
     )
+    module = reference
+    if twin_options is not None:
+        import torch
+
+        sample = torch.from_numpy(np.asarray(inputs[:1], np.float32))  # dense sampling reads levels from sizes
+        module = antialias_with(reference, twin_options, sample=sample)[0]
     graph_model = model_io.load(graph_path)
     if not change and twin_options is not None and "calibration" in model_io.read_metadata(graph_model):
         # The file that ships is calibrated: its reference is the twin holding the calibrated weights,

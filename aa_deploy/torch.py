@@ -14,6 +14,7 @@ timm's Swin `PatchMerging` (channels-last), and any module declaring `antialias_
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aa_deploy import filters
-from aa_deploy.plan import IMAGE_CHANNELS, POOLING, Options, pad_mode_for, site_mode, skip_reason
+from aa_deploy.errors import InputError
+from aa_deploy.plan import DENSE, IMAGE_CHANNELS, POOLING, Options, dense_choice, pad_mode_for, site_mode, skip_reason
 from aa_deploy.sites import strided_slice
 from aa_deploy.sites.pooling import CEIL_MODE, acts_globally
 from aa_deploy.sites.strided_conv import is_pointwise
@@ -149,6 +151,120 @@ class GuardedPreBlur(PreBlur):
         return super().forward(x)
 
 
+class DenseSite(nn.Module):
+    """A dense site (`--dense-last`): the module at stride 1, its input extended with `extra` pixels at
+    the far ends (zeros; -inf for a max pool) so that its map is exactly `stride` times the original's,
+    as the ONNX pass extends the node's far padding."""
+
+    def __init__(self, module: nn.Module, extra: tuple[int, int], fill: float) -> None:
+        super().__init__()
+        self.module = module
+        self.extra = extra
+        self.fill = fill
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.extra):
+            x = F.pad(x, (0, self.extra[1], 0, self.extra[0]), value=self.fill)
+        return self.module(x)
+
+
+_PADS = (nn.ZeroPad2d, nn.ConstantPad2d)
+
+
+def _spatial_trace(model: nn.Module, sample: torch.Tensor) -> dict[nn.Module, tuple[tuple, tuple]]:
+    """module -> (input, output) spatial sizes at its first call on `sample`."""
+    seen: dict[nn.Module, tuple[tuple, tuple]] = {}
+
+    def hook(module, inputs, output) -> None:
+        if module not in seen and inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            seen[module] = (tuple(inputs[0].shape[2:]), tuple(output.shape[2:]))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _scale(values, factor: tuple[int, int]) -> tuple[int, int]:
+    return tuple(v * f for v, f in zip(_tuple(values, 2), factor))
+
+
+def _dilate(module: nn.Module, factor: tuple[int, int], path: str) -> None:
+    """Dilations and padding of one 2-D module times `factor` (the map it reads is that much denser)."""
+    if isinstance(module, _PADS):
+        left, right, top, bottom = module.padding
+        module.padding = (left * factor[1], right * factor[1], top * factor[0], bottom * factor[0])
+    elif isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+        module.dilation = _scale(module.dilation, factor)
+        if not isinstance(module.padding, str):
+            module.padding = _scale(module.padding, factor)
+            if isinstance(module, nn.Conv2d):
+                module._reversed_padding_repeated_twice = [p for p in reversed(module.padding) for _ in range(2)]
+    elif isinstance(module, nn.AvgPool2d) and _tuple(module.kernel_size, 2) != (1, 1):
+        raise InputError(f"--dense-last: the twin cannot dilate the average pool {path!r} (no dilation in PyTorch)")
+
+
+def densify(model: nn.Module, sites: list, dense: set[int], sample: torch.Tensor) -> None:
+    """Dense sampling on the twin, in place: the `dense` sites (indices into `sites`) at stride 1, every
+    2-D conv, max pool and padding module that reads a denser map dilated by the factor it is denser.
+    Where a module sits is read from its input size on `sample` (the ONNX pass follows the graph)."""
+    trace = _spatial_trace(model, sample)
+    if any(trace.get(sites[i][1]) is None or len(trace[sites[i][1]][0]) != 2 for i in dense):
+        raise InputError("--dense-last: the twin's dense sites must be 2-D modules the sample reaches")
+    first = max((trace[sites[i][1]][0] for i in dense), key=lambda size: size[0] * size[1])
+    # How much denser each map size becomes: 1 at the first dense level's input, times each dense
+    # site's stride after it (sizes, not their ratios: a stride-2 site maps 17 px to 9).
+    denser: dict[tuple, tuple[int, int]] = {first: (1, 1)}
+    for i in sorted(dense, key=lambda i: -math.prod(trace[sites[i][1]][0])):
+        size_in, size_out = trace[sites[i][1]]
+        f = denser.get(size_in, (1, 1))
+        denser[size_out] = tuple(fi * s for fi, s in zip(f, sites[i][3]))
+
+    def factor(size: tuple) -> tuple[int, int]:
+        return denser.get(size, (1, 1))
+
+    site_modules = {id(sites[i][1]): i for i in dense}
+    names = {m: n for n, m in model.named_modules()}
+    for module, (size_in, _) in trace.items():
+        if len(size_in) != 2 or size_in[0] * size_in[1] > first[0] * first[1]:
+            continue  # before the dense levels (or not a map)
+        f = factor(size_in)
+        if id(module) in site_modules:
+            continue
+        inside_site = any(names[module].startswith(names[sites[i][1]] + ".") for i in dense)
+        stride = getattr(module, "stride", 1)
+        if (
+            not inside_site
+            and isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))
+            and any(s > 1 for s in _tuple(stride or 1, 2))
+        ):
+            raise InputError(f"--dense-last: {names[module]!r} subsamples after a dense site: give a larger N")
+        if f != (1, 1):
+            _dilate(module, f, names[module])
+    for i in sorted(dense):
+        path, module, kind, strides, _ = sites[i]
+        size_in, size_out = trace[module]
+        f = factor(size_in)
+        if kind == "strided-slice":
+            module.stride = 1
+        else:
+            _dilate(module, f, path)
+            module.stride = (1, 1)
+        target = tuple(fi * s * o for fi, s, o in zip(f, strides, size_out))
+        extra = (0, 0)
+        if kind != "strided-slice":
+            channels = module.in_channels if isinstance(module, nn.Conv2d) else 1
+            with torch.no_grad():
+                got = module(torch.zeros(1, channels, *(fi * d for fi, d in zip(f, size_in)))).shape[2:]
+            extra = tuple(int(t - g) for t, g in zip(target, got))
+        fill = float("-inf") if kind == "max-pool" else 0.0
+        _set(model, path, DenseSite(module, extra, fill))
+
+
 @dataclass
 class TwinSite:
     """One module the twin changed (or left alone), in the ONNX pass's vocabulary."""
@@ -248,12 +364,33 @@ def antialias(
     return antialias_with(model, options, inplace=inplace)
 
 
-def antialias_with(model: nn.Module, options: Options, *, inplace: bool = False) -> tuple[nn.Module, list[TwinSite]]:
-    """`antialias` with an `Options` record (e.g. read back from a converted model's metadata)."""
+def _levels(model: nn.Module, sites: list, sample: torch.Tensor) -> list[int]:
+    """Each site's total subsampling factor (area) from its input size on `sample`: `plan.dense_choice`'s levels."""
+    trace = _spatial_trace(model, sample)
+    area = sample.shape[2] * sample.shape[3]
+    return [area // max(1, math.prod(trace.get(module, ((1, 1), ()))[0])) for _, module, *_ in sites]
+
+
+def antialias_with(
+    model: nn.Module, options: Options, *, inplace: bool = False, sample: torch.Tensor | None = None
+) -> tuple[nn.Module, list[TwinSite]]:
+    """`antialias` with an `Options` record (e.g. read back from a converted model's metadata).
+    Dense sampling (`options.dense_last`) needs a `sample` input: where a module sits is read from its
+    input size."""
     if not inplace:
         model = copy.deepcopy(model)
     report = []
-    for i, (name, module, kind, strides, channels_last) in enumerate(find_sites(model)):
+    sites = find_sites(model)
+    dense: set[int] = set()
+    if options.dense_last:
+        if sample is None:
+            raise InputError("--dense-last: the twin needs a sample input to find the resolution levels")
+        dense = dense_choice(_levels(model, sites, sample), options.dense_last)
+        densify(model, sites, dense, sample)
+    for i, (name, module, kind, strides, channels_last) in enumerate(sites):
+        if i in dense:
+            report.append(TwinSite(name, kind, strides, "dense", DENSE))
+            continue
         skip = skip_reason(options, (name,), first=i == 0, on_image=i == 0 and _on_image(module, kind))
         if skip is not None:
             report.append(TwinSite(name, kind, strides, "skip", skip))

@@ -18,15 +18,15 @@ from torch import nn
 from aa_deploy import graph, model_io
 from aa_deploy.blur_nodes import blur_after
 from aa_deploy.errors import InputError
-from aa_deploy.torch import ConvBlurPool, PreBlur
+from aa_deploy.torch import ConvBlurPool, DenseSite, PreBlur
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    while isinstance(module, (PreBlur, ConvBlurPool)):
-        module = module.module if isinstance(module, PreBlur) else module.conv
+    while isinstance(module, (PreBlur, ConvBlurPool, DenseSite)):
+        module = module.conv if isinstance(module, ConvBlurPool) else module.module
     return module
 
 

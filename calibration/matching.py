@@ -52,10 +52,16 @@ def _skeleton(module: OnnxModule, skip_inserted: bool) -> dict[str, tuple]:
 
 
 def trainable_convs(module: OnnxModule) -> list:
-    """The Conv nodes whose weight calibration trains, in graph order."""
+    """The Conv nodes whose weight calibration fits, in graph order: not those after a dense site, whose
+    weights are the original's and whose maps are denser than the teacher's (they have no counterpart)."""
     trainable = module.trainable()
     return [
-        n for n in module.nodes if n.op_type == "Conv" and n.inputs[1] is not None and n.inputs[1].name in trainable
+        n
+        for n in module.nodes
+        if n.op_type == "Conv"
+        and n.inputs[1] is not None
+        and n.inputs[1].name in trainable
+        and n.name not in module.dense_nodes
     ]
 
 

@@ -109,6 +109,17 @@ def _torch_pads(begins, ends) -> list[int]:
     return [p for b, e in zip(reversed(begins), reversed(ends)) for p in (b, e)]
 
 
+def _downstream(nodes: list, names: set[str]) -> set[str]:
+    """Names of the nodes named `names` and of every node that reads their outputs, directly or not."""
+    reached: set[str] = set()
+    tainted: set[int] = set()
+    for node in nodes:
+        if node.name in names or any(v is not None and id(v) in tainted for v in node.inputs):
+            reached.add(node.name)
+            tainted.update(id(v) for v in node.outputs)
+    return reached
+
+
 class OnnxModule(nn.Module):
     """A single-input ONNX graph as an nn.Module; `params` holds the trainable initializers."""
 
@@ -121,6 +132,8 @@ class OnnxModule(nn.Module):
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))
         sites = model_io.read_metadata(model).get("sites") or []
         self.blurpool_nodes = {e["node"] for e in sites if isinstance(e, dict) and e.get("action") == "blurpool"}
+        dense = {e["node"] for e in sites if isinstance(e, dict) and e.get("action") == "dense"}
+        self.dense_nodes = _downstream(self.nodes, dense)  # maps denser than the teacher's (--dense-last)
         self.params = nn.ParameterDict()
         self.consts: dict[str, torch.Tensor] = {}
         self.frozen: set[str] = set()

@@ -346,3 +346,34 @@ def test_image_folder_views_have_the_model_input_size(tmp_path, protocol):
     results, data = compare([model], images=str(tmp_path / "imgs"), protocol=protocol, passes=2)
     assert data.images.shape[1:3] == ((32, 32) if protocol == "circular" else (32 + 32, 32 + 32))
     assert next(iter(results.values())).images == 8
+
+
+def test_one_pixel_steps_of_the_strided_model_never_agree():
+    """The strided model flips its class at every one-pixel diagonal step of the checkerboard (its even
+    pixels change parity), and the global-pool model never does on the same canvases."""
+    images = checkerboard(6, size=16)
+    strided = measure("one-pixel", strided_slice_classifier, identity_prepare, images, crop=8, shift=8)
+    assert strided.consistency == 0.0 and strided.views == 9 * 6 and strided.settings["steps"] == 8
+    pooled = measure("one-pixel", global_pool_classifier, identity_prepare, noise_images(6, size=16), crop=8, shift=8)
+    assert pooled.consistency == pytest.approx(float(np.mean(pooled.per_image))) and 0.0 <= pooled.consistency <= 1.0
+
+
+def test_one_pixel_rate_counts_each_step_by_hand():
+    """A classifier that answers by the parity of the view's top-left pixel on an image whose rows
+    0..3 are marked: views at (d, d) for d = 0..4 answer 1, 1, 1, 1, 0 -> 3 of 4 steps agree."""
+    img = np.zeros((12, 12, 2), np.float32)
+    img[:, :, 1] = 0.5
+    img[:4, :4, 0] = 1.0
+
+    def corner(x: np.ndarray) -> np.ndarray:
+        return x[:, :, 0, 0]
+
+    result = measure("one-pixel", corner, identity_prepare, img[None], crop=8, shift=4)
+    assert result.per_image == [0.75]
+
+
+def test_one_pixel_without_room_for_its_steps_is_one_line():
+    from aa_deploy.errors import InputError
+
+    with pytest.raises(InputError, match="one-pixel needs room"):
+        measure("one-pixel", global_pool_classifier, identity_prepare, noise_images(2, size=8), crop=8, shift=4)

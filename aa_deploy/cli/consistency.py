@@ -13,6 +13,7 @@ from aa_deploy.cli import common
 from aa_deploy.consistency import compare
 from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.consistency.plots import plot
+from aa_deploy.consistency.protocols import PROTOCOLS
 from aa_deploy.report import print_consistency
 
 
@@ -22,8 +23,12 @@ def add(sub) -> None:
     m.add_argument("--compare", nargs="+", metavar="MODEL", help="models to compare with it (e.g. converted)")
     m.add_argument("--images", help="image folder, bundled:cifar10 or bundled:photos (default: by input size)")
     m.add_argument("--labels", help="CSV of file,label rows (class indices) for accuracy; else folder-per-class")
-    m.add_argument("--protocol", default="random-crop", choices=["random-crop", "circular", "diagonal", "worst-case"])
-    m.add_argument("--shift", type=int, help="largest shift in pixels (default 32, or 4 for pad-and-crop, 2 circular)")
+    m.add_argument("--protocol", default="random-crop", choices=list(PROTOCOLS))
+    m.add_argument(
+        "--shift",
+        type=int,
+        help="largest shift in pixels (default 32, or 4 for pad-and-crop, 2 circular; one-pixel: the number of steps, 8)",
+    )
     m.add_argument("--crop", type=int, help="view size (default: the model's input size)")
     m.add_argument(
         "--pad", choices=["reflect", "zero", "replicate"], help="pad-and-crop shifts with this padding (small images)"

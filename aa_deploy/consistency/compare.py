@@ -118,7 +118,7 @@ def compare(
         images = "bundled:cifar10" if size == 32 else "bundled:photos"
     small = images == "bundled:cifar10" or pad is not None
     if shift is None:
-        shift = 2 if protocol == "circular" else (4 if small else 32)
+        shift = 2 if protocol == "circular" else 8 if protocol == "one-pixel" else (4 if small else 32)
     data = load_images(
         images,
         crop=size,

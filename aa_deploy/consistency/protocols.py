@@ -11,6 +11,9 @@ logits) after `prepare` (uint8 NHWC -> float NCHW), and counts agreements:
 - diagonal: views shifted by (d, d) (canvas crops, pad-and-crop, or circular rolls); per shift the
   agreement with the unshifted view, accuracy, the mean probability of the class chosen there, and with
   labels each image's probability of its correct class (the plot of Zhang 2019).
+- one-pixel: one-pixel diagonal steps at `shift` positions per image (views at (d, d), d = 0..shift; pairs
+  d, d + 1): each image's agreement rate over its steps. Steps at every position cover every sampling
+  phase of the network's strides, and more pairs per image tighten the interval over images.
 - worst-case: every offset of the grid; consistent only if all views agree, correct only if all are.
 
 What "agree" means depends on the output (`output_kind`): for (N, classes) outputs, the same top-1
@@ -33,7 +36,7 @@ from aa_deploy.errors import InputError
 
 Runner = Callable[[np.ndarray], np.ndarray]
 Prepare = Callable[[np.ndarray], np.ndarray]
-PROTOCOLS = ("random-crop", "circular", "diagonal", "worst-case")
+PROTOCOLS = ("random-crop", "circular", "diagonal", "one-pixel", "worst-case")
 PAD_MODES = {"reflect": "reflect", "zero": "constant", "replicate": "edge"}
 
 
@@ -259,6 +262,44 @@ def diagonal(
     )
 
 
+def one_pixel(
+    harness: Harness,
+    images: np.ndarray,
+    *,
+    crop: int,
+    shift: int,
+    pad: str | None = None,
+    labels: np.ndarray | None = None,
+) -> ConsistencyResult:
+    """Agreement between views one pixel apart diagonally, at `shift` positions per image (canvas crops
+    at (d, d) and (d + 1, d + 1), or pad-and-crop offsets -shift/2.. around the image)."""
+    canvas = _canvas(images, shift, pad)
+    size = images.shape[1] if pad is not None else crop
+    if shift < 1 or canvas.shape[1] - size < shift:
+        raise InputError(
+            f"one-pixel needs room for {shift} steps: the canvas is {canvas.shape[1]} px for {size} px views"
+        )
+    start = (shift - shift // 2) if pad is not None else 0  # pad-and-crop: steps centred on the unshifted view
+    previous = harness.logits(canvas[:, start : start + size, start : start + size]).argmax(1)
+    first = previous
+    per_image = np.zeros(len(images))
+    for d in range(start + 1, start + shift + 1):
+        cls = harness.logits(canvas[:, d : d + size, d : d + size]).argmax(1)
+        per_image += cls == previous
+        previous = cls
+    per_image /= shift
+    return ConsistencyResult(
+        protocol="one-pixel",
+        consistency=float(per_image.mean()),
+        ci95=bootstrap_ci(per_image),
+        accuracy=float((first == labels).mean()) if labels is not None else None,
+        images=len(images),
+        views=harness.views,
+        per_image=per_image.tolist(),
+        settings={"crop": size, "shift": shift, "pad": pad, "steps": shift},
+    )
+
+
 def worst_case(
     harness: Harness,
     images: np.ndarray,
@@ -319,7 +360,7 @@ def measure(
     """Run one protocol on one model; `progress(n)` is called after each batch of n views. `circular`:
     the diagonal protocol rolls the image instead of cropping it."""
     harness = Harness(run, prepare, batch, progress)
-    if protocol in ("diagonal", "worst-case"):
+    if protocol in ("diagonal", "one-pixel", "worst-case"):
         out = run(prepare(images[:1, :crop, :crop]))
         if output_kind(out, crop)[0] != "classifier":
             raise InputError(
@@ -334,6 +375,8 @@ def measure(
         )
     if protocol == "diagonal":
         return diagonal(harness, images, crop=crop, shift=shift, pad=pad, labels=labels, circular=circular)
+    if protocol == "one-pixel":
+        return one_pixel(harness, images, crop=crop, shift=shift, pad=pad, labels=labels)
     if protocol == "worst-case":
         return worst_case(harness, images, crop=crop, shift=shift, pad=pad, labels=labels)
     raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -345,4 +388,6 @@ def view_count(protocol: str, images: int, *, shift: int, passes: int, pad: str 
         return 2 * passes * images
     if protocol == "diagonal":
         return (2 * shift + 1 if pad is not None else shift + 1) * images
+    if protocol == "one-pixel":
+        return (shift + 1) * images
     return (2 * shift + 1) ** 2 * images

@@ -15,7 +15,7 @@ from aa_deploy import bundled
 from aa_deploy.atomic import atomic_path
 from aa_deploy.errors import InputError
 from aa_deploy.models.cifar_resnet import cifar_resnet
-from aa_deploy.models.efficientnet_lite import efficientnet_lite0
+from aa_deploy.models.efficientnet_lite import SIZES, efficientnet_lite
 
 DEFAULT_OPSET = 18
 
@@ -37,12 +37,12 @@ def _load_model(spec: str, weights: str | os.PathLike | None) -> tuple[nn.Module
         raise InputError(f"model name {spec!r}: expected timm:NAME, torchvision:NAME, aa:NAME or module:factory")
     trained = weights is not None
     if source == "aa":
-        if name == "efficientnet_lite0" and weights is None:
-            return efficientnet_lite0(), True
+        if name in SIZES and weights is None:
+            return efficientnet_lite(name), True
         depth = {"cifar10_resnet20": 20, "cifar10_resnet32": 32}.get(name)
         if depth is None:
             raise InputError(
-                f"unknown model {name!r} (aa:cifar10_resnet20, aa:cifar10_resnet32 or aa:efficientnet_lite0)"
+                f"unknown model {name!r} (aa:cifar10_resnet20, aa:cifar10_resnet32, aa:efficientnet_lite0 or aa:efficientnet_lite2)"
             )
         if weights is None and depth == 20:
             weights, trained = bundled.RESNET20_WEIGHTS, True

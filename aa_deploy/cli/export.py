@@ -14,7 +14,7 @@ def add(sub) -> None:
     e = sub.add_parser("export", help="export a PyTorch model to ONNX (torch.onnx dynamo exporter)")
     e.add_argument(
         "model",
-        help="timm:NAME, torchvision:NAME, aa:cifar10_resnet20|32, aa:efficientnet_lite0 or package.module:factory",
+        help="timm:NAME, torchvision:NAME, aa:cifar10_resnet20|32, aa:efficientnet_lite0|2 or package.module:factory",
     )
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--weights", help="checkpoint (state_dict) to load; without it the weights are random")

@@ -1,0 +1,162 @@
+"""The frontier a user chooses from: accuracy, shift consistency and cost of each model against the original.
+
+    python benchmarks/frontier.py ORIGINAL.onnx --models A.onnx B.onnx --images DIR --labels DIR/labels.csv \
+        --preprocess pre.json [--passes 5] [--steps 8] [--json out.json] [--plot out.png]
+
+For every model, paired against the original on the same images and views (95 % intervals from a
+bootstrap over images, `aa_deploy.consistency.paired`):
+- top-1 on the centre crop (the standard evaluation view);
+- random-crop consistency (Zhang 2019: two crops of the resize canvas, `--passes` pairs per image);
+- one-pixel consistency: one-pixel diagonal steps at `--steps` positions per image;
+- multiply-adds from the graph (`aa_deploy.cost`) and ONNX Runtime CPU latency against the original's
+  at batch 1 and 8 (alternating runs, median of the per-pair ratios; `benchmarks/overhead.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from overhead import pair_ratios  # noqa: E402
+
+from aa_deploy import cost, model_io  # noqa: E402
+from aa_deploy.consistency import compare  # noqa: E402
+from aa_deploy.consistency.paired import bootstrap_ci, paired_difference  # noqa: E402
+from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner  # noqa: E402
+from aa_deploy.images import Preprocess  # noqa: E402
+from aa_deploy.input_format import read as read_input_format  # noqa: E402
+
+
+def top1(models: list[str], args) -> dict[str, np.ndarray]:
+    """Each model's per-image correctness on the centre crop."""
+    pre = Preprocess.from_file(args.preprocess) if args.preprocess else None
+    fmt = read_input_format(models[0])
+    data = compare.load_images(
+        args.images, crop=fmt.height, shift=0, pad=None, preprocess=pre, labels=args.labels, fmt=fmt, limit=args.limit
+    )
+    out = {}
+    for m in models:
+        runner = OnnxRuntimeRunner(m, "cpu", args.threads)
+        logits = np.concatenate(
+            [
+                runner.run({runner.input_names[0]: data.prepare(data.images[i : i + 32])})[0]
+                for i in range(0, len(data.images), 32)
+            ]
+        )
+        out[m] = (logits.argmax(1) == data.labels).astype(np.float64)
+    return out
+
+
+def latency(original: str, model: str, batch: int, size: tuple[int, ...], args) -> tuple[float, float]:
+    """(median ratio model/original, original's median ms) at `batch`."""
+    a, b = OnnxRuntimeRunner(original, "cpu", args.threads), OnnxRuntimeRunner(model, "cpu", args.threads)
+    x = np.random.default_rng(0).standard_normal((batch, *size), dtype=np.float32)
+    ratios, ms = pair_ratios(a, b, x, args.pairs, args.reps)
+    return statistics.median(ratios), ms
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("original")
+    p.add_argument("--models", nargs="+", required=True)
+    p.add_argument("--names", nargs="+", help="row labels (default: file names)")
+    p.add_argument("--images", required=True)
+    p.add_argument("--labels")
+    p.add_argument("--preprocess")
+    p.add_argument("--pad", choices=["zero", "reflect", "replicate"], help="pad-and-crop views (32-px images)")
+    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--pairs", type=int, default=7, help="latency: alternating pairs per batch size")
+    p.add_argument("--reps", type=int, default=3, help="latency: runs per side of a pair; the shortest counts")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    args = p.parse_args()
+    models = [args.original, *args.models]
+    names = ["original", *(args.names or [Path(m).name for m in args.models])]
+    pre = Preprocess.from_file(args.preprocess) if args.preprocess else None
+    start = time.perf_counter()
+    correct = top1(models, args)
+    protocols = {}
+    for protocol, shift in (("random-crop", None), ("one-pixel", args.steps)):
+        protocols[protocol], _ = compare.compare(
+            models, images=args.images, labels=args.labels, preprocess=pre, protocol=protocol, shift=shift,
+            passes=args.passes, limit=args.limit, pad=args.pad,
+        )  # fmt: skip
+    size = tuple(model_io.input_spec(args.original)[1][1:])
+    macs = {m: cost.multiply_adds(cost.with_shapes(model_io.load(m)))[0] for m in models}
+    rows = []
+    for name, m in zip(names, models):
+        row = {"name": name, "model": m, "multiply_adds": macs[m], "macs_ratio": macs[m] / macs[args.original]}
+        acc = correct[m]
+        row["top1"] = float(acc.mean())
+        for protocol, results in protocols.items():
+            row[protocol] = results[m].consistency
+        if m != args.original:
+            diff = acc - correct[args.original]
+            row["top1_diff"] = (float(diff.mean()), bootstrap_ci(diff))
+            for protocol, results in protocols.items():
+                delta = paired_difference(results[args.original], results[m])
+                row[f"{protocol}_diff"] = (delta.delta, delta.ci95)
+            for batch in (1, 8):
+                ratio, ms = latency(args.original, m, batch, size, args)
+                row[f"latency_ratio_b{batch}"], row[f"original_ms_b{batch}"] = ratio, ms
+        rows.append(row)
+    images = len(correct[args.original])
+
+    def pct(v: tuple | None) -> str:
+        return "" if v is None else f"{100 * v[0]:+.1f} ({100 * v[1][0]:+.1f} to {100 * v[1][1]:+.1f})"
+
+    print(f"{images} images; {time.perf_counter() - start:.0f} s")
+    print(
+        "| model | top-1 % | vs original | random-crop % | vs original | one-pixel % | vs original | multiply-adds | latency b1 | latency b8 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lat = [f"x{r[k]:.2f}" if k in r else "" for k in ("latency_ratio_b1", "latency_ratio_b8")]
+        print(
+            f"| {r['name']} | {100 * r['top1']:.1f} | {pct(r.get('top1_diff'))} | {100 * r['random-crop']:.1f} | "
+            f"{pct(r.get('random-crop_diff'))} | {100 * r['one-pixel']:.1f} | {pct(r.get('one-pixel_diff'))} | "
+            f"{r['multiply_adds'] / 1e6:,.0f} M (x{r['macs_ratio']:.2f}) | {lat[0]} | {lat[1]} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"images": images, "rows": rows}, indent=2))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Consistency gains (with their intervals) against the multiply-adds ratio, one point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, marker, label in (("random-crop_diff", "o", "random-crop"), ("one-pixel_diff", "s", "one-pixel")):
+        pts = [r for r in rows if key in r]
+        x = [r["macs_ratio"] for r in pts]
+        y = [100 * r[key][0] for r in pts]
+        err = [[100 * (r[key][0] - r[key][1][0]) for r in pts], [100 * (r[key][1][1] - r[key][0]) for r in pts]]
+        ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=label)
+        for r, xi, yi in zip(pts, x, y):
+            ax.annotate(r["name"], (xi, yi), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("multiply-adds against the original (x)")
+    ax.set_ylabel("consistency minus the original's (points, 95 % CI)")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -158,3 +158,22 @@ def test_no_command_writes_over_its_inputs(tmp_path):
     for args in calls:
         assert_one_line_error(cli(*args), 2, "would overwrite")
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_calibrate_verdict_says_better_worse_or_not_resolved_by_the_paired_interval():
+    from types import SimpleNamespace
+
+    from aa_deploy.cli.calibrate import verdict
+
+    result = SimpleNamespace(
+        versus_teacher={
+            "consistency_random_crop": {"delta": -0.012, "ci95": (-0.027, 0.002)},
+            "consistency_diagonal": {"delta": -0.02, "ci95": (-0.035, -0.004)},
+            "consistency_pad_crop": {"delta": 0.016, "ci95": (0.004, 0.027)},
+        },
+        after={"fidelity": 0.953},
+    )
+    assert verdict(result) == (
+        "random-crop consistency not resolved (-1.2, -2.7 to +0.2); diagonal consistency WORSE (-2.0, -3.5 to -0.4); "
+        "pad-and-crop consistency BETTER (+1.6, +0.4 to +2.7); answers as the original's on 95.3 % of shifted views"
+    )

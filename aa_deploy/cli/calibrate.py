@@ -228,18 +228,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
         "fidelity: top-1 agreement with the original averaged over shifts of each image; agreement: with its answer on "
         "the image itself"
     )
-    parts = [
-        f"{LABELS[key]} {100 * d['delta']:+.1f} ({100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}"
-        f"{'' if d['ci95'][0] > 0 or d['ci95'][1] < 0 else ': not resolved'})"
-        for key, d in result.versus_teacher.items()
-    ]
-    if parts:
-        console.print(f"consistency, calibrated minus original (paired, 95 % interval over images): {', '.join(parts)}")
-    worse = [LABELS[key] for key, d in result.versus_teacher.items() if d["delta"] < 0]
-    if worse:
+    if result.versus_teacher:
         console.print(
-            f"[yellow]note: on these held-out images the calibrated model is LESS consistent than the original "
-            f"({', '.join(worse)}); more calibration images usually help[/yellow]"
+            f"verdict on {result.held_out} held-out images, calibrated against the original: {verdict(result)}"
+        )
+    if any(d["ci95"][0] <= 0 for d in result.versus_teacher.values()):
+        console.print(
+            "[yellow]not more consistent than the original here. Measure on other images (aa-deploy consistency); "
+            "more calibration images usually help; dense sampling needs no training: aa-deploy convert ORIGINAL "
+            "--dense-last 1 --filter none (exact, at the compute aa-deploy inspect states)[/yellow]"
         )
     s = result.start
     console.print(
@@ -253,6 +250,24 @@ def run(args: argparse.Namespace, console: Console) -> int:
     extra = f", lr {result.lr:g}, kept epoch {result.kept_epoch} of {result.epochs}" if result.lr else ""
     console.print(f"calibrated on {result.images} images in {result.seconds:.0f} s{extra}; wrote {args.output}")
     return common.EXIT_OK
+
+
+def _word(lo: float, hi: float) -> str:
+    return "BETTER" if lo > 0 else "WORSE" if hi < 0 else "not resolved"
+
+
+def verdict(result) -> str:
+    """One clause per consistency protocol (better / not resolved / worse, by the paired interval over
+    the held-out images) and the agreement with the original's answers (no labels: no top-1)."""
+    parts = [
+        f"{LABELS[key]} consistency {_word(*d['ci95'])} ({100 * d['delta']:+.1f}, "
+        f"{100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f})"
+        for key, d in result.versus_teacher.items()
+    ]
+    fidelity = result.after.get("fidelity")
+    if fidelity is not None:
+        parts.append(f"answers as the original's on {100 * fidelity:.1f} % of shifted views")
+    return "; ".join(parts)
 
 
 LABELS = {

@@ -42,6 +42,11 @@ def refuse_overwrite(output: str | os.PathLike, *inputs: str | os.PathLike | Non
     data file an input model names: no command writes over what it reads unless its --in-place says
     so, and then it does not call this."""
     sources = [Path(source) for source in inputs if source is not None and Path(source).exists()]
+    for folder in (source for source in sources if source.is_dir()):  # an image folder: any file in it
+        out = Path(output)
+        if out.exists() and out.resolve().is_relative_to(folder.resolve()):
+            raise InputError(f"{out}: output would overwrite a file of an input folder ({folder}); give another path")
+    sources = [source for source in sources if source.is_file()]
     read = [(source, source) for source in sources]
     read += [(data, source) for source in sources for data in model_io.data_files(source)]
     for out in (Path(output), model_io.data_path(output)):

@@ -257,7 +257,7 @@ def calibrate(
     torch.manual_seed(seed)
     dev = resolve_device(compute.device)
     model_path, out_path = Path(model), Path(output)
-    refuse_overwrite(out_path, model_path, teacher)
+    refuse_overwrite(out_path, model_path, teacher, images)
     student_ir, teacher_ir = (_weights_as_initializers(model_io.load(path)) for path in (model_path, teacher))
     student, teacher_m = OnnxModule(student_ir).eval().to(dev), OnnxModule(teacher_ir).eval().to(dev)
     match = counterparts(student, teacher_m)

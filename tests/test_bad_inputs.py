@@ -182,3 +182,50 @@ def test_no_output_is_written_over_the_external_data_an_input_names(tmp_path):
         refuse_overwrite(tmp_path / "x.onnx", tmp_path / "student.onnx", source)
     refuse_overwrite(tmp_path / "z.onnx", source)  # another name writes z.onnx.data: allowed
     assert data.read_bytes() == before and not (tmp_path / "x.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def r20_and_images(tmp_path_factory):
+    """The trained ResNet-20 (TorchScript exporter, fixed batch 1) and a folder of real 32-px PNGs."""
+    import torch
+    from PIL import Image
+
+    from aa_deploy import bundled
+
+    folder = tmp_path_factory.mktemp("writes")
+    model = folder / "r20.onnx"
+    torch.onnx.export(bundled.resnet20(), torch.zeros(1, 3, 32, 32), model, dynamo=False, opset_version=13)
+    images = folder / "images"
+    images.mkdir()
+    for i, img in enumerate(bundled.cifar_test_images()[0][:8]):
+        Image.fromarray(img).save(images / f"{i:02d}.png")
+    (folder / "pre.json").write_text('{"size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}')
+    return folder, model, images
+
+
+@pytest.mark.parametrize(
+    "command, target",
+    [
+        (("consistency", "{model}", "--images", "{images}", "--report"), "{model}"),
+        (("consistency", "{model}", "--images", "{images}", "--plot"), "{images}/03.png"),
+        (("consistency", "{model}", "--images", "{images}", "--preprocess", "{pre}", "--report"), "{pre}"),
+        (("probe", "{model}", "--images", "{images}", "--report"), "{model}"),
+        (("verify", "{model}", "--reference", "aa:cifar10_resnet20", "--plain", "--report"), "{model}"),
+        (("verify", "{model}", "--reference", "aa:cifar10_resnet20", "--plain", "--junit"), "{model}"),
+        (("quantize", "{model}", "--calib-images", "{images}", "-o"), "{images}/04.png"),
+        (("calibrate", "{model}", "--teacher", "{model}", "--images", "{images}", "-o"), "{images}/05.png"),
+    ],
+)
+def test_no_written_file_is_an_input(r20_and_images, command, target):
+    """Reports, plots, JUnit files and models that would land on a file the command reads (the model,
+    its preprocessing file, an image of its folder) are refused in one line before any work, and the
+    input is left as it was."""
+    folder, model, images = r20_and_images
+    fill = {"model": model, "images": images, "pre": folder / "pre.json"}
+    args = [str(a).format(**fill) for a in command]
+    path = Path(target.format(**fill))
+    before = path.read_bytes()
+    proc = cli(*args, path)
+    assert proc.returncode == 2, proc.stderr
+    assert "would overwrite" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert path.read_bytes() == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.errors import InputError
 from aa_deploy.images import Preprocess
 from aa_deploy.input_format import LAYOUTS, InputFormat
@@ -125,3 +126,11 @@ def shape(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(d) for d in text.lower().replace(",", "x").split("x"))
     except ValueError:
         raise InputError(f"bad shape {text!r}: write it as 3x224x224") from None
+
+
+def refuse_overwrites(outputs, inputs) -> None:
+    """One line, before any work, when a file the command would write (report, plot, JUnit, model) is
+    one it reads: a model or its external data, a preprocessing or labels file, an image of a folder."""
+    for output in outputs:
+        if output is not None:
+            refuse_overwrite(output, *inputs)

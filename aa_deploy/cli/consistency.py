@@ -52,8 +52,11 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
 
-    preprocess = common.preprocess(args, args.crop)
     models = [args.model, *(args.compare or [])]
+    common.refuse_overwrites(
+        (args.report, args.plot), (*models, args.preprocess, args.labels, args.images if args.images else None)
+    )
+    preprocess = common.preprocess(args, args.crop)
     results, data = compare.compare(
         models,
         progress=_progress_bar(console, "views"),

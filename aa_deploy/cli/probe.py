@@ -31,6 +31,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     from rich.table import Table
 
+    common.refuse_overwrites(
+        (args.report, args.plot), (args.model, *(args.compare or []), args.preprocess, args.images)
+    )
     fmt = common.input_format(args, args.model)
     size = fmt.square(args.model) or 224
     data = load_images(

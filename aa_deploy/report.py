@@ -108,3 +108,22 @@ def print_consistency(results: dict, versus: dict, source: str, console: Console
             str(r.views),
         )
     console.print(table)
+
+
+def print_cost(costs: dict, baseline: str, console: Console) -> None:
+    """What each model costs at inference against the baseline: multiply-adds and, where timed, latency
+    at each batch size (median of alternating runs on the backend that measured consistency)."""
+    batches = sorted({t["batch"] for c in costs.values() for t in c.get("latency", [])})
+    table = Table(title=f"inference cost against {baseline}", title_justify="left")
+    for column in ("model", "multiply-adds", "x baseline", *(f"latency batch {b}" for b in batches)):
+        table.add_column(column)
+    for name, c in costs.items():
+        macs = c["multiply_adds"]
+        timed = {t["batch"]: t for t in c.get("latency", [])}
+        table.add_row(
+            name,
+            "-" if macs is None else f"{macs / 1e6:,.1f} M",
+            "-" if c["multiply_adds_ratio"] is None else f"x{c['multiply_adds_ratio']:.2f}",
+            *(f"x{timed[b]['ratio']:.2f} ({timed[b]['ms']:.1f} ms)" if b in timed else "baseline" for b in batches),
+        )
+    console.print(table)

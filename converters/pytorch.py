@@ -8,19 +8,41 @@ from torch import nn
 
 
 class TorchRunner:
-    """Runs `module` in eval mode, fp32 exactly (TF32 off), on the CPU or a given device."""
+    """Runs `module` in eval mode, fp32 exactly (TF32 off), on the CPU or a given device. `layout`: how
+    the feeds are laid out ("NHWC" feeds, as an exported graph may take them, are given to the module
+    as NCHW float32, as a PyTorch vision model takes them)."""
 
-    def __init__(self, module: nn.Module, device: str = "cpu") -> None:
+    input_names = ["input"]
+    output_names = ["output"]
+
+    def __init__(self, module: nn.Module, device: str = "cpu", layout: str = "NCHW") -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         self.module = module.eval().to(device)
         self.device = device
+        self.layout = layout
+
+    def _tensor(self, v: np.ndarray) -> torch.Tensor:
+        if self.layout == "NHWC" and v.ndim == 4:
+            v = v.transpose(0, 3, 1, 2).astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(v)).to(self.device)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with torch.no_grad():
-            out = self.module(*(torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for v in feeds.values()))
+            out = self.module(*(self._tensor(v) for v in feeds.values()))
         outs = out if isinstance(out, (tuple, list)) else [out]
         return [o.detach().float().cpu().numpy() for o in outs]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.run({"x": x})[0]
+
+
+def multiply_adds(module: nn.Module, x: np.ndarray, runner: TorchRunner | None = None) -> int:
+    """Multiply-adds of one forward pass of `module` on `x` (batch 1 for a per-image figure), as
+    PyTorch's flop counter counts them (convolutions and matrix products; a multiply-add is 2 flops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    runner = runner or TorchRunner(module)
+    with FlopCounterMode(display=False) as counter:
+        runner.run({"input": x})
+    return counter.get_total_flops() // 2

@@ -1,4 +1,5 @@
-"""`aa-deploy consistency`: shift consistency of ONNX models on real images."""
+"""`aa-deploy consistency`: shift consistency of ONNX models on real images, against an ONNX baseline
+or the PyTorch original (`--reference`), with a gate (`--require`) and what each model costs."""
 
 from __future__ import annotations
 
@@ -8,19 +9,44 @@ from pathlib import Path
 
 from rich.console import Console
 
+from aa_deploy import cost, model_io
 from aa_deploy.atomic import write_text
 from aa_deploy.cli import common
-from aa_deploy.consistency import compare
+from aa_deploy.consistency import compare, gate
 from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.consistency.plots import plot
 from aa_deploy.consistency.protocols import PROTOCOLS
-from aa_deploy.report import print_consistency
+from aa_deploy.converters.export import load_model
+from aa_deploy.converters.pytorch import multiply_adds as torch_multiply_adds
+from aa_deploy.converters.timing import latency_ratio
+from aa_deploy.errors import InputError
+from aa_deploy.report import print_consistency, print_cost
 
 
 def add(sub) -> None:
     m = sub.add_parser("consistency", help="shift consistency of ONNX models on real images")
-    m.add_argument("model", help="the baseline ONNX model (e.g. the original)")
+    m.add_argument(
+        "model", nargs="?", help="the baseline ONNX model (e.g. the original); with --reference, a model to compare"
+    )
     m.add_argument("--compare", nargs="+", metavar="MODEL", help="models to compare with it (e.g. converted)")
+    m.add_argument(
+        "--reference",
+        metavar="NAME",
+        help="the PyTorch original as the baseline: timm:NAME, torchvision:NAME, aa:NAME or package.module:factory (as verify)",
+    )
+    m.add_argument("--weights", help="checkpoint (state_dict) for --reference")
+    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where --reference runs")
+    m.add_argument(
+        "--require",
+        action="append",
+        metavar="REQ",
+        default=[],
+        help="a gate on each model's paired difference from the baseline, in points: METRIC[.lower|.upper]OP N, "
+        "e.g. 'top1>=-0.5', 'consistency.lower>=0' (metrics: top1, consistency or the protocol's name, stability); "
+        "exit 1 when one fails",
+    )
+    m.add_argument("--junit", help="write a JUnit XML file here: one test case per requirement per model")
+    m.add_argument("--no-latency", action="store_true", help="do not time the models against the baseline")
     m.add_argument("--images", help="image folder, bundled:cifar10 or bundled:photos (default: by input size)")
     m.add_argument("--labels", help="CSV of file,label rows (class indices) for accuracy; else folder-per-class")
     m.add_argument("--protocol", default="random-crop", choices=list(PROTOCOLS))
@@ -51,12 +77,20 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-
-    models = [args.model, *(args.compare or [])]
+    requirements = [gate.parse(text) for text in args.require]
+    models = [m for m in (args.model, *(args.compare or [])) if m is not None]
+    if args.reference is None and args.model is None:
+        raise InputError("give the baseline model, or the PyTorch original with --reference NAME")
     common.refuse_overwrites(
-        (args.report, args.plot), (*models, args.preprocess, args.labels, args.images if args.images else None)
+        (args.report, args.plot, args.junit), (*models, args.weights, args.preprocess, args.labels, args.images)
     )
+    reference = None
+    if args.reference is not None:
+        reference = (f"reference:{args.reference}", load_model(args.reference, args.weights)[0])
+    elif args.weights is not None:
+        raise InputError("--weights goes with --reference")
     preprocess = common.preprocess(args, args.crop)
+    runners = compare.runners_of(models, args.backend, args.provider, reference, args.device, args.layout)
     results, data = compare.compare(
         models,
         progress=_progress_bar(console, "views"),
@@ -75,22 +109,69 @@ def run(args: argparse.Namespace, console: Console) -> int:
         limit=args.limit,
         output=args.output,
         layout=args.layout,
+        runners=runners,
     )
-    base = results[str(args.model)]
+    baseline = next(iter(results))
+    if requirements and len(results) < 2:
+        raise InputError(
+            "--require compares models with the baseline: give one (--compare, or a model with --reference)"
+        )
+    base = results[baseline]
     versus = {name: paired_difference(base, r) for name, r in results.items() if r is not base}
     print_consistency(results, versus, data.source, console)
+    costs = _costs(runners, data, args, reference)
+    print_cost(costs, baseline, console)
+    outcomes = gate.check(requirements, results, baseline)
+    for outcome in outcomes:
+        console.print(outcome.line if outcome.passed else f"[red]{outcome.line}[/red]")
+    if args.junit:
+        gate.write_junit(outcomes, args.junit)
     if args.report:
         payload = {
-            "schema": "aa-deploy.consistency/2",
+            "schema": "aa-deploy.consistency/3",
             "protocol": args.protocol,
             "images": data.source,
+            "baseline": baseline,
             "models": {name: r.as_dict() for name, r in results.items()},
             "versus_first": {name: d.as_dict() for name, d in versus.items()},
+            "cost": costs,
+            "requirements": [o.as_dict() for o in outcomes],
+            "passed": all(o.passed for o in outcomes),
         }
         write_text(args.report, json.dumps(payload, indent=2) + "\n")
     if args.plot:
         plot({Path(n).name: r for n, r in results.items()}, args.plot, f"{args.protocol} on {Path(data.source).name}")
+    if not all(o.passed for o in outcomes):
+        failed = sum(not o.passed for o in outcomes)
+        console.print(f"[red]FAIL: {failed} of {len(outcomes)} requirements not met[/red]")
+        return common.EXIT_NOTHING
+    if outcomes:
+        console.print(f"PASS: {len(outcomes)} requirements met")
     return common.EXIT_OK
+
+
+def _costs(runners: dict, data, args, reference) -> dict:
+    """Each model's multiply-adds (from its graph; the reference's counted by PyTorch) and, unless
+    --no-latency, its latency against the baseline's at batch 1 and at --batch, on the same real views."""
+    views = data.prepare(data.images[: max(1, min(args.batch, len(data.images))), : data.crop, : data.crop])
+    names = list(runners)
+    out: dict[str, dict] = {}
+    for name, runner in runners.items():
+        if reference is not None and name == reference[0]:
+            macs = torch_multiply_adds(reference[1], views[:1], runner)
+        elif args.backend == "onnxruntime":
+            macs = cost.multiply_adds(cost.with_shapes(model_io.load(name)))[0]
+        else:
+            macs = None  # an engine: no graph to count
+        out[name] = {"multiply_adds": macs}
+        if name != names[0] and not args.no_latency:
+            out[name]["latency"] = [
+                latency_ratio(runners[names[0]], runner, views[:b]) for b in sorted({1, len(views)})
+            ]
+    base = out[names[0]]["multiply_adds"]
+    for entry in out.values():
+        entry["multiply_adds_ratio"] = entry["multiply_adds"] / base if base and entry["multiply_adds"] else None
+    return out
 
 
 def _progress_bar(console: Console, unit: str):

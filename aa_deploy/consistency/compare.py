@@ -10,6 +10,7 @@ import numpy as np
 
 from aa_deploy import bundled
 from aa_deploy.consistency.protocols import ConsistencyResult, measure, view_count
+from aa_deploy.converters.pytorch import TorchRunner
 from aa_deploy.converters.runners import make_runner
 from aa_deploy.converters.tensorrt import Sidecar
 from aa_deploy.errors import InputError
@@ -103,15 +104,23 @@ def compare(
     progress=None,
     output: str | None = None,
     layout: str | None = None,
+    reference: tuple | None = None,
+    device: str = "cpu",
+    runners: dict | None = None,
 ) -> tuple[dict[str, ConsistencyResult], ImageSet]:
     """Each model (ONNX file) under one protocol on the same images and the same random shifts.
 
     `progress`, if given, is a context manager factory `progress(total) -> advance(n)` (a progress bar).
     `output` names the output to measure (default: the first); `layout`: the image input's layout where
-    the graph cannot say.
+    the graph cannot say. `reference`: (label, nn.Module), the PyTorch original run first, as the
+    baseline, on `device`, fed the views the first model is fed. `runners`: those `runners_of` made for
+    the same arguments (to time them afterwards), else made here.
     """
-    runners = {str(m): make_runner(m, backend, provider) for m in models}
+    if not models:
+        raise InputError("nothing to measure: give a model (and --compare models) besides --reference")
     fmt = _input_format(models[0], backend, layout)
+    if runners is None:
+        runners = runners_of(models, backend, provider, reference, device, fmt.layout)
     side = fmt.square(str(models[0]))  # the model's own size; None where dynamic
     size = crop or side or 224
     if images is None:
@@ -153,3 +162,16 @@ def compare(
                 progress=advance,
             )
     return results, data
+
+
+def runners_of(
+    models, backend: str = "onnxruntime", provider: str = "cpu", reference=None, device: str = "cpu", layout=None
+) -> dict:
+    """The runners `compare` measures, by name, in order: the reference (a TorchRunner fed the first
+    model's layout) first when there is one."""
+    if reference is not None and layout is None:
+        layout = _input_format(models[0], backend, None).layout
+    runners = {}
+    if reference is not None:
+        runners[reference[0]] = TorchRunner(reference[1], device, layout or "NCHW")
+    return runners | {str(m): make_runner(m, backend, provider) for m in models}

@@ -52,6 +52,7 @@ class ConsistencyResult:
     views: int  # views run through the model
     per_pass: list[float] = field(default_factory=list)
     per_image: list[float] = field(default_factory=list)  # each image's agreement rate; mean = consistency
+    per_image_correct: list[float] = field(default_factory=list)  # with labels: each image's top-1 rate over its views
     curve: dict | None = None  # diagonal: offsets, agreement, accuracy, probability
     settings: dict = field(default_factory=dict)
     metric: str = "top-1 agreement"  # or "output cosine" (non-classifier outputs)
@@ -162,6 +163,7 @@ def random_pairs(
         step = stride
     agree, per_pass, correct, seen, change = 0.0, [], 0, 0, 0.0
     per_image = np.zeros(len(images))
+    per_image_correct = np.zeros(len(images))
     for _ in range(passes):
         if circular:
             a, b = (step * rng.integers(-(shift // step), shift // step + 1, size=(len(images), 2)) for _ in range(2))
@@ -176,6 +178,7 @@ def random_pairs(
             if labels is not None:
                 correct += int((la == labels).sum()) + int((lb == labels).sum())
                 seen += 2 * len(images)
+                per_image_correct += (la == labels).astype(float) + (lb == labels)
         else:
             if kind == "dense":  # back to the unshifted frame: whole cells
                 oa = np.stack([np.roll(o, tuple(-s // step), axis=(1, 2)) for o, s in zip(oa, a)])
@@ -199,6 +202,7 @@ def random_pairs(
         views=harness.views,
         per_pass=per_pass,
         per_image=(per_image / passes).tolist(),
+        per_image_correct=(per_image_correct / (2 * passes)).tolist() if seen else [],
         settings=settings,
     )
 
@@ -257,6 +261,7 @@ def diagonal(
         images=len(images),
         views=harness.views,
         per_image=per_image.tolist(),
+        per_image_correct=(logits[base].argmax(1) == labels).astype(float).tolist() if labels is not None else [],
         curve=curve,
         settings={"crop": size, "shift": shift, "pad": pad, "circular": circular},
     )
@@ -296,6 +301,7 @@ def one_pixel(
         images=len(images),
         views=harness.views,
         per_image=per_image.tolist(),
+        per_image_correct=(first == labels).astype(float).tolist() if labels is not None else [],
         settings={"crop": size, "shift": shift, "pad": pad, "steps": shift},
     )
 
@@ -337,6 +343,7 @@ def worst_case(
         images=len(images),
         views=harness.views,
         per_image=consistent.astype(float).tolist(),
+        per_image_correct=correct.astype(float).tolist() if labels is not None else [],
         settings={"crop": size, "shift": shift, "pad": pad, "grid": len(grid), "circular": circular},
     )
 

@@ -17,21 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from overhead import pair_ratios  # noqa: E402
-
-from aa_deploy import cost, model_io  # noqa: E402
-from aa_deploy.consistency import compare  # noqa: E402
-from aa_deploy.consistency.paired import bootstrap_ci, paired_difference  # noqa: E402
-from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner  # noqa: E402
-from aa_deploy.images import Preprocess  # noqa: E402
-from aa_deploy.input_format import read as read_input_format  # noqa: E402
+from aa_deploy import cost, model_io
+from aa_deploy.consistency import compare
+from aa_deploy.consistency.paired import bootstrap_ci, paired_difference
+from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
+from aa_deploy.converters.timing import pair_ratios
+from aa_deploy.images import Preprocess
+from aa_deploy.input_format import read as read_input_format
 
 
 def top1(models: list[str], args) -> dict[str, np.ndarray]:

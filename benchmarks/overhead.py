@@ -19,10 +19,11 @@ import itertools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from aa_deploy.converters.timing import pair_ratios
 
 DEFAULT_MODELS = [
     "torchvision:resnet50",
@@ -60,31 +61,6 @@ def make_runner(graph: Path, backend: str, threads: int, batch: int, precision: 
     engine = graph.with_suffix(f".b{batch}.engine")  # x.b8.engine, x.fp16.b8.engine
     build_engine(graph, engine, {name: ((batch, 3, 224, 224),) * 3}, precision)
     return TensorRTRunner(engine)
-
-
-def best_of(runner, feed: dict, reps: int) -> float:
-    """Shortest of `reps` back-to-back runs: the least disturbed by other load on the machine."""
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        runner.run(feed)
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def pair_ratios(a, b, x: np.ndarray, pairs: int, reps: int, warmup: int = 3) -> tuple[list[float], float]:
-    """Per-pair ratios B/A (each side the best of `reps` runs) and A's median time in ms."""
-    feed_a, feed_b = {a.input_names[0]: x}, {b.input_names[0]: x}
-    for _ in range(warmup):
-        a.run(feed_a)
-        b.run(feed_b)
-    ratios, base = [], []
-    for _ in range(pairs):
-        ta = best_of(a, feed_a, reps)
-        tb = best_of(b, feed_b, reps)
-        ratios.append(tb / ta)
-        base.append(ta)
-    return ratios, 1000 * statistics.median(base)
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def _conv_to_norm(twin: nn.Module, sample: torch.Tensor) -> dict[nn.Module, nn.Module]:
+def conv_to_norm(twin: nn.Module, sample: torch.Tensor) -> dict[nn.Module, nn.Module]:
     """conv (unwrapped) -> the BatchNorm whose input is that conv's (or its wrapper's) output."""
     produced: dict[int, tuple] = {}  # id -> (the tensor, kept alive so that its id is not reused; the conv)
     pairs: dict[nn.Module, nn.Module] = {}
@@ -63,7 +63,7 @@ def load_folded_weights(twin: nn.Module, model: ir.Model, sample: torch.Tensor) 
     Returns the number of tensors placed; an initializer that has no place in the twin is an error."""
     twin.eval()
     modules = dict(twin.named_modules())
-    norms = _conv_to_norm(twin, sample)
+    norms = conv_to_norm(twin, sample)
     sites = model_io.read_metadata(model).get("sites") or []
     blurpool = {e["node"] for e in sites if isinstance(e, dict) and e.get("action") == "blurpool"}
     placed = 0

@@ -96,3 +96,18 @@ def test_bounds_read_the_paired_interval():
     assert not lower.passed and lower.observed == pytest.approx(0.0)  # 3 of 4 images differ by 0
     upper = gate.evaluate(gate.parse("consistency.upper<=20"), "m", base, other)
     assert upper.passed and np.isclose(upper.observed, 15.0)  # at most 3 of 4 resampled images the changed one
+
+
+def test_probe_of_the_pytorch_original_matches_its_export(models):
+    """The probe reads the original's modules through hooks (a strided conv's output after its
+    BatchNorm, which the export folds into the conv): per site the same figures as the export's graph."""
+    from aa_deploy.consistency.probe import probe, probe_module
+    from aa_deploy.input_format import InputFormat
+
+    x = bundled.cifar_feed(InputFormat())(bundled.cifar_test_images()[0][:16])
+    ours, theirs = probe_module(bundled.resnet20(), x), probe(models / "r20.onnx", x)
+    assert [(p.kind, p.strides) for p in ours] == [(p.kind, p.strides) for p in theirs] and len(ours) == 4
+    for a, b in zip(ours, theirs):
+        assert a.cumulative_stride == b.cumulative_stride
+        for field in ("aliasing", "equivariance_error", "subpixel_error"):
+            assert getattr(a, field) == pytest.approx(getattr(b, field), rel=1e-3, abs=1e-6), (a, b)

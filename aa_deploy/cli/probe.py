@@ -12,13 +12,21 @@ from aa_deploy.atomic import write_text
 from aa_deploy.cli import common
 from aa_deploy.consistency.compare import load_images
 from aa_deploy.consistency.plots import plot_probe
-from aa_deploy.consistency.probe import probe
+from aa_deploy.consistency.probe import probe, probe_module
+from aa_deploy.converters.export import load_model
+from aa_deploy.errors import InputError
 
 
 def add(sub) -> None:
     r = sub.add_parser("probe", help="where the aliasing happens: per-site spectra and shift equivariance")
-    r.add_argument("model")
+    r.add_argument("model", nargs="?", help="the ONNX model (with --reference: a model to probe beside it)")
     r.add_argument("--compare", nargs="+", metavar="MODEL", help="converted models to probe at the same sites")
+    r.add_argument(
+        "--reference",
+        metavar="NAME",
+        help="probe the PyTorch original first (timm:NAME, torchvision:NAME, aa:NAME, package.module:factory)",
+    )
+    r.add_argument("--weights", help="checkpoint (state_dict) for --reference")
     r.add_argument("--images", help="image folder, bundled:cifar10 or bundled:photos (default: by input size)")
     r.add_argument("--count", type=int, default=32, help="number of images")
     r.add_argument("--report", help="write the JSON report here")
@@ -31,11 +39,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     from rich.table import Table
 
-    common.refuse_overwrites(
-        (args.report, args.plot), (args.model, *(args.compare or []), args.preprocess, args.images)
-    )
-    fmt = common.input_format(args, args.model)
-    size = fmt.square(args.model) or 224
+    models = [m for m in (args.model, *(args.compare or [])) if m is not None]
+    if not models:
+        raise InputError("give an ONNX model to probe (with --reference, the original is probed beside it)")
+    common.refuse_overwrites((args.report, args.plot), (*models, args.weights, args.preprocess, args.images))
+    fmt = common.input_format(args, models[0])
+    size = fmt.square(models[0]) or 224
     data = load_images(
         args.images or ("bundled:cifar10" if size == 32 else "bundled:photos"),
         crop=size,
@@ -46,7 +55,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
         fmt=fmt,
     )
     x = data.prepare(data.images[:, : data.crop, : data.crop])
-    results = {m: probe(m, x) for m in [args.model, *(args.compare or [])]}
+    results = {}
+    if args.reference is not None:
+        # the original reads NCHW float32; the views were prepared as the first model takes them
+        nchw = x.transpose(0, 3, 1, 2) if fmt.layout == "NHWC" else x
+        results[f"reference:{args.reference}"] = probe_module(load_model(args.reference, args.weights)[0], nchw)
+    elif args.weights is not None:
+        raise InputError("--weights goes with --reference")
+    results |= {m: probe(m, x) for m in models}
     table = Table(title=f"aliasing per site on {len(x)} images from {data.source}", title_justify="left")
     for column in (
         "#",

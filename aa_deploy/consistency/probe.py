@@ -24,11 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import torch
 
 from aa_deploy import blur_nodes, model_io
 from aa_deploy.convert import _prepare
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.sites import find_sites, strided_slice
+from aa_deploy.torch import find_sites as module_sites
+from aa_deploy.twin_weights import conv_to_norm
 
 
 @dataclass
@@ -154,48 +157,105 @@ def probe(path: str | os.PathLike, x: np.ndarray, margin: int = 2) -> list[SiteP
             outs = [runner.run({runner.input_names[0]: inputs[i : i + 32]}) for i in range(0, len(inputs), 32)]
             return {n: np.concatenate([o[j] for o in outs]) for j, n in enumerate(names)}
 
-        base = run(x)
-        shifted: dict[tuple, dict] = {}
-        results = []
-        h, w = x.shape[2], x.shape[3]
-        for i, t in enumerate(taps):
-            y = base[t.out.name]
-            sizes = [y.shape[a] for a in t.out_axes]
-            cumulative = None
-            eq = sub = None
-            spatial = (h, w)[-len(t.out_axes) :] if len(t.out_axes) <= 2 else None
-            if spatial and all(s and n % s == 0 for n, s in zip(spatial, sizes)):
-                cumulative = [n // s for n, s in zip(spatial, sizes)]
-                key = tuple(cumulative)
-                in_axes = (2, 3)[-len(cumulative) :]
-                if key not in shifted:
-                    shifted[key] = run(np.roll(x, key, axis=in_axes))
+        return _measure(run, taps, x, margin)
 
-                def inner(a, axes=t.out_axes):
-                    return _interior(a, axes, margin)
 
-                moved = shifted[key][t.out.name]
-                expected = _roll(y, t.out_axes, [1] * len(t.out_axes))
-                norm = np.linalg.norm(inner(y)) or 1.0
-                eq = float(np.linalg.norm(inner(moved - expected)) / norm)
-                one = (1,) * len(cumulative)
-                if one not in shifted:
-                    shifted[one] = run(np.roll(x, one, axis=in_axes))
-                predicted = np.zeros_like(y, dtype=np.float64)
-                for corner in np.ndindex(*(2,) * len(cumulative)):
-                    weight = np.prod([(1 / c) if k else (1 - 1 / c) for k, c in zip(corner, cumulative)])
-                    predicted += weight * _roll(y, t.out_axes, list(corner))
-                sub = float(np.linalg.norm(inner(shifted[one][t.out.name] - predicted)) / norm)
-            results.append(
-                SiteProbe(
-                    i,
-                    t.site.name,
-                    t.site.kind,
-                    list(t.strides),
-                    cumulative,
-                    _aliasing(base[t.pre.name], t.axes, t.strides, t.response),
-                    eq,
-                    sub,
-                )
+@dataclass
+class _Named:
+    name: str
+    kind: str = ""
+
+
+def probe_module(module, x: np.ndarray, margin: int = 2) -> list[SiteProbe]:
+    """`probe` for a PyTorch model (the original as a baseline): its sites are the modules the twin
+    finds (strided convs and pools, strided-slice modules), read through forward hooks: the module's
+    input is the tensor that gets subsampled, its output the site's output (a strided conv's: the
+    BatchNorm after it, which an exported graph folds into the conv)."""
+    module = module.eval()
+    norms = conv_to_norm(module, torch.from_numpy(np.ascontiguousarray(x[:2], np.float32)))
+    taps, modules = [], {}
+    for path, site, kind, strides, channels_last in module_sites(module):
+        if channels_last:
+            continue  # a patch merge: its map is channels-last, the probe reads NCHW
+        axes = tuple(2 + i for i, s in enumerate(strides) if s > 1)
+        stride = tuple(s for s in strides if s > 1)
+        taps.append(_Taps(_Named(path, kind), _Named(f"{path}:in"), _Named(f"{path}:out"), axes, stride, axes, None))
+        modules[path] = site
+
+    def run(inputs):
+        seen: dict[str, list] = {}
+
+        def keep(path: str, which: str):
+            def hook(_module, inputs, output) -> None:  # a forward hook must return None
+                if which in ("in", "both"):
+                    seen.setdefault(f"{path}:in", []).append(inputs[0])
+                if which in ("out", "both"):
+                    seen.setdefault(f"{path}:out", []).append(output)
+
+            return hook
+
+        hooks = []
+        for p, m in modules.items():
+            norm = norms.get(m)
+            hooks.append(m.register_forward_hook(keep(p, "in" if norm is not None else "both")))
+            if norm is not None:
+                hooks.append(norm.register_forward_hook(keep(p, "out")))
+        try:
+            with torch.no_grad():
+                for i in range(0, len(inputs), 32):
+                    module(torch.from_numpy(np.ascontiguousarray(inputs[i : i + 32], np.float32)))
+        finally:
+            for h in hooks:
+                h.remove()
+        return {k: torch.cat(v).numpy() for k, v in seen.items()}
+
+    return _measure(run, taps, x, margin)
+
+
+def _measure(run, taps: list[_Taps], x: np.ndarray, margin: int) -> list[SiteProbe]:
+    """The three figures per site, from `run(inputs) -> {tensor name: array}` over the batch."""
+    base = run(x)
+    shifted: dict[tuple, dict] = {}
+    results = []
+    h, w = x.shape[2], x.shape[3]
+    for i, t in enumerate(taps):
+        y = base[t.out.name]
+        sizes = [y.shape[a] for a in t.out_axes]
+        cumulative = None
+        eq = sub = None
+        spatial = (h, w)[-len(t.out_axes) :] if len(t.out_axes) <= 2 else None
+        if spatial and all(s and n % s == 0 for n, s in zip(spatial, sizes)):
+            cumulative = [n // s for n, s in zip(spatial, sizes)]
+            key = tuple(cumulative)
+            in_axes = (2, 3)[-len(cumulative) :]
+            if key not in shifted:
+                shifted[key] = run(np.roll(x, key, axis=in_axes))
+
+            def inner(a, axes=t.out_axes):
+                return _interior(a, axes, margin)
+
+            moved = shifted[key][t.out.name]
+            expected = _roll(y, t.out_axes, [1] * len(t.out_axes))
+            norm = np.linalg.norm(inner(y)) or 1.0
+            eq = float(np.linalg.norm(inner(moved - expected)) / norm)
+            one = (1,) * len(cumulative)
+            if one not in shifted:
+                shifted[one] = run(np.roll(x, one, axis=in_axes))
+            predicted = np.zeros_like(y, dtype=np.float64)
+            for corner in np.ndindex(*(2,) * len(cumulative)):
+                weight = np.prod([(1 / c) if k else (1 - 1 / c) for k, c in zip(corner, cumulative)])
+                predicted += weight * _roll(y, t.out_axes, list(corner))
+            sub = float(np.linalg.norm(inner(shifted[one][t.out.name] - predicted)) / norm)
+        results.append(
+            SiteProbe(
+                i,
+                t.site.name,
+                t.site.kind,
+                list(t.strides),
+                cumulative,
+                _aliasing(base[t.pre.name], t.axes, t.strides, t.response),
+                eq,
+                sub,
             )
+        )
     return results

@@ -106,7 +106,7 @@ def load_rgb(path: Path, pre: Preprocess) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = _rgb8(im, path)
             resize = pre.resize or pre.size
             w, h = im.size
             scale = resize / min(w, h)
@@ -116,6 +116,28 @@ def load_rgb(path: Path, pre: Preprocess) -> np.ndarray:
             return np.asarray(im.crop((left, top, left + pre.size, top + pre.size)), dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"{path}: unreadable image ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{path}: refused as a decompression bomb by Pillow ({e})") from None
+
+
+def _rgb8(im, path: Path):
+    """An RGB image of 8 bits per channel, each mode scaled by its real range: 16-bit and 32-bit
+    integer greyscale (16-bit PNGs) by 65535, floating-point greyscale (TIFF) taken as 0..1; other
+    float ranges are refused in one line rather than clipped."""
+    from PIL import Image
+
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+                raise InputError(f"{path}: a floating-point image with values outside 0..1: convert it to 8 or 16 bits")
+            a = a * 255.0
+        else:
+            if a.min() < 0 or a.max() > 65535:
+                raise InputError(f"{path}: a 32-bit integer image with values outside 0..65535")
+            a = a / 257.0
+        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
 
 
 # ITU-R 601 luma, as PIL's convert("L") weighs RGB

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"aa-deploy {args.command}: error: {e}", file=sys.stderr)
         return EXIT_INPUT
+    except OSError as e:  # a full disk, a read-only folder, a file that went away: the machine's, not a bug
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"aa-deploy {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_INPUT
     except Exception as e:
         message = " ".join(str(e).split()) or type(e).__name__
         # ONNX Runtime refusing a model or its inputs is about the user's files, not a bug of ours.

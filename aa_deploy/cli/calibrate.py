@@ -130,6 +130,7 @@ def defaults(**values) -> argparse.Namespace:
 
 def configuration(args: argparse.Namespace) -> tuple[Data, Training, Compute]:
     """The library's configuration from the flags, each flag checked here under its own name."""
+    common.at_least_1(args, "limit")
     if args.time_limit is not None and args.time_limit <= 0:
         raise InputError(f"--time-limit must be positive, not {args.time_limit:g} minutes")
     if args.epochs < 1:

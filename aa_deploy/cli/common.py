@@ -134,3 +134,11 @@ def refuse_overwrites(outputs, inputs) -> None:
     for output in outputs:
         if output is not None:
             refuse_overwrite(output, *inputs)
+
+
+def at_least_1(args: argparse.Namespace, *names: str) -> None:
+    """A one-line error for a count flag below 1 (`--passes 0`, `--batch 0`, `--count 0`, `--limit 0`)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, not {value}")

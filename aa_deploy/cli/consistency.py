@@ -77,6 +77,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    common.at_least_1(args, "passes", "batch", "limit")
     requirements = [gate.parse(text) for text in args.require]
     models = [m for m in (args.model, *(args.compare or [])) if m is not None]
     if args.reference is None and args.model is None:
@@ -120,7 +121,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     versus = {name: paired_difference(base, r) for name, r in results.items() if r is not base}
     print_consistency(results, versus, data.source, console)
     costs = _costs(runners, data, args, reference)
-    print_cost(costs, baseline, console)
+    if len(costs) > 1:
+        print_cost(costs, baseline, console)
     outcomes = gate.check(requirements, results, baseline)
     for outcome in outcomes:
         console.print(outcome.line if outcome.passed else f"[red]{outcome.line}[/red]")

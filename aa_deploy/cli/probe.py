@@ -39,6 +39,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     from rich.table import Table
 
+    common.at_least_1(args, "count")
     models = [m for m in (args.model, *(args.compare or [])) if m is not None]
     if not models:
         raise InputError("give an ONNX model to probe (with --reference, the original is probed beside it)")

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         args.min_top1 if args.min_top1 is not None else base.min_top1,
         args.min_cosine if args.min_cosine is not None else base.min_cosine,
     )
+    common.at_least_1(args, "count")
     common.refuse_overwrites((args.report, args.junit), (args.model, args.weights, args.preprocess, args.images))
     options = common.options(args) if args.antialiased and (args.filter or args.filter_size) else None
     preprocess = common.preprocess(args, model=args.model if args.backend != "tensorrt" else None)

@@ -126,6 +126,8 @@ def convert(
     if not in_place:
         refuse_overwrite(dst, src)
     model = model_io.load(src, target_opset)
+    if (bad := model_io.non_finite(model)) is not None:
+        raise InputError(f"{src}: initializer {bad!r} holds non-finite values (NaN or inf): export the model again")
     external = model_io.uses_external_data(model)
     result = convert_model(model, options)
     if not result.actions and not allow_empty:

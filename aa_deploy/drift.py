@@ -54,6 +54,9 @@ def output_drift(original: str | os.PathLike, converted: str | os.PathLike, prep
     images = data.images if spec == "bundled:cifar10" else np.concatenate([data.images, data.images[:, :, ::-1]])
     x = data.prepare(images)
     a, b = (r(x) for r in runners)
+    for name, out in (("the original's", a), ("the converted model's", b)):
+        if not np.isfinite(out).all():
+            raise InputError(f"{name} outputs are not finite (NaN or inf) on bundled images")
     label = "bundled CIFAR-10 test images" if spec == "bundled:cifar10" else "bundled photos and their mirror images"
     if a.ndim == 2:
         return Drift("top-1 agreement", float((a.argmax(1) == b.argmax(1)).mean()), label, len(x))

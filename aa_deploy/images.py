@@ -27,6 +27,16 @@ class Preprocess:
     mean: tuple[float, ...] = IMAGENET_MEAN  # one value per channel the model takes (3, or 1 for grayscale)
     std: tuple[float, ...] = IMAGENET_STD
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 1 or (self.resize is not None and self.resize < 1):
+            raise InputError(
+                f"preprocessing: size and resize must be whole numbers of pixels >= 1, not {self.size}, {self.resize}"
+            )
+        if not all(np.isfinite(self.mean)) or not all(np.isfinite(self.std)) or min(self.std) <= 0:
+            raise InputError(
+                f"preprocessing: mean must be finite and std positive, not mean {self.mean}, std {self.std}"
+            )
+
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Preprocess:
         """Read {"size": .., "resize": .., "mean": [..], "std": [..]} from a JSON file."""

@@ -9,6 +9,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -139,6 +140,17 @@ def data_files(path: str | os.PathLike) -> list[Path]:
     return [Path(path).parent / name for name in sorted(names)]
 
 
+def non_finite(model: ir.Model) -> str | None:
+    """The name of the first floating-point initializer of `model` holding a NaN or an infinity, or None."""
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or value.dtype is None or not value.dtype.is_floating_point():
+            continue
+        if not np.isfinite(np.asarray(tensor.numpy(), dtype=np.float64)).all():
+            return name
+    return None
+
+
 def save(model: ir.Model, path: str | os.PathLike, *, external: bool, check: bool = True) -> None:
     """Write `model` to `path` atomically: a temporary file in the same folder, checked, then renamed.
 
@@ -156,6 +168,8 @@ def save(model: ir.Model, path: str | os.PathLike, *, external: bool, check: boo
         tmp = Path(tempfile.mkdtemp(prefix=".aa-deploy-", dir=folder))
     except OSError as e:
         raise InputError(f"{folder}: cannot write here ({e.strerror or e})") from None
+    if (bad := non_finite(model)) is not None:
+        raise InputError(f"{path}: not written: initializer {bad!r} holds non-finite values (NaN or inf)")
     list_initializers_as_inputs(model)
     try:
         data_name = data_path(path).name if external else None

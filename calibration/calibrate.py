@@ -259,6 +259,9 @@ def calibrate(
     model_path, out_path = Path(model), Path(output)
     refuse_overwrite(out_path, model_path, teacher, images)
     student_ir, teacher_ir = (_weights_as_initializers(model_io.load(path)) for path in (model_path, teacher))
+    for path, m in ((model_path, student_ir), (teacher, teacher_ir)):
+        if (bad := model_io.non_finite(m)) is not None:
+            raise InputError(f"{path}: initializer {bad!r} holds non-finite values (NaN or inf)")
     student, teacher_m = OnnxModule(student_ir).eval().to(dev), OnnxModule(teacher_ir).eval().to(dev)
     match = counterparts(student, teacher_m)
     if match.matched < match.convs:

@@ -229,3 +229,49 @@ def test_no_written_file_is_an_input(r20_and_images, command, target):
     assert proc.returncode == 2, proc.stderr
     assert "would overwrite" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert path.read_bytes() == before
+
+
+def _with_nan(src, dst):
+    proto = onnx.load(str(src))
+    weight = next(t for t in proto.graph.initializer if onnx.numpy_helper.to_array(t).ndim == 4)
+    array = onnx.numpy_helper.to_array(weight).copy()
+    array.flat[0] = np.nan
+    weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+    onnx.save(proto, str(dst))
+    return dst, weight.name
+
+
+def test_non_finite_weights_and_preprocessing_are_refused(r20_and_images, tmp_path):
+    """A NaN weight in the model or the teacher, or a std of 0 in the preprocessing: one line naming it,
+    exit 2, nothing written (before: convert said 'outputs close to the original's', calibrate wrote 3
+    NaN initializers and reported 100 % fidelity)."""
+    folder, model, images = r20_and_images
+    nan_model, name = _with_nan(model, tmp_path / "nan.onnx")
+    converted = tmp_path / "aa.onnx"
+    assert cli("convert", model, "-o", converted, "-q", "--no-drift").returncode == 0
+    out = tmp_path / "out.onnx"
+    for args in (
+        ("convert", nan_model, "-o", out),
+        ("calibrate", converted, "--teacher", nan_model, "--images", images, "-o", out, "--method", "stats"),
+    ):
+        proc = cli(*args)
+        assert proc.returncode == 2 and "non-finite" in proc.stderr and name in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+    zero = tmp_path / "zero.json"
+    zero.write_text('{"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0, 0.2, 0.2]}')
+    for args in (
+        ("calibrate", converted, "--teacher", model, "--images", images, "-o", out, "--preprocess", zero),
+        ("quantize", model, "--calib-images", images, "-o", out, "--preprocess", zero),
+    ):
+        proc = cli(*args)
+        assert proc.returncode == 2 and "std positive" in proc.stderr, proc.stderr
+        assert not out.exists()
+
+
+def test_save_never_writes_a_non_finite_weight(r20_and_images, tmp_path):
+    from aa_deploy import model_io
+
+    nan_model, name = _with_nan(r20_and_images[1], tmp_path / "nan.onnx")
+    with pytest.raises(InputError, match=f"not written: initializer '{name}'"):
+        model_io.save(model_io.load(nan_model), tmp_path / "o.onnx", external=False)
+    assert not (tmp_path / "o.onnx").exists()

@@ -210,7 +210,8 @@ def test_cli_compares_models_and_writes_report_and_plot(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(report.read_text())
-    assert data["schema"] == "aa-deploy.consistency/2" and len(data["models"]) == 2
+    assert data["schema"] == "aa-deploy.consistency/3" and len(data["models"]) == 2
+    assert set(data["cost"]) == set(data["models"]) and data["requirements"] == [] and data["passed"]
     original, converted = data["models"][str(plain)], data["models"][str(tmp_path / "r20.aa.onnx")]
     assert original["images"] == 100 and 0.8 < original["consistency"] <= 1.0 and original["accuracy"] > 0.85
     versus = data["versus_first"][str(tmp_path / "r20.aa.onnx")]
@@ -377,3 +378,34 @@ def test_one_pixel_without_room_for_its_steps_is_one_line():
 
     with pytest.raises(InputError, match="one-pixel needs room"):
         measure("one-pixel", global_pool_classifier, identity_prepare, noise_images(2, size=8), crop=8, shift=4)
+
+
+def test_an_argmax_output_is_scored_as_labels(tmp_path):
+    """The trained ResNet-20 exported with an argmax head (int64 class labels) gets exactly the
+    agreement of the same network's logits, view by view; before, labels were scored by cosine."""
+    import torch
+
+    from aa_deploy import bundled
+    from aa_deploy.consistency.compare import compare
+
+    class Labels(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x).argmax(1)
+
+    net = bundled.resnet20()
+    paths = {}
+    for name, module in (("logits", net), ("labels", Labels(net))):
+        paths[name] = tmp_path / f"{name}.onnx"
+        torch.onnx.export(
+            module.eval(), torch.zeros(1, 3, 32, 32), paths[name], dynamo=False, opset_version=13,
+            input_names=["input"], dynamic_axes={"input": {0: "N"}},
+        )  # fmt: skip
+    for protocol in ("random-crop", "one-pixel"):
+        results, _ = compare([paths["logits"], paths["labels"]], images="bundled:cifar10", protocol=protocol, passes=2)
+        logits, labels = results[str(paths["logits"])], results[str(paths["labels"])]
+        assert labels.metric == "top-1 agreement" and labels.per_image == logits.per_image
+        assert labels.per_image_correct == logits.per_image_correct

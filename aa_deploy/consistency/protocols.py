@@ -97,13 +97,24 @@ class Harness:
 
 
 def output_kind(out: np.ndarray, view: int) -> tuple[str, int | None]:
-    """("classifier", None) for (N, classes); ("dense", stride) for an (N, C, h, w) map whose cells are
-    `stride` px of the view; ("other", None) for anything else."""
-    if out.ndim == 2:
+    """("classifier", None) for (N, classes) scores, or for integer class labels (N,) / (N, 1) (an
+    exported argmax); ("dense", stride) for an (N, C, h, w) map whose cells are `stride` px of the
+    view; ("other", None) for anything else."""
+    if is_labels(out) or out.ndim == 2:
         return "classifier", None
     if out.ndim == 4 and out.shape[2] == out.shape[3] and out.shape[2] > 1 and view % out.shape[2] == 0:
         return "dense", view // out.shape[2]
     return "other", None
+
+
+def is_labels(out: np.ndarray) -> bool:
+    """An integer output of one value per sample: class labels (an argmax inside the graph)."""
+    return np.issubdtype(out.dtype, np.integer) and out.ndim in (1, 2) and out.size == len(out)
+
+
+def classes(out: np.ndarray) -> np.ndarray:
+    """Each sample's class: the label itself, or the top-1 of its scores."""
+    return out.reshape(len(out)).astype(np.int64) if is_labels(out) else out.argmax(1)
 
 
 def cosine_and_change(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +184,7 @@ def random_pairs(
             va, vb = _crop(canvas, a, size), _crop(canvas, b, size)
         oa, ob = harness.logits(va), harness.logits(vb)
         if kind == "classifier":
-            la, lb = oa.argmax(1), ob.argmax(1)
+            la, lb = classes(oa), classes(ob)
             same = (la == lb).astype(float)
             if labels is not None:
                 correct += int((la == labels).sum()) + int((lb == labels).sum())
@@ -285,11 +296,11 @@ def one_pixel(
             f"one-pixel needs room for {shift} steps: the canvas is {canvas.shape[1]} px for {size} px views"
         )
     start = (shift - shift // 2) if pad is not None else 0  # pad-and-crop: steps centred on the unshifted view
-    previous = harness.logits(canvas[:, start : start + size, start : start + size]).argmax(1)
+    previous = classes(harness.logits(canvas[:, start : start + size, start : start + size]))
     first = previous
     per_image = np.zeros(len(images))
     for d in range(start + 1, start + shift + 1):
-        cls = harness.logits(canvas[:, d : d + size, d : d + size]).argmax(1)
+        cls = classes(harness.logits(canvas[:, d : d + size, d : d + size]))
         per_image += cls == previous
         previous = cls
     per_image /= shift
@@ -329,7 +340,7 @@ def worst_case(
     correct = np.ones(len(images), bool)
     for y, x in grid:
         views = np.roll(images, (y, x), axis=(1, 2)) if circular else canvas[:, y : y + size, x : x + size]
-        cls = harness.logits(views).argmax(1)
+        cls = classes(harness.logits(views))
         first = cls if first is None else first
         consistent &= cls == first
         if labels is not None:
@@ -369,6 +380,11 @@ def measure(
     harness = Harness(run, prepare, batch, progress)
     if protocol in ("diagonal", "one-pixel", "worst-case"):
         out = run(prepare(images[:1, :crop, :crop]))
+        if protocol == "diagonal" and is_labels(out):
+            raise InputError(
+                "diagonal reads class probabilities, and the output holds class labels: use random-crop, "
+                "one-pixel or worst-case, or pick a score output with --output"
+            )
         if output_kind(out, crop)[0] != "classifier":
             raise InputError(
                 f"{protocol} compares top-1 classes, and the output has shape {tuple(out.shape)}, not (N, classes): "

@@ -21,7 +21,6 @@ graph output, non-constant padding modes, channels-last sites, dynamic spatial s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,25 +72,6 @@ def _spatial(node: ir.Node, value: ir.Value) -> tuple[int, ...]:
     return tuple(int(d) for d in dims[2:])
 
 
-def _explicit_pads(node: ir.Node, sizes: tuple[int, ...], kernel: tuple[int, ...]) -> list[int]:
-    """The node's pads (begins, then ends) with auto_pad resolved, as the original computes them."""
-    n = len(kernel)
-    auto = node.attributes.get_string("auto_pad", "NOTSET")
-    if auto in ("NOTSET", ""):
-        return list(graph.ints(node, "pads", [0] * (2 * n)))
-    if auto == "VALID":
-        return [0] * (2 * n)
-    strides = graph.ints(node, "strides", [1] * n)
-    dilations = graph.ints(node, "dilations", [1] * n)
-    begins, ends = [], []
-    for size, k, s, d in zip(sizes, kernel, strides, dilations):
-        total = max((math.ceil(size / s) - 1) * s + d * (k - 1) + 1 - size, 0)
-        small = total // 2
-        begins.append(small if auto == "SAME_UPPER" else total - small)
-        ends.append(total - begins[-1])
-    return begins + ends
-
-
 def _kernel(node: ir.Node) -> tuple[int, ...]:
     kernel = graph.ints(node, "kernel_shape")
     if kernel is None and node.op_type == "Conv":
@@ -107,7 +87,7 @@ def _window_edit(node: ir.Node, factor: tuple[int, ...], site_stride: tuple[int,
     x = _spatial(node, node.inputs[0])
     kernel = _kernel(node)
     n = len(kernel)
-    pads = _explicit_pads(node, x, kernel)
+    pads = graph.explicit_pads(node, x, kernel)
     dilations = graph.ints(node, "dilations", [1] * n)
     new_pads = [p * f for p, f in zip(pads, factor * 2)]
     if site_stride is not None:
@@ -314,7 +294,7 @@ def analyse(g: ir.Graph, actions: list[Action]) -> DensePlan | None:
 def _global_like(node: ir.Node, kernel: tuple[int, ...]) -> bool:
     """An AveragePool whose window covers its whole unpadded map in the original: a global pool."""
     x = _spatial(node, node.inputs[0])
-    return tuple(kernel) == x and not any(_explicit_pads(node, x, kernel))
+    return tuple(kernel) == x and not any(graph.explicit_pads(node, x, kernel))
 
 
 def apply(g: ir.Graph, dense: DensePlan) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -100,3 +101,23 @@ def unique_consumers(value: ir.Value) -> list[ir.Node]:
     for node in value.consumers():
         seen.setdefault(id(node), node)
     return list(seen.values())
+
+
+def explicit_pads(node: ir.Node, sizes: Sequence[int], kernel: Sequence[int]) -> list[int]:
+    """A Conv's or pool's pads (begins, then ends) with `auto_pad` resolved for input `sizes`, as ONNX
+    computes them: SAME_UPPER puts the odd pixel at the end, SAME_LOWER at the beginning; VALID pads
+    nothing (tf2onnx writes SAME_UPPER)."""
+    n = len(kernel)
+    auto = node.attributes.get_string("auto_pad", "NOTSET")
+    if auto in ("NOTSET", ""):
+        return list(ints(node, "pads", [0] * (2 * n)))
+    if auto == "VALID":
+        return [0] * (2 * n)
+    strides, dilations = ints(node, "strides", [1] * n), ints(node, "dilations", [1] * n)
+    begins, ends = [], []
+    for size, k, st, d in zip(sizes, kernel, strides, dilations):
+        total = max(0, (math.ceil(size / st) - 1) * st + d * (k - 1) + 1 - size)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto == "SAME_UPPER" else large)
+        ends.append(large if auto == "SAME_UPPER" else small)
+    return begins + ends

@@ -74,24 +74,6 @@ def _extreme(fn, empty: float, t: torch.Tensor, dims: tuple[int, ...], keepdim: 
     return out if keepdim else out.squeeze(tuple(d % t.dim() for d in dims))
 
 
-def _pool_pads(node: ir.Node, sizes, kernel, strides, dilations) -> list[int]:
-    """The pool's pads (begins, then ends) with `auto_pad` resolved: SAME_UPPER puts the odd pixel at
-    the end, SAME_LOWER at the beginning; VALID pads nothing."""
-    n = len(kernel)
-    auto = node.attributes.get_string("auto_pad", "NOTSET")
-    if auto in ("NOTSET", ""):
-        return list(graph.ints(node, "pads", [0] * (2 * n)))
-    if auto == "VALID":
-        return [0] * (2 * n)
-    begins, ends = [], []
-    for size, k, st, d in zip(sizes, kernel, strides, dilations):
-        total = max(0, (math.ceil(size / st) - 1) * st + d * (k - 1) + 1 - size)
-        small, large = total // 2, total - total // 2
-        begins.append(small if auto == "SAME_UPPER" else large)
-        ends.append(large if auto == "SAME_UPPER" else small)
-    return begins + ends
-
-
 def _ceil_extra(sizes, begins, ends, kernel, strides, dilations) -> list[int]:
     """Pixels to add at each axis' end so that a floor-mode pool gives ONNX's ceil_mode output: the
     last window may start in the input or its padding, never past them."""
@@ -306,9 +288,7 @@ class OnnxModule(nn.Module):
         n = w.dim() - 2
         strides = graph.ints(node, "strides", [1] * n)
         dilations = graph.ints(node, "dilations", [1] * n)
-        pads = graph.ints(node, "pads", [0] * (2 * n))
-        if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
-            raise InputError(f"{node.name}: auto_pad is not supported by calibration")
+        pads = graph.explicit_pads(node, x.shape[2:], w.shape[2:])
         if pads[:n] != pads[n:]:
             x = F.pad(x, _torch_pads(pads[:n], pads[n:]))
             pads = [0] * (2 * n)
@@ -410,7 +390,7 @@ class OnnxModule(nn.Module):
         n = len(k)
         strides, dilations = graph.ints(node, "strides", [1] * n), graph.ints(node, "dilations", [1] * n)
         sizes = x.shape[2:]
-        pads = _pool_pads(node, sizes, k, strides, dilations)
+        pads = graph.explicit_pads(node, sizes, k)
         begins, ends = pads[:n], pads[n:]
         ceil = bool(node.attributes.get_int("ceil_mode", 0))
         include = bool(node.attributes.get_int("count_include_pad", 0))

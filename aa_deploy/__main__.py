@@ -1,5 +1,5 @@
 import sys
 
-from aa_deploy.cli import main
+from aa_deploy.entry import main
 
 sys.exit(main())

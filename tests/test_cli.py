@@ -217,3 +217,21 @@ def test_calibrate_verdict_says_better_worse_or_not_resolved_by_the_paired_inter
         "random-crop consistency not resolved (-1.2, -2.7 to +0.2); diagonal consistency WORSE (-2.0, -3.5 to -0.4); "
         "pad-and-crop consistency BETTER (+1.6, +0.4 to +2.7); answers as the original's on 95.3 % of shifted views"
     )
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line(conv_onnx):
+    """SIGINT half a second in, while torch and onnx are still being imported (seconds): one line and
+    exit 130, not a 41-line KeyboardInterrupt traceback."""
+    import signal
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aa_deploy", "inspect", str(conv_onnx)], stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the command finished before the signal")
+    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1 and "interrupted" in err, err

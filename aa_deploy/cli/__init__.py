@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_INPUT
     except KeyboardInterrupt:
+        print(f"aa-deploy {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

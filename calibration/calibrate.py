@@ -269,6 +269,12 @@ def calibrate(
             f"{teacher}: {match.matched} of the {match.convs} trainable convs of {model_path} have a counterpart in "
             f"it (by name, or by graph structure): the teacher must be the model that was converted"
         )
+    ours, theirs = (tuple(graph.dims(m.graph.outputs[0]) or ())[1:] for m in (student_ir, teacher_ir))
+    if ours and theirs and None not in ours + theirs and ours != theirs:
+        raise InputError(
+            f"{teacher}: its output is {list(theirs)} per sample and {model_path}'s {list(ours)}: the teacher must "
+            "be the model that was converted"
+        )
     fmt = _input_format(student_ir, data.layout, str(model_path))
     teacher_fmt = _input_format(teacher_ir, data.layout, str(teacher))
     if teacher_fmt != fmt:

@@ -70,11 +70,18 @@ def counterparts(student: OnnxModule, teacher: OnnxModule) -> Counterparts:
     of the student has its namesake in the teacher, else by structure when that matches more convs."""
     convs = [node.outputs[0].name for node in trainable_convs(student)]
     ours = _skeleton(student, skip_inserted=True)
-    by_name = {name: name for name in ours if name in teacher.computed}
+    teachers = _skeleton(teacher, skip_inserted=False)
+    # A namesake counts when it is the same kind of layer with the same weight shape: a teacher of
+    # other widths or another class count shares names but not layers.
+    by_name = {
+        name: name
+        for name in ours
+        if name in teacher.computed and (name not in teachers or teachers[name][:2] == ours[name][:2])
+    }
     named = sum(name in by_name for name in convs)
     if named == len(convs):
         return Counterparts(by_name, "names", len(convs), named)
-    theirs = {key: name for name, key in _skeleton(teacher, skip_inserted=False).items()}
+    theirs = {key: name for name, key in teachers.items()}
     by_structure = {name: theirs[key] for name, key in ours.items() if key in theirs}
     matched = sum(name in by_structure for name in convs)
     if matched > named:

@@ -275,3 +275,40 @@ def test_save_never_writes_a_non_finite_weight(r20_and_images, tmp_path):
     with pytest.raises(InputError, match=f"not written: initializer '{name}'"):
         model_io.save(model_io.load(nan_model), tmp_path / "o.onnx", external=False)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def _named_net(width: int, classes: int):
+    """Layers named alike whatever the widths: conv1 (stride 2), conv2, fc."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, width, 3, 2, 1)
+            self.conv2 = nn.Conv2d(width, width, 3, 1, 1)
+            self.fc = nn.Linear(width, classes)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+@pytest.mark.parametrize("width, classes", [(16, 10), (8, 12)])
+def test_a_teacher_of_other_widths_or_classes_is_refused_in_one_line(r20_and_images, tmp_path, width, classes):
+    """Same layer names, other shapes (before: a RuntimeError traceback from stats.py / reconstruct.py)."""
+    import torch
+
+    _, _, images = r20_and_images
+    student, teacher = tmp_path / "s.onnx", tmp_path / "t.onnx"
+    for path, net in ((student, _named_net(8, 10)), (teacher, _named_net(width, classes))):
+        torch.onnx.export(net, torch.zeros(1, 3, 32, 32), path, dynamo=False, opset_version=13)
+    converted = tmp_path / "s.aa.onnx"
+    assert cli("convert", student, "-o", converted, "-q", "--no-drift", "--blur-stem").returncode == 0
+    for method in ("stats", "reconstruct"):
+        proc = cli("calibrate", converted, "--teacher", teacher, "--images", images, "-o", tmp_path / "o.onnx",
+                   "--method", method)  # fmt: skip
+        assert proc.returncode == 2 and "the teacher must be the model that was converted" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1

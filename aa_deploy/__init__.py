@@ -3,26 +3,18 @@
 Inserts fixed blur filters at every downsampling site of an ONNX model (Zhang, ICML 2019), with a
 PyTorch twin of the same transformation as the reference for parity checks.
 
-Every name loads on first use: the graph pass does not need torch, importing one module of the graph
-core should not pay for the rest, and the command line's entry point (`aa_deploy.entry`) imports
-nothing heavy before it can answer Ctrl-C in one line.
+`verify` and `ParityResult` load on first use: the graph pass does not need torch, and importing
+the package (or one module of its graph core) should not pay for it.
 """
 
 from importlib import import_module
 
+from aa_deploy.convert import Conversion, convert, convert_model, inspect
 from aa_deploy.errors import InputError
+from aa_deploy.plan import Action, Options
 from aa_deploy.version import __version__
 
-_LAZY = {
-    "Conversion": "aa_deploy.convert",
-    "convert": "aa_deploy.convert",
-    "convert_model": "aa_deploy.convert",
-    "inspect": "aa_deploy.convert",
-    "Action": "aa_deploy.plan",
-    "Options": "aa_deploy.plan",
-    "ParityResult": "aa_deploy.parity",
-    "verify": "aa_deploy.parity",
-}
+_LAZY = {"ParityResult": "aa_deploy.parity", "verify": "aa_deploy.parity"}
 
 __all__ = [
     "Action",

@@ -1,5 +1,5 @@
 """The `aa-deploy` console script: the command line loaded under a guard, so that Ctrl-C while its
-libraries load (torch, onnx: seconds) ends in one line and exit 130, as it does later."""
+libraries load (torch and the subcommands: seconds) ends in one line and exit 130, as it does later."""
 
 import sys
 

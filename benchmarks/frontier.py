@@ -2,6 +2,7 @@
 
     python benchmarks/frontier.py ORIGINAL.onnx --models A.onnx B.onnx --images DIR --labels DIR/labels.csv \
         --preprocess pre.json [--passes 5] [--steps 8] [--json out.json] [--plot out.png]
+    python benchmarks/frontier.py --combine out.png Lite0=lite0.json Lite2=lite2.json   # runs in one plot
 
 For every model, paired against the original on the same images and views (95 % intervals from a
 bootstrap over images, `aa_deploy.consistency.paired`):
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +31,16 @@ from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.converters.timing import pair_ratios
 from aa_deploy.images import Preprocess
 from aa_deploy.input_format import read as read_input_format
+
+
+def combine(argv: list[str]) -> None:
+    """--combine OUT.png NAME=RUN.json ...: one plot of several runs' --json output."""
+    out, *runs = argv
+    families = {}
+    for run in runs:
+        name, _, path = run.partition("=")
+        families[name] = json.loads(Path(path).read_text())["rows"]
+    plot(families, out)
 
 
 def top1(models: list[str], args) -> dict[str, np.ndarray]:
@@ -60,6 +72,8 @@ def latency(original: str, model: str, batch: int, size: tuple[int, ...], args) 
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--combine"]:
+        return combine(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("original")
     p.add_argument("--models", nargs="+", required=True)
@@ -127,30 +141,37 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"images": images, "rows": rows}, indent=2))
     if args.plot:
-        plot(rows, args.plot)
+        plot({Path(args.original).stem: rows}, args.plot)
 
 
-def plot(rows: list[dict], path: str) -> None:
-    """Consistency gains (with their intervals) against the multiply-adds ratio, one point per model."""
+def plot(families: dict[str, list[dict]], path: str) -> None:
+    """Consistency gains with their paired intervals against the multiply-adds ratio: one panel per
+    protocol, one colour per network (`families`: name -> its rows), each point labelled by its model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, marker, label in (("random-crop_diff", "o", "random-crop"), ("one-pixel_diff", "s", "one-pixel")):
-        pts = [r for r in rows if key in r]
-        x = [r["macs_ratio"] for r in pts]
-        y = [100 * r[key][0] for r in pts]
-        err = [[100 * (r[key][0] - r[key][1][0]) for r in pts], [100 * (r[key][1][1] - r[key][0]) for r in pts]]
-        ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=label)
-        for r, xi, yi in zip(pts, x, y):
-            ax.annotate(r["name"], (xi, yi), textcoords="offset points", xytext=(5, 3), fontsize=7)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("multiply-adds against the original (x)")
-    ax.set_ylabel("consistency minus the original's (points, 95 % CI)")
-    ax.legend(loc="best", fontsize=8)
+    panels = (("random-crop_diff", "random-crop consistency"), ("one-pixel_diff", "one-pixel consistency"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    for ax, (key, title) in zip(axes, panels):
+        for k, (family, rows) in enumerate(families.items()):
+            pts = [r for r in rows if key in r]
+            x = [r["macs_ratio"] * (1 + 0.04 * (k - 1)) for r in pts]  # nudged apart: intervals stay legible
+            y = [100 * r[key][0] for r in pts]
+            err = [[100 * (r[key][0] - r[key][1][0]) for r in pts], [100 * (r[key][1][1] - r[key][0]) for r in pts]]
+            ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=family)
+            for r, xi, yi in zip(pts, x, y):
+                ax.annotate(r["name"], (xi, yi), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"x{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"x{v:g}" if v in (2, 3, 5, 7) else ""))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("multiply-adds against the original")
+    axes[0].set_ylabel("minus the original's, points (paired 95 % CI)")
+    axes[0].legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

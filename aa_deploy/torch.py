@@ -179,14 +179,20 @@ def _spatial_trace(model: nn.Module, sample: torch.Tensor) -> dict[nn.Module, tu
         if module not in seen and inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
             seen[module] = (tuple(inputs[0].shape[2:]), tuple(output.shape[2:]))
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules()]
+    run_with_hooks(model, sample, [(m, hook) for m in model.modules()])
+    return seen
+
+
+def run_with_hooks(model: nn.Module, x: torch.Tensor, hooks: list) -> None:
+    """One forward pass of `model` on `x` without gradients, with forward hooks `(module, hook)` in
+    place for it only (a hook must return None, or it replaces the module's output)."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     try:
         with torch.no_grad():
-            model(sample)
+            model(x)
     finally:
-        for h in hooks:
-            h.remove()
-    return seen
+        for handle in handles:
+            handle.remove()
 
 
 def _scale(values, factor: tuple[int, int]) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from torch import nn
 from aa_deploy import graph, model_io
 from aa_deploy.blur_nodes import blur_after
 from aa_deploy.errors import InputError
-from aa_deploy.torch import ConvBlurPool, DenseSite, PreBlur
+from aa_deploy.torch import ConvBlurPool, DenseSite, PreBlur, run_with_hooks
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -45,15 +45,10 @@ def conv_to_norm(twin: nn.Module, sample: torch.Tensor) -> dict[nn.Module, nn.Mo
     hooks = []
     for module in twin.modules():
         if isinstance(module, (PreBlur, ConvBlurPool, *_CONVS)):
-            hooks.append(module.register_forward_hook(conv_done))
+            hooks.append((module, conv_done))
         elif isinstance(module, _NORMS):
-            hooks.append(module.register_forward_hook(norm_seen))
-    try:
-        with torch.no_grad():
-            twin(sample)
-    finally:
-        for h in hooks:
-            h.remove()
+            hooks.append((module, norm_seen))
+    run_with_hooks(twin, sample, hooks)
     return pairs
 
 

@@ -31,6 +31,7 @@ from aa_deploy.convert import _prepare
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.sites import find_sites, strided_slice
 from aa_deploy.torch import find_sites as module_sites
+from aa_deploy.torch import run_with_hooks
 from aa_deploy.twin_weights import conv_to_norm
 
 
@@ -197,16 +198,11 @@ def probe_module(module, x: np.ndarray, margin: int = 2) -> list[SiteProbe]:
         hooks = []
         for p, m in modules.items():
             norm = norms.get(m)
-            hooks.append(m.register_forward_hook(keep(p, "in" if norm is not None else "both")))
+            hooks.append((m, keep(p, "in" if norm is not None else "both")))
             if norm is not None:
-                hooks.append(norm.register_forward_hook(keep(p, "out")))
-        try:
-            with torch.no_grad():
-                for i in range(0, len(inputs), 32):
-                    module(torch.from_numpy(np.ascontiguousarray(inputs[i : i + 32], np.float32)))
-        finally:
-            for h in hooks:
-                h.remove()
+                hooks.append((norm, keep(p, "out")))
+        for i in range(0, len(inputs), 32):
+            run_with_hooks(module, torch.from_numpy(np.ascontiguousarray(inputs[i : i + 32], np.float32)), hooks)
         return {k: torch.cat(v).numpy() for k, v in seen.items()}
 
     return _measure(run, taps, x, margin)

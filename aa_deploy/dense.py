@@ -53,12 +53,10 @@ class Edit:
 
 @dataclass
 class DensePlan:
-    """What dense sampling changes: the edits, the dense values (their shapes change) and the factor
-    by which the final maps are denser (per spatial axis)."""
+    """What dense sampling changes: the edits, and the dense values (their shapes change)."""
 
     edits: list[Edit]
     dense_values: list[ir.Value]
-    factor: tuple[int, ...]
 
 
 def _refuse(node: ir.Node, why: str) -> InputError:
@@ -211,7 +209,6 @@ def analyse(g: ir.Graph, actions: list[Action]) -> DensePlan | None:
     pooled: set[int] = set()  # values computed from a map pooled across phases
     edits: list[Edit] = []
     dense_values: list[ir.Value] = []
-    last = (1, 1)
     for node in g:
         live = [v for v in node.inputs if v is not None and graph.const_array(v) is None]
         dense_in = [factor[id(v)] for v in live if id(v) in factor]
@@ -258,7 +255,6 @@ def analyse(g: ir.Graph, actions: list[Action]) -> DensePlan | None:
                         edits.append(Edit(node, op_type="GlobalAveragePool"))
                         out = None
                         pooled.update(id(v) for v in node.outputs)
-                        last = f
                     elif opset < 19:
                         raise _refuse(
                             node, "would need a dilated AveragePool (opset 19): convert with --target-opset 19"
@@ -277,7 +273,6 @@ def analyse(g: ir.Graph, actions: list[Action]) -> DensePlan | None:
             elif _global_pool(node, 4):
                 out = None
                 pooled.update(id(v) for v in node.outputs)
-                last = f
             else:
                 raise _refuse(node, "would see a densely sampled map: it depends on the spatial size or layout")
         if out is not None:
@@ -288,7 +283,7 @@ def analyse(g: ir.Graph, actions: list[Action]) -> DensePlan | None:
                     raise _refuse(node, "writes a densely sampled graph output: its shape would change")
                 factor[id(v)] = out
                 dense_values.append(v)
-    return DensePlan(edits, dense_values, last)
+    return DensePlan(edits, dense_values)
 
 
 def _global_like(node: ir.Node, kernel: tuple[int, ...]) -> bool:

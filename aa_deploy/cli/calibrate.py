@@ -6,6 +6,7 @@ import argparse
 
 from rich.console import Console
 
+from aa_deploy import model_io
 from aa_deploy.calibration.calibrate import METHODS, STARTS, VIEWS, Compute, Data, Training, calibrate
 from aa_deploy.calibration.distill import Recipe
 from aa_deploy.cli import common
@@ -234,10 +235,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"verdict on {result.held_out} held-out images, calibrated against the original: {verdict(result)}"
         )
     if any(d["ci95"][0] <= 0 for d in result.versus_teacher.values()):
+        sites = model_io.read_metadata(model_io.load_proto(args.model)).get("sites") or []
+        dense = any(isinstance(e, dict) and e.get("action") == "dense" for e in sites)
         console.print(
             "[yellow]not more consistent than the original here. Measure on other images (aa-deploy consistency); "
-            "more calibration images usually help; dense sampling needs no training: aa-deploy convert ORIGINAL "
-            "--dense-last 1 --filter none (exact, at the compute aa-deploy inspect states)[/yellow]"
+            "more calibration images usually help"
+            + (
+                "[/yellow]"
+                if dense
+                else "; dense sampling needs no training: aa-deploy convert ORIGINAL --dense-last 2 --filter none "
+                "(exact, at the compute aa-deploy inspect states)[/yellow]"
+            )
         )
     s = result.start
     console.print(

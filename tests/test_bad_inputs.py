@@ -99,6 +99,7 @@ def test_onnx_runtime_refusing_inputs_at_run_time_is_one_line(monkeypatch, capsy
     def refuse(*args, **kwargs):
         raise InvalidArgument("Got invalid dimensions for input: input\n index: 2 Got: 34 Expected: 32")
 
+    monkeypatch.setattr(compare, "runners_of", lambda *a, **k: {})  # the CLI opens the runners first
     monkeypatch.setattr(compare, "compare", refuse)
     assert main(["consistency", str(tmp_path / "m.onnx")]) == EXIT_INPUT
     err = capsys.readouterr().err
@@ -123,6 +124,7 @@ def test_another_library_failing_is_one_line_with_a_hint(monkeypatch, capsys, tm
     def library(*args, **kwargs):
         return np.pad(np.zeros(2), 1, mode="no such mode")  # raised in NumPy's own Python code
 
+    monkeypatch.setattr(compare, "runners_of", lambda *a, **k: {})
     monkeypatch.setattr(compare, "compare", library)
     assert main(["consistency", str(tmp_path / "m.onnx")]) == EXIT_INPUT
     err = capsys.readouterr().err

@@ -214,11 +214,11 @@ def _dilate(module: nn.Module, factor: tuple[int, int], path: str) -> None:
         raise InputError(f"--dense-last: the twin cannot dilate the average pool {path!r} (no dilation in PyTorch)")
 
 
-def densify(model: nn.Module, sites: list, dense: set[int], sample: torch.Tensor) -> None:
+def densify(model: nn.Module, sites: list, dense: set[int], trace: dict) -> None:
     """Dense sampling on the twin, in place: the `dense` sites (indices into `sites`) at stride 1, every
     2-D conv, max pool and padding module that reads a denser map dilated by the factor it is denser.
-    Where a module sits is read from its input size on `sample` (the ONNX pass follows the graph)."""
-    trace = _spatial_trace(model, sample)
+    Where a module sits is read from its input size in `trace` (`_spatial_trace` on a sample; the ONNX
+    pass follows the graph)."""
     if any(trace.get(sites[i][1]) is None or len(trace[sites[i][1]][0]) != 2 for i in dense):
         raise InputError("--dense-last: the twin's dense sites must be 2-D modules the sample reaches")
     first = max((trace[sites[i][1]][0] for i in dense), key=lambda size: size[0] * size[1])
@@ -238,9 +238,9 @@ def densify(model: nn.Module, sites: list, dense: set[int], sample: torch.Tensor
     for module, (size_in, _) in trace.items():
         if len(size_in) != 2 or size_in[0] * size_in[1] > first[0] * first[1]:
             continue  # before the dense levels (or not a map)
-        f = factor(size_in)
         if id(module) in site_modules:
             continue
+        f = factor(size_in)
         inside_site = any(names[module].startswith(names[sites[i][1]] + ".") for i in dense)
         stride = getattr(module, "stride", 1)
         if (
@@ -370,10 +370,9 @@ def antialias(
     return antialias_with(model, options, inplace=inplace)
 
 
-def _levels(model: nn.Module, sites: list, sample: torch.Tensor) -> list[int]:
-    """Each site's total subsampling factor (area) from its input size on `sample`: `plan.dense_choice`'s levels."""
-    trace = _spatial_trace(model, sample)
-    area = sample.shape[2] * sample.shape[3]
+def _levels(sites: list, trace: dict, area: int) -> list[int]:
+    """Each site's total subsampling factor (area) from its input size in `trace` on an image of `area`
+    pixels: `plan.dense_choice`'s levels."""
     return [area // max(1, math.prod(trace.get(module, ((1, 1), ()))[0])) for _, module, *_ in sites]
 
 
@@ -391,8 +390,9 @@ def antialias_with(
     if options.dense_last:
         if sample is None:
             raise InputError("--dense-last: the twin needs a sample input to find the resolution levels")
-        dense = dense_choice(_levels(model, sites, sample), options.dense_last)
-        densify(model, sites, dense, sample)
+        trace = _spatial_trace(model, sample)
+        dense = dense_choice(_levels(sites, trace, sample.shape[2] * sample.shape[3]), options.dense_last)
+        densify(model, sites, dense, trace)
     for i, (name, module, kind, strides, channels_last) in enumerate(sites):
         if i in dense:
             report.append(TwinSite(name, kind, strides, "dense", DENSE))

@@ -24,10 +24,10 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     model = model_io.load(args.model, args.target_opset)
-    actions = inspect(model, common.options(args))
+    options = common.options(args)
+    actions = inspect(model, options)
     if not args.json:
         common.print_upgrade(model_io.read_metadata(model).get("opset_upgrade"), console)
-    options = common.options(args)
     price = plan_cost(model, options) if actions else None
     if args.json:
         print(

@@ -21,7 +21,8 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from aa_deploy import graph, model_io
 from aa_deploy.atomic import refuse_overwrite
-from aa_deploy.calibration.distill import Recipe, distill
+from aa_deploy.calibration.budget import Sizes, TimePlan, Work, measure_rates, plan_time, replan_after_start
+from aa_deploy.calibration.distill import RANGE_PROBE, Recipe, default_range_steps, distill
 from aa_deploy.calibration.held_out import HeldOut, centre
 from aa_deploy.calibration.matching import counterparts
 from aa_deploy.calibration.reconstruct import calibrate_reconstruct
@@ -64,6 +65,8 @@ class CalibrationResult:
     # the closed-form start: its name, how the teacher's tensors were matched (names or structure), the
     # student's trainable convs, and how many layers it refit by least squares and rescaled
     start: dict = field(default_factory=dict)
+    plan: TimePlan | None = None  # how a time limit was spent: the steps' sizes and expected seconds
+    trained_on: int = 0  # training images distillation used (fewer than the folder's when a time limit cut them)
 
 
 EVAL_BUDGET = 1 << 30  # bytes of activations one evaluation batch may produce
@@ -306,8 +309,6 @@ def calibrate(
     eval_batch, train_batch, per_sample = batch_sizes(
         student, torch.from_numpy(prepare(centre(held_images[:1], span))), compute.batch_size, recipe.student_views
     )
-    train = _training_images(train_files, decode, held_images[0].nbytes, report_progress)
-
     checker = HeldOut(teacher_m, held_images, prepare, seed=seed, batch=eval_batch, shift=recipe.shift, span=span)
     if method == "distill" and not checker.classifier:
         raise InputError(
@@ -319,22 +320,52 @@ def calibrate(
     for path, module in ((model_path, student), (Path(teacher), teacher_m)):
         check_against_onnxruntime(path, module, batch)
     teacher_summary, teacher_runs, _ = checker.figures(teacher_m, final=True)
+    scored = time.perf_counter()
     before, _, _ = checker.figures(student, final=True)
+    figures_seconds = time.perf_counter() - scored
+
+    # The steps to come, sized to the time limit when there is one (calibration/budget.py).
+    work = Work(
+        target_passes=2 * max(1, recipe.teacher_views) if span else 0,
+        step_teacher_passes=0 if span else recipe.teacher_views,
+        batch=train_batch,
+        max_epochs=training.max_epochs,
+        distill=method == "distill",
+    )
+    defaults = Sizes(
+        start_images=_start_count(checker.view[0], len(train_files)),
+        train_images=len(train_files),
+        probe_images=min(RANGE_PROBE, len(held_images)),
+        range_steps=default_range_steps(len(train_files), train_batch),
+    )
+    rates = None
+    if training.time_limit is not None:
+        rates = measure_rates(teacher_m, student, torch.from_numpy(batch), recipe.student_views, figures_seconds)
+    plan = plan_time(training.time_limit, time.perf_counter() - began, rates, defaults, work)
+    report_progress({"phase": "budget", "plan": plan})
 
     # Decoded once (256..1,000 images, START_BUDGET at most): the closed-form start (distill's:
     # `pointwise` unless told) goes through them layer by layer.
-    x_start = torch.from_numpy(prepare(centre(train[np.arange(_start_count(checker.view[0], len(train)))], span)))
+    start_files = train_files[: plan.sizes.start_images]
+    x_start = torch.from_numpy(prepare(centre(np.stack([load_rgb(p, decode) for p in start_files]), span)))
     fitted = _closed_form(training)(
         student, teacher_m, x_start, eval_batch, names=match.names,
         progress=lambda done, total: report_progress({"phase": "start", "name": start, "done": done, "total": total}),
     )  # fmt: skip
+    del x_start
     report = None
-    if method == "distill":
+    plan = replan_after_start(plan, time.perf_counter() - began, rates, defaults, work)
+    if method == "distill" and plan.sizes.distill:
+        if plan.sizes != defaults:
+            report_progress({"phase": "budget", "plan": plan, "after_start": True})
+        train = _training_images(train_files[: plan.sizes.train_images], decode, held_images[0].nbytes, report_progress)
+        final = 0.0 if rates is None else rates.figures
         report = distill(
             student, teacher_m, train, checker, prepare, recipe=recipe, max_epochs=training.max_epochs,
             batch=train_batch, eval_batch=eval_batch, lr=training.lr, seed=seed, workers=compute.workers,
             progress=lambda record: report_progress({"phase": "epoch"} | record),
-            time_limit=None if training.time_limit is None else training.time_limit - (time.perf_counter() - began),
+            time_limit=None if training.time_limit is None else training.time_limit - final - (time.perf_counter() - began),
+            probe=plan.sizes.probe_images, range_steps=plan.sizes.range_steps,
         )  # fmt: skip
     after, after_runs, _ = checker.figures(student, final=True)
     versus = {key: paired_difference(teacher_runs[key], after_runs[key]).as_dict() for key in after_runs}
@@ -357,6 +388,8 @@ def calibrate(
         device=str(dev),
         batch=(eval_batch, train_batch),
         activation_mb=per_sample / 2**20,
+        plan=plan if training.time_limit is not None else None,
+        trained_on=plan.sizes.train_images if report else 0,
         start={
             "name": start,
             "matched_by": match.by,

@@ -59,6 +59,7 @@ from aa_deploy.converters.bridge import OnnxModule
 from aa_deploy.images import batches
 
 LR_CANDIDATES = (1e-4, 3e-4, 1e-3, 3e-3)
+RANGE_PROBE = 256  # held-out images the range test's loss is measured on
 
 
 @dataclass(frozen=True)
@@ -221,13 +222,18 @@ def schedule_length(max_epochs: int, done: int, left: float | None, epoch_second
     return max(done, min(max_epochs, done + int(max(left, 0.0) // epoch_seconds)))
 
 
+def default_range_steps(images: int, batch: int) -> int:
+    """The range test's steps per candidate rate: an epoch's worth, between 5 and 20."""
+    return max(5, min(20, images // batch))
+
+
 def range_test(
     student, teacher, train, probe: np.ndarray, prepare, recipe, batch, seed, eval_batch=250, workers=None,
-    targets=None,
+    targets=None, steps=None,
 ):  # fmt: skip
-    """Learning rate from a short range test: a few steps from the same start per candidate, the
-    lowest distillation loss against the shift-averaged teacher on held-out images decides.
-    Returns (rate, {candidate: loss}, seconds one training step took)."""
+    """Learning rate from a short range test: `steps` steps (default `default_range_steps`) from the same
+    start per candidate, the lowest distillation loss against the shift-averaged teacher on held-out images
+    decides. Returns (rate, {candidate: loss}, seconds one training step took)."""
     start_state = copy.deepcopy(student.state_dict())
     if targets is not None:
         views = [centre(probe, recipe.span)]
@@ -236,7 +242,7 @@ def range_test(
     else:
         views, teacher_views = _step_views(probe.astype(np.float32), recipe, np.random.default_rng(seed))
         target = soft_targets(teacher, teacher_views, prepare, recipe.temperature, eval_batch)
-    steps = max(5, min(20, len(train) // batch))
+    steps = default_range_steps(len(train), batch) if steps is None else steps
     step_seconds = []
     losses = {}
     for candidate in LR_CANDIDATES:
@@ -270,11 +276,14 @@ def distill(
     workers: int | None = None,
     progress: Callable[[dict], None] | None = None,
     time_limit: float | None = None,
+    probe: int = RANGE_PROBE,
+    range_steps: int | None = None,
 ) -> DistillReport:
     """Train `student` in place towards `teacher`; `train` holds uint8 NHWC images (an array or
     `images.ImageFiles`), `checker` the held-out slice the figures are measured on. With `time_limit`
     (seconds from the call), the schedule is replanned after each epoch to what the last one's
-    duration says fits, so that its rate still decays to zero before the limit."""
+    duration says fits, so that its rate still decays to zero before the limit. The range test
+    measures on the first `probe` held-out images, `range_steps` steps per rate."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -291,8 +300,9 @@ def distill(
     steps_per_epoch = math.ceil(len(train) / batch)
     if lr is None:
         lr, lr_losses, step_seconds = range_test(
-            student, teacher, train, checker.images[:256], prepare, recipe, batch, seed, eval_batch, workers, targets
-        )
+            student, teacher, train, checker.images[:probe], prepare, recipe, batch, seed, eval_batch, workers, targets,
+            range_steps,
+        )  # fmt: skip
     else:
         step_seconds = None
 

@@ -298,17 +298,64 @@ def test_a_time_limit_shortens_the_schedule():
     assert schedule_length(45, 3, -5.0, 10.0) == 3
 
 
-def test_a_time_limit_spent_before_the_first_epoch_keeps_the_start(r20, tmp_path, monkeypatch):
-    # No epoch starts, and no smaller rate is tried after it.
-    import aa_deploy.calibration.distill as distill
-    import aa_deploy.calibration.held_out as held_out
+def test_a_time_limit_spent_before_the_plan_keeps_the_start(r20, tmp_path):
+    # The limit is gone by the time the plan is made: distillation is dropped from the plan before anything
+    # trains, and the closed-form start (at its smallest) is the result.
+    from aa_deploy.calibration.budget import START_FLOOR
 
-    monkeypatch.setattr(held_out, "per_image_score", lambda hits, runs: np.full(len(hits), 0.5))
-    monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}, 0.0))
+    records = []
     result = calibrate(
-        r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=5, time_limit=1e-3
-    )
-    assert [h["epoch"] for h in result.history] == [0] and result.kept_epoch == 0
+        r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=5, time_limit=1e-3,
+        progress=records.append,
+    )  # fmt: skip
+    plans = [r["plan"] for r in records if r["phase"] == "budget"]
+    assert len(plans) == 1 and not plans[0].sizes.distill and plans[0].sizes.start_images == START_FLOOR
+    assert result.history == [] and result.epochs is None and result.trained_on == 0
+    assert not any(r["phase"] in ("epoch", "targets", "load") for r in records)
+    assert (tmp_path / "c.onnx").exists()
+
+
+def test_calibrate_runs_the_steps_at_the_sizes_its_time_plan_gives(r20, tmp_path, monkeypatch):
+    # With the rates fixed, the plan is known in advance: the start reads the planned images, distillation
+    # trains on the planned subset with the planned range test, and the result says so.
+    import aa_deploy.calibration.calibrate as module
+    from aa_deploy.calibration.budget import Rates
+
+    # A training step of 0.2 s an image on 8-image batches: 45 s hold the range test at its floor and two
+    # epochs of 20 to 55 of the 70 training images, whatever the seconds spent before the plan (3 to 15).
+    rates = Rates(teacher=1e-3, student=1e-3, step=0.2, figures=0.5)
+    monkeypatch.setattr(module, "measure_rates", lambda *a: rates)
+    seen = {}
+    real_closed_form, real_distill = module._closed_form, module.distill
+
+    def closed_form(training):
+        fit = real_closed_form(training)
+        return lambda student, teacher, x, *a, **k: (
+            seen.setdefault("start", len(x)) and fit(student, teacher, x, *a, **k)
+        )
+
+    def distill(student, teacher, train, *a, **k):
+        seen.update(train=len(train), probe=k["probe"], steps=k["range_steps"], limit=k["time_limit"])
+        return real_distill(student, teacher, train, *a, **k)
+
+    monkeypatch.setattr(module, "_closed_form", closed_form)
+    monkeypatch.setattr(module, "distill", distill)
+    records = []
+    result = calibrate(
+        r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=2, time_limit=45,
+        batch_size=8, progress=records.append,
+    )  # fmt: skip
+    plan = [r["plan"] for r in records if r["phase"] == "budget"][-1]
+    assert plan.sizes.distill and 0 < plan.sizes.train_images < 70  # 70 training images of 80; the plan cut them
+    assert seen["start"] == plan.sizes.start_images
+    assert (seen["train"], seen["probe"], seen["steps"]) == (
+        plan.sizes.train_images, plan.sizes.probe_images, plan.sizes.range_steps,
+    )  # fmt: skip
+    assert seen["limit"] < 45 - rates.figures  # distillation ends before the final figures' reserve
+    assert result.trained_on == plan.sizes.train_images and result.plan is not None
+
+
+def test_the_time_limit_flags_are_checked(r20, tmp_path):
     base = ("calibrate", r20 / "r20.pre.onnx", "--teacher", r20 / "r20.onnx", "--images", r20 / "images")
     for flags, message in (
         (("--time-limit", "0"), "--time-limit must be positive"),

@@ -61,8 +61,11 @@ def add(sub) -> None:
         "--time-limit",
         type=float,
         metavar="MINUTES",
-        help="end distillation by this many minutes after the start: after each epoch the schedule is "
-        "replanned to the epochs that the last one's duration says fit, so its rate still decays to zero",
+        help="end the whole command within this many minutes: the speed of both models is measured first, and "
+        "the closed-form start's images, the range test and the training images (with their teacher targets) "
+        "are cut to fit, distillation keeping at least two epochs or, where even that does not fit, dropped; "
+        "the plan is printed before it runs, and after each epoch the schedule is replanned to the epochs that "
+        "the last one's duration says fit, so its rate still decays to zero",
     )
     k.add_argument("--lr", type=float, help="learning rate (default: chosen by a short range test)")
     k.add_argument("--limit", type=int, help="use at most this many images")
@@ -182,6 +185,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     def progress(record: dict) -> None:
         phase = record["phase"]
+        if phase == "budget":
+            if record["plan"].limit is not None:
+                console.print(time_plan(record["plan"], record.get("after_start", False)))
+            return
         if phase == "plan":
             console.print(
                 f"  expected: {record['epochs']} epochs of about {record['epoch_seconds']:.0f} s, "
@@ -257,8 +264,36 @@ def run(args: argparse.Namespace, console: Console) -> int:
         f"{result.activation_mb:.1f} MB of activations per image"
     )
     extra = f", lr {result.lr:g}, kept epoch {result.kept_epoch} of {result.epochs}" if result.lr else ""
+    if result.plan is not None:
+        extra += f"; the time limit used {result.trained_on} of its {result.images - result.held_out} training images"
     console.print(f"calibrated on {result.images} images in {result.seconds:.0f} s{extra}; wrote {args.output}")
     return common.EXIT_OK
+
+
+def time_plan(plan, after_start: bool = False) -> str:
+    """The plan's one line: how the limit's minutes will be spent, step by step."""
+    sizes, seconds = plan.sizes, plan.seconds
+
+    def minutes(step: str) -> str:
+        return f"{seconds[step] / 60:.1f} min"
+
+    head = "  replanned after the start" if after_start else f"  time limit {plan.limit / 60:g} min"
+    parts = [f"{plan.spent / 60:.1f} min gone" if after_start else f"{plan.spent / 60:.1f} min spent measuring"]
+    if not after_start:
+        parts.append(f"closed-form start on {sizes.start_images} images ~{minutes('start')}")
+    if sizes.distill:
+        if seconds["targets"]:
+            parts.append(f"teacher targets for {sizes.train_images} images ~{minutes('targets')}")
+        parts.append(
+            f"range test ({sizes.probe_images} images, {sizes.range_steps} steps a rate) ~{minutes('range test')}"
+        )
+        parts.append(
+            f"distillation on {sizes.train_images} images ~{minutes('distillation')} (about {plan.epochs} epochs)"
+        )
+    else:
+        parts.append("no distillation (not two epochs of one batch fit: the start is the result)")
+    parts.append(f"final figures ~{minutes('final figures')}")
+    return f"{head}: " + "; ".join(parts)
 
 
 def _word(lo: float, hi: float) -> str:

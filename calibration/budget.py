@@ -1,0 +1,197 @@
+"""How `calibrate --time-limit` spends its minutes: every step sized to fit before it runs.
+
+The limit covers the whole command. What runs before the plan (decoding the held-out images, the checks
+against ONNX Runtime, the original's and the converted model's held-out figures) is timed as it
+happens, and so is one teacher forward, one student forward and one training step on a few held-out
+images (`measure_rates`). From those rates `plan_time` sizes the steps still to come:
+
+1. the final held-out figures are reserved first: the command ends with them;
+2. the closed-form start reads at most START_SHARE of what is left (at least START_FLOOR images);
+3. the learning-rate range test gets at most RANGE_SHARE: fewer probe images and steps;
+4. distillation gets the rest and trains at least MIN_EPOCHS epochs: the training images (and with
+   canvas views the teacher targets, computed once per image) are cut to what fits.
+
+When not even one batch of training images fits MIN_EPOCHS epochs, the plan drops distillation and the
+closed-form start is the result; the plan says so before anything runs. After the start the plan is
+made again from the time really left, so a start slower than its estimate takes its overrun from the
+training images, not from the limit. Distillation's own clock (`distill.schedule_length`) then ends
+its cosine schedule by the limit less the final figures. Without a limit every step runs at its
+default size and nothing is measured.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from aa_deploy.calibration.held_out import autocast
+from aa_deploy.converters.bridge import OnnxModule
+
+START_SHARE = 0.2
+RANGE_SHARE = 0.1
+MIN_EPOCHS = 2
+START_FLOOR = 32  # images: fewer leave the deepest layers' least squares underdetermined
+PROBE_FLOOR = 32
+RANGE_STEPS_FLOOR = 3
+# The closed-form start decodes its images and runs the teacher and the student node by node over them
+# (from the image again where their activations do not fit in memory) besides solving each conv's least
+# squares: its seconds per image, in forwards of both models. EfficientNet-Lite0 at 224 px on two CPU cores
+# took about 20 (2.1 min for 256 full-size photos); the CIFAR ResNets fewer than 3. A start faster than
+# this estimate leaves its time to distillation (`replan_after_start`).
+START_PASSES = 20.0
+LR_CANDIDATES = 4  # distill.LR_CANDIDATES: each runs `range_steps` training steps
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Seconds per image on this machine, measured with these models; `figures`: seconds of one held-out
+    scoring of the student (distillation scores once per epoch, and once before the first)."""
+
+    teacher: float
+    student: float
+    step: float  # one training step: forward and backward over all of the student's views
+    figures: float
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each step reads: the start's images, the training images distillation uses (and the teacher
+    targets it computes), the range test's probe images and steps per candidate rate."""
+
+    start_images: int
+    train_images: int
+    probe_images: int
+    range_steps: int
+    distill: bool = True
+
+
+@dataclass(frozen=True)
+class TimePlan:
+    """The sizes and the seconds each step is expected to take ("start", "targets", "range test",
+    "distillation", "final figures"), `epochs` of distillation they leave, within `limit` seconds of
+    which `spent` were used before the plan (None: no limit, the default sizes)."""
+
+    sizes: Sizes
+    limit: float | None = None
+    spent: float = 0.0
+    seconds: dict | None = None
+    epochs: int = 0
+
+
+@dataclass(frozen=True)
+class Work:
+    """What the steps do per image: teacher forwards for one image's target (canvas views: computed once,
+    `2 x teacher views`; 0 where the teacher runs inside each step), and teacher forwards inside one training
+    step (the views each step's target averages), the training batch, and the schedule's longest length."""
+
+    target_passes: int
+    step_teacher_passes: int
+    batch: int
+    max_epochs: int
+    distill: bool
+
+
+def start_seconds(images: int, rates: Rates) -> float:
+    return images * START_PASSES * (rates.teacher + rates.student)
+
+
+def range_seconds(probe: int, steps: int, rates: Rates, work: Work) -> float:
+    per_probe = max(work.target_passes, work.step_teacher_passes, 1) * rates.teacher + rates.student
+    return probe * per_probe + LR_CANDIDATES * steps * work.batch * _step(rates, work)
+
+
+def _step(rates: Rates, work: Work) -> float:
+    return rates.step + work.step_teacher_passes * rates.teacher
+
+
+def _training_images(seconds: float, rates: Rates, work: Work) -> int:
+    """Training images whose targets and MIN_EPOCHS epochs (each with its held-out scoring) fit `seconds`."""
+    fixed = (MIN_EPOCHS + 1) * rates.figures
+    per_image = work.target_passes * rates.teacher + MIN_EPOCHS * _step(rates, work)
+    return int(max(0.0, seconds - fixed) // per_image) if per_image > 0 else 0
+
+
+def plan_time(limit: float | None, spent: float, rates: Rates | None, defaults: Sizes, work: Work) -> TimePlan:
+    """The steps sized to end within `limit` seconds, `spent` of them gone (see the module's docstring)."""
+    if limit is None or rates is None:
+        return TimePlan(defaults)
+    left = limit - spent - rates.figures
+    if not work.distill:
+        floor = min(START_FLOOR, defaults.start_images)
+        images = int(np.clip(left // max(start_seconds(1, rates), 1e-9), floor, defaults.start_images))
+        sizes = replace(defaults, start_images=images, distill=False)
+        return _estimate(sizes, limit, spent, rates, work)
+    per_start = max(start_seconds(1, rates), 1e-9)
+    start = int(
+        np.clip(START_SHARE * left // per_start, min(START_FLOOR, defaults.start_images), defaults.start_images)
+    )
+    sizes = _distill_sizes(replace(defaults, start_images=start), left - start_seconds(start, rates), rates, work)
+    return _estimate(sizes, limit, spent, rates, work)
+
+
+def replan_after_start(plan: TimePlan, spent: float, rates: Rates | None, defaults: Sizes, work: Work) -> TimePlan:
+    """`plan` made again once the start has run, `spent` seconds into the limit: distillation's sizes
+    from the time really left."""
+    if plan.limit is None or rates is None or not work.distill:
+        return plan
+    left = plan.limit - spent - rates.figures
+    sizes = _distill_sizes(replace(defaults, start_images=plan.sizes.start_images), left, rates, work)
+    return _estimate(sizes, plan.limit, spent, rates, work, start_done=True)
+
+
+def _distill_sizes(sizes: Sizes, left: float, rates: Rates, work: Work) -> Sizes:
+    """The range test within RANGE_SHARE of `left` seconds, then the training images that fit the rest."""
+    probe, steps = sizes.probe_images, sizes.range_steps
+    probe_floor, steps_floor = min(PROBE_FLOOR, probe), min(RANGE_STEPS_FLOOR, steps)
+    while range_seconds(probe, steps, rates, work) > RANGE_SHARE * left and (
+        probe > probe_floor or steps > steps_floor
+    ):
+        probe, steps = max(probe_floor, probe * 3 // 4), max(steps_floor, steps * 3 // 4)
+    train = min(sizes.train_images, _training_images(left - range_seconds(probe, steps, rates, work), rates, work))
+    if train < min(work.batch, sizes.train_images):
+        return replace(sizes, train_images=0, probe_images=0, range_steps=0, distill=False)
+    return replace(sizes, train_images=train, probe_images=probe, range_steps=steps)
+
+
+def _estimate(sizes: Sizes, limit: float, spent: float, rates: Rates, work: Work, start_done: bool = False) -> TimePlan:
+    seconds = {"start": 0.0 if start_done else start_seconds(sizes.start_images, rates)}
+    epochs = 0
+    if sizes.distill:
+        seconds["targets"] = sizes.train_images * work.target_passes * rates.teacher
+        seconds["range test"] = range_seconds(sizes.probe_images, sizes.range_steps, rates, work)
+        left = limit - spent - rates.figures - sum(seconds.values())
+        epoch = sizes.train_images * _step(rates, work) + rates.figures
+        epochs = int(np.clip((left - rates.figures) // epoch, 0, work.max_epochs)) if epoch > 0 else 0
+        seconds["distillation"] = rates.figures + epochs * epoch
+    seconds["final figures"] = rates.figures
+    return TimePlan(sizes, limit, spent, seconds, epochs)
+
+
+def measure_rates(teacher: OnnxModule, student: OnnxModule, x: torch.Tensor, views: int, figures: float) -> Rates:
+    """Seconds per image of a teacher forward, a student forward and a training step (forward and backward
+    of `views` views, weights untouched), on the prepared batch `x` (a few images), after one warm-up."""
+
+    def timed(run) -> float:
+        run()
+        began = time.perf_counter()
+        run()
+        return (time.perf_counter() - began) / len(x)
+
+    device = student.device
+
+    def forward(module: OnnxModule):
+        with torch.no_grad(), autocast(device):
+            module(x.to(device))
+
+    def step():
+        student.train(False)
+        with autocast(device):
+            out = student(x.repeat(views, 1, 1, 1).to(device))
+        out.float().square().mean().backward()
+        for p in student.trainable().values():
+            p.grad = None
+
+    return Rates(timed(lambda: forward(teacher)), timed(lambda: forward(student)), timed(step), figures)

@@ -54,6 +54,7 @@ class Rates:
     student: float
     step: float  # one training step: forward and backward over all of the student's views
     figures: float
+    decode: float = 0.0  # reading one image from disk (the training images are decoded once)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ class Sizes:
 @dataclass(frozen=True)
 class TimePlan:
     """The sizes and the seconds each step is expected to take ("start", "targets", "range test",
-    "distillation", "final figures"), `epochs` of distillation they leave, within `limit` seconds of
+    "distillation", "final figures"; "targets": decoding the training images, and their teacher targets with
+    canvas views), `epochs` of distillation they leave, within `limit` seconds of
     which `spent` were used before the plan (None: no limit, the default sizes)."""
 
     sizes: Sizes
@@ -79,6 +81,7 @@ class TimePlan:
     spent: float = 0.0
     seconds: dict | None = None
     epochs: int = 0
+    targets: bool = False  # the teacher's targets are computed once per training image ("targets" includes them)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def _step(rates: Rates, work: Work) -> float:
 def _training_images(seconds: float, rates: Rates, work: Work) -> int:
     """Training images whose targets and MIN_EPOCHS epochs (each with its held-out scoring) fit `seconds`."""
     fixed = (MIN_EPOCHS + 1) * rates.figures
-    per_image = work.target_passes * rates.teacher + MIN_EPOCHS * _step(rates, work)
+    per_image = rates.decode + work.target_passes * rates.teacher + MIN_EPOCHS * _step(rates, work)
     return int(max(0.0, seconds - fixed) // per_image) if per_image > 0 else 0
 
 
@@ -160,17 +163,19 @@ def _estimate(sizes: Sizes, limit: float, spent: float, rates: Rates, work: Work
     seconds = {"start": 0.0 if start_done else start_seconds(sizes.start_images, rates)}
     epochs = 0
     if sizes.distill:
-        seconds["targets"] = sizes.train_images * work.target_passes * rates.teacher
+        seconds["targets"] = sizes.train_images * (rates.decode + work.target_passes * rates.teacher)
         seconds["range test"] = range_seconds(sizes.probe_images, sizes.range_steps, rates, work)
         left = limit - spent - rates.figures - sum(seconds.values())
         epoch = sizes.train_images * _step(rates, work) + rates.figures
         epochs = int(np.clip((left - rates.figures) // epoch, 0, work.max_epochs)) if epoch > 0 else 0
         seconds["distillation"] = rates.figures + epochs * epoch
     seconds["final figures"] = rates.figures
-    return TimePlan(sizes, limit, spent, seconds, epochs)
+    return TimePlan(sizes, limit, spent, seconds, epochs, targets=work.target_passes > 0)
 
 
-def measure_rates(teacher: OnnxModule, student: OnnxModule, x: torch.Tensor, views: int, figures: float) -> Rates:
+def measure_rates(
+    teacher: OnnxModule, student: OnnxModule, x: torch.Tensor, views: int, figures: float, decode: float
+) -> Rates:
     """Seconds per image of a teacher forward, a student forward and a training step (forward and backward
     of `views` views, weights untouched), on the prepared batch `x` (a few images), after one warm-up."""
 
@@ -194,4 +199,4 @@ def measure_rates(teacher: OnnxModule, student: OnnxModule, x: torch.Tensor, vie
         for p in student.trainable().values():
             p.grad = None
 
-    return Rates(timed(lambda: forward(teacher)), timed(lambda: forward(student)), timed(step), figures)
+    return Rates(timed(lambda: forward(teacher)), timed(lambda: forward(student)), timed(step), figures, decode)

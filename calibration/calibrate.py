@@ -305,7 +305,9 @@ def calibrate(
         return normalize(x, preprocess, fmt)
 
     held_files, train_files = _split(files, held_out, seed)
+    decoding = time.perf_counter()
     held_images = np.stack([load_rgb(p, decode) for p in held_files])
+    decode_seconds = (time.perf_counter() - decoding) / len(held_files)
     eval_batch, train_batch, per_sample = batch_sizes(
         student, torch.from_numpy(prepare(centre(held_images[:1], span))), compute.batch_size, recipe.student_views
     )
@@ -340,7 +342,9 @@ def calibrate(
     )
     rates = None
     if training.time_limit is not None:
-        rates = measure_rates(teacher_m, student, torch.from_numpy(batch), recipe.student_views, figures_seconds)
+        rates = measure_rates(
+            teacher_m, student, torch.from_numpy(batch), recipe.student_views, figures_seconds, decode_seconds
+        )
     plan = plan_time(training.time_limit, time.perf_counter() - began, rates, defaults, work)
     report_progress({"phase": "budget", "plan": plan})
 

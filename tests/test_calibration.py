@@ -364,6 +364,11 @@ def test_the_time_limit_flags_are_checked(r20, tmp_path):
         proc = cli(*base, "-o", tmp_path / "d.onnx", *flags)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "d.onnx").exists()
+    # A limit gone before the plan: the plan says so before anything runs, and the start is written.
+    proc = cli(*base, "-o", tmp_path / "e.onnx", "--time-limit", "0.001")
+    assert proc.returncode == 0, proc.stderr
+    assert "time limit 0.001 min:" in proc.stdout and "no distillation" in proc.stdout
+    assert "the time limit used 0 of its 70 training images" in proc.stdout.replace("\n", " ")
 
 
 def test_soft_targets_average_the_teachers_probabilities_over_views(r20):

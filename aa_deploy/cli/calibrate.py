@@ -282,8 +282,8 @@ def time_plan(plan, after_start: bool = False) -> str:
     if not after_start:
         parts.append(f"closed-form start on {sizes.start_images} images ~{minutes('start')}")
     if sizes.distill:
-        if seconds["targets"]:
-            parts.append(f"teacher targets for {sizes.train_images} images ~{minutes('targets')}")
+        what = "decoding and teacher targets" if plan.targets else "decoding"
+        parts.append(f"{what} for {sizes.train_images} training images ~{minutes('targets')}")
         parts.append(
             f"range test ({sizes.probe_images} images, {sizes.range_steps} steps a rate) ~{minutes('range test')}"
         )

@@ -8,8 +8,10 @@ initializer name -> check -> save.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -28,6 +30,7 @@ from aa_deploy.calibration.matching import counterparts
 from aa_deploy.calibration.reconstruct import calibrate_reconstruct
 from aa_deploy.calibration.stats import calibrate_stats
 from aa_deploy.consistency.paired import paired_difference
+from aa_deploy.converters import precision
 from aa_deploy.converters.bridge import OnnxModule, write_back
 from aa_deploy.converters.bridge_check import check_against_onnxruntime
 from aa_deploy.errors import InputError
@@ -136,19 +139,26 @@ def _weights_as_initializers(model: ir.Model) -> ir.Model:
     return model
 
 
+@contextmanager
+def _as_run(path: Path, model: ir.Model, widened: bool):
+    """The file ONNX Runtime checks calibration's execution of `model` against: `path` itself, or for a
+    widened float16 model its float32 graph, written to a temporary folder."""
+    if not widened:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="aa-deploy-") as folder:
+        ir.save(model, Path(folder) / path.name)
+        yield Path(folder) / path.name
+
+
 def _input_format(model: ir.Model, layout: str | None, source: str) -> InputFormat:
-    """The student's image input; calibration trains float32 weights, so a float16 model is refused."""
+    """The student's image input (float32: a float16 model is widened before it gets here)."""
     inputs = graph.data_inputs(model.graph)
     if len(inputs) != 1:
         raise InputError(f"{source}: calibrate feeds single-input models; this one has {len(inputs)} inputs")
     value = inputs[0]
     dims = [d if isinstance(d, int) else None for d in (value.shape or [])]
     fmt = from_dims(dims, value.dtype.numpy().name if value.dtype is not None else "float32", layout, source)
-    if fmt.dtype != "float32":
-        raise InputError(
-            f"{source}: the model takes {fmt.dtype} images; calibrate trains float32 weights: calibrate the float32 "
-            "model, then make the float16 one from the result"
-        )
     return fmt
 
 
@@ -265,6 +275,12 @@ def calibrate(
     for path, m in ((model_path, student_ir), (teacher, teacher_ir)):
         if (bad := model_io.non_finite(m)) is not None:
             raise InputError(f"{path}: initializer {bad!r} holds non-finite values (NaN or inf)")
+    # A float16 model is calibrated as its float32 widening (exact), and its own graph gets the weights back.
+    written = student_ir
+    if half := precision.is_float16(student_ir):
+        student_ir = precision.widen_float16(_weights_as_initializers(model_io.load(model_path)))
+    teacher_half = precision.is_float16(teacher_ir)
+    teacher_ir = precision.widen_float16(teacher_ir) if teacher_half else teacher_ir
     student, teacher_m = OnnxModule(student_ir).eval().to(dev), OnnxModule(teacher_ir).eval().to(dev)
     match = counterparts(student, teacher_m)
     if match.matched < match.convs:
@@ -319,8 +335,12 @@ def calibrate(
         )
     # Both graphs as calibration runs them, against ONNX Runtime on one real batch, before anything trains.
     batch = prepare(centre(held_images[:8], span))
-    for path, module in ((model_path, student), (Path(teacher), teacher_m)):
-        check_against_onnxruntime(path, module, batch)
+    for path, m, widened, module in (
+        (model_path, student_ir, half, student),
+        (Path(teacher), teacher_ir, teacher_half, teacher_m),
+    ):
+        with _as_run(path, m, widened) as run_path:
+            check_against_onnxruntime(run_path, module, batch)
     teacher_summary, teacher_runs, _ = checker.figures(teacher_m, final=True)
     scored = time.perf_counter()
     before, _, _ = checker.figures(student, final=True)
@@ -375,7 +395,7 @@ def calibrate(
     versus = {key: paired_difference(teacher_runs[key], after_runs[key]).as_dict() for key in after_runs}
 
     values = {name: p.detach().cpu().numpy() for name, p in student.trainable().items()}
-    write_back(student_ir, values)
+    write_back(written, values)
     result = CalibrationResult(
         method,
         len(files),
@@ -425,6 +445,8 @@ def calibrate(
         # what the images were fed as: the input's layout, channels, height x width and type, the views' size
         "input": fmt.as_dict() | {"view": [int(d) for d in checker.view.shape[1:3]]},
     }
-    model_io.write_metadata(student_ir, {"calibration": record})
-    model_io.save(student_ir, out_path, external=model_io.uses_external_data(student_ir), check=check)
+    if half:
+        record["precision"] = "float16, calibrated as its float32 widening and rounded back"
+    model_io.write_metadata(written, {"calibration": record})
+    model_io.save(written, out_path, external=model_io.uses_external_data(written), check=check)
     return result

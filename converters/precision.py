@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from aa_deploy import blur_nodes, graph, model_io
 from aa_deploy.atomic import atomic_path
@@ -48,3 +49,50 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
         onnx.save(converted, str(tmp))
         onnx.checker.check_model(str(tmp))
     return keep
+
+
+def _float16_attribute(node: ir.Node) -> str | None:
+    """The name of `node`'s attribute that makes or holds float16 values, if any."""
+    for name, attr in node.attributes.items():
+        if attr.type == ir.AttributeType.TENSOR and attr.value.dtype == ir.DataType.FLOAT16:
+            return name
+        if name in ("to", "dtype") and attr.type == ir.AttributeType.INT and attr.value == ir.DataType.FLOAT16:
+            return name
+    return None
+
+
+def is_float16(model: ir.Model) -> bool:
+    """Whether `model` computes in float16 anywhere: an input, output or initializer of that type, or a node
+    making float16 values (a Cast to it, a float16 constant)."""
+    values = [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]
+    return any(v.dtype == ir.DataType.FLOAT16 for v in values) or any(
+        _float16_attribute(node) is not None for node in model.graph.all_nodes()
+    )
+
+
+def widen_float16(model: ir.Model) -> ir.Model:
+    """`model` (changed in place) computing in float32 wherever it computed in float16: its inputs, outputs,
+    initializers and intermediate values, Casts to float16 and float16 constants. Every float16 value is
+    exact in float32, so the widened graph computes what the float16 one approximates; a float16 type set
+    by another kind of attribute is refused in one line."""
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        if value.dtype == ir.DataType.FLOAT16:
+            value.dtype = ir.DataType.FLOAT
+    for value in model.graph.initializers.values():
+        if value.dtype == ir.DataType.FLOAT16:
+            value.const_value = ir.tensor(value.const_value.numpy().astype(np.float32), name=value.name)
+            value.dtype = ir.DataType.FLOAT
+    for node in model.graph.all_nodes():
+        name = _float16_attribute(node)
+        if name is not None:
+            attr = node.attributes[name]
+            if attr.type == ir.AttributeType.TENSOR:
+                node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy().astype(np.float32)))
+            elif node.op_type == "Cast":
+                node.attributes[name] = ir.AttrInt64(name, ir.DataType.FLOAT)
+            else:
+                raise InputError(f"node {node.name} ({node.op_type}) makes float16 values by its {name!r} attribute")
+        for value in node.outputs:
+            if value.dtype == ir.DataType.FLOAT16:
+                value.dtype = ir.DataType.FLOAT
+    return model

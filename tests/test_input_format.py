@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnxconverter_common import float16
@@ -170,13 +171,55 @@ def test_a_grayscale_model_calibrates_with_its_own_normalization(made, tmp_path)
 
 @pytest.mark.parametrize(
     ("name", "needle"),
-    [("wide", "24x40 (height x width)"), ("half", "takes float16 images; calibrate trains float32")],
+    [("wide", "24x40 (height x width)")],
 )
-def test_calibrate_refuses_a_non_square_or_float16_model_in_one_line(made, tmp_path, name, needle):
+def test_calibrate_refuses_a_non_square_model_in_one_line(made, tmp_path, name, needle):
     out = tmp_path / "o.onnx"
     proc = cli("calibrate", made[f"{name}.aa"], "--teacher", made[name], "--images", made["images"], "-o", out)
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_calibrate_fits_a_float16_model_in_float32_and_writes_its_float16_graph_back(made, tmp_path):
+    # The reference: the float16 pair widened to float32 by hand (every float16 value is exact in float32)
+    # and calibrated alike. The float16 result must hold exactly those weights rounded to float16, in the
+    # float16 graph as it was (its nodes, its float16 input), and run under ONNX Runtime as such.
+    from onnx import numpy_helper
+
+    from aa_deploy.converters.precision import is_float16, widen_float16
+
+    wide = {}
+    for name in ("half", "half.aa"):
+        wide[name] = tmp_path / f"{name}.f32.onnx"
+        model_io.save(widen_float16(model_io.load(made[name])), wide[name], external=False)
+        assert not is_float16(model_io.load(wide[name]))
+    out16, out32 = tmp_path / "c16.onnx", tmp_path / "c32.onnx"
+    for student, teacher, out in ((made["half.aa"], made["half"], out16), (wide["half.aa"], wide["half"], out32)):
+        proc = cli(
+            "calibrate", student, "--teacher", teacher, "--images", made["images"], "--method", "reconstruct",
+            "-o", out,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    m16, m32, given = (onnx.load(str(p)) for p in (out16, out32, made["half.aa"]))
+    assert m16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    ops = [n.op_type for n in given.graph.node if n.op_type != "Constant"]
+    assert [n.op_type for n in m16.graph.node if n.op_type != "Constant"] == ops
+    before = {i.name: numpy_helper.to_array(i) for i in given.graph.initializer}
+    after32 = {i.name: numpy_helper.to_array(i) for i in m32.graph.initializer}
+    changed = 0
+    for init in m16.graph.initializer:
+        got = numpy_helper.to_array(init)
+        np.testing.assert_array_equal(got, after32[init.name].astype(got.dtype), err_msg=init.name)
+        if init.name in before:
+            assert got.dtype == before[init.name].dtype
+            changed += not np.array_equal(got, before[init.name])
+    assert changed > 0
+    assert "float16" in model_io.read_metadata(m16)["calibration"]["precision"]
+    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    session16, session32 = (ort.InferenceSession(str(p)) for p in (out16, out32))
+    y16 = session16.run(None, {session16.get_inputs()[0].name: x.astype(np.float16)})[0].astype(np.float32)
+    y32 = session32.run(None, {session32.get_inputs()[0].name: x})[0]
+    assert np.abs(y16 - y32).max() < 0.02 * np.abs(y32).max()
 
 
 def test_consistency_and_quantize_feed_nhwc_and_float16_and_refuse_non_square(made, tmp_path):

@@ -40,10 +40,10 @@ class Drift:
 
 
 def output_drift(original: str | os.PathLike, converted: str | os.PathLike, preprocess=None) -> Drift | None:
-    """Original vs converted on bundled images; None for a model that does not take square RGB images."""
+    """Original vs converted on bundled images; None for a model that does not take RGB images."""
     try:
         fmt = read_input_format(original)
-        size = fmt.square(str(original)) or 224
+        size = fmt.size() or 224
     except InputError:
         return None
     if fmt.channels != 3:

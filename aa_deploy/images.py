@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from aa_deploy.errors import InputError
-from aa_deploy.input_format import InputFormat
+from aa_deploy.input_format import InputFormat, Size, hw, size_text, square_or_pair
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -20,18 +20,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the short side to `resize` (default: `size`), centre-crop `size`, scale to [0, 1], normalize."""
+    """Resize the short side to `resize` (default: the crop's longer side), centre-crop `size` (one side, or
+    (height, width)), scale to [0, 1], normalize."""
 
-    size: int = 224
+    size: Size = 224
     resize: int | None = None
     mean: tuple[float, ...] = IMAGENET_MEAN  # one value per channel the model takes (3, or 1 for grayscale)
     std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 1 or (self.resize is not None and self.resize < 1):
+        sides = list(self.size) if isinstance(self.size, (tuple, list)) else [self.size]
+        if (
+            len(sides) not in (1, 2)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in sides)
+            or (self.resize is not None and (not isinstance(self.resize, int) or self.resize < 1))
+        ):
             raise InputError(
-                f"preprocessing: size and resize must be whole numbers of pixels >= 1, not {self.size}, {self.resize}"
+                "preprocessing: size (one side, or [height, width]) and resize must be whole numbers of pixels >= 1, "
+                f"not {self.size}, {self.resize}"
             )
+        object.__setattr__(self, "size", square_or_pair(*hw(sides[0] if len(sides) == 1 else tuple(sides))))
         if not all(np.isfinite(self.mean)) or not all(np.isfinite(self.std)) or min(self.std) <= 0:
             raise InputError(
                 f"preprocessing: mean must be finite and std positive, not mean {self.mean}, std {self.std}"
@@ -46,6 +54,11 @@ class Preprocess:
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise InputError(f"{path}: not a preprocessing file ({e})") from None
 
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of the crop."""
+        return hw(self.size)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -54,7 +67,7 @@ def preprocess_for(fmt: InputFormat, preprocess: Preprocess | None, source: str 
     """The preprocessing for a model whose input is `fmt` (a dynamic size: 224 px): the user's, checked
     against the input's size and channels, or the default at that size (ImageNet's mean and std, which
     a grayscale input has no default for)."""
-    size = fmt.square(source)
+    size = fmt.size()
     if preprocess is None:
         if fmt.channels != 3:
             raise InputError(
@@ -62,8 +75,10 @@ def preprocess_for(fmt: InputFormat, preprocess: Preprocess | None, source: str 
                 "(one value each), or a --preprocess file"
             )
         return Preprocess(size=size or 224)
-    if size and size != preprocess.size:
-        raise InputError(f"preprocessing gives {preprocess.size} px images, the model takes {size} px (--size)")
+    if size and hw(size) != preprocess.hw:
+        raise InputError(
+            f"preprocessing gives {size_text(preprocess.size)} images, the model takes {size_text(size)} (--size)"
+        )
     _check_channels(preprocess, fmt, source)
     return preprocess
 
@@ -117,13 +132,14 @@ def load_rgb(path: Path, pre: Preprocess) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = _rgb8(im, path)
-            resize = pre.resize or pre.size
+            height, width = pre.hw
+            resize = pre.resize or max(height, width)
             w, h = im.size
             scale = resize / min(w, h)
             im = im.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BILINEAR)
             w, h = im.size
-            left, top = (w - pre.size) // 2, (h - pre.size) // 2
-            return np.asarray(im.crop((left, top, left + pre.size, top + pre.size)), dtype=np.uint8)
+            left, top = (w - width) // 2, (h - height) // 2
+            return np.asarray(im.crop((left, top, left + width, top + height)), dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"{path}: unreadable image ({e})") from None
     except Image.DecompressionBombError as e:

@@ -12,6 +12,26 @@ from aa_deploy import model_io
 from aa_deploy.errors import InputError
 
 LAYOUTS = ("NCHW", "NHWC")
+# An image size: one side for square images, (height, width) for others.
+Size = int | tuple[int, int]
+
+
+def hw(size: Size) -> tuple[int, int]:
+    """(height, width) of `size`."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def square_or_pair(height: int, width: int) -> Size:
+    """The side of a square, or (height, width): squares keep the one number they have always been written as."""
+    return height if height == width else (height, width)
+
+
+def size_text(size: Size) -> str:
+    """'224 px' or '128x192 (height x width)'."""
+    h, w = hw(size)
+    return f"{h} px" if h == w else f"{h}x{w} (height x width)"
+
+
 CHANNELS = (1, 3)
 FLOATS = ("float32", "float16")
 
@@ -27,15 +47,12 @@ class InputFormat:
     width: int | None = None
     dtype: str = "float32"
 
-    def square(self, source: str = "model") -> int | None:
-        """The side of the square images this input takes (None: dynamic); a non-square input is refused:
-        aa-deploy feeds (and shifts) square crops."""
-        if self.height is not None and self.width is not None and self.height != self.width:
-            raise InputError(
-                f"{source} takes {self.height}x{self.width} (height x width) images, and aa-deploy feeds square "
-                "crops (resize, centre crop): export the model at a square size"
-            )
-        return self.height or self.width
+    def size(self) -> Size | None:
+        """The images this input takes: a side for square ones, (height, width) otherwise; None where the
+        graph leaves both dynamic (one dynamic axis takes the other's size)."""
+        if self.height is None and self.width is None:
+            return None
+        return square_or_pair(self.height or self.width, self.width or self.height)
 
     def feed(self, x: np.ndarray) -> np.ndarray:
         """Normalized float32 NCHW images as this input takes them: its layout and float type."""

@@ -48,7 +48,7 @@ def top1(models: list[str], args) -> dict[str, np.ndarray]:
     pre = Preprocess.from_file(args.preprocess) if args.preprocess else None
     fmt = read_input_format(models[0])
     data = compare.load_images(
-        args.images, crop=fmt.height, shift=0, pad=None, preprocess=pre, labels=args.labels, fmt=fmt, limit=args.limit
+        args.images, crop=fmt.size(), shift=0, pad=None, preprocess=pre, labels=args.labels, fmt=fmt, limit=args.limit
     )
     out = {}
     for m in models:

@@ -35,7 +35,7 @@ from aa_deploy.converters.bridge import OnnxModule, write_back
 from aa_deploy.converters.bridge_check import check_against_onnxruntime
 from aa_deploy.errors import InputError
 from aa_deploy.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for, spread
-from aa_deploy.input_format import LAYOUTS, InputFormat, from_dims
+from aa_deploy.input_format import LAYOUTS, InputFormat, from_dims, size_text
 
 METHODS = ("stats", "reconstruct", "distill")
 # Where distill starts from: `pointwise` refits the 1x1 convs and the classifier by least squares and
@@ -301,18 +301,18 @@ def calibrate(
             f"{teacher} takes {teacher_fmt}, and {model_path} takes {fmt}: the teacher must be the model that was converted"
         )
     preprocess = preprocess_for(fmt, preprocess, str(model_path))
-    span = max(0, (preprocess.resize or 0) - preprocess.size)
+    height, width = preprocess.hw
+    span = max(0, (preprocess.resize or 0) - max(height, width))
     if data.views == "canvas" and not span:
         raise InputError(
             f"--views canvas crops the image resized before its centre crop, and this preprocessing resizes to "
-            f"the model's {preprocess.size} px (give --preprocess with a larger resize, or --views shift)"
+            f"the model's {size_text(preprocess.size)} (give --preprocess with a larger resize, or --views shift)"
         )
     span = span if data.views != "shift" else 0
     recipe = replace(recipe, span=span, student_views=recipe.student_views or (1 if span else 2))
-    # Canvas views: every image decoded at the resize, its centre crop being what the model sees in use.
-    decode = replace(
-        preprocess, size=preprocess.size + span, resize=(preprocess.size + span) if span else preprocess.resize
-    )
+    # Canvas views: every image decoded at the resize (its short side), `span` px larger than the model's view
+    # both ways; their centre crop is what the model sees in use.
+    decode = replace(preprocess, size=(height + span, width + span))
     files = spread(list_images(images), data.limit, images)
     if len(files) < 20:
         raise InputError(f"{images}: {len(files)} images is too few to calibrate (need 20 or more)")

@@ -122,7 +122,7 @@ def invariance_loss(views: tuple[torch.Tensor, ...], temperature: float) -> torc
 
 
 def canvas_targets(
-    teacher, canvases, size: int, prepare, recipe: Recipe, batch: int, seed: int, workers=None, progress=None
+    teacher, canvases, size, prepare, recipe: Recipe, batch: int, seed: int, workers=None, progress=None
 ) -> torch.Tensor:
     """Each canvas's target: the teacher's probabilities at the recipe's temperature, averaged over
     `teacher_views` crops at random offsets and their mirror images (float32, on the CPU)."""
@@ -163,7 +163,7 @@ def _epoch(
         if steps is not None and k >= steps:
             break
         if targets is not None:
-            size = chunk.shape[1] - recipe.span
+            size = (chunk.shape[1] - recipe.span, chunk.shape[2] - recipe.span)
             views = [canvas_crops(chunk, size, rng) for _ in range(recipe.student_views)]
             target = targets[index].to(student.device)
         else:
@@ -237,7 +237,7 @@ def range_test(
     start_state = copy.deepcopy(student.state_dict())
     if targets is not None:
         views = [centre(probe, recipe.span)]
-        size = views[0].shape[1]
+        size = views[0].shape[1:3]
         target = canvas_targets(teacher, probe, size, prepare, recipe, eval_batch, seed, workers)
     else:
         views, teacher_views = _step_views(probe.astype(np.float32), recipe, np.random.default_rng(seed))

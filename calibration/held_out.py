@@ -29,6 +29,7 @@ from aa_deploy.consistency import measure
 from aa_deploy.consistency.paired import bootstrap_ci
 from aa_deploy.converters.bridge import OnnxModule
 from aa_deploy.errors import InputError
+from aa_deploy.input_format import Size, hw, square_or_pair
 
 TEACHER_SHIFTS = 8  # shifted views (besides the image itself) the held-out teacher is averaged over
 PASSES = 3
@@ -43,12 +44,13 @@ def pad_crop(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.nda
     return np.stack([padded[i, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)])
 
 
-def canvas_crops(canvases: np.ndarray, size: int, rng: np.random.Generator, mirror: bool = True) -> np.ndarray:
-    """A `size` x `size` crop of each NHWC canvas at a random offset, mirrored left-right with
-    probability 1/2 when `mirror`."""
+def canvas_crops(canvases: np.ndarray, size: Size, rng: np.random.Generator, mirror: bool = True) -> np.ndarray:
+    """A crop of `size` (one side, or (height, width)) of each NHWC canvas at a random offset, mirrored
+    left-right with probability 1/2 when `mirror`."""
     n, h, w, _ = canvases.shape
-    ys, xs = rng.integers(0, h - size + 1, n), rng.integers(0, w - size + 1, n)
-    crops = np.stack([c[y : y + size, x : x + size] for c, y, x in zip(canvases, ys, xs)])
+    sh, sw = hw(size)
+    ys, xs = rng.integers(0, h - sh + 1, n), rng.integers(0, w - sw + 1, n)
+    crops = np.stack([c[y : y + sh, x : x + sw] for c, y, x in zip(canvases, ys, xs)])
     if mirror:
         flip = rng.random(n) < 0.5
         crops[flip] = crops[flip, :, ::-1]
@@ -96,7 +98,7 @@ class HeldOut:
     ):  # fmt: skip
         self.images, self.prepare, self.seed, self.batch, self.shift = images, prepare, seed, batch, shift
         self.span = span
-        self.size = images.shape[1] - span
+        self.size = square_or_pair(images.shape[1] - span, images.shape[2] - span)  # the model's view
         self.view = centre(images, span)
         rng = np.random.default_rng(seed + 1)
         others = (

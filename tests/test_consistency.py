@@ -409,3 +409,31 @@ def test_an_argmax_output_is_scored_as_labels(tmp_path):
         logits, labels = results[str(paths["logits"])], results[str(paths["labels"])]
         assert labels.metric == "top-1 agreement" and labels.per_image == logits.per_image
         assert labels.per_image_correct == logits.per_image_correct
+
+
+@pytest.mark.parametrize("protocol", ["random-crop", "one-pixel", "diagonal", "worst-case"])
+def test_rectangular_views_are_windows_of_the_canvas_at_equal_offsets(protocol):
+    # Views of 6x10 (height x width) from canvases 3 px larger both ways: every view the model is fed is
+    # the canvas window at some (y, x) within the room, and one-pixel/diagonal steps are diagonal: (d, d).
+    rng = np.random.default_rng(0)
+    canvases = rng.integers(0, 256, (5, 9, 13, 3), dtype=np.uint8)
+    fed = []
+
+    def run(x):
+        fed.append(x)
+        return np.stack([x.reshape(len(x), -1).sum(1), -x.reshape(len(x), -1).sum(1)], 1)
+
+    result = measure(
+        protocol, run, lambda v: v.transpose(0, 3, 1, 2).astype(np.float32), canvases, crop=(6, 10), shift=3,
+        passes=2,
+    )  # fmt: skip
+    windows = {(y, x): canvases[:, y : y + 6, x : x + 10].transpose(0, 3, 1, 2) for y in range(4) for x in range(4)}
+    for batch in fed:  # each batch holds one view of each canvas, in order
+        assert batch.shape[1:] == (3, 6, 10)
+        for i, view in enumerate(batch):
+            found = [yx for yx, w in windows.items() if np.array_equal(w[i], view)]
+            assert found, "a view that is no window of its canvas"
+            if protocol in ("one-pixel", "diagonal"):
+                assert any(y == x for y, x in found)
+    assert result.settings["crop"] == (6, 10)
+    assert len(fed) > 1

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         graph = out.with_suffix(".int8.onnx")
         _, _, dtype = input_spec(args.model, with_type=True)
         fmt = from_dims(list(next(iter(shapes.values()))[1]), dtype, args.layout, args.model)  # the opt shape
-        preprocess = preprocess_for(fmt, common.preprocess(args, fmt.square(args.model)), args.model)
+        preprocess = preprocess_for(fmt, common.preprocess(args, fmt.size()), args.model)
         x = calibration_inputs(args.calib_images, preprocess, fmt, limit=args.limit)
         quantize(args.model, graph, x)
         console.print(f"INT8 Q/DQ graph calibrated on {len(x)} images -> {graph}")

@@ -68,7 +68,12 @@ def print_upgrade(upgrade: dict | None, console) -> None:
 
 
 def add_preprocess(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", type=int, help="image size after resize and centre crop (default: the model's input size)")
+    p.add_argument(
+        "--size",
+        type=image_size,
+        help="image size after resize and centre crop: one side (224) or HEIGHTxWIDTH (128x192) (default: the "
+        "model's input size)",
+    )
     p.add_argument("--mean", help="normalization mean, e.g. 0.485,0.456,0.406 (default: ImageNet's)")
     p.add_argument("--std", help="normalization std, e.g. 0.229,0.224,0.225 (default: ImageNet's)")
     p.add_argument("--preprocess", help="JSON file with size, resize, mean, std")
@@ -80,7 +85,18 @@ def add_preprocess(p: argparse.ArgumentParser) -> None:
     )
 
 
-def preprocess(args: argparse.Namespace, default_size: int | None = None, model=None):
+def image_size(text: str) -> int | tuple[int, int]:
+    """`--size`: '224' or '128x192' (height x width)."""
+    try:
+        sides = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"give one side or HEIGHTxWIDTH in pixels, e.g. 224 or 128x192, not {text!r}")
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+
+
+def preprocess(args: argparse.Namespace, default_size=None, model=None):
     """The user's preprocessing (file, or --size/--mean/--std), or None to let the command decide; without
     --size, the size is `default_size`, else `model`'s input size, else 224."""
     if args.preprocess:
@@ -88,7 +104,7 @@ def preprocess(args: argparse.Namespace, default_size: int | None = None, model=
     if not (args.size or args.mean or args.std):
         return None
     if not args.size and default_size is None and model is not None:
-        default_size = input_format(args, model).square(str(model))
+        default_size = input_format(args, model).size()
     try:
         kw: dict = {"size": args.size or default_size or 224}
         kw |= {"mean": tuple(float(v) for v in args.mean.split(","))} if args.mean else {}

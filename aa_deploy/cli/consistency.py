@@ -55,7 +55,9 @@ def add(sub) -> None:
         type=int,
         help="largest shift in pixels (default 32, or 4 for pad-and-crop, 2 circular; one-pixel: the number of steps, 8)",
     )
-    m.add_argument("--crop", type=int, help="view size (default: the model's input size)")
+    m.add_argument(
+        "--crop", type=common.image_size, help="view size: one side or HEIGHTxWIDTH (default: the model's input size)"
+    )
     m.add_argument(
         "--pad", choices=["reflect", "zero", "replicate"], help="pad-and-crop shifts with this padding (small images)"
     )
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 def _costs(runners: dict, data, args, reference) -> dict:
     """Each model's multiply-adds (from its graph; the reference's counted by PyTorch) and, unless
     --no-latency, its latency against the baseline's at batch 1 and at --batch, on the same real views."""
-    views = data.prepare(data.images[: max(1, min(args.batch, len(data.images))), : data.crop, : data.crop])
+    views = data.prepare(data.views(max(1, min(args.batch, len(data.images)))))
     names = list(runners)
     out: dict[str, dict] = {}
     for name, runner in runners.items():

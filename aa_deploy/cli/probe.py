@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise InputError("give an ONNX model to probe (with --reference, the original is probed beside it)")
     common.refuse_overwrites((args.report, args.plot), (*models, args.weights, args.preprocess, args.images))
     fmt = common.input_format(args, models[0])
-    size = fmt.square(models[0]) or 224
+    size = fmt.size() or 224
     data = load_images(
         args.images or ("bundled:cifar10" if size == 32 else "bundled:photos"),
         crop=size,
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         limit=args.count,
         fmt=fmt,
     )
-    x = data.prepare(data.images[:, : data.crop, : data.crop])
+    x = data.prepare(data.views())
     results = {}
     if args.reference is not None:
         # the original reads NCHW float32; the views were prepared as the first model takes them

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     common.at_least_1(args, "limit")
     common.refuse_overwrites((args.output,), (args.model, args.calib_images, args.preprocess))
     fmt = common.input_format(args, args.model)
-    preprocess = preprocess_for(fmt, common.preprocess(args, fmt.square(args.model)), args.model)
+    preprocess = preprocess_for(fmt, common.preprocess(args, fmt.size()), args.model)
     x = calibration_inputs(args.calib_images, preprocess, fmt, limit=args.limit)
     report: dict = {}
     kept = quantize(

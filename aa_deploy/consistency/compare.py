@@ -15,7 +15,7 @@ from aa_deploy.converters.runners import make_runner
 from aa_deploy.converters.tensorrt import Sidecar
 from aa_deploy.errors import InputError
 from aa_deploy.images import Preprocess, csv_labels, folder_labels, load_folder, normalize
-from aa_deploy.input_format import InputFormat, from_dims
+from aa_deploy.input_format import InputFormat, Size, from_dims, hw, size_text
 from aa_deploy.input_format import read as read_input_format
 
 BUNDLED_PHOTOS = Path(__file__).resolve().parents[1] / "assets" / "photos"
@@ -28,15 +28,20 @@ class ImageSet:
     images: np.ndarray
     labels: np.ndarray | None
     prepare: object  # uint8 NHWC -> float32 NCHW
-    crop: int
+    crop: Size  # the view: one side, or (height, width)
     pad: str | None  # pad-and-crop padding mode, or None for crops of a larger canvas
     source: str
+
+    def views(self, count: int | None = None) -> np.ndarray:
+        """The first `count` images' top-left views (uint8 NHWC, the view's size)."""
+        h, w = hw(self.crop)
+        return self.images[:count, :h, :w]
 
 
 def load_images(
     spec: str | None,
     *,
-    crop: int,
+    crop: Size,
     shift: int,
     pad: str | None,
     preprocess=None,
@@ -55,8 +60,9 @@ def load_images(
     root = BUNDLED_PHOTOS if spec in (None, "bundled:photos") else Path(spec)
     base = preprocess or Preprocess(size=crop)
     # pad-and-crop and circular views keep the image size; canvas crops need room for the shift.
-    canvas = base.size if pad is not None or circular else base.size + shift
-    pre = Preprocess(size=canvas, resize=max(canvas, base.resize or 0) or None, mean=base.mean, std=base.std)
+    grow = 0 if pad is not None or circular else shift
+    canvas = tuple(d + grow for d in base.hw)
+    pre = Preprocess(size=canvas, resize=max(*canvas, base.resize or 0), mean=base.mean, std=base.std)
     images, files = load_folder(root, pre, limit=limit)
     prep = Preprocess(size=base.size, mean=base.mean, std=base.std)
     found = csv_labels(labels, files, root) if labels else folder_labels(files, root)
@@ -91,7 +97,7 @@ def compare(
     images: str | None = None,
     protocol: str = "random-crop",
     shift: int | None = None,
-    crop: int | None = None,
+    crop: Size | None = None,
     passes: int = 5,
     seed: int = 0,
     pad: str | None = None,
@@ -121,7 +127,7 @@ def compare(
     fmt = _input_format(models[0], backend, layout)
     if runners is None:
         runners = runners_of(models, backend, provider, reference, device, fmt.layout)
-    side = fmt.square(str(models[0]))  # the model's own size; None where dynamic
+    side = fmt.size()  # the model's own size; None where dynamic
     size = crop or side or 224
     if images is None:
         images = "bundled:cifar10" if size == 32 else "bundled:photos"
@@ -139,8 +145,8 @@ def compare(
         circular=protocol == "circular",
         fmt=fmt,
     )
-    if side not in (None, data.crop):
-        raise InputError(f"views are {data.crop} px, the model takes {fmt.height} px: check --crop/--size")
+    if side is not None and hw(side) != hw(data.crop):
+        raise InputError(f"views are {size_text(data.crop)}, the model takes {size_text(side)}: check --crop/--size")
     from contextlib import nullcontext
 
     total = len(runners) * view_count(protocol, len(data.images), shift=shift, passes=passes, pad=data.pad)

@@ -33,6 +33,7 @@ import numpy as np
 
 from aa_deploy.consistency.paired import bootstrap_ci
 from aa_deploy.errors import InputError
+from aa_deploy.input_format import Size, hw, size_text, square_or_pair
 
 Runner = Callable[[np.ndarray], np.ndarray]
 Prepare = Callable[[np.ndarray], np.ndarray]
@@ -96,14 +97,15 @@ class Harness:
         return np.concatenate(out)
 
 
-def output_kind(out: np.ndarray, view: int) -> tuple[str, int | None]:
+def output_kind(out: np.ndarray, view: Size) -> tuple[str, int | None]:
     """("classifier", None) for (N, classes) scores, or for integer class labels (N,) / (N, 1) (an
     exported argmax); ("dense", stride) for an (N, C, h, w) map whose cells are `stride` px of the
-    view; ("other", None) for anything else."""
+    view (`view`: its side, or (height, width)) both ways; ("other", None) for anything else."""
     if is_labels(out) or out.ndim == 2:
         return "classifier", None
-    if out.ndim == 4 and out.shape[2] == out.shape[3] and out.shape[2] > 1 and view % out.shape[2] == 0:
-        return "dense", view // out.shape[2]
+    (vh, vw), (oh, ow) = hw(view), out.shape[2:] if out.ndim == 4 else (0, 0)
+    if min(oh, ow) > 1 and vh % oh == 0 and vw % ow == 0 and vh // oh == vw // ow:
+        return "dense", vh // oh
     return "other", None
 
 
@@ -132,9 +134,25 @@ def _canvas(images: np.ndarray, shift: int, pad: str | None) -> np.ndarray:
     return np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode=PAD_MODES[pad])
 
 
-def _crop(canvas: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
-    """Per-image crops: canvas[i, y:y+size, x:x+size] for offsets[i] = (y, x)."""
-    return np.stack([canvas[i, y : y + size, x : x + size] for i, (y, x) in enumerate(offsets)])
+def _crop(canvas: np.ndarray, offsets: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Per-image crops: canvas[i, y:y+height, x:x+width] for offsets[i] = (y, x)."""
+    h, w = size
+    return np.stack([canvas[i, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)])
+
+
+def _window(canvas: np.ndarray, y: int, x: int, size: tuple[int, int]) -> np.ndarray:
+    """Every image's crop at (y, x) of `size` (height, width)."""
+    return canvas[:, y : y + size[0], x : x + size[1]]
+
+
+def _view(images: np.ndarray, crop: Size, whole: bool) -> tuple[int, int]:
+    """(height, width) of the views: the images' own (pad-and-crop, circular: `whole`) or `crop`'s."""
+    return (images.shape[1], images.shape[2]) if whole else hw(crop)
+
+
+def _span(canvas: np.ndarray, size: tuple[int, int]) -> int:
+    """The offsets a view of `size` has in `canvas` both ways: 0..span."""
+    return min(canvas.shape[1] - size[0], canvas.shape[2] - size[1])
 
 
 def roll_each(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
@@ -146,7 +164,7 @@ def random_pairs(
     harness: Harness,
     images: np.ndarray,
     *,
-    crop: int,
+    crop: Size,
     shift: int,
     passes: int = 5,
     seed: int = 0,
@@ -157,9 +175,9 @@ def random_pairs(
     """random-crop (or circular with `circular`): pairs of random views per image, over `passes` passes."""
     rng = np.random.default_rng(seed)
     canvas = _canvas(images, shift, pad)
-    size = images.shape[1] if pad is not None or circular else crop
-    span = canvas.shape[1] - size  # offsets 0..span
-    kind, stride = output_kind(harness.run(harness.prepare(canvas[:1, :size, :size])), size)
+    size = _view(images, crop, pad is not None or circular)
+    span = _span(canvas, size)  # offsets 0..span
+    kind, stride = output_kind(harness.run(harness.prepare(_window(canvas[:1], 0, 0, size))), size)
     step = 1
     if kind == "dense":
         if not circular:
@@ -200,7 +218,7 @@ def random_pairs(
         agree += float(same.sum())
         per_pass.append(float(same.mean()))
     n = passes * len(images)
-    settings = {"crop": size, "shift": shift, "passes": passes, "seed": seed, "pad": pad}
+    settings = {"crop": square_or_pair(*size), "shift": shift, "passes": passes, "seed": seed, "pad": pad}
     if kind != "classifier":
         settings |= {"output": kind, "relative_change": change / n} | ({"stride": stride} if stride else {})
     return ConsistencyResult(
@@ -222,7 +240,7 @@ def diagonal(
     harness: Harness,
     images: np.ndarray,
     *,
-    crop: int,
+    crop: Size,
     shift: int,
     pad: str | None = None,
     labels: np.ndarray | None = None,
@@ -235,14 +253,14 @@ def diagonal(
     `circular`: the image rolled by d = 0..shift (nothing leaves the frame, no border is made up).
     """
     canvas = images if circular else _canvas(images, shift, pad)
-    size = images.shape[1] if pad is not None or circular else crop
+    size = _view(images, crop, pad is not None or circular)
     base = shift if pad is not None and not circular else 0
     if circular:
         positions = list(range(shift + 1))
         logits = {p: harness.logits(np.roll(images, (p, p), axis=(1, 2))) for p in positions}
     else:
-        positions = list(range(min(base + shift, canvas.shape[1] - size) + 1))
-        logits = {p: harness.logits(canvas[:, p : p + size, p : p + size]) for p in positions}
+        positions = list(range(min(base + shift, _span(canvas, size)) + 1))
+        logits = {p: harness.logits(_window(canvas, p, p, size)) for p in positions}
     base_class = logits[base].argmax(1)
     agreement, accuracy, probability, correct = [], [], [], []
     per_image = np.zeros(len(images))
@@ -274,7 +292,7 @@ def diagonal(
         per_image=per_image.tolist(),
         per_image_correct=(logits[base].argmax(1) == labels).astype(float).tolist() if labels is not None else [],
         curve=curve,
-        settings={"crop": size, "shift": shift, "pad": pad, "circular": circular},
+        settings={"crop": square_or_pair(*size), "shift": shift, "pad": pad, "circular": circular},
     )
 
 
@@ -282,7 +300,7 @@ def one_pixel(
     harness: Harness,
     images: np.ndarray,
     *,
-    crop: int,
+    crop: Size,
     shift: int,
     pad: str | None = None,
     labels: np.ndarray | None = None,
@@ -290,17 +308,18 @@ def one_pixel(
     """Agreement between views one pixel apart diagonally, at `shift` positions per image (canvas crops
     at (d, d) and (d + 1, d + 1), or pad-and-crop offsets -shift/2.. around the image)."""
     canvas = _canvas(images, shift, pad)
-    size = images.shape[1] if pad is not None else crop
-    if shift < 1 or canvas.shape[1] - size < shift:
+    size = _view(images, crop, pad is not None)
+    if shift < 1 or _span(canvas, size) < shift:
         raise InputError(
-            f"one-pixel needs room for {shift} steps: the canvas is {canvas.shape[1]} px for {size} px views"
+            f"one-pixel needs room for {shift} steps: the canvas is {size_text(canvas.shape[1:3])} for "
+            f"{size_text(size)} views"
         )
     start = (shift - shift // 2) if pad is not None else 0  # pad-and-crop: steps centred on the unshifted view
-    previous = classes(harness.logits(canvas[:, start : start + size, start : start + size]))
+    previous = classes(harness.logits(_window(canvas, start, start, size)))
     first = previous
     per_image = np.zeros(len(images))
     for d in range(start + 1, start + shift + 1):
-        cls = classes(harness.logits(canvas[:, d : d + size, d : d + size]))
+        cls = classes(harness.logits(_window(canvas, d, d, size)))
         per_image += cls == previous
         previous = cls
     per_image /= shift
@@ -313,7 +332,7 @@ def one_pixel(
         views=harness.views,
         per_image=per_image.tolist(),
         per_image_correct=(first == labels).astype(float).tolist() if labels is not None else [],
-        settings={"crop": size, "shift": shift, "pad": pad, "steps": shift},
+        settings={"crop": square_or_pair(*size), "shift": shift, "pad": pad, "steps": shift},
     )
 
 
@@ -321,7 +340,7 @@ def worst_case(
     harness: Harness,
     images: np.ndarray,
     *,
-    crop: int,
+    crop: Size,
     shift: int,
     pad: str | None = None,
     labels: np.ndarray | None = None,
@@ -329,17 +348,17 @@ def worst_case(
 ) -> ConsistencyResult:
     """Every shift of the grid: an image is consistent only if all its views agree (correct if all are)."""
     canvas = _canvas(images, shift, pad)
-    size = images.shape[1] if pad is not None or circular else crop
+    size = _view(images, crop, pad is not None or circular)
     if circular:
         grid = [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]
     else:
-        span = canvas.shape[1] - size
+        span = _span(canvas, size)
         grid = [(y, x) for y in range(span + 1) for x in range(span + 1)]
     first = None
     consistent = np.ones(len(images), bool)
     correct = np.ones(len(images), bool)
     for y, x in grid:
-        views = np.roll(images, (y, x), axis=(1, 2)) if circular else canvas[:, y : y + size, x : x + size]
+        views = np.roll(images, (y, x), axis=(1, 2)) if circular else _window(canvas, y, x, size)
         cls = classes(harness.logits(views))
         first = cls if first is None else first
         consistent &= cls == first
@@ -355,7 +374,7 @@ def worst_case(
         views=harness.views,
         per_image=consistent.astype(float).tolist(),
         per_image_correct=correct.astype(float).tolist() if labels is not None else [],
-        settings={"crop": size, "shift": shift, "pad": pad, "grid": len(grid), "circular": circular},
+        settings={"crop": square_or_pair(*size), "shift": shift, "pad": pad, "grid": len(grid), "circular": circular},
     )
 
 
@@ -365,7 +384,7 @@ def measure(
     prepare: Prepare,
     images: np.ndarray,
     *,
-    crop: int,
+    crop: Size,
     shift: int,
     passes: int = 5,
     seed: int = 0,
@@ -379,7 +398,7 @@ def measure(
     the diagonal protocol rolls the image instead of cropping it."""
     harness = Harness(run, prepare, batch, progress)
     if protocol in ("diagonal", "one-pixel", "worst-case"):
-        out = run(prepare(images[:1, :crop, :crop]))
+        out = run(prepare(_window(images[:1], 0, 0, hw(crop))))
         if protocol == "diagonal" and is_labels(out):
             raise InputError(
                 "diagonal reads class probabilities, and the output holds class labels: use random-crop, "

@@ -186,14 +186,14 @@ def zoo_classifier(opset: int) -> onnx.ModelProto:
     return _zoo_model(nodes, [("w", w), ("b", b), ("fc", fc), ("fc_b", fc_b)], opset)
 
 
-def _zoo_model(nodes, weights, opset: int) -> onnx.ModelProto:
+def _zoo_model(nodes, weights, opset: int, out_shape=(1, 5)) -> onnx.ModelProto:
     """A graph as the zoo distributes it: IR 3, the weights listed as graph inputs before the image `data`
-    (1 x 3 x 32 x 32), the output `prob` (1 x 5)."""
+    (1 x 3 x 32 x 32), the output `prob` (`out_shape`)."""
     inputs = [
         helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in weights
     ]
     inputs.append(G.inp("data", [1, 3, 32, 32]))
-    out = helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 5])
+    out = helper.make_tensor_value_info("prob", TensorProto.FLOAT, list(out_shape))
     g = helper.make_graph(nodes, "zoo", inputs, [out], [G.const(n, a) for n, a in weights])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 3
@@ -312,3 +312,49 @@ def test_calibrate_runs_on_a_paddle2onnx_graph(tmp_path):
     x = RNG.standard_normal((2, 3, 64, 64)).astype(np.float32)
     before, after = (_session(p).run(None, {"x": x})[0] for p in (conv, cal))
     assert after.shape == (2, 2) and np.isfinite(after).all() and not np.allclose(before, after)
+
+
+def zoo_squeezenet_block(opset: int) -> onnx.ModelProto:
+    """SqueezeNet as the zoo distributes it (squeezenet1.x-7: IR 3, weights listed first): Conv(s2) -> Relu ->
+    MaxPool(3, s2) -> a fire module (1x1 squeeze, 1x1 and 3x3 expands, Concat) -> Dropout with its mask
+    output -> 1x1 classifier Conv -> Relu -> AveragePool over the whole map -> Softmax of the 4-D
+    (1, classes, 1, 1) map, the opset-7 Softmax that flattens from axis 1."""
+    weights = [
+        ("w1", RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3),
+        ("b1", RNG.standard_normal(8).astype(np.float32) * 0.1),
+        ("ws", RNG.standard_normal((4, 8, 1, 1)).astype(np.float32) * 0.3),
+        ("we1", RNG.standard_normal((6, 4, 1, 1)).astype(np.float32) * 0.3),
+        ("we3", RNG.standard_normal((6, 4, 3, 3)).astype(np.float32) * 0.3),
+        ("wc", RNG.standard_normal((5, 12, 1, 1)).astype(np.float32) * 0.3),
+        ("bc", RNG.standard_normal(5).astype(np.float32) * 0.1),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["data", "w1", "b1"], ["c"], strides=[2, 2], name="conv1"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu1"),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2], name="pool1"),
+        helper.make_node("Conv", ["p", "ws"], ["sq"], name="fire2/squeeze1x1"),
+        helper.make_node("Relu", ["sq"], ["sqr"], name="fire2/relu_squeeze1x1"),
+        helper.make_node("Conv", ["sqr", "we1"], ["e1"], name="fire2/expand1x1"),
+        helper.make_node("Conv", ["sqr", "we3"], ["e3"], pads=[1, 1, 1, 1], name="fire2/expand3x3"),
+        helper.make_node("Concat", ["e1", "e3"], ["cat"], axis=1, name="fire2/concat"),
+        helper.make_node("Dropout", ["cat"], ["drop", "mask"], ratio=0.5, name="drop9"),
+        helper.make_node("Conv", ["drop", "wc", "bc"], ["cls"], name="conv10"),
+        helper.make_node("Relu", ["cls"], ["clsr"], name="relu_conv10"),
+        helper.make_node("AveragePool", ["clsr"], ["pooled"], kernel_shape=[7, 7], name="pool10"),
+        helper.make_node("Softmax", ["pooled"], ["prob"], name="softmax"),
+    ]
+    return _zoo_model(nodes, weights, opset, out_shape=(1, 5, 1, 1))
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+def test_calibrate_runs_on_a_squeezenet_era_zoo_graph(tmp_path, opset):
+    """The zoo SqueezeNet's constructs (Dropout's mask, a whole-map AveragePool, a 4-D opset-7 Softmax):
+    calibrate's execution agrees with ONNX Runtime's (checked before the refit), and the result runs."""
+    src, conv, cal = tmp_path / "zoo.onnx", tmp_path / "zoo.aa.onnx", tmp_path / "zoo.cal.onnx"
+    src.write_bytes(zoo_squeezenet_block(opset).SerializeToString())
+    assert cli("convert", src, "-o", conv, "--blur-stem", "--no-drift").returncode == 0
+    proc = _calibrate_on_photo_crops(conv, src, cal)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    x = RNG.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    y = _session(cal).run(None, {"data": x})[0]
+    assert y.shape == (1, 5, 1, 1) and np.isclose(y.sum(), 1.0, atol=1e-5)

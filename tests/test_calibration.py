@@ -254,11 +254,10 @@ def test_the_whole_schedule_runs_and_its_end_is_kept(r20, tmp_path, monkeypatch)
         held_out, "per_image_score", lambda hits, runs: np.full(len(hits), scores.get(next(calls), 0.6))
     )
     monkeypatch.setattr(distill, "range_test", lambda *a: (1e-3, {}, 0.0))
-    # From the full refit, whose held-out fidelity four epochs at 1e-3 keep (the fidelity guard is real,
-    # not mocked: from the `pointwise` start that rate's end was judged worse on these images and backed off).
-    result = calibrate(
-        r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=4, start="reconstruct"
-    )
+    # The fidelity guard (tested on its own below) judges the end not worse than the start: this test is about
+    # the schedule, whatever the guard would say on these 70 images.
+    monkeypatch.setattr(distill, "worse", lambda end, start: False)
+    result = calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=4)
     assert [h["epoch"] for h in result.history] == [0, 1, 2, 3, 4]
     assert [h["planned"] for h in result.history[1:]] == [4, 4, 4, 4]
     assert result.kept_epoch == 4 and result.epochs == 4
@@ -396,7 +395,13 @@ def test_held_out_score_does_not_reward_a_constant_model(r20):
     images = bundled.cifar_test_images()[0][:40]
     held = HeldOut(teacher, images, bundled.cifar_normalize, seed=0, batch=16)
     figures, results, per_image = held.figures(teacher)
-    assert figures["agreement"] == 1.0 and 0.5 < figures["fidelity"] <= 1.0
+    # fidelity: the teacher's own top-1 on each image (ONNX Runtime, an independent executor) against its
+    # shift-averaged answer
+    session = ort.InferenceSession(str(r20 / "r20.onnx"))
+    x = bundled.cifar_normalize(images)
+    top1 = np.concatenate([session.run(None, {"input": x[i : i + 2]})[0].argmax(1) for i in range(0, 40, 2)])
+    assert figures["agreement"] == 1.0
+    assert figures["fidelity"] == pytest.approx(float((top1 == held.averaged_top1).mean()))
     assert set(results) == {"consistency_pad_crop", "consistency_circular"}
     cons = (figures["consistency_pad_crop"] + figures["consistency_circular"]) / 2
     assert per_image["score"].shape == (40,) and per_image["score"].mean() == pytest.approx(figures["fidelity"] + cons)

@@ -421,7 +421,7 @@ class OnnxModule(nn.Module):
 
     def _reduce(self, node, x, axes, fn):
         """ONNX reductions: axes as attribute (opset < 18) or input; none given means all axes."""
-        axes = graph.ints(node, "axes") if axes is None else [int(a) for a in axes]
+        axes = graph.ints(node, "axes") if axes is None else [int(a) for a in axes.reshape(-1)]
         if not axes and node.attributes.get_int("noop_with_empty_axes", 0):
             return x
         dims = tuple(axes) if axes else tuple(range(x.dim()))
@@ -437,11 +437,11 @@ class OnnxModule(nn.Module):
         return self._reduce(node, x, axes, lambda t, d, k: torch.sqrt((t * t).sum(dim=d, keepdim=k)))
 
     def _op_Squeeze(self, node, x, axes=None):
-        axes = graph.ints(node, "axes") if axes is None else [int(a) for a in axes]
+        axes = graph.ints(node, "axes") if axes is None else [int(a) for a in axes.reshape(-1)]
         return x.squeeze(tuple(axes)) if axes else x.squeeze()
 
     def _op_Unsqueeze(self, node, x, axes=None):
-        axes = graph.ints(node, "axes") if axes is None else [int(a) for a in axes]
+        axes = graph.ints(node, "axes") if axes is None else [int(a) for a in axes.reshape(-1)]
         for a in sorted(a % (x.dim() + len(axes)) for a in axes):
             x = x.unsqueeze(a)
         return x
@@ -457,12 +457,21 @@ class OnnxModule(nn.Module):
         return out.reshape(data.shape[:axis] + indices.shape + data.shape[axis + 1 :])
 
     def _op_If(self, node, cond, *_):
-        """aa-deploy's guarded reflect padding: run the chosen branch's nodes in the outer scope."""
+        """The chosen branch's nodes run in a scope that sees the enclosing one (a branch reads outer values
+        by name; aa-deploy's guarded reflect padding is one); its outputs are the node's."""
         branch = node.attributes["then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"].as_graph()
-        env = dict(self._scope)
-        for inner in branch:
-            env[inner.outputs[0].name] = self._run(inner, env)
-        return env[branch.outputs[0].name]
+        outer = self._scope
+        env = dict(outer)
+        self._scope = env  # the scope of an If inside this branch
+        try:
+            for inner in branch:
+                out = self._run(inner, env)
+                for value, tensor in zip(inner.outputs, out if isinstance(out, tuple) else (out,)):
+                    env[value.name] = tensor
+        finally:
+            self._scope = outer
+        outs = tuple(self._get(env, v) for v in branch.outputs)
+        return outs if len(outs) > 1 else outs[0]
 
     def _op_Softmax(self, node, x):
         if self.opset >= 13:
@@ -532,6 +541,10 @@ class OnnxModule(nn.Module):
             sizes.append(x.shape[axis] - sum(sizes))
         return tuple(torch.split(x, sizes, dim=axis))
 
+    def _op_GatherElements(self, node, data, indices):
+        axis = node.attributes.get_int("axis", 0) % data.dim()
+        return torch.gather(data, axis, indices.long() % data.shape[axis])
+
     def _op_GatherND(self, node, data, indices):
         b = node.attributes.get_int("batch_dims", 0)
         if b:
@@ -582,17 +595,39 @@ class OnnxModule(nn.Module):
 
     # -- layers ------------------------------------------------------------------------------------
     def _op_ConvTranspose(self, node, x, w, b=None):
+        """The full transposed convolution, then each spatial axis cut to ONNX's output: explicit `pads`
+        (begin, end) and `output_padding`, or the padding `output_shape` / `auto_pad` imply (ONNX's formula:
+        SAME_UPPER puts the odd pixel at the end, the others at the start); positions outside the full
+        result hold only the bias."""
         n = w.dim() - 2
         strides = graph.ints(node, "strides", [1] * n)
         dilations = graph.ints(node, "dilations", [1] * n)
-        pads = graph.ints(node, "pads", [0] * (2 * n))
         extra = graph.ints(node, "output_padding", [0] * n)
-        if graph.ints(node, "output_shape") or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
-            raise InputError(f"{node.name}: ConvTranspose with output_shape/auto_pad is not supported by calibration")
-        if pads[:n] != pads[n:]:
-            raise InputError(f"{node.name}: ConvTranspose with asymmetric pads is not supported by calibration")
         conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
-        return conv(x, w, b, strides, pads[:n], extra, node.attributes.get_int("group", 1), dilations)
+        full = conv(x, w, None, strides, 0, 0, node.attributes.get_int("group", 1), dilations)
+        sizes = full.shape[2:]
+        auto = node.attributes.get_string("auto_pad", "NOTSET") or "NOTSET"
+        wanted = graph.ints(node, "output_shape") or None
+        if wanted is None and auto in ("SAME_UPPER", "SAME_LOWER"):
+            wanted = [d * s for d, s in zip(x.shape[2:], strides)]
+        if wanted is not None:
+            wanted = wanted[-n:]
+            total = [size + e - want for size, e, want in zip(sizes, extra, wanted)]
+            upper = auto == "SAME_UPPER"
+            begins = [t // 2 if upper else t - t // 2 for t in total]
+        elif auto == "VALID":
+            begins, wanted = [0] * n, [size + e for size, e in zip(sizes, extra)]
+        else:
+            pads = graph.ints(node, "pads", [0] * (2 * n))
+            begins, wanted = pads[:n], [size + e - a - z for size, e, a, z in zip(sizes, extra, pads[:n], pads[n:])]
+        for axis, (begin, length) in enumerate(zip(begins, wanted), start=2):
+            size = full.shape[axis]
+            before, after = max(0, -begin), max(0, begin + length - size)
+            if before or after:
+                pad = [0, 0] * (full.dim() - axis - 1) + [before, after]
+                full = F.pad(full, pad)
+            full = full.narrow(axis, begin + before, length)
+        return full if b is None else full + b.reshape(1, -1, *[1] * n)
 
     def _op_LRN(self, node, x):
         return F.local_response_norm(

@@ -48,24 +48,13 @@ CASES = list(_float_input_cases())
 
 # Every case the bridge refuses, by the words of its refusal: what calibration does not run (modes of
 # Resize beyond nearest/linear/cubic half-pixel upsampling by sizes, the statistics outputs of
-# LayerNormalization, MaxPool's indices, training-mode BatchNorm, ConvTranspose's output_shape/auto_pad,
-# ScatterND's max/min/mul reductions, GatherElements). A refusal not listed here fails, and so does a
+# LayerNormalization, MaxPool's indices, training-mode BatchNorm, ScatterND's max/min/mul reductions).
+# A refusal not listed here fails, and so does a
 # listed case that runs (take it off the list).
 EXPECTED_REFUSALS = {
-    "GatherElements": {
-        "affine_grid_2d_align_corners_expanded",
-        "affine_grid_2d_expanded",
-        "affine_grid_3d_align_corners_expanded",
-        "affine_grid_3d_expanded",
-    },
     "BatchNormalization in training mode": {
         "batchnorm_epsilon_training_mode",
         "batchnorm_example_training_mode",
-    },
-    "ConvTranspose with output_shape/auto_pad": {
-        "convtranspose_autopad_same",
-        "convtranspose_kernel_shape",
-        "convtranspose_output_shape",
     },
     "LayerNormalization's Mean / InvStdDev outputs": {
         "layer_normalization_2d_axis0",

@@ -24,9 +24,9 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from aa_deploy import graph, model_io
 from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.calibration.budget import Sizes, TimePlan, Work, measure_rates, plan_time, replan_after_start
-from aa_deploy.calibration.distill import RANGE_PROBE, Recipe, default_range_steps, distill
+from aa_deploy.calibration.distill import RANGE_PROBE, DistillReport, Recipe, default_range_steps, distill
 from aa_deploy.calibration.held_out import HeldOut, centre
-from aa_deploy.calibration.matching import counterparts
+from aa_deploy.calibration.matching import Counterparts, counterparts
 from aa_deploy.calibration.reconstruct import calibrate_reconstruct
 from aa_deploy.calibration.stats import calibrate_stats
 from aa_deploy.consistency.paired import paired_difference
@@ -140,15 +140,18 @@ def _weights_as_initializers(model: ir.Model) -> ir.Model:
 
 
 @contextmanager
-def _as_run(path: Path, model: ir.Model, widened: bool):
-    """The file ONNX Runtime checks calibration's execution of `model` against: `path` itself, or for a
-    widened float16 model its float32 graph, written to a temporary folder."""
-    if not widened:
-        yield path
+def _for_onnxruntime(name: str, model: ir.Model, widened: bool):
+    """The file ONNX Runtime checks calibration's execution of `model` against: the model's own file where it
+    was loaded from one unchanged, else `model` (a float16 graph's widening, a graph made in memory) written
+    to a temporary folder."""
+    source = Path(name)
+    if not widened and source.is_file() and source.suffix == ".onnx":
+        yield source
         return
     with tempfile.TemporaryDirectory(prefix="aa-deploy-") as folder:
-        ir.save(model, Path(folder) / path.name)
-        yield Path(folder) / path.name
+        path = Path(folder) / "model.onnx"
+        ir.save(model, path)
+        yield path
 
 
 def _input_format(model: ir.Model, layout: str | None, source: str) -> InputFormat:
@@ -249,6 +252,295 @@ class Compute:
             raise ValueError(f"batch_size must be 1 or more, not {self.batch_size}")
 
 
+@dataclass
+class Pair:
+    """The converted model and its original as calibration runs them: the modules (float32: a float16 graph
+    is widened, exactly), the graphs they run, the graph the calibrated weights go back into (the student as
+    given), which teacher tensor each student conv is fitted against, and the image input both take."""
+
+    student: OnnxModule
+    teacher: OnnxModule
+    student_ir: ir.Model
+    teacher_ir: ir.Model
+    written: ir.Model
+    widened: tuple[bool, bool]
+    match: Counterparts
+    fmt: InputFormat
+
+
+def pair_models(student_ir: ir.Model, teacher_ir: ir.Model, names: tuple[str, str], layout, device) -> Pair:
+    """Both graphs checked as a pair (finite weights, every trainable conv matched, same output and input)
+    and made modules on `device`; `names`: how errors call the student and the teacher."""
+    model, teacher = names
+    for name, m in ((model, student_ir), (teacher, teacher_ir)):
+        if (bad := model_io.non_finite(m)) is not None:
+            raise InputError(f"{name}: initializer {bad!r} holds non-finite values (NaN or inf)")
+    written = student_ir
+    widened = (precision.is_float16(student_ir), precision.is_float16(teacher_ir))
+    if widened[0]:  # the widening runs on a copy: the float16 graph as given gets the weights back
+        student_ir = precision.widen_float16(ir.serde.deserialize_model(ir.serde.serialize_model(student_ir)))
+    teacher_ir = precision.widen_float16(teacher_ir) if widened[1] else teacher_ir
+    student, teacher_m = OnnxModule(student_ir).eval().to(device), OnnxModule(teacher_ir).eval().to(device)
+    match = counterparts(student, teacher_m)
+    if match.matched < match.convs:
+        raise InputError(
+            f"{teacher}: {match.matched} of the {match.convs} trainable convs of {model} have a counterpart in "
+            f"it (by name, or by graph structure): the teacher must be the model that was converted"
+        )
+    ours, theirs = (tuple(graph.dims(m.graph.outputs[0]) or ())[1:] for m in (student_ir, teacher_ir))
+    if ours and theirs and None not in ours + theirs and ours != theirs:
+        raise InputError(
+            f"{teacher}: its output is {list(theirs)} per sample and {model}'s {list(ours)}: the teacher must "
+            "be the model that was converted"
+        )
+    fmt, teacher_fmt = _input_format(student_ir, layout, model), _input_format(teacher_ir, layout, teacher)
+    if teacher_fmt != fmt:
+        raise InputError(
+            f"{teacher} takes {teacher_fmt}, and {model} takes {fmt}: the teacher must be the model that was converted"
+        )
+    return Pair(student, teacher_m, student_ir, teacher_ir, written, widened, match, fmt)
+
+
+@dataclass(frozen=True)
+class Views:
+    """What the images become: the model's preprocessing, the canvas the training views are cropped from
+    (`span` px larger both ways, 0: shifts of the centre crop itself), how they are decoded, and the recipe
+    with its span and student views settled."""
+
+    preprocess: Preprocess
+    fmt: InputFormat
+    span: int
+    decode: Preprocess
+    recipe: Recipe
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        return normalize(x, self.preprocess, self.fmt)
+
+    def centre(self, images: np.ndarray) -> np.ndarray:
+        """The model's view of decoded images (their centre crop), prepared as its input."""
+        return self.prepare(centre(images, self.span))
+
+
+def plan_views(fmt: InputFormat, data: Data, recipe: Recipe, source: str) -> Views:
+    preprocess = preprocess_for(fmt, data.preprocess, source)
+    height, width = preprocess.hw
+    span = max(0, (preprocess.resize or 0) - max(height, width))
+    if data.views == "canvas" and not span:
+        raise InputError(
+            f"--views canvas crops the image resized before its centre crop, and this preprocessing resizes to "
+            f"the model's {size_text(preprocess.size)} (give --preprocess with a larger resize, or --views shift)"
+        )
+    span = span if data.views != "shift" else 0
+    recipe = replace(recipe, span=span, student_views=recipe.student_views or (1 if span else 2))
+    # Canvas views: every image decoded at the resize (its short side), `span` px larger than the model's view
+    # both ways; their centre crop is what the model sees in use.
+    return Views(preprocess, fmt, span, replace(preprocess, size=(height + span, width + span)), recipe)
+
+
+def check_pair(pair: Pair, names: tuple[str, str], batch: np.ndarray) -> None:
+    """Both graphs as calibration runs them, against ONNX Runtime on one real batch, before anything trains."""
+    graphs = (pair.student_ir, pair.teacher_ir)
+    for name, m, widened, module in zip(names, graphs, pair.widened, (pair.student, pair.teacher)):
+        with _for_onnxruntime(name, m, widened) as path:
+            check_against_onnxruntime(path, module, batch)
+
+
+def step_sizes(views: Views, training: Training, checker: HeldOut, train: int, batch: int) -> tuple[Work, Sizes]:
+    """What the steps do per image, and the sizes they run at without a time limit."""
+    recipe = views.recipe
+    work = Work(
+        target_passes=2 * max(1, recipe.teacher_views) if views.span else 0,
+        step_teacher_passes=0 if views.span else recipe.teacher_views,
+        batch=batch,
+        max_epochs=training.max_epochs,
+        distill=training.method == "distill",
+    )
+    defaults = Sizes(
+        start_images=_start_count(checker.view[0], train),
+        train_images=train,
+        probe_images=min(RANGE_PROBE, len(checker.images)),
+        range_steps=default_range_steps(train, batch),
+    )
+    return work, defaults
+
+
+@dataclass
+class Sample:
+    """The images of one calibration: all of them, the held-out slice (decoded, and the teacher's answers on
+    it: `checker`), the training files, the seconds one image took to decode, and the batch sizes."""
+
+    files: list[Path]
+    held_images: np.ndarray
+    train_files: list[Path]
+    decode_seconds: float
+    checker: HeldOut
+    eval_batch: int
+    train_batch: int
+    per_sample: int  # bytes of activations one sample produces
+
+
+def take_sample(pair: Pair, views: Views, data: Data, training: Training, compute: Compute) -> Sample:
+    """At most `data.limit` images spread over the folder, split into a held-out slice and training images."""
+    files = spread(list_images(data.images), data.limit, data.images)
+    if len(files) < 20:
+        raise InputError(f"{data.images}: {len(files)} images is too few to calibrate (need 20 or more)")
+    held_files, train_files = _split(files, data.held_out, training.seed)
+    decoding = time.perf_counter()
+    held_images = np.stack([load_rgb(p, views.decode) for p in held_files])
+    decode_seconds = (time.perf_counter() - decoding) / len(held_files)
+    sample = torch.from_numpy(views.centre(held_images[:1]))
+    eval_batch, train_batch, per_sample = batch_sizes(
+        pair.student, sample, compute.batch_size, views.recipe.student_views
+    )
+    checker = HeldOut(
+        pair.teacher, held_images, views.prepare, seed=training.seed, batch=eval_batch, shift=views.recipe.shift,
+        span=views.span,
+    )  # fmt: skip
+    if training.method == "distill" and not checker.classifier:
+        raise InputError(
+            "distill matches the class probabilities of an (N, classes) output, and this model's output is not one "
+            "(a dense map or a detection head): use --method reconstruct (or stats)"
+        )
+    return Sample(files, held_images, train_files, decode_seconds, checker, eval_batch, train_batch, per_sample)
+
+
+def _distill(
+    pair: Pair, views: Views, training: Training, compute: Compute, sample: Sample, sizes: Sizes, left, report
+) -> DistillReport:
+    """Distillation on the planned training images (decoded once where they fit in memory), ending `left`
+    seconds from now (None: no limit)."""
+    train = _training_images(
+        sample.train_files[: sizes.train_images], views.decode, sample.held_images[0].nbytes, report
+    )
+    return distill(
+        pair.student, pair.teacher, train, sample.checker, views.prepare, recipe=views.recipe,
+        max_epochs=training.max_epochs, batch=sample.train_batch, eval_batch=sample.eval_batch, lr=training.lr,
+        seed=training.seed, workers=compute.workers, progress=lambda record: report({"phase": "epoch"} | record),
+        time_limit=left, probe=sizes.probe_images, range_steps=sizes.range_steps,
+    )  # fmt: skip
+
+
+@dataclass
+class Calibrated:
+    """The calibrated graph (the student as given, its weights and metadata replaced) and what it took."""
+
+    model: ir.Model
+    result: CalibrationResult
+
+
+def calibrate_model(
+    student_ir: ir.Model,
+    teacher_ir: ir.Model,
+    data: Data,
+    training: Training = Training(),
+    compute: Compute = Compute(),
+    *,
+    names: tuple[str, str] = ("the converted model", "the original"),
+    progress: Callable[[dict], None] | None = None,
+) -> Calibrated:
+    """Calibrate `student_ir` against `teacher_ir` in memory (the file shell is `calibrate`): pair the graphs,
+    settle the views, split the images, check both graphs against ONNX Runtime, score the pair, size the
+    steps to the time limit, fit the closed-form start, distill, score again, write the weights back.
+    `names`: the files the graphs were loaded from, unchanged (ONNX Runtime checks those), or what errors
+    call them (the graphs are then written to a temporary folder for the check)."""
+    report = progress or (lambda record: None)
+    began = time.perf_counter()
+    torch.manual_seed(training.seed)
+    pair = pair_models(student_ir, teacher_ir, names, data.layout, resolve_device(compute.device))
+    views = plan_views(pair.fmt, data, training.recipe, names[0])
+    sample = take_sample(pair, views, data, training, compute)
+    checker, eval_batch, train_batch = sample.checker, sample.eval_batch, sample.train_batch
+    batch = views.centre(sample.held_images[:8])
+    check_pair(pair, names, batch)
+    original, original_runs, _ = checker.figures(pair.teacher, final=True)
+    scored = time.perf_counter()
+    before, _, _ = checker.figures(pair.student, final=True)
+    figures_seconds = time.perf_counter() - scored
+
+    work, defaults = step_sizes(views, training, checker, len(sample.train_files), train_batch)
+    rates = None
+    if training.time_limit is not None:
+        rates = measure_rates(
+            pair.teacher, pair.student, torch.from_numpy(batch), views.recipe.student_views, figures_seconds,
+            sample.decode_seconds,
+        )  # fmt: skip
+    plan = plan_time(training.time_limit, time.perf_counter() - began, rates, defaults, work)
+    report({"phase": "budget", "plan": plan})
+    fitted = _start(pair, views, training, sample.train_files[: plan.sizes.start_images], eval_batch, report)
+    plan = replan_after_start(plan, time.perf_counter() - began, rates, defaults, work)
+    distilled = None
+    if training.method == "distill" and plan.sizes.distill:
+        if plan.sizes != defaults:
+            report({"phase": "budget", "plan": plan, "after_start": True})
+        left = None if rates is None else training.time_limit - rates.figures - (time.perf_counter() - began)
+        distilled = _distill(pair, views, training, compute, sample, plan.sizes, left, report)
+    after, after_runs, _ = checker.figures(pair.student, final=True)
+    versus = {key: paired_difference(original_runs[key], after_runs[key]).as_dict() for key in after_runs}
+    write_back(pair.written, {name: p.detach().cpu().numpy() for name, p in pair.student.trainable().items()})
+    result = CalibrationResult(
+        training.method, len(sample.files), len(sample.held_images), before, after, original,
+        time.perf_counter() - began,
+        lr=distilled.lr if distilled else None,
+        epochs=distilled.epochs if distilled else None,
+        kept_epoch=distilled.kept_epoch if distilled else None,
+        history=distilled.history if distilled else [],
+        versus_teacher=versus, device=str(pair.student.device), batch=(eval_batch, train_batch),
+        activation_mb=sample.per_sample / 2**20,
+        plan=plan if training.time_limit is not None else None,
+        trained_on=plan.sizes.train_images if distilled else 0,
+        start={"name": fitted["name"], "matched_by": pair.match.by, "convs": pair.match.convs}
+        | {key: fitted[key] for key in ("refit", "rescaled")},
+    )  # fmt: skip
+    record = _record(result, data, training, views, checker, pair)
+    model_io.write_metadata(pair.written, {"calibration": record})
+    return Calibrated(pair.written, result)
+
+
+def _start(pair: Pair, views: Views, training: Training, files: list[Path], batch: int, report) -> dict:
+    """The closed-form start (distill's: `pointwise` unless told) on `files`, decoded at once (256..1,000
+    images, START_BUDGET at most) and gone through layer by layer; how many layers it refit and rescaled."""
+    x = torch.from_numpy(views.centre(np.stack([load_rgb(p, views.decode) for p in files])))
+    name = training.first_step
+    fitted = _closed_form(training)(
+        pair.student, pair.teacher, x, batch, names=pair.match.names,
+        progress=lambda done, total: report({"phase": "start", "name": name, "done": done, "total": total}),
+    )  # fmt: skip
+    refit = sum(bool(r.get("refit")) for r in fitted)
+    return {"name": name, "refit": refit, "rescaled": len(fitted) - refit}
+
+
+def _record(
+    result: CalibrationResult, data: Data, training: Training, views: Views, checker: HeldOut, pair: Pair
+) -> dict:
+    """The calibration's metadata record, written into the model."""
+    record = {
+        "method": result.method,
+        "start": training.first_step,
+        "rescale_after_blur": training.rescale_after_blur,
+        "images": str(data.images),
+        "count": result.images,
+        "held_out": result.held_out,
+        "seed": training.seed,
+        "lr": result.lr,
+        "epochs": result.epochs,
+        "kept_epoch": result.kept_epoch,
+        "start_fit": result.start,
+        "recipe": asdict(views.recipe),
+        "views": "canvas" if views.span else "shift",
+        "score": f"fidelity + mean({', '.join(checker.protocols(final=False))}) on the held-out images",
+        "original": result.teacher,
+        "before": result.before,
+        "after": result.after,
+        "versus_teacher": result.versus_teacher,
+        "preprocess": views.preprocess.as_dict(),
+        # what the images were fed as: the input's layout, channels, height x width and type, the views' size
+        "input": pair.fmt.as_dict() | {"view": [int(d) for d in checker.view.shape[1:3]]},
+    }
+    if pair.widened[0]:
+        record["precision"] = "float16, calibrated as its float32 widening and rounded back"
+    return record
+
+
 def calibrate(
     model: str | os.PathLike,
     teacher: str | os.PathLike,
@@ -261,192 +553,15 @@ def calibrate(
     check: bool = True,
 ) -> CalibrationResult:
     """Calibrate the converted `model` against `teacher` on `data`'s unlabeled images; writes `output`.
-    `progress` receives {"phase": ...} records: load / start (name, done, total), plan, targets,
-    epoch (a history record). `check`: run onnx's checker on the result before saving."""
-    report_progress = progress or (lambda record: None)
-    method, start, recipe, seed = training.method, training.first_step, training.recipe, training.seed
-    preprocess, held_out, images = data.preprocess, data.held_out, data.images
-    began = time.perf_counter()
-    torch.manual_seed(seed)
-    dev = resolve_device(compute.device)
+    `progress` receives {"phase": ...} records: load / start (name, done, total), budget (the time plan),
+    plan, targets, epoch (a history record). `check`: run onnx's checker on the result before saving."""
+    resolve_device(compute.device)  # a missing GPU is said before anything loads
     model_path, out_path = Path(model), Path(output)
-    refuse_overwrite(out_path, model_path, teacher, images)
+    refuse_overwrite(out_path, model_path, teacher, data.images)
     student_ir, teacher_ir = (_weights_as_initializers(model_io.load(path)) for path in (model_path, teacher))
-    for path, m in ((model_path, student_ir), (teacher, teacher_ir)):
-        if (bad := model_io.non_finite(m)) is not None:
-            raise InputError(f"{path}: initializer {bad!r} holds non-finite values (NaN or inf)")
-    # A float16 model is calibrated as its float32 widening (exact), and its own graph gets the weights back.
-    written = student_ir
-    if half := precision.is_float16(student_ir):
-        student_ir = precision.widen_float16(_weights_as_initializers(model_io.load(model_path)))
-    teacher_half = precision.is_float16(teacher_ir)
-    teacher_ir = precision.widen_float16(teacher_ir) if teacher_half else teacher_ir
-    student, teacher_m = OnnxModule(student_ir).eval().to(dev), OnnxModule(teacher_ir).eval().to(dev)
-    match = counterparts(student, teacher_m)
-    if match.matched < match.convs:
-        raise InputError(
-            f"{teacher}: {match.matched} of the {match.convs} trainable convs of {model_path} have a counterpart in "
-            f"it (by name, or by graph structure): the teacher must be the model that was converted"
-        )
-    ours, theirs = (tuple(graph.dims(m.graph.outputs[0]) or ())[1:] for m in (student_ir, teacher_ir))
-    if ours and theirs and None not in ours + theirs and ours != theirs:
-        raise InputError(
-            f"{teacher}: its output is {list(theirs)} per sample and {model_path}'s {list(ours)}: the teacher must "
-            "be the model that was converted"
-        )
-    fmt = _input_format(student_ir, data.layout, str(model_path))
-    teacher_fmt = _input_format(teacher_ir, data.layout, str(teacher))
-    if teacher_fmt != fmt:
-        raise InputError(
-            f"{teacher} takes {teacher_fmt}, and {model_path} takes {fmt}: the teacher must be the model that was converted"
-        )
-    preprocess = preprocess_for(fmt, preprocess, str(model_path))
-    height, width = preprocess.hw
-    span = max(0, (preprocess.resize or 0) - max(height, width))
-    if data.views == "canvas" and not span:
-        raise InputError(
-            f"--views canvas crops the image resized before its centre crop, and this preprocessing resizes to "
-            f"the model's {size_text(preprocess.size)} (give --preprocess with a larger resize, or --views shift)"
-        )
-    span = span if data.views != "shift" else 0
-    recipe = replace(recipe, span=span, student_views=recipe.student_views or (1 if span else 2))
-    # Canvas views: every image decoded at the resize (its short side), `span` px larger than the model's view
-    # both ways; their centre crop is what the model sees in use.
-    decode = replace(preprocess, size=(height + span, width + span))
-    files = spread(list_images(images), data.limit, images)
-    if len(files) < 20:
-        raise InputError(f"{images}: {len(files)} images is too few to calibrate (need 20 or more)")
-
-    def prepare(x: np.ndarray) -> np.ndarray:
-        return normalize(x, preprocess, fmt)
-
-    held_files, train_files = _split(files, held_out, seed)
-    decoding = time.perf_counter()
-    held_images = np.stack([load_rgb(p, decode) for p in held_files])
-    decode_seconds = (time.perf_counter() - decoding) / len(held_files)
-    eval_batch, train_batch, per_sample = batch_sizes(
-        student, torch.from_numpy(prepare(centre(held_images[:1], span))), compute.batch_size, recipe.student_views
+    calibrated = calibrate_model(
+        student_ir, teacher_ir, data, training, compute, names=(str(model_path), str(teacher)), progress=progress
     )
-    checker = HeldOut(teacher_m, held_images, prepare, seed=seed, batch=eval_batch, shift=recipe.shift, span=span)
-    if method == "distill" and not checker.classifier:
-        raise InputError(
-            "distill matches the class probabilities of an (N, classes) output, and this model's output is not one "
-            "(a dense map or a detection head): use --method reconstruct (or stats)"
-        )
-    # Both graphs as calibration runs them, against ONNX Runtime on one real batch, before anything trains.
-    batch = prepare(centre(held_images[:8], span))
-    for path, m, widened, module in (
-        (model_path, student_ir, half, student),
-        (Path(teacher), teacher_ir, teacher_half, teacher_m),
-    ):
-        with _as_run(path, m, widened) as run_path:
-            check_against_onnxruntime(run_path, module, batch)
-    teacher_summary, teacher_runs, _ = checker.figures(teacher_m, final=True)
-    scored = time.perf_counter()
-    before, _, _ = checker.figures(student, final=True)
-    figures_seconds = time.perf_counter() - scored
-
-    # The steps to come, sized to the time limit when there is one (calibration/budget.py).
-    work = Work(
-        target_passes=2 * max(1, recipe.teacher_views) if span else 0,
-        step_teacher_passes=0 if span else recipe.teacher_views,
-        batch=train_batch,
-        max_epochs=training.max_epochs,
-        distill=method == "distill",
-    )
-    defaults = Sizes(
-        start_images=_start_count(checker.view[0], len(train_files)),
-        train_images=len(train_files),
-        probe_images=min(RANGE_PROBE, len(held_images)),
-        range_steps=default_range_steps(len(train_files), train_batch),
-    )
-    rates = None
-    if training.time_limit is not None:
-        rates = measure_rates(
-            teacher_m, student, torch.from_numpy(batch), recipe.student_views, figures_seconds, decode_seconds
-        )
-    plan = plan_time(training.time_limit, time.perf_counter() - began, rates, defaults, work)
-    report_progress({"phase": "budget", "plan": plan})
-
-    # Decoded once (256..1,000 images, START_BUDGET at most): the closed-form start (distill's:
-    # `pointwise` unless told) goes through them layer by layer.
-    start_files = train_files[: plan.sizes.start_images]
-    x_start = torch.from_numpy(prepare(centre(np.stack([load_rgb(p, decode) for p in start_files]), span)))
-    fitted = _closed_form(training)(
-        student, teacher_m, x_start, eval_batch, names=match.names,
-        progress=lambda done, total: report_progress({"phase": "start", "name": start, "done": done, "total": total}),
-    )  # fmt: skip
-    del x_start
-    report = None
-    plan = replan_after_start(plan, time.perf_counter() - began, rates, defaults, work)
-    if method == "distill" and plan.sizes.distill:
-        if plan.sizes != defaults:
-            report_progress({"phase": "budget", "plan": plan, "after_start": True})
-        train = _training_images(train_files[: plan.sizes.train_images], decode, held_images[0].nbytes, report_progress)
-        final = 0.0 if rates is None else rates.figures
-        report = distill(
-            student, teacher_m, train, checker, prepare, recipe=recipe, max_epochs=training.max_epochs,
-            batch=train_batch, eval_batch=eval_batch, lr=training.lr, seed=seed, workers=compute.workers,
-            progress=lambda record: report_progress({"phase": "epoch"} | record),
-            time_limit=None if training.time_limit is None else training.time_limit - final - (time.perf_counter() - began),
-            probe=plan.sizes.probe_images, range_steps=plan.sizes.range_steps,
-        )  # fmt: skip
-    after, after_runs, _ = checker.figures(student, final=True)
-    versus = {key: paired_difference(teacher_runs[key], after_runs[key]).as_dict() for key in after_runs}
-
-    values = {name: p.detach().cpu().numpy() for name, p in student.trainable().items()}
-    write_back(written, values)
-    result = CalibrationResult(
-        method,
-        len(files),
-        len(held_images),
-        before,
-        after,
-        teacher_summary,
-        time.perf_counter() - began,
-        lr=report.lr if report else None,
-        epochs=report.epochs if report else None,
-        kept_epoch=report.kept_epoch if report else None,
-        history=report.history if report else [],
-        versus_teacher=versus,
-        device=str(dev),
-        batch=(eval_batch, train_batch),
-        activation_mb=per_sample / 2**20,
-        plan=plan if training.time_limit is not None else None,
-        trained_on=plan.sizes.train_images if report else 0,
-        start={
-            "name": start,
-            "matched_by": match.by,
-            "convs": match.convs,
-            "refit": sum(bool(r.get("refit")) for r in fitted),
-            "rescaled": sum(not r.get("refit") for r in fitted),
-        },
-    )
-    record = {
-        "method": method,
-        "start": start,
-        "rescale_after_blur": training.rescale_after_blur,
-        "images": str(images),
-        "count": len(files),
-        "held_out": len(held_images),
-        "seed": seed,
-        "lr": result.lr,
-        "epochs": result.epochs,
-        "kept_epoch": result.kept_epoch,
-        "start_fit": result.start,
-        "recipe": asdict(recipe),
-        "views": "canvas" if span else "shift",
-        "score": f"fidelity + mean({', '.join(checker.protocols(final=False))}) on the held_images-out images",
-        "original": teacher_summary,
-        "before": before,
-        "after": after,
-        "versus_teacher": versus,
-        "preprocess": preprocess.as_dict(),
-        # what the images were fed as: the input's layout, channels, height x width and type, the views' size
-        "input": fmt.as_dict() | {"view": [int(d) for d in checker.view.shape[1:3]]},
-    }
-    if half:
-        record["precision"] = "float16, calibrated as its float32 widening and rounded back"
-    model_io.write_metadata(written, {"calibration": record})
+    written = calibrated.model
     model_io.save(written, out_path, external=model_io.uses_external_data(written), check=check)
-    return result
+    return calibrated.result

@@ -761,3 +761,25 @@ def test_default_calibrate_wins_back_agreement_on_images_it_did_not_see(r20, tmp
     before = output_drift(r20 / "r20.onnx", r20 / "r20.pre.onnx").value
     after = output_drift(r20 / "r20.onnx", out).value
     assert after >= before + 0.10, (before, after)
+
+
+def test_the_in_memory_core_calibrates_graphs_and_writes_no_file(r20, tmp_path):
+    # calibrate_model takes onnx_ir models (here made in memory, so ONNX Runtime checks them from a temporary
+    # copy) and returns the calibrated graph: the same weights as the file shell writes for the same files.
+    from onnx import numpy_helper
+
+    from aa_deploy.calibration.calibrate import Data, Training, calibrate_model
+
+    student, teacher = (aa_deploy.model_io.load(r20 / name) for name in ("r20.pre.onnx", "r20.onnx"))
+    before = {v.name: v.const_value.numpy().copy() for v in student.graph.initializers.values()}
+    made = calibrate_model(student, teacher, Data(r20 / "images"), Training(method="stats"))
+    assert made.model is student and made.result.method == "stats" and not list(tmp_path.iterdir())
+    assert "calibration" in aa_deploy.model_io.read_metadata(made.model)
+    calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", method="stats")
+    written = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "c.onnx").graph.initializer}
+    changed = [
+        k for k, v in before.items() if not np.array_equal(v, made.model.graph.initializers[k].const_value.numpy())
+    ]
+    assert changed
+    for name in before:
+        np.testing.assert_array_equal(made.model.graph.initializers[name].const_value.numpy(), written[name])

@@ -48,13 +48,19 @@ LR_CANDIDATES = 4  # distill.LR_CANDIDATES: each runs `range_steps` training ste
 @dataclass(frozen=True)
 class Rates:
     """Seconds per image on this machine, measured with these models; `figures`: seconds of one held-out
-    scoring of the student (distillation scores once per epoch, and once before the first)."""
+    scoring of the student (distillation scores once per epoch, and once before the first), `final` of the
+    closing one."""
 
     teacher: float
     student: float
     step: float  # one training step: forward and backward over all of the student's views
     figures: float
     decode: float = 0.0  # reading one image from disk (the training images are decoded once)
+    final: float | None = None  # seconds of the closing figures (more views than an epoch's); None: `figures`
+
+    @property
+    def closing(self) -> float:
+        return self.figures if self.final is None else self.final
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,7 @@ def plan_time(limit: float | None, spent: float, rates: Rates | None, defaults: 
     """The steps sized to end within `limit` seconds, `spent` of them gone (see the module's docstring)."""
     if limit is None or rates is None:
         return TimePlan(defaults)
-    left = limit - spent - rates.figures
+    left = limit - spent - rates.closing
     if not work.distill:
         floor = min(START_FLOOR, defaults.start_images)
         images = int(np.clip(left // max(start_seconds(1, rates), 1e-9), floor, defaults.start_images))
@@ -140,7 +146,7 @@ def replan_after_start(plan: TimePlan, spent: float, rates: Rates | None, defaul
     from the time really left."""
     if plan.limit is None or rates is None or not work.distill:
         return plan
-    left = plan.limit - spent - rates.figures
+    left = plan.limit - spent - rates.closing
     sizes = _distill_sizes(replace(defaults, start_images=plan.sizes.start_images), left, rates, work)
     return _estimate(sizes, plan.limit, spent, rates, work, start_done=True)
 
@@ -165,17 +171,18 @@ def _estimate(sizes: Sizes, limit: float, spent: float, rates: Rates, work: Work
     if sizes.distill:
         seconds["targets"] = sizes.train_images * (rates.decode + work.target_passes * rates.teacher)
         seconds["range test"] = range_seconds(sizes.probe_images, sizes.range_steps, rates, work)
-        left = limit - spent - rates.figures - sum(seconds.values())
+        left = limit - spent - rates.closing - sum(seconds.values())
         epoch = sizes.train_images * _step(rates, work) + rates.figures
         epochs = int(np.clip((left - rates.figures) // epoch, 0, work.max_epochs)) if epoch > 0 else 0
         seconds["distillation"] = rates.figures + epochs * epoch
-    seconds["final figures"] = rates.figures
+    seconds["final figures"] = rates.closing
     return TimePlan(sizes, limit, spent, seconds, epochs, targets=work.target_passes > 0)
 
 
 def measure_rates(
-    teacher: OnnxModule, student: OnnxModule, x: torch.Tensor, views: int, figures: float, decode: float
-) -> Rates:
+    teacher: OnnxModule, student: OnnxModule, x: torch.Tensor, views: int, figures: float, decode: float,
+    final: float | None = None,
+) -> Rates:  # fmt: skip
     """Seconds per image of a teacher forward, a student forward and a training step (forward and backward
     of `views` views, weights untouched), on the prepared batch `x` (a few images), after one warm-up."""
 
@@ -199,4 +206,4 @@ def measure_rates(
         for p in student.trainable().values():
             p.grad = None
 
-    return Rates(timed(lambda: forward(teacher)), timed(lambda: forward(student)), timed(step), figures, decode)
+    return Rates(timed(lambda: forward(teacher)), timed(lambda: forward(student)), timed(step), figures, decode, final)

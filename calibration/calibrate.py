@@ -460,9 +460,10 @@ def calibrate_model(
     work, defaults = step_sizes(views, training, checker, len(sample.train_files), train_batch)
     rates = None
     if training.time_limit is not None:
+        epoch_figures = figures_seconds * checker.views(final=False) / checker.views(final=True)
         rates = measure_rates(
-            pair.teacher, pair.student, torch.from_numpy(batch), views.recipe.student_views, figures_seconds,
-            sample.decode_seconds,
+            pair.teacher, pair.student, torch.from_numpy(batch), views.recipe.student_views, epoch_figures,
+            sample.decode_seconds, final=figures_seconds,
         )  # fmt: skip
     plan = plan_time(training.time_limit, time.perf_counter() - began, rates, defaults, work)
     report({"phase": "budget", "plan": plan})
@@ -472,7 +473,7 @@ def calibrate_model(
     if training.method == "distill" and plan.sizes.distill:
         if plan.sizes != defaults:
             report({"phase": "budget", "plan": plan, "after_start": True})
-        left = None if rates is None else training.time_limit - rates.figures - (time.perf_counter() - began)
+        left = None if rates is None else training.time_limit - rates.closing - (time.perf_counter() - began)
         distilled = _distill(pair, views, training, compute, sample, plan.sizes, left, report)
     after, after_runs, _ = checker.figures(pair.student, final=True)
     versus = {key: paired_difference(original_runs[key], after_runs[key]).as_dict() for key in after_runs}

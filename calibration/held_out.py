@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from aa_deploy.consistency import measure
 from aa_deploy.consistency.paired import bootstrap_ci
+from aa_deploy.consistency.protocols import view_count
 from aa_deploy.converters.bridge import OnnxModule
 from aa_deploy.errors import InputError
 from aa_deploy.input_format import Size, hw, square_or_pair
@@ -126,6 +127,16 @@ class HeldOut:
         if final:
             found["consistency_diagonal"] = {"protocol": "diagonal", "shift": max(1, self.span // 2), "pad": None}
         return found
+
+    def views(self, final: bool = False) -> int:
+        """Views one scoring (`figures`) runs through a model: what its seconds scale with."""
+        counts = [
+            view_count(
+                settings["protocol"], len(self.images), shift=settings["shift"], passes=PASSES, pad=settings["pad"]
+            )
+            for settings in self.protocols(final).values()
+        ]
+        return sum(counts) + (len(self.images) if self.classifier else 0)
 
     def figures(self, module: OnnxModule, final: bool = False) -> tuple[dict, dict, dict]:
         """The figures above for `module`, the consistency results (for paired differences), and each

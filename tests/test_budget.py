@@ -89,3 +89,12 @@ def test_a_start_slower_than_planned_takes_its_overrun_from_the_training_images(
     assert replan_after_start(plan_time(None, 0.0, None, DEFAULTS, CANVAS), 1e9, None, DEFAULTS, CANVAS).sizes == (
         DEFAULTS
     )
+
+
+def test_the_closing_figures_are_reserved_at_their_own_cost():
+    # Canvas views score the diagonal only at the end: the closing figures cost more than an epoch's scoring.
+    closing = Rates(LITE0.teacher, LITE0.student, LITE0.step, figures=10.0, final=60.0)
+    plan = plan_time(15 * 60.0, 120.0, closing, DEFAULTS, CANVAS)
+    assert plan.seconds["final figures"] == 60.0 and _total(plan) <= 15 * 60.0 + 1e-6
+    cheaper = plan_time(15 * 60.0, 120.0, Rates(LITE0.teacher, LITE0.student, LITE0.step, 60.0), DEFAULTS, CANVAS)
+    assert plan.epochs >= cheaper.epochs  # epochs scored at 10 s, not at the closing 60 s

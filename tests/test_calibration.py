@@ -323,7 +323,7 @@ def test_calibrate_runs_the_steps_at_the_sizes_its_time_plan_gives(r20, tmp_path
     # A training step of 0.2 s an image on 8-image batches: 45 s hold the range test at its floor and two
     # epochs of 20 to 55 of the 70 training images, whatever the seconds spent before the plan (3 to 15).
     rates = Rates(teacher=1e-3, student=1e-3, step=0.2, figures=0.5)
-    monkeypatch.setattr(module, "measure_rates", lambda *a: rates)
+    monkeypatch.setattr(module, "measure_rates", lambda *a, **k: rates)
     seen = {}
     real_closed_form, real_distill = module._closed_form, module.distill
 
@@ -403,6 +403,7 @@ def test_held_out_score_does_not_reward_a_constant_model(r20):
     assert figures["agreement"] == 1.0
     assert figures["fidelity"] == pytest.approx(float((top1 == held.averaged_top1).mean()))
     assert set(results) == {"consistency_pad_crop", "consistency_circular"}
+    assert held.views() == 40 + sum(r.views for r in results.values())  # what a time plan scales scoring by
     cons = (figures["consistency_pad_crop"] + figures["consistency_circular"]) / 2
     assert per_image["score"].shape == (40,) and per_image["score"].mean() == pytest.approx(figures["fidelity"] + cons)
     assert figures["score"] == pytest.approx(per_image["score"].mean())

@@ -109,6 +109,8 @@ def main() -> None:
         row = {"name": name, "model": m, "multiply_adds": macs[m], "macs_ratio": macs[m] / macs[args.original]}
         acc = correct[m]
         row["top1"] = float(acc.mean())
+        # per image, so that any two rows can be paired afterwards (the rows pair each with the original)
+        row["per_image"] = {"top1": acc.tolist()} | {p: list(r[m].per_image) for p, r in protocols.items()}
         for protocol, results in protocols.items():
             row[protocol] = results[m].consistency
         if m != args.original:

@@ -238,6 +238,13 @@ def read_metadata(model: ir.Model | onnx.ModelProto) -> dict:
     return out
 
 
+def sites_where(model: ir.Model | onnx.ModelProto, action: str) -> set[str]:
+    """The nodes of the sites `convert` recorded in `model`'s metadata as taking `action` (e.g. "blurpool",
+    "dense"): the one reader of the recorded sites."""
+    sites = read_metadata(model).get("sites") or []
+    return {e["node"] for e in sites if isinstance(e, dict) and e.get("action") == action and "node" in e}
+
+
 def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     """The model's protobuf without its external data (for its inputs and metadata), or a one-line error."""
     try:

@@ -59,8 +59,7 @@ def load_folded_weights(twin: nn.Module, model: ir.Model, sample: torch.Tensor) 
     twin.eval()
     modules = dict(twin.named_modules())
     norms = conv_to_norm(twin, sample)
-    sites = model_io.read_metadata(model).get("sites") or []
-    blurpool = {e["node"] for e in sites if isinstance(e, dict) and e.get("action") == "blurpool"}
+    blurpool = model_io.sites_where(model, "blurpool")
     placed = 0
     for node in model.graph:
         if node.op_type not in ("Conv", "Gemm") or node.inputs[1] is None:

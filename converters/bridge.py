@@ -112,10 +112,9 @@ class OnnxModule(nn.Module):
         self.graph = model.graph
         self.nodes = list(model.graph)
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))
-        sites = model_io.read_metadata(model).get("sites") or []
-        self.blurpool_nodes = {e["node"] for e in sites if isinstance(e, dict) and e.get("action") == "blurpool"}
-        dense = {e["node"] for e in sites if isinstance(e, dict) and e.get("action") == "dense"}
-        self.dense_nodes = _downstream(self.nodes, dense)  # maps denser than the teacher's (--dense-last)
+        self.blurpool_nodes = model_io.sites_where(model, "blurpool")
+        # maps denser than the teacher's (--dense-last)
+        self.dense_nodes = _downstream(self.nodes, model_io.sites_where(model, "dense"))
         self.params = nn.ParameterDict()
         self.consts: dict[str, torch.Tensor] = {}
         self.frozen: set[str] = set()

@@ -242,8 +242,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"verdict on {result.held_out} held-out images, calibrated against the original: {verdict(result)}"
         )
     if any(d["ci95"][0] <= 0 for d in result.versus_teacher.values()):
-        sites = model_io.read_metadata(model_io.load_proto(args.model)).get("sites") or []
-        dense = any(isinstance(e, dict) and e.get("action") == "dense" for e in sites)
+        dense = bool(model_io.sites_where(model_io.load_proto(args.model), "dense"))
         console.print(
             "[yellow]not more consistent than the original here. Measure on other images (aa-deploy consistency); "
             "more calibration images usually help"

@@ -507,11 +507,11 @@ def test_convert_says_when_the_model_needs_calibrating(r20, tmp_path):
 
 
 def test_convert_then_calibrate_in_one_step(r20, tmp_path, capsys, monkeypatch):
-    from aa_deploy.cli import calibrate as calibrate_cli
+    from aa_deploy.calibration.calibrate import Training
+    from aa_deploy.cli import convert as convert_cli
     from aa_deploy.cli import main
 
-    plain = calibrate_cli.defaults
-    monkeypatch.setattr(calibrate_cli, "defaults", lambda **kw: plain(**kw, epochs=1, lr=1e-4))  # fast here
+    monkeypatch.setattr(convert_cli, "Training", lambda: Training(max_epochs=1, lr=1e-4))  # fast here
     out = tmp_path / "out" / "r20.cal.onnx"
     out.parent.mkdir()
     before = (r20 / "r20.onnx").read_bytes()

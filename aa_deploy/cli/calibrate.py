@@ -122,16 +122,6 @@ def add(sub) -> None:
     k.set_defaults(run=run)
 
 
-def defaults(**values) -> argparse.Namespace:
-    """calibrate's arguments at their defaults, with `values` set (for convert --calibrate)."""
-    parser = argparse.ArgumentParser()
-    add(parser.add_subparsers())
-    args = parser.parse_args(["calibrate", "model", "--teacher", "teacher", "--images", "images", "-o", "output"])
-    for key, value in values.items():
-        setattr(args, key, value)
-    return args
-
-
 def configuration(args: argparse.Namespace) -> tuple[Data, Training, Compute]:
     """The library's configuration from the flags, each flag checked here under its own name."""
     common.at_least_1(args, "limit")
@@ -177,6 +167,15 @@ def configuration(args: argparse.Namespace) -> tuple[Data, Training, Compute]:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    data, training, compute = configuration(args)
+    return calibrate_and_report(args.model, args.teacher, args.output, data, training, compute, console)
+
+
+def calibrate_and_report(
+    model, teacher, output, data: Data, training: Training, compute: Compute, console: Console
+) -> int:
+    """Calibrate (the library's `calibrate`) with its progress shown, then its figures, verdict and advice
+    (`calibrate` itself, and `convert --calibrate` with the defaults)."""
     from rich.progress import Progress
     from rich.table import Table
 
@@ -213,9 +212,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"{consistency}, score {record['score']:.3f}{loss}"
         )
 
-    data, training, compute = configuration(args)
     with bars:
-        result = calibrate(args.model, args.teacher, data, args.output, training, compute, progress=progress)
+        result = calibrate(model, teacher, data, output, training, compute, progress=progress)
     chose = (
         " (held out from training; they also chose the learning rate and whether to keep the schedule's end, "
         "so these figures lean optimistic: measure on other images with aa-deploy consistency)"
@@ -242,7 +240,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"verdict on {result.held_out} held-out images, calibrated against the original: {verdict(result)}"
         )
     if any(d["ci95"][0] <= 0 for d in result.versus_teacher.values()):
-        dense = bool(model_io.sites_where(model_io.load_proto(args.model), "dense"))
+        dense = bool(model_io.sites_where(model_io.load_proto(model), "dense"))
         console.print(
             "[yellow]not more consistent than the original here. Measure on other images (aa-deploy consistency); "
             "more calibration images usually help"
@@ -265,7 +263,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     extra = f", lr {result.lr:g}, kept epoch {result.kept_epoch} of {result.epochs}" if result.lr else ""
     if result.plan is not None:
         extra += f"; the time limit used {result.trained_on} of its {result.images - result.held_out} training images"
-    console.print(f"calibrated on {result.images} images in {result.seconds:.0f} s{extra}; wrote {args.output}")
+    console.print(f"calibrated on {result.images} images in {result.seconds:.0f} s{extra}; wrote {output}")
     return common.EXIT_OK
 
 

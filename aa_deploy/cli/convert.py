@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from aa_deploy.atomic import refuse_overwrite
+from aa_deploy.calibration.calibrate import Compute, Data, Training
 from aa_deploy.cli import calibrate as calibrate_cli
 from aa_deploy.cli import common
 from aa_deploy.convert import convert
@@ -103,11 +104,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if args.calibrate is not None:
             if drift is not None:
                 console.print(f"before calibration: {drift.describe()}")
-            calibrate_args = calibrate_cli.defaults(
-                model=target, teacher=args.model, images=args.calibrate, output=out, device=args.device,
-                size=args.size, mean=args.mean, std=args.std, preprocess=args.preprocess,
-            )  # fmt: skip
-            return calibrate_cli.run(calibrate_args, console)
+            data = Data(args.calibrate, preprocess=common.preprocess(args, model=target))
+            return calibrate_cli.calibrate_and_report(
+                target, args.model, out, data, Training(), Compute(device=args.device), console
+            )
     finally:
         if target != out and os.path.exists(target):
             os.unlink(target)

@@ -39,7 +39,8 @@ class Preprocess:
                 "preprocessing: size (one side, or [height, width]) and resize must be whole numbers of pixels >= 1, "
                 f"not {self.size}, {self.resize}"
             )
-        object.__setattr__(self, "size", square_or_pair(*hw(sides[0] if len(sides) == 1 else tuple(sides))))
+        height, width = sides if len(sides) == 2 else sides * 2
+        object.__setattr__(self, "size", square_or_pair(height, width))
         if not all(np.isfinite(self.mean)) or not all(np.isfinite(self.std)) or min(self.std) <= 0:
             raise InputError(
                 f"preprocessing: mean must be finite and std positive, not mean {self.mean}, std {self.std}"

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from aa_deploy.calibration.distill import LR_CANDIDATES
 from aa_deploy.calibration.held_out import autocast
 from aa_deploy.converters.bridge import OnnxModule
 
@@ -42,7 +43,6 @@ RANGE_STEPS_FLOOR = 3
 # took about 20 (2.1 min for 256 full-size photos); the CIFAR ResNets fewer than 3. A start faster than
 # this estimate leaves its time to distillation (`replan_after_start`).
 START_PASSES = 20.0
-LR_CANDIDATES = 4  # distill.LR_CANDIDATES: each runs `range_steps` training steps
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def start_seconds(images: int, rates: Rates) -> float:
 
 def range_seconds(probe: int, steps: int, rates: Rates, work: Work) -> float:
     per_probe = max(work.target_passes, work.step_teacher_passes, 1) * rates.teacher + rates.student
-    return probe * per_probe + LR_CANDIDATES * steps * work.batch * _step(rates, work)
+    return probe * per_probe + len(LR_CANDIDATES) * steps * work.batch * _step(rates, work)
 
 
 def _step(rates: Rates, work: Work) -> float:
@@ -128,16 +128,14 @@ def plan_time(limit: float | None, spent: float, rates: Rates | None, defaults: 
     if limit is None or rates is None:
         return TimePlan(defaults)
     left = limit - spent - rates.closing
-    if not work.distill:
-        floor = min(START_FLOOR, defaults.start_images)
-        images = int(np.clip(left // max(start_seconds(1, rates), 1e-9), floor, defaults.start_images))
-        sizes = replace(defaults, start_images=images, distill=False)
-        return _estimate(sizes, limit, spent, rates, work)
+    share = START_SHARE if work.distill else 1.0  # the closed-form methods are the start alone
     per_start = max(start_seconds(1, rates), 1e-9)
-    start = int(
-        np.clip(START_SHARE * left // per_start, min(START_FLOOR, defaults.start_images), defaults.start_images)
-    )
-    sizes = _distill_sizes(replace(defaults, start_images=start), left - start_seconds(start, rates), rates, work)
+    start = int(np.clip(share * left // per_start, min(START_FLOOR, defaults.start_images), defaults.start_images))
+    sizes = replace(defaults, start_images=start)
+    if work.distill:
+        sizes = _distill_sizes(sizes, left - start_seconds(start, rates), rates, work)
+    else:
+        sizes = replace(sizes, distill=False)
     return _estimate(sizes, limit, spent, rates, work)
 
 

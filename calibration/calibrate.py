@@ -140,12 +140,11 @@ def _weights_as_initializers(model: ir.Model) -> ir.Model:
 
 
 @contextmanager
-def _for_onnxruntime(name: str, model: ir.Model, widened: bool):
-    """The file ONNX Runtime checks calibration's execution of `model` against: the model's own file where it
-    was loaded from one unchanged, else `model` (a float16 graph's widening, a graph made in memory) written
-    to a temporary folder."""
-    source = Path(name)
-    if not widened and source.is_file() and source.suffix == ".onnx":
+def _for_onnxruntime(source: Path | None, model: ir.Model, widened: bool):
+    """The file ONNX Runtime checks calibration's execution of `model` against: `source`, the file it was
+    loaded from, unless it was widened from float16 or made in memory (no `source`): then `model` itself,
+    written to a temporary folder."""
+    if source is not None and not widened:
         yield source
         return
     with tempfile.TemporaryDirectory(prefix="aa-deploy-") as folder:
@@ -337,11 +336,12 @@ def plan_views(fmt: InputFormat, data: Data, recipe: Recipe, source: str) -> Vie
     return Views(preprocess, fmt, span, replace(preprocess, size=(height + span, width + span)), recipe)
 
 
-def check_pair(pair: Pair, names: tuple[str, str], batch: np.ndarray) -> None:
-    """Both graphs as calibration runs them, against ONNX Runtime on one real batch, before anything trains."""
+def check_pair(pair: Pair, sources: tuple[Path | None, Path | None], batch: np.ndarray) -> None:
+    """Both graphs as calibration runs them, against ONNX Runtime on one real batch, before anything trains;
+    `sources`: the files they were loaded from (None: made in memory)."""
     graphs = (pair.student_ir, pair.teacher_ir)
-    for name, m, widened, module in zip(names, graphs, pair.widened, (pair.student, pair.teacher)):
-        with _for_onnxruntime(name, m, widened) as path:
+    for source, m, widened, module in zip(sources, graphs, pair.widened, (pair.student, pair.teacher)):
+        with _for_onnxruntime(source, m, widened) as path:
             check_against_onnxruntime(path, module, batch)
 
 
@@ -388,9 +388,9 @@ def take_sample(pair: Pair, views: Views, data: Data, training: Training, comput
     decoding = time.perf_counter()
     held_images = np.stack([load_rgb(p, views.decode) for p in held_files])
     decode_seconds = (time.perf_counter() - decoding) / len(held_files)
-    sample = torch.from_numpy(views.centre(held_images[:1]))
+    first = torch.from_numpy(views.centre(held_images[:1]))
     eval_batch, train_batch, per_sample = batch_sizes(
-        pair.student, sample, compute.batch_size, views.recipe.student_views
+        pair.student, first, compute.batch_size, views.recipe.student_views
     )
     checker = HeldOut(
         pair.teacher, held_images, views.prepare, seed=training.seed, batch=eval_batch, shift=views.recipe.shift,
@@ -436,13 +436,14 @@ def calibrate_model(
     compute: Compute = Compute(),
     *,
     names: tuple[str, str] = ("the converted model", "the original"),
+    sources: tuple[Path | None, Path | None] = (None, None),
     progress: Callable[[dict], None] | None = None,
 ) -> Calibrated:
     """Calibrate `student_ir` against `teacher_ir` in memory (the file shell is `calibrate`): pair the graphs,
     settle the views, split the images, check both graphs against ONNX Runtime, score the pair, size the
     steps to the time limit, fit the closed-form start, distill, score again, write the weights back.
-    `names`: the files the graphs were loaded from, unchanged (ONNX Runtime checks those), or what errors
-    call them (the graphs are then written to a temporary folder for the check)."""
+    `names`: what errors call the two graphs; `sources`: the files they were loaded from, unchanged (ONNX
+    Runtime checks those; None: the graphs themselves, written to a temporary folder for the check)."""
     report = progress or (lambda record: None)
     began = time.perf_counter()
     torch.manual_seed(training.seed)
@@ -451,7 +452,7 @@ def calibrate_model(
     sample = take_sample(pair, views, data, training, compute)
     checker, eval_batch, train_batch = sample.checker, sample.eval_batch, sample.train_batch
     batch = views.centre(sample.held_images[:8])
-    check_pair(pair, names, batch)
+    check_pair(pair, sources, batch)
     original, original_runs, _ = checker.figures(pair.teacher, final=True)
     scored = time.perf_counter()
     before, _, _ = checker.figures(pair.student, final=True)
@@ -467,7 +468,7 @@ def calibrate_model(
         )  # fmt: skip
     plan = plan_time(training.time_limit, time.perf_counter() - began, rates, defaults, work)
     report({"phase": "budget", "plan": plan})
-    fitted = _start(pair, views, training, sample.train_files[: plan.sizes.start_images], eval_batch, report)
+    refit, rescaled = _start(pair, views, training, sample.train_files[: plan.sizes.start_images], eval_batch, report)
     plan = replan_after_start(plan, time.perf_counter() - began, rates, defaults, work)
     distilled = None
     if training.method == "distill" and plan.sizes.distill:
@@ -489,15 +490,17 @@ def calibrate_model(
         activation_mb=sample.per_sample / 2**20,
         plan=plan if training.time_limit is not None else None,
         trained_on=plan.sizes.train_images if distilled else 0,
-        start={"name": fitted["name"], "matched_by": pair.match.by, "convs": pair.match.convs}
-        | {key: fitted[key] for key in ("refit", "rescaled")},
+        start={
+            "name": training.first_step, "matched_by": pair.match.by, "convs": pair.match.convs, "refit": refit,
+            "rescaled": rescaled,
+        },
     )  # fmt: skip
     record = _record(result, data, training, views, checker, pair)
     model_io.write_metadata(pair.written, {"calibration": record})
     return Calibrated(pair.written, result)
 
 
-def _start(pair: Pair, views: Views, training: Training, files: list[Path], batch: int, report) -> dict:
+def _start(pair: Pair, views: Views, training: Training, files: list[Path], batch: int, report) -> tuple[int, int]:
     """The closed-form start (distill's: `pointwise` unless told) on `files`, decoded at once (256..1,000
     images, START_BUDGET at most) and gone through layer by layer; how many layers it refit and rescaled."""
     x = torch.from_numpy(views.centre(np.stack([load_rgb(p, views.decode) for p in files])))
@@ -507,7 +510,7 @@ def _start(pair: Pair, views: Views, training: Training, files: list[Path], batc
         progress=lambda done, total: report({"phase": "start", "name": name, "done": done, "total": total}),
     )  # fmt: skip
     refit = sum(bool(r.get("refit")) for r in fitted)
-    return {"name": name, "refit": refit, "rescaled": len(fitted) - refit}
+    return refit, len(fitted) - refit
 
 
 def _record(
@@ -561,8 +564,9 @@ def calibrate(
     refuse_overwrite(out_path, model_path, teacher, data.images)
     student_ir, teacher_ir = (_weights_as_initializers(model_io.load(path)) for path in (model_path, teacher))
     calibrated = calibrate_model(
-        student_ir, teacher_ir, data, training, compute, names=(str(model_path), str(teacher)), progress=progress
-    )
+        student_ir, teacher_ir, data, training, compute, names=(str(model_path), str(teacher)),
+        sources=(model_path, Path(teacher)), progress=progress,
+    )  # fmt: skip
     written = calibrated.model
     model_io.save(written, out_path, external=model_io.uses_external_data(written), check=check)
     return calibrated.result

@@ -57,6 +57,7 @@ from aa_deploy.calibration.held_out import (
 from aa_deploy.consistency.protocols import roll_each
 from aa_deploy.converters.bridge import OnnxModule
 from aa_deploy.images import batches
+from aa_deploy.input_format import Size
 
 LR_CANDIDATES = (1e-4, 3e-4, 1e-3, 3e-3)
 RANGE_PROBE = 256  # held-out images the range test's loss is measured on
@@ -122,7 +123,7 @@ def invariance_loss(views: tuple[torch.Tensor, ...], temperature: float) -> torc
 
 
 def canvas_targets(
-    teacher, canvases, size, prepare, recipe: Recipe, batch: int, seed: int, workers=None, progress=None
+    teacher, canvases, size: Size, prepare, recipe: Recipe, batch: int, seed: int, workers=None, progress=None
 ) -> torch.Tensor:
     """Each canvas's target: the teacher's probabilities at the recipe's temperature, averaged over
     `teacher_views` crops at random offsets and their mirror images (float32, on the CPU)."""

@@ -14,7 +14,7 @@ from aa_deploy.errors import InputError
 from aa_deploy.plan import Action, Options
 from aa_deploy.version import __version__
 
-_LAZY = {"ParityResult": "aa_deploy.parity", "verify": "aa_deploy.parity"}
+_LAZY = {"ParityResult": "aa_deploy.comparator", "verify": "aa_deploy.parity"}
 
 __all__ = [
     "Action",

@@ -35,14 +35,14 @@ class Conversion:
         return [a for a in self.actions if a.action != "skip"]
 
 
-def _prepare(model: ir.Model) -> None:
+def annotate_shapes(model: ir.Model) -> None:
     """Static shapes for sites whose channel count is not in a weight (pooling, slicing)."""
     cost.with_shapes(model)
 
 
 def inspect(model: ir.Model, options: Options = Options()) -> list[Action]:
     """What `convert` would do to `model` (which is not changed beyond shape annotations)."""
-    _prepare(model)
+    annotate_shapes(model)
     actions = plan(find_sites(model.graph), options)
     dense.analyse(model.graph, actions)  # refuses in one line what dense sampling cannot do exactly
     return actions
@@ -68,10 +68,10 @@ class Cost:
 def plan_cost(model: ir.Model, options: Options = Options()) -> Cost:
     """What converting `model` with `options` costs at inference, counted on a converted copy."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    _prepare(copy)
+    annotate_shapes(copy)
     before, unknown_before = cost.multiply_adds(copy)
     convert_model(copy, options)
-    _prepare(copy)  # the blurs' shapes
+    annotate_shapes(copy)  # the blurs' shapes
     after, unknown_after = cost.multiply_adds(copy)
     return Cost(before, after, max(unknown_before, unknown_after))
 
@@ -85,7 +85,7 @@ def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
     densified = dense.analyse(g, actions)
     if densified is not None:
         dense.apply(g, densified)
-        _prepare(model)
+        annotate_shapes(model)
     for value, (shape, type_) in zip((*g.inputs, *g.outputs), declared):  # the interface stays as declared
         value.shape, value.type = shape, type_
     if blurs or densified is not None:

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from aa_deploy import bundled, model_io
 from aa_deploy.calibration.calibrate import Data, Training, calibrate
-from aa_deploy.cli.common import EXIT_NOTHING, EXIT_OK
+from aa_deploy.cli.common import EXIT_NOTHING, EXIT_OK, progress_bars
 from aa_deploy.consistency import measure
 from aa_deploy.consistency.oscillation import oscillation, paired_oscillation
 from aa_deploy.consistency.paired import paired_difference
@@ -22,7 +22,7 @@ from aa_deploy.convert import convert
 from aa_deploy.converters.export import export
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.plan import Options
-from aa_deploy.torch import antialias_with
+from aa_deploy.twin import antialias_with
 from aa_deploy.twin_weights import load_folded_weights
 
 CALIBRATION_CROPS = 1000
@@ -33,8 +33,6 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
     each model's paired difference from the original; prints a table."""
     import time
 
-    from PIL import Image
-
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = workdir or Path(tmp)
@@ -43,79 +41,101 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
         images, labels = bundled.cifar_test_images()
         x = bundled.cifar_normalize(images)
         options = Options(filter="triangle")
-
-        console.print("1/6 export: bundled CIFAR-10 ResNet-20 (trained) -> ONNX (dynamo exporter)")
-        original = export(model, folder / "resnet20.onnx", (2, 3, 32, 32))
-        console.print(f"2/6 convert --filter {options.filter} (mode {options.mode}, pad {options.pad})")
-        converted = folder / "resnet20.aa.onnx"
-        result = convert(original, converted, options)
-        console.print(f"    {len(result.changed)} of {len(result.actions)} sites changed, {result.blurs} blur nodes")
-
-        console.print(
-            f"3/6 calibrate --method reconstruct --rescale-after-blur: each layer refit against the original on "
-            f"{crops} unlabeled 32-px crops of the six bundled public-domain photos (no CIFAR image is used)"
-        )
-        calib = folder / "calib"
-        calib.mkdir(exist_ok=True)
-        for i, crop in enumerate(bundled.photo_crops(crops, 32)):
-            Image.fromarray(crop).save(calib / f"{i:04d}.png")
-        calibrated = folder / "resnet20.aa.cal.onnx"
-        # The refit alone, not calibrate's default (a start, then distillation): distillation learns the
-        # calibration images themselves, photo crops here, not CIFAR images. The two convs that read a blur
-        # are rescaled, not refit (a refit kernel sharpens itself to undo the blur). docs/results.md,
-        # "Calibrating on images that may ship".
-        report = calibrate(
-            converted, original, Data(calib), calibrated, Training(method="reconstruct", rescale_after_blur=True)
-        )
-        console.print(f"    {report.seconds:.0f} s")
-
-        console.print("4/6 verify: ONNX Runtime vs the PyTorch models on the 100 bundled test images")
-        twin, _ = antialias_with(model, options)
-        # The calibrated graph's reference: the twin with the calibrated (BatchNorm-folded) weights put back.
-        calibrated_twin, _ = antialias_with(model, options)
-        load_folded_weights(calibrated_twin, model_io.load(calibrated), torch.from_numpy(x[:2]))
-        with torch.no_grad():
-            refs = [m(torch.from_numpy(x)).numpy() for m in (model, twin, calibrated_twin)]
-        runners = [OnnxRuntimeRunner(p) for p in (original, converted, calibrated)]
-        errors = [float(np.abs(run(x) - ref).max()) for run, ref in zip(runners, refs)]
-
-        console.print("5/6 measure: top-1, pad-and-crop consistency (+-4 px), circular-shift consistency (+-2 px)")
-        table = Table(title="ResNet-20 on 100 real CIFAR-10 test images", title_justify="left")
-        columns = (
-            "model",
-            "top-1 %",
-            "pad-and-crop consistency %",
-            "vs original (95% CI)",
-            "circular consistency %",
-            "vs original (95% CI)",
-            "max |ONNX - PyTorch|",
-        )
-        for column in columns:
-            table.add_column(column)
-        names = ("original", f"converted ({options.filter})", "converted + calibrated")
-        base = None
-        for name, run, err in zip(names, runners, errors):
-            acc = 100.0 * float((run(x).argmax(1) == labels).mean())
-            crop = measure("random-crop", run, bundled.cifar_normalize, images, crop=32, shift=4, pad="zero", passes=10)
-            circ = measure("circular", run, bundled.cifar_normalize, images, crop=32, shift=2, passes=10)
-            base = base or (crop, circ)
-            cells = []
-            for measured, first in zip((crop, circ), base):
-                d = paired_difference(first, measured) if measured is not first else None
-                vs = "" if d is None else f"{100 * d.delta:+.1f} ({100 * d.ci95[0]:+.1f} to {100 * d.ci95[1]:+.1f})"
-                cells += [f"{100 * measured.consistency:.1f}", vs]
-            table.add_row(name, f"{acc:.1f}", *cells, f"{err:.1e}")
-        console.print(table)
-        console.print(
-            "converted: the blur inserted into a network trained without it costs accuracy. "
-            "converted + calibrated: the same graph with its weights refit to the original's outputs on "
-            "unlabeled photo crops (the convs that read a blur only rescaled). vs original: the paired difference over the same images and shifts, with its 95 % interval."
-        )
+        original, converted = _export_and_convert(console, folder, model, options)
+        calibrated = _calibrate(console, folder, original, converted, crops)
+        runners, errors = _verify(console, model, options, (original, converted, calibrated), x)
+        _measure(console, options, runners, errors, images, labels, x)
         _aliasing_and_shift_curve(console, folder, original, calibrated, runners[0], runners[2], x, images, labels)
         console.print(f"demo finished in {time.perf_counter() - start:.0f} s")
         if workdir:
             console.print(f"models and figures kept in {workdir}")
         return EXIT_OK if max(errors) < 1e-3 else EXIT_NOTHING
+
+
+def _export_and_convert(console: Console, folder: Path, model, options: Options) -> tuple[Path, Path]:
+    """Steps 1 and 2: the bundled ResNet-20 exported, then converted."""
+    console.print("1/6 export: bundled CIFAR-10 ResNet-20 (trained) -> ONNX (dynamo exporter)")
+    original = export(model, folder / "resnet20.onnx", (2, 3, 32, 32))
+    console.print(f"2/6 convert --filter {options.filter} (mode {options.mode}, pad {options.pad})")
+    converted = folder / "resnet20.aa.onnx"
+    result = convert(original, converted, options)
+    console.print(f"    {len(result.changed)} of {len(result.actions)} sites changed, {result.blurs} blur nodes")
+    return original, converted
+
+
+def _calibrate(console: Console, folder: Path, original: Path, converted: Path, crops: int) -> Path:
+    """Step 3: the converted model refit against the original on crops of the bundled photos."""
+    from PIL import Image
+
+    console.print(
+        f"3/6 calibrate --method reconstruct --rescale-after-blur: each layer refit against the original on "
+        f"{crops} unlabeled 32-px crops of the six bundled public-domain photos (no CIFAR image is used)"
+    )
+    calib = folder / "calib"
+    calib.mkdir(exist_ok=True)
+    for i, crop in enumerate(bundled.photo_crops(crops, 32)):
+        Image.fromarray(crop).save(calib / f"{i:04d}.png")
+    calibrated = folder / "resnet20.aa.cal.onnx"
+    # The refit alone, not calibrate's default (a start, then distillation): distillation learns the
+    # calibration images themselves, photo crops here, not CIFAR images. The two convs that read a blur
+    # are rescaled, not refit (a refit kernel sharpens itself to undo the blur). docs/results.md,
+    # "Calibrating on images that may ship".
+    training = Training(method="reconstruct", rescale_after_blur=True)
+    with progress_bars(console) as progress:
+        report = calibrate(converted, original, Data(calib), calibrated, training, progress=progress)
+    console.print(f"    {report.seconds:.0f} s")
+    return calibrated
+
+
+def _verify(console: Console, model, options: Options, paths: tuple[Path, Path, Path], x: np.ndarray):
+    """Step 4: each ONNX file in ONNX Runtime against its PyTorch model (the original, the twin, the twin with
+    the calibrated weights); the runners and the largest differences."""
+    original, converted, calibrated = paths
+    console.print("4/6 verify: ONNX Runtime vs the PyTorch models on the 100 bundled test images")
+    twin, _ = antialias_with(model, options)
+    # The calibrated graph's reference: the twin with the calibrated (BatchNorm-folded) weights put back.
+    calibrated_twin, _ = antialias_with(model, options)
+    load_folded_weights(calibrated_twin, model_io.load(calibrated), torch.from_numpy(x[:2]))
+    with torch.no_grad():
+        refs = [m(torch.from_numpy(x)).numpy() for m in (model, twin, calibrated_twin)]
+    runners = [OnnxRuntimeRunner(p) for p in paths]
+    return runners, [float(np.abs(run(x) - ref).max()) for run, ref in zip(runners, refs)]
+
+
+def _measure(console: Console, options: Options, runners, errors, images, labels, x) -> None:
+    """Step 5: top-1 and the two consistencies of each model, paired against the original's."""
+    console.print("5/6 measure: top-1, pad-and-crop consistency (+-4 px), circular-shift consistency (+-2 px)")
+    table = Table(title="ResNet-20 on 100 real CIFAR-10 test images", title_justify="left")
+    columns = (
+        "model",
+        "top-1 %",
+        "pad-and-crop consistency %",
+        "vs original (95% CI)",
+        "circular consistency %",
+        "vs original (95% CI)",
+        "max |ONNX - PyTorch|",
+    )
+    for column in columns:
+        table.add_column(column)
+    names = ("original", f"converted ({options.filter})", "converted + calibrated")
+    base = None
+    for name, run, err in zip(names, runners, errors):
+        acc = 100.0 * float((run(x).argmax(1) == labels).mean())
+        crop = measure("random-crop", run, bundled.cifar_normalize, images, crop=32, shift=4, pad="zero", passes=10)
+        circ = measure("circular", run, bundled.cifar_normalize, images, crop=32, shift=2, passes=10)
+        base = base or (crop, circ)
+        cells = []
+        for measured, first in zip((crop, circ), base):
+            d = paired_difference(first, measured) if measured is not first else None
+            vs = "" if d is None else f"{100 * d.delta:+.1f} ({100 * d.ci95[0]:+.1f} to {100 * d.ci95[1]:+.1f})"
+            cells += [f"{100 * measured.consistency:.1f}", vs]
+        table.add_row(name, f"{acc:.1f}", *cells, f"{err:.1e}")
+    console.print(table)
+    console.print(
+        "converted: the blur inserted into a network trained without it costs accuracy. "
+        "converted + calibrated: the same graph with its weights refit to the original's outputs on "
+        "unlabeled photo crops (the convs that read a blur only rescaled). vs original: the paired difference over the same images and shifts, with its 95 % interval."
+    )
 
 
 def _aliasing_and_shift_curve(console, folder, original, calibrated, run_original, run_calibrated, x, images, labels):

@@ -3,3 +3,12 @@
 
 class InputError(Exception):
     """Bad input from the user (file, model, option): the message is shown as one line."""
+
+
+class SettingError(ValueError):
+    """A configuration record's field outside its range. `setting` names the field and `rule` what it must
+    be, so that a command line can say the same under its own flag's name."""
+
+    def __init__(self, setting: str, rule: str, value: object) -> None:
+        super().__init__(f"{setting} {rule}, not {value!r}")
+        self.setting, self.rule, self.value = setting, rule, value

@@ -13,10 +13,11 @@ from aa_deploy import filters, graph
 from aa_deploy.blur_nodes import BlurSpec
 from aa_deploy.sites import Site
 from aa_deploy.sites.levels import site_levels
+from aa_deploy.sites.site import SiteKind
 
 MODES = ("auto", "pre", "blurpool")
 PADS = ("reflect", "replicate", "zero")
-POOLING = ("max-pool", "average-pool")
+POOLING: tuple[SiteKind, ...] = ("max-pool", "average-pool")
 
 
 @dataclass(frozen=True)

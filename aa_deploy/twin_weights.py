@@ -18,7 +18,7 @@ from torch import nn
 from aa_deploy import graph, model_io
 from aa_deploy.blur_nodes import blur_after
 from aa_deploy.errors import InputError
-from aa_deploy.torch import ConvBlurPool, DenseSite, PreBlur, run_with_hooks
+from aa_deploy.twin import ConvBlurPool, DenseSite, PreBlur, run_with_hooks
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

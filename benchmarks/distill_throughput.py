@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aa_deploy import bundled, model_io  # noqa: E402
-from aa_deploy.calibration import distill  # noqa: E402
+from aa_deploy.calibration import distill, teacher_targets  # noqa: E402
+from aa_deploy.calibration.recipe import Recipe  # noqa: E402
 from aa_deploy.convert import convert  # noqa: E402
 from aa_deploy.converters.bridge import OnnxModule  # noqa: E402
 from aa_deploy.converters.export import export, load_model  # noqa: E402
@@ -71,7 +72,7 @@ def main() -> None:
         convert(original, Path(tmp) / "lite0.aa.onnx", Options(filter="triangle"))
         student = OnnxModule(model_io.load(Path(tmp) / "lite0.aa.onnx")).eval()
         teacher = OnnxModule(model_io.load(original)).eval()
-    shift = distill.Recipe(shift=16, student_views=2)
+    shift = Recipe(shift=16, student_views=2)
     centre = canvases[:, 16:240, 16:240]
     rows = []
 
@@ -92,7 +93,7 @@ def main() -> None:
     for views in (2, 1):
         recipe = replace(shift, span=32, student_views=views, mix=False)
         began = time.perf_counter()
-        targets = distill.canvas_targets(teacher, canvases, 224, _prepare, recipe, args.batch, 0)
+        targets = teacher_targets.canvas_targets(teacher, canvases, 224, _prepare, recipe, args.batch, 0)
         once = (time.perf_counter() - began) / len(canvases)
         train = _seconds_per_image(student, teacher, canvases, recipe, args.batch, args.steps, targets=targets)
         row(

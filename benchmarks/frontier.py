@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from aa_deploy import cost, model_io
-from aa_deploy.consistency import compare
+from aa_deploy.consistency import compare, sides
 from aa_deploy.consistency.paired import bootstrap_ci, paired_difference
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.converters.timing import pair_ratios
@@ -98,10 +98,9 @@ def main() -> None:
     correct = top1(models, args)
     protocols = {}
     for protocol, shift in (("random-crop", None), ("one-pixel", args.steps)):
-        protocols[protocol], _ = compare.compare(
-            models, images=args.images, labels=args.labels, preprocess=pre, protocol=protocol, shift=shift,
-            passes=args.passes, limit=args.limit, pad=args.pad,
-        )  # fmt: skip
+        measurement = compare.Measurement(protocol, shift, passes=args.passes, pad=args.pad)
+        images = compare.Images(args.images, pre, args.limit, args.labels)
+        protocols[protocol], _ = sides.measure_models(sides.Models(tuple(models)), measurement, images)
     size = tuple(model_io.input_spec(args.original)[1][1:])
     macs = {m: cost.multiply_adds(cost.with_shapes(model_io.load(m)))[0] for m in models}
     rows = []

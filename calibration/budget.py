@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from aa_deploy.calibration.distill import LR_CANDIDATES
-from aa_deploy.calibration.held_out import autocast
+from aa_deploy.calibration.teacher_targets import autocast
 from aa_deploy.converters.bridge import OnnxModule
 
 START_SHARE = 0.2

@@ -24,18 +24,28 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from aa_deploy import graph, model_io
 from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.calibration.budget import Sizes, TimePlan, Work, measure_rates, plan_time, replan_after_start
-from aa_deploy.calibration.distill import RANGE_PROBE, DistillReport, Recipe, default_range_steps, distill
-from aa_deploy.calibration.held_out import HeldOut, centre
+from aa_deploy.calibration.distill import (
+    RANGE_PROBE,
+    DistillReport,
+    Epoch,
+    Recipe,
+    Schedule,
+    default_range_steps,
+    distill,
+)
+from aa_deploy.calibration.held_out import Figures, HeldOut, figure_key
 from aa_deploy.calibration.matching import Counterparts, counterparts
 from aa_deploy.calibration.reconstruct import calibrate_reconstruct
 from aa_deploy.calibration.stats import calibrate_stats
-from aa_deploy.consistency.paired import paired_difference
+from aa_deploy.calibration.views import centre
+from aa_deploy.consistency.paired import PairedDelta, paired_difference
 from aa_deploy.converters import precision
 from aa_deploy.converters.bridge import OnnxModule, write_back
 from aa_deploy.converters.bridge_check import check_against_onnxruntime
-from aa_deploy.errors import InputError
+from aa_deploy.errors import InputError, SettingError
 from aa_deploy.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for, spread
 from aa_deploy.input_format import LAYOUTS, InputFormat, from_dims, size_text
+from aa_deploy.progress import Progress, counter, silent
 
 METHODS = ("stats", "reconstruct", "distill")
 # Where distill starts from: `pointwise` refits the 1x1 convs and the classifier by least squares and
@@ -47,27 +57,45 @@ STARTS = ("pointwise", "reconstruct", "stats")
 VIEWS = ("auto", "canvas", "shift")
 
 
+@dataclass(frozen=True)
+class StartFit:
+    """The closed-form start: its name, how the teacher's tensors were matched (names or structure), the
+    student's trainable convs, and how many layers it refit by least squares and rescaled."""
+
+    name: str
+    matched_by: str
+    convs: int
+    refit: int
+    rescaled: int
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A progress event: how a time limit will be spent (`after_start`: replanned once the start ran)."""
+
+    plan: TimePlan
+    after_start: bool = False
+
+
 @dataclass
 class CalibrationResult:
     method: str
     images: int
     held_out: int
-    before: dict  # held-out figures (held_out.HeldOut.figures) before calibration
-    after: dict
-    teacher: dict
+    before: Figures  # the converted model's held-out figures, before calibration
+    after: Figures
+    teacher: Figures
     seconds: float
+    start: StartFit
     lr: float | None = None
     epochs: int | None = None
     kept_epoch: int | None = None  # the schedule's last epoch, or 0: the start was kept
-    history: list = field(default_factory=list)
-    # calibrated minus original consistency on the held-out images (same shifts: paired), per protocol
-    versus_teacher: dict = field(default_factory=dict)
+    history: list[Epoch] = field(default_factory=list)
+    # calibrated minus original consistency on the held-out images (same shifts: paired), by protocol name
+    versus_teacher: dict[str, PairedDelta] = field(default_factory=dict)
     device: str = "cpu"
     batch: tuple[int, int] = (0, 0)  # evaluation, training
     activation_mb: float = 0.0  # activations one sample produces in a forward pass
-    # the closed-form start: its name, how the teacher's tensors were matched (names or structure), the
-    # student's trainable convs, and how many layers it refit by least squares and rescaled
-    start: dict = field(default_factory=dict)
     plan: TimePlan | None = None  # how a time limit was spent: the steps' sizes and expected seconds
     trained_on: int = 0  # training images distillation used (fewer than the folder's when a time limit cut them)
 
@@ -82,17 +110,6 @@ CACHE_BUDGET = 256 << 20  # training images held decoded in memory; beyond it th
 START_POSITIONS = 1 << 20
 START_MIN = 256
 START_BUDGET = 256 << 20
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto: the GPU when torch sees one, else the CPU; cuda without one is a clear error."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise InputError(f"device must be auto, cpu or cuda, not {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError(
-            "--device cuda: torch sees no CUDA GPU here (use --device cpu, or install a CUDA build of torch)"
-        )
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def batch_sizes(module: OnnxModule, sample: torch.Tensor, train: int | None, views: int) -> tuple[int, int, int]:
@@ -112,16 +129,17 @@ def _split(files: list[Path], held_out: float, seed: int) -> tuple[list[Path], l
 
 
 def _training_images(
-    files: list[Path], decode: Preprocess, image_bytes: int, report_progress
+    files: list[Path], decode: Preprocess, image_bytes: int, progress: Progress
 ) -> ImageFiles | np.ndarray:
     """The training images: decoded once when they fit CACHE_BUDGET, else decoded batch by batch from disk."""
     train = ImageFiles(files, decode)
     if len(train) * image_bytes > CACHE_BUDGET:
         return train
+    advance = counter(progress, "decoding images", len(train))
     decoded = []
     for i in range(0, len(train), 250):
         decoded.append(train[np.arange(i, min(i + 250, len(train)))])
-        report_progress({"phase": "load", "done": i + len(decoded[-1]), "total": len(train)})
+        advance(len(decoded[-1]))
     return np.concatenate(decoded)
 
 
@@ -190,11 +208,13 @@ class Data:
 
     def __post_init__(self) -> None:
         if self.views not in VIEWS:
-            raise ValueError(f"views must be one of {', '.join(VIEWS)}, not {self.views!r}")
+            raise SettingError("views", f"must be one of {', '.join(VIEWS)}", self.views)
         if self.layout is not None and self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
+            raise SettingError("layout", f"must be one of {', '.join(LAYOUTS)}", self.layout)
         if not 0 < self.held_out < 1:
-            raise ValueError(f"held_out must be a fraction between 0 and 1, not {self.held_out}")
+            raise SettingError("held_out", "must be a fraction between 0 and 1", self.held_out)
+        if self.limit is not None and self.limit < 1:
+            raise SettingError("limit", "must be at least 1", self.limit)
 
 
 @dataclass(frozen=True)
@@ -216,18 +236,13 @@ class Training:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+            raise SettingError("method", f"must be one of {', '.join(METHODS)}", self.method)
         if self.start not in STARTS:
-            raise ValueError(f"start must be one of {', '.join(STARTS)}, not {self.start!r}")
+            raise SettingError("start", f"must be one of {', '.join(STARTS)}", self.start)
         if self.time_limit is not None and self.time_limit <= 0:
-            raise ValueError(f"time_limit must be positive, not {self.time_limit}")
+            raise SettingError("time_limit", "must be positive", self.time_limit)
         if self.max_epochs < 1:
-            raise ValueError(f"max_epochs must be 1 or more, not {self.max_epochs}")
-        r = self.recipe
-        if r.shift < 1 or r.invariance < 0 or r.average_epochs < 0 or r.teacher_views < 0:
-            raise ValueError("recipe: shift must be 1 or more; invariance, average_epochs, teacher_views 0 or more")
-        if r.student_views is not None and r.student_views < 1:
-            raise ValueError(f"recipe: student_views must be 1 or more, not {r.student_views}")
+            raise SettingError("max_epochs", "must be 1 or more", self.max_epochs)
 
     @property
     def first_step(self) -> str:
@@ -246,9 +261,18 @@ class Compute:
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
+            raise SettingError("device", "must be auto, cpu or cuda", self.device)
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be 1 or more, not {self.batch_size}")
+            raise SettingError("batch_size", "must be 1 or more", self.batch_size)
+
+    def torch_device(self) -> torch.device:
+        """auto: the GPU when torch sees one, else the CPU; cuda without one is a clear error."""
+        cuda = torch.cuda.is_available()
+        if self.device == "cuda" and not cuda:
+            raise InputError(
+                "--device cuda: torch sees no CUDA GPU here (use --device cpu, or install a CUDA build of torch)"
+            )
+        return torch.device("cuda" if self.device == "cuda" or (self.device == "auto" and cuda) else "cpu")
 
 
 @dataclass
@@ -404,20 +428,20 @@ def take_sample(pair: Pair, views: Views, data: Data, training: Training, comput
     return Sample(files, held_images, train_files, decode_seconds, checker, eval_batch, train_batch, per_sample)
 
 
-def _distill(
-    pair: Pair, views: Views, training: Training, compute: Compute, sample: Sample, sizes: Sizes, left, report
-) -> DistillReport:
+def _distill(pair: Pair, views: Views, training: Training, compute: Compute, sample: Sample, plan: TimePlan,
+             left: float | None, report: Progress) -> DistillReport:  # fmt: skip
     """Distillation on the planned training images (decoded once where they fit in memory), ending `left`
     seconds from now (None: no limit)."""
+    sizes = plan.sizes
     train = _training_images(
         sample.train_files[: sizes.train_images], views.decode, sample.held_images[0].nbytes, report
     )
-    return distill(
-        pair.student, pair.teacher, train, sample.checker, views.prepare, recipe=views.recipe,
+    schedule = Schedule(
         max_epochs=training.max_epochs, batch=sample.train_batch, eval_batch=sample.eval_batch, lr=training.lr,
-        seed=training.seed, workers=compute.workers, progress=lambda record: report({"phase": "epoch"} | record),
-        time_limit=left, probe=sizes.probe_images, range_steps=sizes.range_steps,
+        seed=training.seed, workers=compute.workers, time_limit=left, probe=sizes.probe_images,
+        range_steps=sizes.range_steps,
     )  # fmt: skip
+    return distill(pair.student, pair.teacher, train, sample.checker, views.prepare, views.recipe, schedule, report)
 
 
 @dataclass
@@ -437,86 +461,81 @@ def calibrate_model(
     *,
     names: tuple[str, str] = ("the converted model", "the original"),
     sources: tuple[Path | None, Path | None] = (None, None),
-    progress: Callable[[dict], None] | None = None,
+    progress: Progress | None = None,
 ) -> Calibrated:
     """Calibrate `student_ir` against `teacher_ir` in memory (the file shell is `calibrate`): pair the graphs,
     settle the views, split the images, check both graphs against ONNX Runtime, score the pair, size the
     steps to the time limit, fit the closed-form start, distill, score again, write the weights back.
     `names`: what errors call the two graphs; `sources`: the files they were loaded from, unchanged (ONNX
-    Runtime checks those; None: the graphs themselves, written to a temporary folder for the check)."""
-    report = progress or (lambda record: None)
+    Runtime checks those; None: the graphs themselves, written to a temporary folder for the check).
+    `progress` receives `Advance` (decoding, the start's layers, teacher targets), `Planned` (with a time
+    limit), `EpochsPlanned` and each `Epoch`."""
+    report = progress or silent
     began = time.perf_counter()
     torch.manual_seed(training.seed)
-    pair = pair_models(student_ir, teacher_ir, names, data.layout, resolve_device(compute.device))
+    pair = pair_models(student_ir, teacher_ir, names, data.layout, compute.torch_device())
     views = plan_views(pair.fmt, data, training.recipe, names[0])
     sample = take_sample(pair, views, data, training, compute)
-    checker, eval_batch, train_batch = sample.checker, sample.eval_batch, sample.train_batch
     batch = views.centre(sample.held_images[:8])
     check_pair(pair, sources, batch)
-    original, original_runs, _ = checker.figures(pair.teacher, final=True)
-    scored = time.perf_counter()
-    before, _, _ = checker.figures(pair.student, final=True)
-    figures_seconds = time.perf_counter() - scored
-
-    work, defaults = step_sizes(views, training, checker, len(sample.train_files), train_batch)
-    rates = None
-    if training.time_limit is not None:
-        epoch_figures = figures_seconds * checker.views(final=False) / checker.views(final=True)
-        rates = measure_rates(
-            pair.teacher, pair.student, torch.from_numpy(batch), views.recipe.student_views, epoch_figures,
-            sample.decode_seconds, final=figures_seconds,
-        )  # fmt: skip
+    original = sample.checker.score(pair.teacher, final=True)
+    scoring = time.perf_counter()
+    before = sample.checker.score(pair.student, final=True).figures
+    rates = _rates(pair, views, sample, training, torch.from_numpy(batch), time.perf_counter() - scoring)
+    work, defaults = step_sizes(views, training, sample.checker, len(sample.train_files), sample.train_batch)
     plan = plan_time(training.time_limit, time.perf_counter() - began, rates, defaults, work)
-    report({"phase": "budget", "plan": plan})
-    refit, rescaled = _start(pair, views, training, sample.train_files[: plan.sizes.start_images], eval_batch, report)
+    report(Planned(plan))
+    start = _start(pair, views, training, sample.train_files[: plan.sizes.start_images], sample.eval_batch, report)
     plan = replan_after_start(plan, time.perf_counter() - began, rates, defaults, work)
     distilled = None
     if training.method == "distill" and plan.sizes.distill:
         if plan.sizes != defaults:
-            report({"phase": "budget", "plan": plan, "after_start": True})
+            report(Planned(plan, after_start=True))
         left = None if rates is None else training.time_limit - rates.closing - (time.perf_counter() - began)
-        distilled = _distill(pair, views, training, compute, sample, plan.sizes, left, report)
-    after, after_runs, _ = checker.figures(pair.student, final=True)
-    versus = {key: paired_difference(original_runs[key], after_runs[key]).as_dict() for key in after_runs}
+        distilled = _distill(pair, views, training, compute, sample, plan, left, report)
+    after = sample.checker.score(pair.student, final=True)
     write_back(pair.written, {name: p.detach().cpu().numpy() for name, p in pair.student.trainable().items()})
     result = CalibrationResult(
-        training.method, len(sample.files), len(sample.held_images), before, after, original,
-        time.perf_counter() - began,
-        lr=distilled.lr if distilled else None,
-        epochs=distilled.epochs if distilled else None,
-        kept_epoch=distilled.kept_epoch if distilled else None,
-        history=distilled.history if distilled else [],
-        versus_teacher=versus, device=str(pair.student.device), batch=(eval_batch, train_batch),
-        activation_mb=sample.per_sample / 2**20,
-        plan=plan if training.time_limit is not None else None,
-        trained_on=plan.sizes.train_images if distilled else 0,
-        start={
-            "name": training.first_step, "matched_by": pair.match.by, "convs": pair.match.convs, "refit": refit,
-            "rescaled": rescaled,
-        },
+        training.method, len(sample.files), len(sample.held_images), before, after.figures, original.figures,
+        time.perf_counter() - began, start,
+        versus_teacher={name: paired_difference(original.runs[name], run) for name, run in after.runs.items()},
+        device=str(pair.student.device), batch=(sample.eval_batch, sample.train_batch),
+        activation_mb=sample.per_sample / 2**20, plan=plan if training.time_limit is not None else None,
     )  # fmt: skip
-    record = _record(result, data, training, views, checker, pair)
-    model_io.write_metadata(pair.written, {"calibration": record})
+    if distilled is not None:
+        result.lr, result.epochs, result.kept_epoch = distilled.lr, distilled.epochs, distilled.kept_epoch
+        result.history, result.trained_on = distilled.history, plan.sizes.train_images
+    model_io.write_metadata(pair.written, {"calibration": _record(result, data, training, views, sample.checker, pair)})
     return Calibrated(pair.written, result)
 
 
-def _start(pair: Pair, views: Views, training: Training, files: list[Path], batch: int, report) -> tuple[int, int]:
-    """The closed-form start (distill's: `pointwise` unless told) on `files`, decoded at once (256..1,000
-    images, START_BUDGET at most) and gone through layer by layer; how many layers it refit and rescaled."""
-    x = torch.from_numpy(views.centre(np.stack([load_rgb(p, views.decode) for p in files])))
-    name = training.first_step
-    fitted = _closed_form(training)(
-        pair.student, pair.teacher, x, batch, names=pair.match.names,
-        progress=lambda done, total: report({"phase": "start", "name": name, "done": done, "total": total}),
+def _rates(pair: Pair, views: Views, sample: Sample, training: Training, batch: torch.Tensor, scoring: float):
+    """This machine's rates for the time plan (None without a time limit); `scoring`: the seconds one final
+    scoring of the student took."""
+    if training.time_limit is None:
+        return None
+    checker = sample.checker
+    epoch_scoring = scoring * checker.views(final=False) / checker.views(final=True)
+    return measure_rates(
+        pair.teacher, pair.student, batch, views.recipe.student_views, epoch_scoring, sample.decode_seconds,
+        final=scoring,
     )  # fmt: skip
+
+
+def _start(pair: Pair, views: Views, training: Training, files: list[Path], batch: int, report) -> StartFit:
+    """The closed-form start (distill's: `pointwise` unless told) on `files`, decoded at once (256..1,000
+    images, START_BUDGET at most) and gone through layer by layer."""
+    x = torch.from_numpy(views.centre(np.stack([load_rgb(p, views.decode) for p in files])))
+    fitted = _closed_form(training)(pair.student, pair.teacher, x, batch, names=pair.match.names, progress=report)
     refit = sum(bool(r.get("refit")) for r in fitted)
-    return refit, len(fitted) - refit
+    return StartFit(training.first_step, pair.match.by, pair.match.convs, refit, len(fitted) - refit)
 
 
 def _record(
     result: CalibrationResult, data: Data, training: Training, views: Views, checker: HeldOut, pair: Pair
 ) -> dict:
     """The calibration's metadata record, written into the model."""
+    scored = ", ".join(p.key for p in checker.protocols(final=False))
     record = {
         "method": result.method,
         "start": training.first_step,
@@ -528,14 +547,14 @@ def _record(
         "lr": result.lr,
         "epochs": result.epochs,
         "kept_epoch": result.kept_epoch,
-        "start_fit": result.start,
+        "start_fit": asdict(result.start),
         "recipe": asdict(views.recipe),
         "views": "canvas" if views.span else "shift",
-        "score": f"fidelity + mean({', '.join(checker.protocols(final=False))}) on the held-out images",
-        "original": result.teacher,
-        "before": result.before,
-        "after": result.after,
-        "versus_teacher": result.versus_teacher,
+        "score": f"fidelity + mean({scored}) on the held-out images",
+        "original": result.teacher.as_dict(),
+        "before": result.before.as_dict(),
+        "after": result.after.as_dict(),
+        "versus_teacher": {figure_key(name): d.as_dict() for name, d in result.versus_teacher.items()},
         "preprocess": views.preprocess.as_dict(),
         # what the images were fed as: the input's layout, channels, height x width and type, the views' size
         "input": pair.fmt.as_dict() | {"view": [int(d) for d in checker.view.shape[1:3]]},
@@ -553,13 +572,12 @@ def calibrate(
     training: Training = Training(),
     compute: Compute = Compute(),
     *,
-    progress: Callable[[dict], None] | None = None,
+    progress: Progress | None = None,
     check: bool = True,
 ) -> CalibrationResult:
     """Calibrate the converted `model` against `teacher` on `data`'s unlabeled images; writes `output`.
-    `progress` receives {"phase": ...} records: load / start (name, done, total), budget (the time plan),
-    plan, targets, epoch (a history record). `check`: run onnx's checker on the result before saving."""
-    resolve_device(compute.device)  # a missing GPU is said before anything loads
+    `progress`: as `calibrate_model` reports it. `check`: run onnx's checker on the result before saving."""
+    compute.torch_device()  # a missing GPU is said before anything loads
     model_path, out_path = Path(model), Path(output)
     refuse_overwrite(out_path, model_path, teacher, data.images)
     student_ir, teacher_ir = (_weights_as_initializers(model_io.load(path)) for path in (model_path, teacher))

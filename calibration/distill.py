@@ -44,45 +44,59 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aa_deploy.calibration.held_out import (
-    HeldOut,
-    autocast,
-    canvas_crops,
-    centre,
-    logits,
-    pad_crop,
-    soft_targets,
-    worse,
-)
-from aa_deploy.consistency.protocols import roll_each
+from aa_deploy.calibration.held_out import Figures, HeldOut, PerImage, worse
+from aa_deploy.calibration.recipe import Recipe
+from aa_deploy.calibration.teacher_targets import autocast, canvas_targets, logits, soft_targets
+from aa_deploy.calibration.views import canvas_crops, centre, pad_crop, roll
 from aa_deploy.converters.bridge import OnnxModule
 from aa_deploy.images import batches
-from aa_deploy.input_format import Size
+from aa_deploy.progress import Progress, silent
 
 LR_CANDIDATES = (1e-4, 3e-4, 1e-3, 3e-3)
 RANGE_PROBE = 256  # held-out images the range test's loss is measured on
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """What each distillation step trains on (the defaults are the shipped recipe)."""
+class Schedule:
+    """How distillation trains: at most `max_epochs` of the cosine schedule (shortened to end `time_limit`
+    seconds from the call), batches of `batch` images (`eval_batch` when only scoring), the rate `lr`
+    (None: the range test's, on `probe` held-out images, `range_steps` steps a rate), the seed, and the
+    image-decoding workers."""
 
-    shift: int = 4  # pad-and-crop shifts of +-shift px (circular rolls too, with `circular`)
-    mix: bool = True  # blend pairs of images first
-    teacher_views: int = 4  # teacher averaged over this many shifts of each blend; 0: the student's own view
-    # shifted views of each blend the student trains on, all to one target; None: 2, or 1 crop of a canvas
-    # (cached targets make the student the whole cost of a step: one view is twice the epochs in the same time)
-    student_views: int | None = None
-    temperature: float = 2.0
-    invariance: float = 0.0  # weight of a term pulling the student's views towards their own mean answer
-    circular: bool = True  # every second student view is a circular roll (+-shift px) instead of a pad-and-crop
-    average_epochs: float = 0.0  # >0: scored and kept are the weights' exponential average over about this many epochs
-    # >0: the images are canvases `span` px larger than the model's input (the resize before the centre crop),
-    # and every view is a crop of one at offsets 0..span, mirrored at random: the shifts a user's images
-    # undergo, with real content at every border. The target, the teacher's answer averaged over
-    # `teacher_views` such crops and their mirror images, is computed once per image and reused every epoch
-    # (so no mixup).
-    span: int = 0
+    max_epochs: int = 45
+    batch: int = 64
+    eval_batch: int = 250
+    lr: float | None = None
+    seed: int = 0
+    workers: int | None = None
+    time_limit: float | None = None
+    probe: int = RANGE_PROBE
+    range_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """One scored point of a schedule (epoch 0: its start, before training): the rate, the mean training loss,
+    the held-out figures, and the schedule's length as replanned after it (None at the start)."""
+
+    epoch: int
+    lr: float
+    loss: float | None
+    figures: Figures
+    planned: int | None = None
+
+
+@dataclass(frozen=True)
+class EpochsPlanned:
+    """A progress event: the epochs expected to fit (from the range test's step time), each about
+    `epoch_seconds`."""
+
+    epochs: int
+    epoch_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return self.epochs * self.epoch_seconds
 
 
 @dataclass
@@ -91,7 +105,7 @@ class DistillReport:
     lr_losses: dict
     epochs: int
     kept_epoch: int  # the schedule's last epoch, or 0 when the start was kept
-    history: list[dict] = field(default_factory=list)
+    history: list[Epoch] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -109,35 +123,12 @@ def kd_loss(student_logits: torch.Tensor, target: torch.Tensor, temperature: flo
     return F.kl_div(F.log_softmax(student_logits.float() / t, 1), target, reduction="batchmean") * t * t
 
 
-def roll(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
-    """Random circular shifts within +-shift pixels (the content wraps around); NHWC, any dtype."""
-    return roll_each(images, rng.integers(-shift, shift + 1, size=(len(images), 2)))
-
-
 def invariance_loss(views: tuple[torch.Tensor, ...], temperature: float) -> torch.Tensor:
     """Mean KL(mean answer || each view's answer) at `temperature`, the mean held fixed: zero exactly
     when the student answers every shifted view of an image alike."""
     with torch.no_grad():
         mean = sum(F.softmax(v / temperature, 1) for v in views) / len(views)
     return sum(kd_loss(v, mean, temperature) for v in views) / len(views)
-
-
-def canvas_targets(
-    teacher, canvases, size: Size, prepare, recipe: Recipe, batch: int, seed: int, workers=None, progress=None
-) -> torch.Tensor:
-    """Each canvas's target: the teacher's probabilities at the recipe's temperature, averaged over
-    `teacher_views` crops at random offsets and their mirror images (float32, on the CPU)."""
-    rng = np.random.default_rng(seed + 2)
-    out = []
-    for chunk in batches(canvases, np.arange(len(canvases)), batch, workers):
-        views = []
-        for _ in range(max(1, recipe.teacher_views)):
-            crops = canvas_crops(chunk, size, rng, mirror=False)
-            views += [crops, crops[:, :, ::-1]]
-        out.append(soft_targets(teacher, views, prepare, recipe.temperature, batch))
-        if progress:
-            progress(sum(len(o) for o in out), len(canvases))
-    return torch.cat(out)
 
 
 def _step_views(base: np.ndarray, recipe: Recipe, rng: np.random.Generator) -> tuple[list, list]:
@@ -261,104 +252,124 @@ def range_test(
     return min(losses, key=losses.get), losses, float(np.median(step_seconds))
 
 
+@dataclass
+class _Snapshot:
+    """The student at one point of a schedule: each held-out image's figures, the epoch, the weights."""
+
+    per_image: PerImage
+    epoch: int
+    state: dict
+
+
+class _Trainer:
+    """One distillation's training: the cosine schedule at a rate (`fit`), scored after every epoch on the
+    held-out slice, under the time limit's clock."""
+
+    def __init__(self, student, teacher, train, checker: HeldOut, prepare, recipe: Recipe, schedule: Schedule,
+                 report: Progress, targets, step_seconds: float | None, began: float):  # fmt: skip
+        self.student, self.teacher, self.train, self.checker, self.prepare = student, teacher, train, checker, prepare
+        self.recipe, self.schedule, self.report, self.targets = recipe, schedule, report, targets
+        self.step_seconds, self.began = step_seconds, began
+        self.rng = np.random.default_rng(schedule.seed)
+        self.steps_per_epoch = math.ceil(len(train) / schedule.batch)
+        self.last_epoch = 0.0  # seconds the last epoch took (with its scoring)
+        self.history: list[Epoch] = []
+
+    def left(self) -> float | None:
+        limit = self.schedule.time_limit
+        return None if limit is None else limit - (time.perf_counter() - self.began)
+
+    def out_of_time(self) -> bool:
+        return self.schedule.time_limit is not None and self.left() < self.last_epoch
+
+    def _scored(self, averaged: WeightAverage | None) -> tuple[Figures, PerImage]:
+        with averaged.swapped_in() if averaged is not None else nullcontext():
+            scored = self.checker.score(self.student)
+        return scored.figures, scored.per_image
+
+    def _snapshot(self, per_image: PerImage, epoch: int, averaged: WeightAverage | None) -> _Snapshot:
+        with averaged.swapped_in() if averaged is not None else nullcontext():
+            return _Snapshot(per_image, epoch, copy.deepcopy(self.student.state_dict()))
+
+    def _planned(self, began: float) -> int:
+        """The schedule's length before its first epoch: from the range test's step time on the first run."""
+        if self.step_seconds is None or len(self.history) != 1:
+            return self.schedule.max_epochs
+        expected = self.steps_per_epoch * self.step_seconds + time.perf_counter() - began
+        planned = schedule_length(self.schedule.max_epochs, 0, self.left(), expected)
+        self.report(EpochsPlanned(planned, expected))
+        return planned
+
+    def fit(self, lr: float) -> tuple[_Snapshot, _Snapshot]:
+        """Train at `lr` over the cosine schedule; the student at its start and at its end."""
+        s, recipe = self.schedule, self.recipe
+        opt = torch.optim.SGD(list(self.student.trainable().values()), lr=lr, momentum=0.9)
+        averaged = None
+        if recipe.average_epochs > 0:
+            averaged = WeightAverage(self.student, 1 - 1 / max(1.0, recipe.average_epochs * self.steps_per_epoch))
+        began = time.perf_counter()
+        figures, per_image = self._scored(None)
+        first = self._snapshot(per_image, 0, None)
+        self.history.append(Epoch(0, lr, None, figures))
+        self.report(self.history[-1])
+        planned, epoch = self._planned(began), 0
+        while epoch < planned and not self.out_of_time():
+            epoch += 1
+            began = time.perf_counter()
+            base, total = (epoch - 1) * self.steps_per_epoch, planned * self.steps_per_epoch
+            loss = _epoch(
+                self.student, self.teacher, self.train, self.prepare, opt, self.rng, s.batch, recipe,
+                lambda k, base=base, total=total: lr * 0.5 * (1 + math.cos(math.pi * (base + k) / total)),
+                eval_batch=s.eval_batch, workers=s.workers, averaged=averaged, targets=self.targets,
+            )  # fmt: skip
+            figures, per_image = self._scored(averaged)
+            self.last_epoch = time.perf_counter() - began
+            planned = schedule_length(s.max_epochs, epoch, self.left(), self.last_epoch)
+            self.history.append(Epoch(epoch, lr, loss, figures, planned))
+            self.report(self.history[-1])
+        return first, (first if epoch == 0 else self._snapshot(per_image, epoch, averaged))
+
+
 def distill(
     student: OnnxModule,
     teacher: OnnxModule,
     train,
     checker: HeldOut,
     prepare: Callable[[np.ndarray], np.ndarray],
-    *,
     recipe: Recipe = Recipe(),
-    max_epochs: int = 45,
-    batch: int = 64,
-    eval_batch: int = 250,
-    lr: float | None = None,
-    seed: int = 0,
-    workers: int | None = None,
-    progress: Callable[[dict], None] | None = None,
-    time_limit: float | None = None,
-    probe: int = RANGE_PROBE,
-    range_steps: int | None = None,
+    schedule: Schedule = Schedule(),
+    progress: Progress | None = None,
 ) -> DistillReport:
     """Train `student` in place towards `teacher`; `train` holds uint8 NHWC images (an array or
-    `images.ImageFiles`), `checker` the held-out slice the figures are measured on. With `time_limit`
-    (seconds from the call), the schedule is replanned after each epoch to what the last one's
-    duration says fits, so that its rate still decays to zero before the limit. The range test
-    measures on the first `probe` held-out images, `range_steps` steps per rate."""
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-
-    report = progress or (lambda record: None)
+    `images.ImageFiles`), `checker` the held-out slice the figures are measured on. With a time limit, the
+    schedule is replanned after each epoch to what the last one's duration says fits, so that its rate still
+    decays to zero before the limit. `progress` receives `Advance` (teacher targets), `EpochsPlanned` and
+    each `Epoch`."""
+    began = time.perf_counter()
+    s = schedule
+    torch.manual_seed(s.seed)
+    report = progress or silent
     targets = None
     if recipe.span:
         targets = canvas_targets(
-            teacher, train, checker.size, prepare, recipe, eval_batch, seed, workers,
-            progress=lambda done, total: report({"phase": "targets", "done": done, "total": total}),
-        )  # fmt: skip
-    lr_losses = {}
-    chosen = lr is not None  # the caller's rate is kept as given
-    steps_per_epoch = math.ceil(len(train) / batch)
+            teacher, train, checker.size, prepare, recipe, s.eval_batch, s.seed, s.workers, progress=report
+        )
+    lr, lr_losses, step_seconds = s.lr, {}, None
     if lr is None:
         lr, lr_losses, step_seconds = range_test(
-            student, teacher, train, checker.images[:probe], prepare, recipe, batch, seed, eval_batch, workers, targets,
-            range_steps,
+            student, teacher, train, checker.images[: s.probe], prepare, recipe, s.batch, s.seed, s.eval_batch,
+            s.workers, targets, s.range_steps,
         )  # fmt: skip
-    else:
-        step_seconds = None
-
-    last_epoch = 0.0  # seconds the last epoch took (with its evaluation)
-
-    def left() -> float | None:
-        return None if time_limit is None else time_limit - (time.perf_counter() - start)
-
-    def out_of_time() -> bool:
-        return time_limit is not None and left() < last_epoch
-
-    def fit(lr: float, history: list[dict]) -> tuple:
-        """Train at `lr` over the cosine schedule; (per-image scores, epoch, weights) at its start and at its end."""
-        nonlocal last_epoch
-        opt = torch.optim.SGD(list(student.trainable().values()), lr=lr, momentum=0.9)
-        averaged = None
-        if recipe.average_epochs > 0:
-            averaged = WeightAverage(student, 1 - 1 / max(1.0, recipe.average_epochs * steps_per_epoch))
-        began = time.perf_counter()
-        figures, _, per_image = checker.figures(student)
-        first = (per_image, 0, copy.deepcopy(student.state_dict()))
-        history.append({"epoch": 0, "lr": lr, "loss": None} | figures)
-        report(history[-1])
-        planned, epoch = max_epochs, 0
-        if step_seconds is not None and len(history) == 1:  # the expected wall time, from the range test's steps
-            expected = steps_per_epoch * step_seconds + time.perf_counter() - began
-            planned = schedule_length(max_epochs, 0, left(), expected)
-            report({"phase": "plan", "epochs": planned, "epoch_seconds": expected, "seconds": planned * expected})
-        while epoch < planned and not out_of_time():
-            epoch += 1
-            began = time.perf_counter()
-            base, total = (epoch - 1) * steps_per_epoch, planned * steps_per_epoch
-            loss = _epoch(
-                student, teacher, train, prepare, opt, rng, batch, recipe,
-                lambda k, base=base, total=total: lr * 0.5 * (1 + math.cos(math.pi * (base + k) / total)),
-                eval_batch=eval_batch, workers=workers, averaged=averaged, targets=targets,
-            )  # fmt: skip
-            with averaged.swapped_in() if averaged is not None else nullcontext():
-                figures, _, per_image = checker.figures(student)
-            last_epoch = time.perf_counter() - began
-            planned = schedule_length(max_epochs, epoch, left(), last_epoch)
-            history.append({"epoch": epoch, "lr": lr, "loss": loss, "planned": planned} | figures)
-            report(history[-1])
-        if epoch == 0:
-            return first, first
-        with averaged.swapped_in() if averaged is not None else nullcontext():
-            return first, (per_image, epoch, copy.deepcopy(student.state_dict()))
-
-    history: list[dict] = []
-    first, end = fit(lr, history)
-    while not chosen and worse(end[0], first[0]) and lr > min(LR_CANDIDATES) and not out_of_time():
-        lr = max(c for c in LR_CANDIDATES if c < lr)
-        student.load_state_dict(first[2])
-        first, end = fit(lr, history)
-    kept = first if worse(end[0], first[0]) else end
-    student.load_state_dict(kept[2])
+    trainer = _Trainer(student, teacher, train, checker, prepare, recipe, s, report, targets, step_seconds, began)
+    first, end = trainer.fit(lr)
+    while s.lr is None and worse(end.per_image, first.per_image) and lr > min(LR_CANDIDATES):
+        if trainer.out_of_time():
+            break
+        lr = max(c for c in LR_CANDIDATES if c < lr)  # that rate failed: the next smaller one, from the start
+        student.load_state_dict(first.state)
+        first, end = trainer.fit(lr)
+    kept = first if worse(end.per_image, first.per_image) else end
+    student.load_state_dict(kept.state)
     student.train(False)
-    return DistillReport(lr, lr_losses, history[-1]["epoch"], kept[1], history, time.perf_counter() - start)
+    history = trainer.history
+    return DistillReport(lr, lr_losses, history[-1].epoch, kept.epoch, history, time.perf_counter() - began)

@@ -19,72 +19,87 @@ own as well.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from aa_deploy.calibration.teacher_targets import autocast, logits, soft_targets
+from aa_deploy.calibration.views import canvas_crops, centre, pad_crop
 from aa_deploy.consistency import measure
 from aa_deploy.consistency.paired import bootstrap_ci
-from aa_deploy.consistency.protocols import view_count
+from aa_deploy.consistency.protocols import ConsistencyResult, view_count
 from aa_deploy.converters.bridge import OnnxModule
 from aa_deploy.errors import InputError
-from aa_deploy.input_format import Size, hw, square_or_pair
+from aa_deploy.input_format import square_or_pair
 
 TEACHER_SHIFTS = 8  # shifted views (besides the image itself) the held-out teacher is averaged over
 PASSES = 3
 WORSE_LEVEL = 0.90  # `worse`: the two-sided 90 % interval of a paired difference below zero, one-sided 95 %
 
 
-def pad_crop(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
-    """Random pad-and-crop shifts within +-shift pixels (zero padding); NHWC, any dtype."""
-    n, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
-    offsets = rng.integers(0, 2 * shift + 1, size=(n, 2))
-    return np.stack([padded[i, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)])
+@dataclass(frozen=True)
+class Protocol:
+    """One consistency figure of the held-out slice: its name (as printed and recorded) and the
+    `consistency.measure` settings it runs with."""
+
+    name: Literal["pad-and-crop", "circular", "random-crop", "diagonal"]
+    protocol: str
+    shift: int
+    pad: str | None
+
+    @property
+    def key(self) -> str:
+        return figure_key(self.name)
 
 
-def canvas_crops(canvases: np.ndarray, size: Size, rng: np.random.Generator, mirror: bool = True) -> np.ndarray:
-    """A crop of `size` (one side, or (height, width)) of each NHWC canvas at a random offset, mirrored
-    left-right with probability 1/2 when `mirror`."""
-    n, h, w, _ = canvases.shape
-    sh, sw = hw(size)
-    ys, xs = rng.integers(0, h - sh + 1, n), rng.integers(0, w - sw + 1, n)
-    crops = np.stack([c[y : y + sh, x : x + sw] for c, y, x in zip(canvases, ys, xs)])
-    if mirror:
-        flip = rng.random(n) < 0.5
-        crops[flip] = crops[flip, :, ::-1]
-    return crops
+# A consistency figure's key in a calibrated model's metadata, by protocol name.
+FIGURE_KEYS = {
+    "pad-and-crop": "consistency_pad_crop",
+    "circular": "consistency_circular",
+    "random-crop": "consistency_random_crop",
+    "diagonal": "consistency_diagonal",
+}
 
 
-def centre(canvases: np.ndarray, span: int) -> np.ndarray:
-    """The centre crop of each canvas, `span` px smaller: the view the model gets in use."""
-    if span == 0:
-        return canvases
-    a = span // 2
-    return canvases[:, a : a + canvases.shape[1] - span, a : a + canvases.shape[2] - span]
+def figure_key(name: str) -> str:
+    return FIGURE_KEYS[name]
 
 
-def autocast(device: torch.device):
-    """bfloat16 mixed precision on a GPU, nothing on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+@dataclass(frozen=True)
+class Figures:
+    """One model's figures on the held-out slice (shares, 0..1; None: not measured, or not a classifier):
+    `consistency` by protocol name, in the order measured."""
+
+    fidelity: float | None = None
+    agreement: float | None = None
+    consistency: dict[str, float | None] = field(default_factory=dict)
+    score: float | None = None
+
+    def as_dict(self) -> dict:
+        """The record a calibrated model's metadata keeps (consistencies under `Protocol.key`)."""
+        out = {"fidelity": self.fidelity, "agreement": self.agreement} if self.fidelity is not None else {}
+        out |= {figure_key(name): value for name, value in self.consistency.items()}
+        return out | ({"score": self.score} if self.score is not None else {})
 
 
-@torch.no_grad()
-def logits(module: OnnxModule, prepare: Callable, images: np.ndarray, batch: int) -> torch.Tensor:
-    """`module`'s first output for uint8/float NHWC `images`, in batches, as float32 on the CPU."""
-    with autocast(module.device):
-        outs = [
-            module(torch.from_numpy(prepare(images[i : i + batch]))).float().cpu() for i in range(0, len(images), batch)
-        ]
-    return torch.cat(outs)
+@dataclass(frozen=True)
+class PerImage:
+    """Each held-out image's fidelity hit (0 or 1) and score: what `worse` pairs."""
+
+    fidelity: np.ndarray
+    score: np.ndarray
 
 
-@torch.no_grad()
-def soft_targets(teacher: OnnxModule, views: list[np.ndarray], prepare, temperature: float, batch: int) -> torch.Tensor:
-    """The teacher's probabilities at `temperature`, averaged over `views` (the same images, shifted)."""
-    return sum(F.softmax(logits(teacher, prepare, v, batch) / temperature, 1) for v in views) / len(views)
+@dataclass(frozen=True)
+class Scored:
+    """A scoring's figures, the consistency results behind them (by protocol name: paired differences are
+    taken from these), and the per-image values (None for a model that is not a classifier)."""
+
+    figures: Figures
+    runs: dict[str, ConsistencyResult]
+    per_image: PerImage | None
 
 
 class HeldOut:
@@ -116,64 +131,57 @@ class HeldOut:
             else None
         )
 
-    def protocols(self, final: bool) -> dict:
-        """figure name -> `consistency.measure` arguments; the diagonal only in `final` summaries."""
+    def protocols(self, final: bool) -> tuple[Protocol, ...]:
+        """The consistency figures this slice reports; the diagonal only in `final` summaries."""
         if not self.span:
-            return {
-                "consistency_pad_crop": {"protocol": "random-crop", "shift": self.shift, "pad": "zero"},
-                "consistency_circular": {"protocol": "circular", "shift": max(1, self.shift // 2), "pad": None},
-            }
-        found = {"consistency_random_crop": {"protocol": "random-crop", "shift": self.span, "pad": None}}
-        if final:
-            found["consistency_diagonal"] = {"protocol": "diagonal", "shift": max(1, self.span // 2), "pad": None}
-        return found
+            return (
+                Protocol("pad-and-crop", "random-crop", self.shift, "zero"),
+                Protocol("circular", "circular", max(1, self.shift // 2), None),
+            )
+        found = (Protocol("random-crop", "random-crop", self.span, None),)
+        return found + ((Protocol("diagonal", "diagonal", max(1, self.span // 2), None),) if final else ())
 
     def views(self, final: bool = False) -> int:
-        """Views one scoring (`figures`) runs through a model: what its seconds scale with."""
+        """Views one scoring (`score`) runs through a model: what its seconds scale with."""
         counts = [
-            view_count(
-                settings["protocol"], len(self.images), shift=settings["shift"], passes=PASSES, pad=settings["pad"]
-            )
-            for settings in self.protocols(final).values()
+            view_count(p.protocol, len(self.images), shift=p.shift, passes=PASSES, pad=p.pad)
+            for p in self.protocols(final)
         ]
         return sum(counts) + (len(self.images) if self.classifier else 0)
 
-    def figures(self, module: OnnxModule, final: bool = False) -> tuple[dict, dict, dict]:
-        """The figures above for `module`, the consistency results (for paired differences), and each
-        image's fidelity hit and score ({"fidelity": ..., "score": ...}; empty for a model that is not
-        a classifier). `final` adds the figures measured only before and after (the diagonal shift of
-        canvas images); the score never counts them."""
+    def score(self, module: OnnxModule, final: bool = False) -> Scored:
+        """The figures above for `module`, its consistency results (for paired differences), and each image's
+        fidelity hit and score (None for a model that is not a classifier). `final` adds the figures measured
+        only before and after (the diagonal shift of canvas images); the score never counts them."""
         module.train(False)
 
         def run(x):
             with torch.no_grad(), autocast(module.device):
                 return module(torch.from_numpy(x)).float().cpu().numpy()
 
-        out: dict = {}
+        fidelity = agreement = None
         if self.classifier:
             top1 = logits(module, self.prepare, self.view, self.batch).argmax(1).numpy()
             hits = top1 == self.averaged_top1
-            out = {
-                "fidelity": float(hits.mean()),
-                "agreement": float((top1 == self.teacher_top1).mean()),
-            }
-        results = {}
-        scored = self.protocols(final=False)
-        for key, settings in self.protocols(final).items():
+            fidelity, agreement = float(hits.mean()), float((top1 == self.teacher_top1).mean())
+        runs = {}
+        for p in self.protocols(final):
             try:
-                results[key] = measure(
-                    settings["protocol"], run, self.prepare, self.images, crop=self.size, shift=settings["shift"],
-                    pad=settings["pad"], passes=PASSES, seed=self.seed, batch=min(self.batch, 64),
+                runs[p.name] = measure(
+                    p.protocol, run, self.prepare, self.images, crop=self.size, shift=p.shift, pad=p.pad,
+                    passes=PASSES, seed=self.seed, batch=min(self.batch, 64),
                 )  # fmt: skip
             except InputError:  # a protocol that does not apply to this output (a dense map under pad-and-crop)
                 pass
-            out[key] = results[key].consistency if key in results else None
-        per_image = {}
+        consistency = {p.name: runs[p.name].consistency if p.name in runs else None for p in self.protocols(final)}
+        per_image = None
         if self.classifier:
-            score = per_image_score(hits, {k: r for k, r in results.items() if k in scored})
-            per_image = {"fidelity": hits.astype(np.float64), "score": score}
-            out["score"] = float(per_image["score"].mean())
-        return out, results, per_image
+            scored = {p.name: runs[p.name] for p in self.protocols(final=False) if p.name in runs}
+            per_image = PerImage(hits.astype(np.float64), per_image_score(hits, scored))
+        figures = Figures(
+            fidelity, agreement, consistency, None if per_image is None else float(per_image.score.mean())
+        )
+        return Scored(figures, runs, per_image)
 
 
 def per_image_score(hits: np.ndarray, results: dict) -> np.ndarray:
@@ -192,7 +200,7 @@ def below(a: np.ndarray, b: np.ndarray, level: float = WORSE_LEVEL) -> bool:
     return bootstrap_ci(d, level=level)[1] < 0
 
 
-def worse(a: dict, b: dict) -> bool:
-    """Whether per-image figures `a` (`figures`' third item) are worse than `b`'s: fidelity or score
-    below them by more than the noise."""
-    return any(below(a[key], b[key]) for key in ("fidelity", "score"))
+def worse(a: PerImage, b: PerImage) -> bool:
+    """Whether per-image figures `a` are worse than `b`'s (the same images): fidelity or score below them by more
+    than the noise."""
+    return below(a.fidelity, b.fidelity) or below(a.score, b.score)

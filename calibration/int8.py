@@ -22,6 +22,7 @@ from aa_deploy.errors import InputError
 from aa_deploy.images import Preprocess, load_folder, normalize
 from aa_deploy.input_format import InputFormat
 from aa_deploy.model_io import input_spec
+from aa_deploy.progress import Progress, counter
 
 
 class ImageReader:
@@ -29,13 +30,24 @@ class ImageReader:
     `fixed` batch size every batch has exactly that many (the last filled up by repeating its last image,
     which leaves min/max ranges unchanged)."""
 
-    def __init__(self, input_name: str, x: np.ndarray, batch: int = 32, fixed: int | None = None) -> None:
+    def __init__(
+        self,
+        input_name: str,
+        x: np.ndarray,
+        batch: int = 32,
+        fixed: int | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         batch = fixed or batch
         parts = [x[i : i + batch] for i in range(0, len(x), batch)]
         self.batches = iter([{input_name: fill(p, fixed) if fixed else p} for p in parts])
+        self.advance = counter(progress, "calibration batches", len(parts))
 
     def get_next(self):
-        return next(self.batches, None)
+        found = next(self.batches, None)
+        if found is not None:
+            self.advance(1)
+        return found
 
 
 def calibration_inputs(
@@ -78,9 +90,11 @@ def quantize(
     per_channel: bool = True,
     report: dict | None = None,
     reduce_range: bool = True,
+    progress: Progress | None = None,
 ) -> list[str]:
     """Write a Q/DQ INT8 model calibrated on inputs `x`; returns the nodes kept in float (the blurs).
-    `report`, if given, gets the shape inference that ran before quantizing (`pre_process`).
+    `report`, if given, gets the shape inference that ran before quantizing (`pre_process`); `progress`
+    receives `Advance("calibration batches", ...)` as ONNX Runtime reads them.
 
     `reduce_range` (default): weights on 7 bits. ONNX Runtime's fused int8 convolutions on x86 CPUs
     without VNNI (AVX2 only) add pairs of int8 products in int16, which saturate at full range; the
@@ -102,7 +116,7 @@ def quantize(
         quantize_static(
             str(prepared),
             str(staged),
-            ImageReader(name, x, fixed=fixed_batch(dims)),
+            ImageReader(name, x, fixed=fixed_batch(dims), progress=progress),
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
             reduce_range=reduce_range,

@@ -22,8 +22,6 @@ to undo the blur in front of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +31,7 @@ from aa_deploy.calibration.matching import counterparts
 from aa_deploy.calibration.stats import ConvTarget, conv_targets, moments, rescale
 from aa_deploy.converters.bridge import OnnxModule
 from aa_deploy.errors import InputError
+from aa_deploy.progress import Progress, counter
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # relative to the mean diagonal of X'X
 MAX_FLOPS = 4e10  # multiply-adds spent on one conv's normal equations (positions are sampled to fit)
@@ -267,7 +266,7 @@ def calibrate_reconstruct(
     x: torch.Tensor,
     batch: int = 250,
     ridges: tuple[float, ...] = RIDGES,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     seed: int = 0,
     spatial: bool = True,
     after_blur: bool = True,
@@ -289,9 +288,9 @@ def calibrate_reconstruct(
     generator = torch.Generator().manual_seed(seed)
     held, reference = Frontier(student, x, batch), Frontier(teacher, x, batch)
     report = []
-    for done, target in enumerate(targets):
-        if progress:
-            progress(done, len(targets))
+    advance = counter(progress, "refitting convs (closed-form start)", len(targets))
+    for target in targets:
+        advance(1)
         position = student.producers[target.own_output]  # the conv's place in the student graph
         if _refittable(nodes[target.node], params[target.weight], target, spatial, after_blur):
             fit = refit_conv(held, reference, target, nodes[target.node], position, ridges, generator, names)

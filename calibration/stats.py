@@ -9,7 +9,6 @@ blur's in the Conv form, the conv's own in the pooled form (both commute with th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ from aa_deploy.blur_nodes import blur_after
 from aa_deploy.calibration.frontier import Frontier
 from aa_deploy.calibration.matching import counterparts, trainable_convs
 from aa_deploy.converters.bridge import OnnxModule
+from aa_deploy.progress import Progress, counter
 
 
 @dataclass
@@ -87,7 +87,7 @@ def calibrate_stats(
     teacher: OnnxModule,
     x: torch.Tensor,
     batch: int = 250,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     names: dict[str, str] | None = None,
 ) -> list[dict]:
     """Rescale every target conv of `student` in place, in graph order (each node run once per image:
@@ -97,9 +97,9 @@ def calibrate_stats(
     params = student.trainable()
     held = Frontier(student, x, batch)
     report = []
-    for done, target in enumerate(targets):
-        if progress:
-            progress(done, len(targets))
+    advance = counter(progress, "rescaling convs (closed-form start)", len(targets))
+    for target in targets:
+        advance(1)
         position = student.producers[target.own_output]  # the conv's place in the student graph
         scale = rescale(params, target, moments(held, {target.output}, position)[target.output],
                         reference[target.teacher_output])  # fmt: skip

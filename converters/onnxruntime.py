@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions behind the runner interface `run(feeds) -> outputs`."""
+"""ONNX Runtime sessions behind the runner interface (`runner.Runner`)."""
 
 from __future__ import annotations
 

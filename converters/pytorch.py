@@ -1,4 +1,4 @@
-"""A PyTorch module behind the runner interface `run(feeds) -> outputs` (the reference side)."""
+"""A PyTorch module behind the runner interface (`runner.Runner`): the reference side."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class TorchRunner:
         return [o.detach().float().cpu().numpy() for o in outs]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.run({"x": x})[0]
+        return self.run({self.input_names[0]: x})[0]
 
 
 def multiply_adds(module: nn.Module, x: np.ndarray, runner: TorchRunner | None = None) -> int:

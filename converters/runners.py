@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
+from aa_deploy.converters.runner import Runner
 from aa_deploy.converters.tensorrt import TensorRTRunner
 from aa_deploy.errors import InputError
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
-def make_runner(path: str | os.PathLike, backend: str = "onnxruntime", provider: str = "cpu"):
-    """A runner with `run(feeds) -> outputs`, `input_names` and `output_names`."""
+def make_runner(path: str | os.PathLike, backend: str = "onnxruntime", provider: str = "cpu") -> Runner:
+    """The deployed artifact at `path` behind the runner interface."""
     if backend == "onnxruntime":
         try:
             return OnnxRuntimeRunner(path, provider)

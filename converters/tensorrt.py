@@ -161,7 +161,8 @@ def profile_batches(shapes: dict) -> tuple[int | None, int]:
 
 
 class TensorRTRunner:
-    """A built engine behind `run(feeds) -> outputs`, after checking its sidecar's TensorRT version."""
+    """A built engine behind the runner interface (`runner.Runner`), after checking its sidecar's TensorRT
+    version."""
 
     def __init__(self, engine_path: str | os.PathLike) -> None:
         trt = require_tensorrt()

@@ -94,12 +94,13 @@ def test_onnx_runtime_refusing_inputs_at_run_time_is_one_line(monkeypatch, capsy
     from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
     from aa_deploy.cli import EXIT_INPUT, main
-    from aa_deploy.consistency import compare
+    from aa_deploy.consistency import compare, sides
 
     def refuse(*args, **kwargs):
         raise InvalidArgument("Got invalid dimensions for input: input\n index: 2 Got: 34 Expected: 32")
 
-    monkeypatch.setattr(compare, "runners_of", lambda *a, **k: {})  # the CLI opens the runners first
+    monkeypatch.setattr(sides.Models, "runners", lambda self: {})  # the CLI opens the runners first
+    monkeypatch.setattr(sides.Models, "input_format", lambda self: None)
     monkeypatch.setattr(compare, "compare", refuse)
     assert main(["consistency", str(tmp_path / "m.onnx")]) == EXIT_INPUT
     err = capsys.readouterr().err
@@ -119,12 +120,13 @@ def test_another_library_failing_is_one_line_with_a_hint(monkeypatch, capsys, tm
     # Raised inside a third-party library (here NumPy): one line naming it and asking for a report,
     # exit 2; --debug shows the traceback.
     from aa_deploy.cli import EXIT_INPUT, main
-    from aa_deploy.consistency import compare
+    from aa_deploy.consistency import compare, sides
 
     def library(*args, **kwargs):
         return np.pad(np.zeros(2), 1, mode="no such mode")  # raised in NumPy's own Python code
 
-    monkeypatch.setattr(compare, "runners_of", lambda *a, **k: {})
+    monkeypatch.setattr(sides.Models, "runners", lambda self: {})
+    monkeypatch.setattr(sides.Models, "input_format", lambda self: None)
     monkeypatch.setattr(compare, "compare", library)
     assert main(["consistency", str(tmp_path / "m.onnx")]) == EXIT_INPUT
     err = capsys.readouterr().err

@@ -10,7 +10,7 @@ import aa_deploy
 from aa_deploy import bundled
 from aa_deploy.converters.export import export
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
-from aa_deploy.torch import antialias_with, options_from_metadata
+from aa_deploy.twin import antialias_with, options_from_metadata
 from tests.helpers import cli
 
 

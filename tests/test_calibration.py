@@ -94,11 +94,18 @@ def test_write_back_changes_initializer_values_only(r20, tmp_path, method, mode)
     fed = meta["calibration"]["input"]
     assert fed == {"layout": "NCHW", "channels": 3, "height": 32, "width": 32, "dtype": "float32", "view": [32, 32]}
     assert meta["calibration"]["preprocess"]["size"] == 32
-    assert result.after["agreement"] >= result.before["agreement"] - 0.05
-    for key, d in result.versus_teacher.items():  # paired with the teacher's run on the same shifts
-        assert d["delta"] == pytest.approx(result.after[key] - result.teacher[key])
-        assert d["ci95"][0] <= d["delta"] <= d["ci95"][1]
-    assert meta["calibration"]["versus_teacher"] == json.loads(json.dumps(result.versus_teacher))
+    assert result.after.agreement >= result.before.agreement - 0.05
+    assert set(result.versus_teacher) == {"pad-and-crop", "circular"}
+    for name, d in result.versus_teacher.items():  # paired with the teacher's run on the same shifts
+        assert d.delta == pytest.approx(result.after.consistency[name] - result.teacher.consistency[name])
+        assert d.ci95[0] <= d.delta <= d.ci95[1]
+    keys = {"pad-and-crop": "consistency_pad_crop", "circular": "consistency_circular"}  # as models record them
+    recorded = {keys[name]: d.as_dict() for name, d in result.versus_teacher.items()}
+    assert meta["calibration"]["versus_teacher"] == json.loads(json.dumps(recorded))
+    assert meta["calibration"]["after"] == json.loads(json.dumps(result.after.as_dict()))
+    assert set(meta["calibration"]["after"]) == {
+        "fidelity", "agreement", "consistency_pad_crop", "consistency_circular", "score"
+    }  # fmt: skip
 
 
 def test_calibrate_cli_errors(r20, tmp_path):
@@ -231,7 +238,7 @@ def test_a_rate_whose_end_scores_below_the_start_backs_off(r20, tmp_path, monkey
     monkeypatch.setattr(distill, "range_test", lambda *a: (max(distill.LR_CANDIDATES), {}, 0.0))
     args = (r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images")
     result = calibrate(*args, tmp_path / "c.onnx", max_epochs=2, start="reconstruct")
-    rates = [h["lr"] for h in result.history if h["epoch"] == 0]
+    rates = [h.lr for h in result.history if h.epoch == 0]
     assert rates == sorted(distill.LR_CANDIDATES, reverse=True)
     assert result.lr == min(distill.LR_CANDIDATES) and result.kept_epoch == 0
     calibrate(*args, tmp_path / "start.onnx", method="reconstruct")
@@ -258,14 +265,14 @@ def test_the_whole_schedule_runs_and_its_end_is_kept(r20, tmp_path, monkeypatch)
     # the schedule, whatever the guard would say on these 70 images.
     monkeypatch.setattr(distill, "worse", lambda end, start: False)
     result = calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=4)
-    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3, 4]
-    assert [h["planned"] for h in result.history[1:]] == [4, 4, 4, 4]
+    assert [h.epoch for h in result.history] == [0, 1, 2, 3, 4]
+    assert [h.planned for h in result.history[1:]] == [4, 4, 4, 4]
     assert result.kept_epoch == 4 and result.epochs == 4
     assert aa_deploy.model_io.read_metadata(onnx.load(tmp_path / "c.onnx"))["calibration"]["kept_epoch"] == 4
 
 
 def test_worse_means_below_by_more_than_the_held_out_noise():
-    from aa_deploy.calibration.held_out import below, worse
+    from aa_deploy.calibration.held_out import PerImage, below, worse
 
     rng = np.random.default_rng(0)
     start = rng.integers(0, 2, 100) + rng.random(100)
@@ -283,8 +290,8 @@ def test_worse_means_below_by_more_than_the_held_out_noise():
     hits = (start >= 1).astype(float)
     lost = hits.copy()
     lost[np.flatnonzero(hits)[:5]] = 0
-    assert worse({"fidelity": lost, "score": start + 0.1}, {"fidelity": hits, "score": start})
-    assert not worse({"fidelity": hits, "score": start + 0.1}, {"fidelity": hits, "score": start})
+    assert worse(PerImage(lost, start + 0.1), PerImage(hits, start))
+    assert not worse(PerImage(hits, start + 0.1), PerImage(hits, start))
 
 
 def test_a_time_limit_shortens_the_schedule():
@@ -301,16 +308,21 @@ def test_a_time_limit_spent_before_the_plan_keeps_the_start(r20, tmp_path):
     # The limit is gone by the time the plan is made: distillation is dropped from the plan before anything
     # trains, and the closed-form start (at its smallest) is the result.
     from aa_deploy.calibration.budget import START_FLOOR
+    from aa_deploy.calibration.calibrate import Planned
+    from aa_deploy.calibration.distill import Epoch
+    from aa_deploy.progress import Advance
 
     records = []
     result = calibrate(
         r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=5, time_limit=1e-3,
         progress=records.append,
     )  # fmt: skip
-    plans = [r["plan"] for r in records if r["phase"] == "budget"]
+    plans = [r.plan for r in records if isinstance(r, Planned)]
     assert len(plans) == 1 and not plans[0].sizes.distill and plans[0].sizes.start_images == START_FLOOR
     assert result.history == [] and result.epochs is None and result.trained_on == 0
-    assert not any(r["phase"] in ("epoch", "targets", "load") for r in records)
+    # the start's layers advance; nothing of distillation (epochs, teacher targets, decoding training images)
+    assert {r.task for r in records if isinstance(r, Advance)} == {"refitting convs (closed-form start)"}
+    assert not any(isinstance(r, Epoch) for r in records)
     assert (tmp_path / "c.onnx").exists()
 
 
@@ -333,9 +345,9 @@ def test_calibrate_runs_the_steps_at_the_sizes_its_time_plan_gives(r20, tmp_path
             seen.setdefault("start", len(x)) and fit(student, teacher, x, *a, **k)
         )
 
-    def distill(student, teacher, train, *a, **k):
-        seen.update(train=len(train), probe=k["probe"], steps=k["range_steps"], limit=k["time_limit"])
-        return real_distill(student, teacher, train, *a, **k)
+    def distill(student, teacher, train, checker, prepare, recipe, schedule, progress):
+        seen.update(train=len(train), probe=schedule.probe, steps=schedule.range_steps, limit=schedule.time_limit)
+        return real_distill(student, teacher, train, checker, prepare, recipe, schedule, progress)
 
     monkeypatch.setattr(module, "_closed_form", closed_form)
     monkeypatch.setattr(module, "distill", distill)
@@ -344,7 +356,7 @@ def test_calibrate_runs_the_steps_at_the_sizes_its_time_plan_gives(r20, tmp_path
         r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", max_epochs=2, time_limit=45,
         batch_size=8, progress=records.append,
     )  # fmt: skip
-    plan = [r["plan"] for r in records if r["phase"] == "budget"][-1]
+    plan = [r.plan for r in records if isinstance(r, module.Planned)][-1]
     assert plan.sizes.distill and 0 < plan.sizes.train_images < 70  # 70 training images of 80; the plan cut them
     assert seen["start"] == plan.sizes.start_images
     assert (seen["train"], seen["probe"], seen["steps"]) == (
@@ -371,7 +383,8 @@ def test_the_time_limit_flags_are_checked(r20, tmp_path):
 
 
 def test_soft_targets_average_the_teachers_probabilities_over_views(r20):
-    from aa_deploy.calibration.held_out import pad_crop, soft_targets
+    from aa_deploy.calibration.teacher_targets import soft_targets
+    from aa_deploy.calibration.views import pad_crop
 
     _, teacher = load_module(r20 / "r20.onnx")
     images = bundled.cifar_test_images()[0][:8]
@@ -394,20 +407,21 @@ def test_held_out_score_does_not_reward_a_constant_model(r20):
     _, teacher = load_module(r20 / "r20.onnx")
     images = bundled.cifar_test_images()[0][:40]
     held = HeldOut(teacher, images, bundled.cifar_normalize, seed=0, batch=16)
-    figures, results, per_image = held.figures(teacher)
+    scored = held.score(teacher)
+    figures, results, per_image = scored.figures, scored.runs, scored.per_image
     # fidelity: the teacher's own top-1 on each image (ONNX Runtime, an independent executor) against its
     # shift-averaged answer
     session = ort.InferenceSession(str(r20 / "r20.onnx"))
     x = bundled.cifar_normalize(images)
     top1 = np.concatenate([session.run(None, {"input": x[i : i + 2]})[0].argmax(1) for i in range(0, 40, 2)])
-    assert figures["agreement"] == 1.0
-    assert figures["fidelity"] == pytest.approx(float((top1 == held.averaged_top1).mean()))
-    assert set(results) == {"consistency_pad_crop", "consistency_circular"}
+    assert figures.agreement == 1.0
+    assert figures.fidelity == pytest.approx(float((top1 == held.averaged_top1).mean()))
+    assert set(results) == set(figures.consistency) == {"pad-and-crop", "circular"}
     assert held.views() == 40 + sum(r.views for r in results.values())  # what a time plan scales scoring by
-    cons = (figures["consistency_pad_crop"] + figures["consistency_circular"]) / 2
-    assert per_image["score"].shape == (40,) and per_image["score"].mean() == pytest.approx(figures["fidelity"] + cons)
-    assert figures["score"] == pytest.approx(per_image["score"].mean())
-    assert per_image["fidelity"].mean() == pytest.approx(figures["fidelity"])
+    cons = (figures.consistency["pad-and-crop"] + figures.consistency["circular"]) / 2
+    assert per_image.score.shape == (40,) and per_image.score.mean() == pytest.approx(figures.fidelity + cons)
+    assert figures.score == pytest.approx(per_image.score.mean())
+    assert per_image.fidelity.mean() == pytest.approx(figures.fidelity)
 
     class Constant(torch.nn.Module):
         device = torch.device("cpu")
@@ -415,10 +429,10 @@ def test_held_out_score_does_not_reward_a_constant_model(r20):
         def forward(self, x):
             return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
 
-    constant, _, _ = held.figures(Constant())
-    assert constant["consistency_pad_crop"] == constant["consistency_circular"] == 1.0
-    assert constant["score"] < figures["score"]
-    assert constant["fidelity"] == pytest.approx(float((held.averaged_top1 == 0).mean()))
+    constant = held.score(Constant()).figures
+    assert constant.consistency["pad-and-crop"] == constant.consistency["circular"] == 1.0
+    assert constant.score < figures.score
+    assert constant.fidelity == pytest.approx(float((held.averaged_top1 == 0).mean()))
 
 
 def test_streamed_images_give_the_same_calibration_as_decoded_ones(r20, tmp_path, monkeypatch):
@@ -467,10 +481,10 @@ def test_capture_stops_the_pass_at_the_last_named_tensor(r20):
 
 
 def test_device_choice(r20, tmp_path):
-    from aa_deploy.calibration.calibrate import resolve_device
+    from aa_deploy.calibration.calibrate import Compute
 
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert Compute("cpu").torch_device().type == "cpu"
+    assert Compute("auto").torch_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         proc = cli(
             "calibrate", r20 / "r20.pre.onnx", "--teacher", r20 / "r20.onnx", "--images", r20 / "images",
@@ -536,7 +550,7 @@ def test_convert_then_calibrate_in_one_step(r20, tmp_path, capsys, monkeypatch):
 def test_calibrated_weights_go_back_into_the_twin(r20, tmp_path, mode):
     # The calibrated graph's independent reference: the twin (separate conv and BatchNorm) with the
     # calibrated folded weights put back equals ONNX Runtime on the calibrated graph.
-    from aa_deploy.torch import antialias_with, options_from_metadata
+    from aa_deploy.twin import antialias_with, options_from_metadata
     from aa_deploy.twin_weights import load_folded_weights
 
     out = tmp_path / "cal.onnx"
@@ -555,7 +569,8 @@ def test_calibrated_weights_go_back_into_the_twin(r20, tmp_path, mode):
 
 
 def test_student_views_alternate_pad_and_crop_with_circular_rolls():
-    from aa_deploy.calibration.distill import Recipe, _step_views
+    from aa_deploy.calibration.distill import _step_views
+    from aa_deploy.calibration.recipe import Recipe
 
     images = np.random.default_rng(0).integers(1, 256, (6, 12, 12, 3)).astype(np.float32)
     student, teacher = _step_views(images, Recipe(student_views=3, circular=True), np.random.default_rng(1))
@@ -726,8 +741,8 @@ def test_a_teacher_exported_the_other_way_is_matched_by_structure(r20, r20_torch
             result,
         )
     (a, ra), (b, rb) = results.values()
-    assert ra.start["matched_by"] == "names" and rb.start["matched_by"] == "structure"
-    assert ra.start["refit"] == rb.start["refit"] == 20  # 19 convs and the classifier
+    assert ra.start.matched_by == "names" and rb.start.matched_by == "structure"
+    assert ra.start.refit == rb.start.refit == 20  # 19 convs and the classifier
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
 
 

@@ -203,15 +203,17 @@ def test_no_command_writes_over_its_inputs(tmp_path):
 def test_calibrate_verdict_says_better_worse_or_not_resolved_by_the_paired_interval():
     from types import SimpleNamespace
 
+    from aa_deploy.calibration.held_out import Figures
     from aa_deploy.cli.calibrate import verdict
+    from aa_deploy.consistency.paired import PairedDelta
 
     result = SimpleNamespace(
         versus_teacher={
-            "consistency_random_crop": {"delta": -0.012, "ci95": (-0.027, 0.002)},
-            "consistency_diagonal": {"delta": -0.02, "ci95": (-0.035, -0.004)},
-            "consistency_pad_crop": {"delta": 0.016, "ci95": (0.004, 0.027)},
+            "random-crop": PairedDelta(-0.012, (-0.027, 0.002), 100),
+            "diagonal": PairedDelta(-0.02, (-0.035, -0.004), 100),
+            "pad-and-crop": PairedDelta(0.016, (0.004, 0.027), 100),
         },
-        after={"fidelity": 0.953},
+        after=Figures(fidelity=0.953),
     )
     assert verdict(result) == (
         "random-crop consistency not resolved (-1.2, -2.7 to +0.2); diagonal consistency WORSE (-2.0, -3.5 to -0.4); "

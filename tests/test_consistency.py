@@ -326,7 +326,10 @@ def test_progress_reports_every_view(protocol, pad):
         batch=5,
         progress=seen.append,
     )
-    assert sum(seen) == result.views == view_count(protocol, 6, shift=2, passes=2, pad=pad)
+    total = view_count(protocol, 6, shift=2, passes=2, pad=pad)
+    assert [e.total for e in seen] == [total] * len(seen) and {e.task for e in seen} == {"views"}
+    assert seen[-1].done == result.views == total  # the count climbs batch by batch to every view run
+    assert [e.done for e in seen] == sorted({e.done for e in seen})
 
 
 @pytest.mark.parametrize("protocol", ["circular", "random-crop"])
@@ -336,7 +339,8 @@ def test_image_folder_views_have_the_model_input_size(tmp_path, protocol):
     from PIL import Image
 
     from aa_deploy import bundled
-    from aa_deploy.consistency.compare import compare
+    from aa_deploy.consistency.compare import Images, Measurement
+    from aa_deploy.consistency.sides import Models, measure_models
     from aa_deploy.converters.export import export
 
     images, labels = bundled.cifar_test_images()
@@ -344,7 +348,7 @@ def test_image_folder_views_have_the_model_input_size(tmp_path, protocol):
         (tmp_path / "imgs" / str(labels[i])).mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i]).save(tmp_path / "imgs" / str(labels[i]) / f"{i}.png")
     model = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
-    results, data = compare([model], images=str(tmp_path / "imgs"), protocol=protocol, passes=2)
+    results, data = measure_models(Models((model,)), Measurement(protocol, passes=2), Images(str(tmp_path / "imgs")))
     assert data.images.shape[1:3] == ((32, 32) if protocol == "circular" else (32 + 32, 32 + 32))
     assert next(iter(results.values())).images == 8
 
@@ -386,7 +390,8 @@ def test_an_argmax_output_is_scored_as_labels(tmp_path):
     import torch
 
     from aa_deploy import bundled
-    from aa_deploy.consistency.compare import compare
+    from aa_deploy.consistency.compare import Images, Measurement
+    from aa_deploy.consistency.sides import Models, measure_models
 
     class Labels(torch.nn.Module):
         def __init__(self, net):
@@ -405,7 +410,8 @@ def test_an_argmax_output_is_scored_as_labels(tmp_path):
             input_names=["input"], dynamic_axes={"input": {0: "N"}},
         )  # fmt: skip
     for protocol in ("random-crop", "one-pixel"):
-        results, _ = compare([paths["logits"], paths["labels"]], images="bundled:cifar10", protocol=protocol, passes=2)
+        models = Models((paths["logits"], paths["labels"]))
+        results, _ = measure_models(models, Measurement(protocol, passes=2), Images("bundled:cifar10"))
         logits, labels = results[str(paths["logits"])], results[str(paths["labels"])]
         assert labels.metric == "top-1 agreement" and labels.per_image == logits.per_image
         assert labels.per_image_correct == logits.per_image_correct

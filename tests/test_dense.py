@@ -23,7 +23,7 @@ from aa_deploy import bundled
 from aa_deploy.converters.export import export
 from aa_deploy.errors import InputError
 from aa_deploy.input_format import InputFormat
-from aa_deploy.parity import verify
+from aa_deploy.parity import Inputs, verify
 from tests.helpers import cli
 
 TOL = 1e-4  # of the output scale
@@ -121,7 +121,7 @@ def test_twin_of_a_dense_model_passes_verify(resnet20):
         out = folder / f"r20.{name}.onnx"
         result = aa_deploy.convert(files["dynamo"], out, options)
         assert {a.action for a in result.actions} == ({"pre", "dense"} if name == "blur-dense" else {"dense"})
-        report = verify(out, "aa:cifar10_resnet20", images="bundled:cifar10", count=32)
+        report = verify(out, "aa:cifar10_resnet20", Inputs("bundled:cifar10", count=32))
         assert report.passed, report.as_dict()
 
 
@@ -243,6 +243,6 @@ def test_calibrate_and_quantize_take_a_dense_model(resnet20, tmp_path):
     before = output_drift(files["dynamo"], converted).value
     after = output_drift(files["dynamo"], calibrated).value
     assert after > before + 0.1, (before, after)
-    assert verify(calibrated, "aa:cifar10_resnet20", images="bundled:cifar10", count=32).passed
+    assert verify(calibrated, "aa:cifar10_resnet20", Inputs("bundled:cifar10", count=32)).passed
     proc = cli("quantize", calibrated, "--calib-images", crops, "-o", tmp_path / "int8.onnx")
     assert proc.returncode == 0, proc.stderr

@@ -64,7 +64,7 @@ def test_dense_last_site_is_the_mean_over_its_sampling_phases(lite0, size):
 
     import aa_deploy
     from aa_deploy.models.efficientnet_lite import efficientnet_lite0
-    from aa_deploy.parity import verify
+    from aa_deploy.parity import Inputs, verify
 
     source = lite0 / f"lite0.{size}.onnx"
     if size == 224:
@@ -100,5 +100,5 @@ def test_dense_last_site_is_the_mean_over_its_sampling_phases(lite0, size):
     assert np.abs(got - outs[0]).max() > 1e-2 * np.abs(ref).max()  # not the original (phase (0, 0))
     both = lite0 / f"lite0.{size}.blur-dense2.onnx"
     aa_deploy.convert(source, both, aa_deploy.Options(dense_last=2))
-    report = verify(both, "aa:efficientnet_lite0", count=2)
+    report = verify(both, "aa:efficientnet_lite0", Inputs(count=2))
     assert report.passed, report.as_dict()

@@ -290,11 +290,11 @@ def test_consistency_and_quantize_feed_nhwc_float16_and_non_square_inputs(made, 
 
 
 def test_verify_feeds_images_as_the_graph_takes_them(made):
-    from aa_deploy.parity import make_inputs
+    from aa_deploy.parity import Inputs, make_inputs
 
-    x, info = make_inputs(made["nhwc"], images=str(made["images"]), count=4)
+    x, info = make_inputs(made["nhwc"], Inputs(str(made["images"]), count=4))
     assert x.shape == (4, 32, 32, 3) and x.dtype == np.float32 and info["shape"] == [32, 32, 3]
-    x, _ = make_inputs(made["half"], images=str(made["images"]), count=4)
+    x, _ = make_inputs(made["half"], Inputs(str(made["images"]), count=4))
     assert x.shape == (4, 3, 32, 32) and x.dtype == np.float16
-    x, _ = make_inputs(made["gray"], images=str(made["images"]), preprocess=Preprocess(32, None, (0.5,), (0.5,)))
+    x, _ = make_inputs(made["gray"], Inputs(str(made["images"]), Preprocess(32, None, (0.5,), (0.5,))))
     assert x.shape[1:] == (1, 32, 32)

@@ -88,7 +88,7 @@ def test_reflect_on_dynamic_sizes_is_decided_at_run_time(size, expected_pad):
     )
     import torch as pt
 
-    from aa_deploy import torch as twin_torch  # the twin decides the same way
+    from aa_deploy import twin as twin_torch  # the twin decides the same way
 
     blur = twin_torch.Blur(2, (2, 2), 5, "reflect")
     with pt.no_grad():
@@ -149,7 +149,7 @@ def test_the_stem_is_skipped_by_default_only_where_it_subsamples_the_input_image
 def test_the_twins_default_stem_rule():
     import torch as pt
 
-    from aa_deploy import torch as twin_torch
+    from aa_deploy import twin as twin_torch
 
     net = pt.nn.Sequential(pt.nn.Conv2d(3, 8, 3, 2, 1), pt.nn.ReLU(), pt.nn.Conv2d(8, 8, 3, 2, 1))
     _, report = twin_torch.antialias(net)
@@ -531,7 +531,7 @@ def test_the_twin_and_the_pass_decide_alike(mode, tmp_path):
     import torch as pt
 
     from aa_deploy import bundled
-    from aa_deploy import torch as twin_torch
+    from aa_deploy import twin as twin_torch
     from aa_deploy.converters.export import export
 
     small = pt.nn.Sequential(

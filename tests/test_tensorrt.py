@@ -12,10 +12,12 @@ import pytest
 
 import aa_deploy
 from aa_deploy import bundled
+from aa_deploy.comparator import Check
 from aa_deploy.converters.export import export
 from aa_deploy.converters.precision import to_fp16
 from aa_deploy.converters.tensorrt import Sidecar, check_version, parse_shapes
 from aa_deploy.errors import InputError
+from aa_deploy.parity import Deployed, Inputs
 from tests import graphs as G
 from tests.helpers import cli
 
@@ -53,7 +55,7 @@ def test_fp16_graph_keeps_exact_blurs_and_parity(tmp_path):
     m = onnx.load(tmp_path / "r20.fp16.onnx")
     assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # I/O stay float32
     result = aa_deploy.verify(
-        tmp_path / "r20.fp16.onnx", bundled.resnet20(), precision="fp16", images="bundled:cifar10"
+        tmp_path / "r20.fp16.onnx", bundled.resnet20(), Inputs("bundled:cifar10"), Check(precision="fp16")
     )
     assert result.passed and result.outputs[0].top1_agreement >= 0.99 and result.outputs[0].max_abs > 1e-4
 
@@ -101,7 +103,9 @@ def test_engine_build_and_parity_on_gpu(tmp_path):  # pragma: no cover - runs on
         tmp_path / "r20.plan",
     )
     assert proc.returncode == 0, proc.stderr
-    result = aa_deploy.verify(tmp_path / "r20.plan", bundled.resnet20(), backend="tensorrt", images="bundled:cifar10")
+    result = aa_deploy.verify(
+        tmp_path / "r20.plan", bundled.resnet20(), Inputs("bundled:cifar10"), deployed=Deployed("tensorrt")
+    )
     assert result.passed, result.outputs
 
 

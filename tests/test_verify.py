@@ -13,7 +13,9 @@ from torch import nn
 
 import aa_deploy
 from aa_deploy import bundled
+from aa_deploy.comparator import Check
 from aa_deploy.converters.export import export
+from aa_deploy.parity import Inputs
 from aa_deploy.testing import assert_parity
 from tests.helpers import cli
 
@@ -53,14 +55,14 @@ def test_converted_model_passes_against_its_twin_on_real_images(models):
 
 
 def test_plain_export_passes_against_plain_model(models):
-    result = aa_deploy.verify(models / "r20.onnx", bundled.resnet20(), count=16)
+    result = aa_deploy.verify(models / "r20.onnx", bundled.resnet20(), Inputs(count=16))
     assert result.passed and result.reference_antialiased is None
 
 
 def test_change_report_never_fails_and_is_labelled(models):
     proc = cli("verify", models / "r20.aa.onnx", "--reference", REF, "--change", "--images", "bundled:cifar10")
     assert proc.returncode == 0 and "CHANGE (not a failure)" in proc.stdout
-    result = aa_deploy.verify(models / "r20.aa.onnx", REF, change=True, images="bundled:cifar10")
+    result = aa_deploy.verify(models / "r20.aa.onnx", REF, Inputs("bundled:cifar10"), Check("change"))
     assert result.kind == "change" and result.passed and result.outputs[0].top1_agreement < 1.0
 
 
@@ -109,19 +111,19 @@ class SwappedHW(nn.Module):
 
 def test_gate_fails_on_a_transposed_input_layout(tmp_path):
     swapped = export(SwappedHW(bundled.resnet20()), tmp_path / "swapped.onnx", (2, 3, 32, 32))
-    result = aa_deploy.verify(swapped, bundled.resnet20(), images="bundled:cifar10")
+    result = aa_deploy.verify(swapped, bundled.resnet20(), Inputs("bundled:cifar10"))
     assert not result.passed and result.outputs[0].name == "output"
     with pytest.raises(AssertionError, match="output .* FAILED"):
-        assert_parity(swapped, bundled.resnet20(), images="bundled:cifar10")
+        assert_parity(swapped, bundled.resnet20(), Inputs("bundled:cifar10"))
 
 
 def test_assert_parity_passes_quietly(models):
-    result = assert_parity(models / "r20.aa.onnx", bundled.resnet20(), count=4)
+    result = assert_parity(models / "r20.aa.onnx", bundled.resnet20(), Inputs(count=4))
     assert result.passed
 
 
 def test_compare_metrics_by_hand():
-    from aa_deploy.parity import Tolerance, compare
+    from aa_deploy.comparator import Tolerance, compare
 
     ref = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], np.float32)
     got = ref + np.array([[0.0, 0.0, 0.5], [0.0, 2.0, 0.0]], np.float32)
@@ -146,7 +148,7 @@ def test_input_errors_exit_2(models, tmp_path):
 
 def test_a_reference_with_non_finite_values_fails_the_gate():
     """NaN compares false with every bound: a reference that returns NaN must fail, not pass."""
-    from aa_deploy.parity import Tolerance, compare
+    from aa_deploy.comparator import Tolerance, compare
 
     ref = np.array([[0.5, np.nan, 1.0], [1.0, 2.0, 3.0]], np.float32)
     got = np.array([[0.5, 0.0, 1.0], [1.0, 2.0, 3.0]], np.float32)

@@ -15,7 +15,8 @@ import torch
 
 import aa_deploy
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
-from aa_deploy.torch import antialias_with
+from aa_deploy.parity import Inputs
+from aa_deploy.twin import antialias_with
 from tests.conftest import ZOO
 
 pytestmark = pytest.mark.zoo
@@ -73,9 +74,9 @@ def test_zoo_verify_gate(name, zoo_model, tmp_path):
     """The release checks through `aa_deploy.verify`: plain export vs plain model, converted vs twin."""
     zoo = zoo_model(name)
     images = "bundled:cifar10" if name == "cifar_resnet20" else None
-    plain = aa_deploy.verify(zoo.onnx, zoo.module, images=images, count=4)
+    plain = aa_deploy.verify(zoo.onnx, zoo.module, Inputs(images, count=4))
     assert plain.passed, plain.outputs
     converted = tmp_path / "aa.onnx"
     aa_deploy.convert(zoo.onnx, converted)
-    result = aa_deploy.verify(converted, zoo.module, images=images, count=4)
+    result = aa_deploy.verify(converted, zoo.module, Inputs(images, count=4))
     assert result.passed and result.reference_antialiased["filter"] == "triangle", result.outputs

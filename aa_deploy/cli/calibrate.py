@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 from rich.console import Console
 
 from aa_deploy import model_io
-from aa_deploy.calibration.calibrate import METHODS, STARTS, VIEWS, Compute, Data, Training, calibrate
-from aa_deploy.calibration.distill import Recipe
+from aa_deploy.calibration.calibrate import (
+    METHODS,
+    STARTS,
+    VIEWS,
+    CalibrationResult,
+    Compute,
+    Data,
+    Planned,
+    Training,
+    calibrate,
+)
+from aa_deploy.calibration.distill import Epoch, EpochsPlanned
+from aa_deploy.calibration.recipe import Recipe
 from aa_deploy.cli import common
-from aa_deploy.errors import InputError
 
 
 def add(sub) -> None:
@@ -122,48 +133,41 @@ def add(sub) -> None:
     k.set_defaults(run=run)
 
 
+# The records' fields set by a flag of another name (the rest: the flag is the field's name).
+FLAGS = {"max_epochs": "epochs"}
+
+
 def configuration(args: argparse.Namespace) -> tuple[Data, Training, Compute]:
-    """The library's configuration from the flags, each flag checked here under its own name."""
-    common.at_least_1(args, "limit")
-    if args.time_limit is not None and args.time_limit <= 0:
-        raise InputError(f"--time-limit must be positive, not {args.time_limit:g} minutes")
-    if args.epochs < 1:
-        raise InputError(f"--epochs must be 1 or more, not {args.epochs}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f"--batch-size must be 1 or more, not {args.batch_size}")
-    if args.shift < 1:
-        raise InputError(f"--shift must be 1 pixel or more, not {args.shift}")
-    if args.invariance < 0 or args.average_epochs < 0:
-        raise InputError("--invariance and --average-epochs must be 0 or more")
-    if (args.student_views is not None and args.student_views < 1) or args.teacher_views < 0:
-        raise InputError("--student-views must be 1 or more, --teacher-views 0 or more")
-    recipe = Recipe(
-        shift=args.shift,
-        mix=not args.no_mixup,
-        teacher_views=args.teacher_views,
-        student_views=args.student_views,
-        invariance=args.invariance,
-        circular=not args.no_circular_views,
-        average_epochs=args.average_epochs,
-    )
-    data = Data(
-        args.images,
-        preprocess=common.preprocess(args, model=args.model),
-        limit=args.limit,
-        views=args.views,
-        layout=args.layout,
-    )
-    training = Training(
-        method=args.method,
-        start=args.start,
-        max_epochs=args.epochs,
-        lr=args.lr,
-        time_limit=None if args.time_limit is None else 60 * args.time_limit,
-        rescale_after_blur=args.rescale_after_blur,
-        recipe=recipe,
-        seed=args.seed,
-    )
-    return data, training, Compute(device=args.device, batch_size=args.batch_size, workers=args.workers)
+    """The library's configuration from the flags. The records check every setting; a setting out of range is
+    reported under the flag that gave it, with the value as given."""
+    with common.setting_errors(args, FLAGS):
+        recipe = Recipe(
+            shift=args.shift,
+            mix=not args.no_mixup,
+            teacher_views=args.teacher_views,
+            student_views=args.student_views,
+            invariance=args.invariance,
+            circular=not args.no_circular_views,
+            average_epochs=args.average_epochs,
+        )
+        data = Data(
+            args.images,
+            preprocess=common.preprocess(args, model=args.model),
+            limit=args.limit,
+            views=args.views,
+            layout=args.layout,
+        )
+        training = Training(
+            method=args.method,
+            start=args.start,
+            max_epochs=args.epochs,
+            lr=args.lr,
+            time_limit=None if args.time_limit is None else 60 * args.time_limit,
+            rescale_after_blur=args.rescale_after_blur,
+            recipe=recipe,
+            seed=args.seed,
+        )
+        return data, training, Compute(device=args.device, batch_size=args.batch_size, workers=args.workers)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
@@ -176,43 +180,9 @@ def calibrate_and_report(
 ) -> int:
     """Calibrate (the library's `calibrate`) with its progress shown, then its figures, verdict and advice
     (`calibrate` itself, and `convert --calibrate` with the defaults)."""
-    from rich.progress import Progress
     from rich.table import Table
 
-    bars = Progress(console=console, transient=True)
-    tasks: dict = {}
-
-    def progress(record: dict) -> None:
-        phase = record["phase"]
-        if phase == "budget":
-            if record["plan"].limit is not None:
-                console.print(time_plan(record["plan"], record.get("after_start", False)))
-            return
-        if phase == "plan":
-            console.print(
-                f"  expected: {record['epochs']} epochs of about {record['epoch_seconds']:.0f} s, "
-                f"{record['seconds'] / 60:.1f} minutes of distillation (from the range test's steps)"
-            )
-            return
-        if phase in ("load", "start", "targets"):
-            label = {"load": "decoding images", "targets": "teacher targets (once per image)"}.get(
-                phase, f"{record.get('name')}: refitting convs"
-            )
-            if phase not in tasks:
-                tasks[phase] = bars.add_task(label, total=record["total"])
-            bars.update(tasks[phase], completed=record["done"] + (phase == "start"))
-            return
-        if record["epoch"] == 0:
-            console.print(f"  learning rate {record['lr']:g}")
-        loss = "" if record["loss"] is None else f", loss {record['loss']:.3f}"
-        of = f" of {record['planned']}" if "planned" in record else ""
-        consistency = " / ".join(_pct(record[key]) for key in LABELS if key in record)
-        console.print(
-            f"  epoch {record['epoch']}{of}: held-out fidelity {100 * record['fidelity']:.1f}%, consistency "
-            f"{consistency}, score {record['score']:.3f}{loss}"
-        )
-
-    with bars:
+    with common.progress_bars(console, partial(_event, console)) as progress:
         result = calibrate(model, teacher, data, output, training, compute, progress=progress)
     chose = (
         " (held out from training; they also chose the learning rate and whether to keep the schedule's end, "
@@ -223,13 +193,11 @@ def calibrate_and_report(
     table = Table(
         title=f"calibration ({result.method}) on {result.held_out} held-out images{chose}", title_justify="left"
     )
-    measured = [key for key in LABELS if key in result.after]
-    columns = ("model", "fidelity %", "agreement %", *(f"consistency % ({LABELS[key]})" for key in measured))
-    for column in columns:
+    measured = list(result.after.consistency)
+    for column in ("model", "fidelity %", "agreement %", *(f"consistency % ({name})" for name in measured)):
         table.add_column(column)
-    keys = ("fidelity", "agreement", *measured)
     for name, row in (("original", result.teacher), ("converted", result.before), ("calibrated", result.after)):
-        table.add_row(name, *(_pct(row.get(key)) for key in keys))
+        table.add_row(name, _pct(row.fidelity), _pct(row.agreement), *(_pct(row.consistency.get(m)) for m in measured))
     console.print(table)
     console.print(
         "fidelity: top-1 agreement with the original averaged over shifts of each image; agreement: with its answer on "
@@ -239,7 +207,7 @@ def calibrate_and_report(
         console.print(
             f"verdict on {result.held_out} held-out images, calibrated against the original: {verdict(result)}"
         )
-    if any(d["ci95"][0] <= 0 for d in result.versus_teacher.values()):
+    if any(d.ci95[0] <= 0 for d in result.versus_teacher.values()):
         dense = bool(model_io.sites_where(model_io.load_proto(model), "dense"))
         console.print(
             "[yellow]not more consistent than the original here. Measure on other images (aa-deploy consistency); "
@@ -253,8 +221,8 @@ def calibrate_and_report(
         )
     s = result.start
     console.print(
-        f"start ({s['name']}): the teacher's layers matched by {s['matched_by']} for all {s['convs']} trainable convs; "
-        f"{s['refit']} layers refit by least squares, {s['rescaled']} rescaled"
+        f"start ({s.name}): the teacher's layers matched by {s.matched_by} for all {s.convs} trainable convs; "
+        f"{s.refit} layers refit by least squares, {s.rescaled} rescaled"
     )
     console.print(
         f"device {result.device}, batches {result.batch[0]} (evaluation) / {result.batch[1]} (training), "
@@ -297,26 +265,39 @@ def _word(lo: float, hi: float) -> str:
     return "BETTER" if lo > 0 else "WORSE" if hi < 0 else "not resolved"
 
 
-def verdict(result) -> str:
+def verdict(result: CalibrationResult) -> str:
     """One clause per consistency protocol (better / not resolved / worse, by the paired interval over
     the held-out images) and the agreement with the original's answers (no labels: no top-1)."""
     parts = [
-        f"{LABELS[key]} consistency {_word(*d['ci95'])} ({100 * d['delta']:+.1f}, "
-        f"{100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f})"
-        for key, d in result.versus_teacher.items()
+        f"{name} consistency {_word(*d.ci95)} ({100 * d.delta:+.1f}, {100 * d.ci95[0]:+.1f} to {100 * d.ci95[1]:+.1f})"
+        for name, d in result.versus_teacher.items()
     ]
-    fidelity = result.after.get("fidelity")
-    if fidelity is not None:
-        parts.append(f"answers as the original's on {100 * fidelity:.1f} % of shifted views")
+    if result.after.fidelity is not None:
+        parts.append(f"answers as the original's on {100 * result.after.fidelity:.1f} % of shifted views")
     return "; ".join(parts)
 
 
-LABELS = {
-    "consistency_pad_crop": "pad-and-crop",
-    "consistency_circular": "circular",
-    "consistency_random_crop": "random-crop",
-    "consistency_diagonal": "diagonal",
-}
+def _event(console: Console, event: object) -> None:
+    """calibrate's events beyond the bars: the time plan, the epochs expected, each epoch's figures."""
+    if isinstance(event, Planned):
+        if event.plan.limit is not None:
+            console.print(time_plan(event.plan, event.after_start))
+    elif isinstance(event, EpochsPlanned):
+        console.print(
+            f"  expected: {event.epochs} epochs of about {event.epoch_seconds:.0f} s, "
+            f"{event.seconds / 60:.1f} minutes of distillation (from the range test's steps)"
+        )
+    elif isinstance(event, Epoch):
+        if event.epoch == 0:
+            console.print(f"  learning rate {event.lr:g}")
+        loss = "" if event.loss is None else f", loss {event.loss:.3f}"
+        of = f" of {event.planned}" if event.planned is not None else ""
+        f = event.figures
+        consistency = " / ".join(_pct(value) for value in f.consistency.values())
+        console.print(
+            f"  epoch {event.epoch}{of}: held-out fidelity {100 * f.fidelity:.1f}%, consistency {consistency}, "
+            f"score {f.score:.3f}{loss}"
+        )
 
 
 def _pct(value) -> str:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
 
 from aa_deploy.atomic import refuse_overwrite
-from aa_deploy.errors import InputError
+from aa_deploy.errors import InputError, SettingError
 from aa_deploy.images import Preprocess
 from aa_deploy.input_format import LAYOUTS, InputFormat
 from aa_deploy.input_format import read as read_input_format
 from aa_deploy.plan import MODES, PADS, Options
+from aa_deploy.progress import Advance, Progress
 
 EXIT_OK, EXIT_NOTHING, EXIT_INPUT = 0, 1, 2
 
@@ -158,3 +163,38 @@ def at_least_1(args: argparse.Namespace, *names: str) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+
+
+@contextmanager
+def progress_bars(console: Console, other: Callable[[object], None] | None = None) -> Iterator[Progress]:
+    """A `progress.Progress` receiver for the library's long-running steps: each task's `Advance` a bar (on a
+    terminal; gone when the block ends), every other event handed to `other`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bars
+
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Bars(*columns, console=console, transient=True, disable=not console.is_terminal) as bars:
+        tasks: dict[str, int] = {}
+
+        def receive(event: object) -> None:
+            if isinstance(event, Advance):
+                if event.task not in tasks:
+                    tasks[event.task] = bars.add_task(event.task, total=event.total)
+                bars.update(tasks[event.task], completed=event.done)
+            elif other is not None:
+                other(event)
+
+        yield receive
+
+
+@contextmanager
+def setting_errors(args: argparse.Namespace, renamed: dict[str, str] | None = None) -> Iterator[None]:
+    """The library's records check their settings: a `SettingError` raised inside becomes one line under the
+    flag that gave the value (`renamed`: fields set by a flag of another name, field -> flag's dest)."""
+    try:
+        yield
+    except SettingError as e:
+        dest = (renamed or {}).get(e.setting, e.setting)
+        given = getattr(args, dest, e.value)
+        shown = f"{given:g}" if isinstance(given, float) else given
+        raise InputError(f"--{dest.replace('_', '-')} {e.rule}, not {shown}") from None

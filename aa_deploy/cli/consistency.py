@@ -12,7 +12,7 @@ from rich.console import Console
 from aa_deploy import cost, model_io
 from aa_deploy.atomic import write_text
 from aa_deploy.cli import common
-from aa_deploy.consistency import compare, gate
+from aa_deploy.consistency import compare, gate, sides
 from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.consistency.plots import plot
 from aa_deploy.consistency.protocols import PROTOCOLS
@@ -79,7 +79,6 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    common.at_least_1(args, "passes", "batch", "limit")
     requirements = [gate.parse(text) for text in args.require]
     models = [m for m in (args.model, *(args.compare or [])) if m is not None]
     if args.reference is None and args.model is None:
@@ -87,33 +86,21 @@ def run(args: argparse.Namespace, console: Console) -> int:
     common.refuse_overwrites(
         (args.report, args.plot, args.junit), (*models, args.weights, args.preprocess, args.labels, args.images)
     )
+    preprocess = common.preprocess(args, args.crop)
+    with common.setting_errors(args, {"source": "images"}):
+        measurement = compare.Measurement(
+            args.protocol, args.shift, args.crop, args.passes, args.seed, args.pad, args.batch, args.output
+        )
+        images = compare.Images(args.images, preprocess, args.limit, args.labels)
     reference = None
     if args.reference is not None:
         reference = (f"reference:{args.reference}", load_model(args.reference, args.weights)[0])
     elif args.weights is not None:
         raise InputError("--weights goes with --reference")
-    preprocess = common.preprocess(args, args.crop)
-    runners = compare.runners_of(models, args.backend, args.provider, reference, args.device, args.layout)
-    results, data = compare.compare(
-        models,
-        progress=_progress_bar(console, "views"),
-        labels=args.labels,
-        images=args.images,
-        protocol=args.protocol,
-        shift=args.shift,
-        crop=args.crop,
-        passes=args.passes,
-        seed=args.seed,
-        pad=args.pad,
-        preprocess=preprocess,
-        batch=args.batch,
-        provider=args.provider,
-        backend=args.backend,
-        limit=args.limit,
-        output=args.output,
-        layout=args.layout,
-        runners=runners,
-    )
+    models = sides.Models(tuple(models), args.backend, args.provider, reference, args.device, args.layout)
+    runners = models.runners()
+    with common.progress_bars(console) as progress:
+        results, data = compare.compare(runners, models.input_format(), measurement, images, progress)
     baseline = next(iter(results))
     if requirements and len(results) < 2:
         raise InputError(
@@ -176,26 +163,3 @@ def _costs(runners: dict, data, args, reference) -> dict:
     for entry in out.values():
         entry["multiply_adds_ratio"] = entry["multiply_adds"] / base if base and entry["multiply_adds"] else None
     return out
-
-
-def _progress_bar(console: Console, unit: str):
-    """A factory for `with factory(total) as advance: advance(n)`: a rich bar on a terminal, nothing elsewhere."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def bar(total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-            disable=not console.is_terminal,
-        ) as progress:
-            task = progress.add_task(unit, total=total)
-            yield lambda n: progress.advance(task, n)
-
-    return bar

@@ -15,6 +15,7 @@ from aa_deploy.consistency.plots import plot_probe
 from aa_deploy.consistency.probe import probe, probe_module
 from aa_deploy.converters.export import load_model
 from aa_deploy.errors import InputError
+from aa_deploy.progress import titled
 
 
 def add(sub) -> None:
@@ -60,10 +61,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.reference is not None:
         # the original reads NCHW float32; the views were prepared as the first model takes them
         nchw = x.transpose(0, 3, 1, 2) if fmt.layout == "NHWC" else x
-        results[f"reference:{args.reference}"] = probe_module(load_model(args.reference, args.weights)[0], nchw)
+        with common.progress_bars(console) as progress:
+            module = load_model(args.reference, args.weights)[0]
+            results[f"reference:{args.reference}"] = probe_module(module, nchw, progress=progress)
     elif args.weights is not None:
         raise InputError("--weights goes with --reference")
-    results |= {m: probe(m, x) for m in models}
+    with common.progress_bars(console) as progress:
+        results |= {m: probe(m, x, progress=titled(progress, f"sites of {Path(m).name}")) for m in models}
     table = Table(title=f"aliasing per site on {len(x)} images from {data.source}", title_justify="left")
     for column in (
         "#",

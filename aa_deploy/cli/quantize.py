@@ -35,9 +35,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
     preprocess = preprocess_for(fmt, common.preprocess(args, fmt.size()), args.model)
     x = calibration_inputs(args.calib_images, preprocess, fmt, limit=args.limit)
     report: dict = {}
-    kept = quantize(
-        args.model, args.output, x, per_channel=not args.per_tensor, report=report, reduce_range=not args.full_range
-    )
+    with common.progress_bars(console) as progress:
+        kept = quantize(
+            args.model, args.output, x, per_channel=not args.per_tensor, report=report,
+            reduce_range=not args.full_range, progress=progress,
+        )  # fmt: skip
     console.print(f"shape inference before quantizing: {report['pre_process']}")
     console.print(
         f"INT8 Q/DQ ({'per-tensor' if args.per_tensor else 'per-channel'}, symmetric) calibrated on {len(x)} images; "

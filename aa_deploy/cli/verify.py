@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from rich.console import Console
 
 from aa_deploy.cli import common
-from aa_deploy.errors import InputError
-from aa_deploy.parity import DEFAULT_TOLERANCE, Tolerance, verify, write_json, write_junit
+from aa_deploy.comparator import DEFAULT_TOLERANCE, Check, Tolerance, write_json, write_junit
+from aa_deploy.parity import Deployed, Inputs, Reference, verify
 from aa_deploy.report import print_parity
 
 
@@ -52,40 +53,27 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    base = DEFAULT_TOLERANCE.get(args.precision)
-    if base is None:
-        raise InputError(f"precision must be one of {', '.join(DEFAULT_TOLERANCE)}")
-    tol = Tolerance(
-        args.atol if args.atol is not None else base.atol,
-        args.rtol if args.rtol is not None else base.rtol,
-        args.min_top1 if args.min_top1 is not None else base.min_top1,
-        args.min_cosine if args.min_cosine is not None else base.min_cosine,
-    )
-    common.at_least_1(args, "count")
     common.refuse_overwrites((args.report, args.junit), (args.model, args.weights, args.preprocess, args.images))
+    check = Check("change" if args.change else "parity", args.precision, _tolerance(args))
     options = common.options(args) if args.antialiased and (args.filter or args.filter_size) else None
+    antialiased = True if args.antialiased else (False if args.plain else None)
     preprocess = common.preprocess(args, model=args.model if args.backend != "tensorrt" else None)
-    result = verify(
-        args.model,
-        args.reference,
-        antialiased=True if args.antialiased else (False if args.plain else None),
-        options=options,
-        change=args.change,
-        backend=args.backend,
-        provider=args.provider,
-        precision=args.precision,
-        tolerance=tol,
-        images=args.images,
-        preprocess=preprocess,
-        count=args.count,
-        seed=args.seed,
-        input_shape=common.shape(args.input_shape),
-        weights=args.weights,
-        layout=args.layout,
-    )
+    with common.setting_errors(args, {"shape": "input_shape"}):
+        inputs = Inputs(args.images, preprocess, args.count, args.seed, common.shape(args.input_shape), args.layout)
+    reference = Reference(args.reference, args.weights, antialiased, options)
+    result = verify(args.model, reference, inputs, check, Deployed(args.backend, args.provider))
     print_parity(result, console)
     if args.report:
         write_json(result, args.report)
     if args.junit:
         write_junit(result, args.junit)
     return common.EXIT_OK if result.passed else common.EXIT_NOTHING
+
+
+def _tolerance(args: argparse.Namespace) -> Tolerance | None:
+    """The precision's default tolerance with the bounds given on the command line put in (None: none given)."""
+    given = {"atol": args.atol, "rtol": args.rtol, "min_top1": args.min_top1, "min_cosine": args.min_cosine}
+    base = DEFAULT_TOLERANCE.get(args.precision)
+    if base is None or all(v is None for v in given.values()):
+        return None
+    return replace(base, **{k: v for k, v in given.items() if v is not None})

@@ -1,4 +1,5 @@
-"""Consistency of several models on the same images and shifts (the first is the baseline)."""
+"""Consistency of several models on the same images and shifts (the first is the baseline): the images, the
+measurement, and the comparison of runners that knows no backend (`sides` builds the runners)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from aa_deploy import bundled
-from aa_deploy.consistency.protocols import ConsistencyResult, measure, view_count
-from aa_deploy.converters.pytorch import TorchRunner
-from aa_deploy.converters.runners import make_runner
-from aa_deploy.converters.tensorrt import Sidecar
-from aa_deploy.errors import InputError
+from aa_deploy.consistency.protocols import ConsistencyResult, measure
+from aa_deploy.converters.runner import Runner
+from aa_deploy.errors import InputError, SettingError
 from aa_deploy.images import Preprocess, csv_labels, folder_labels, load_folder, normalize
-from aa_deploy.input_format import InputFormat, Size, from_dims, hw, size_text
-from aa_deploy.input_format import read as read_input_format
+from aa_deploy.input_format import InputFormat, Size, hw, size_text
+from aa_deploy.progress import Progress, titled
 
 BUNDLED_PHOTOS = Path(__file__).resolve().parents[1] / "assets" / "photos"
 
@@ -84,100 +83,72 @@ def _selecting(runner, output: str | None, model: str):
     return run
 
 
-def _input_format(model: str | os.PathLike, backend: str, layout: str | None) -> InputFormat:
-    """The first model's image input: from the ONNX file, or from an engine's sidecar (its opt shape)."""
-    if backend == "tensorrt":
-        return from_dims(list(next(iter(Sidecar.read(model).shapes.values()))[1]), "float32", layout, str(model))
-    return read_input_format(model, layout)
+@dataclass(frozen=True)
+class Measurement:
+    """How the models are measured: the protocol, its shift (None: the protocol's default for these images),
+    the view's size (None: the model's, else 224), passes of random pairs, the seed, the padding of
+    pad-and-crop shifts (None: crops of a larger canvas), the batch, and the output read (None: the first)."""
+
+    protocol: str = "random-crop"
+    shift: int | None = None
+    crop: Size | None = None
+    passes: int = 5
+    seed: int = 0
+    pad: str | None = None
+    batch: int = 64
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("passes", "batch"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, "must be at least 1", getattr(self, name))
+
+
+@dataclass(frozen=True)
+class Images:
+    """What the models are measured on: `bundled:cifar10`, `bundled:photos` or an image folder (None: the
+    bundled set that fits the model's size), its preprocessing, at most `limit` images, and labels (a
+    `file,label` CSV; else a folder per class, where the folder has them)."""
+
+    source: str | os.PathLike | None = None
+    preprocess: Preprocess | None = None
+    limit: int | None = None
+    labels: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise SettingError("limit", "must be at least 1", self.limit)
 
 
 def compare(
-    models: list[str | os.PathLike],
-    *,
-    images: str | None = None,
-    protocol: str = "random-crop",
-    shift: int | None = None,
-    crop: Size | None = None,
-    passes: int = 5,
-    seed: int = 0,
-    pad: str | None = None,
-    preprocess=None,
-    batch: int = 64,
-    provider: str = "cpu",
-    backend: str = "onnxruntime",
-    limit: int | None = None,
-    labels: str | os.PathLike | None = None,
-    progress=None,
-    output: str | None = None,
-    layout: str | None = None,
-    reference: tuple | None = None,
-    device: str = "cpu",
-    runners: dict | None = None,
+    runners: dict[str, Runner],
+    fmt: InputFormat,
+    measurement: Measurement = Measurement(),
+    images: Images = Images(),
+    progress: Progress | None = None,
 ) -> tuple[dict[str, ConsistencyResult], ImageSet]:
-    """Each model (ONNX file) under one protocol on the same images and the same random shifts.
-
-    `progress`, if given, is a context manager factory `progress(total) -> advance(n)` (a progress bar).
-    `output` names the output to measure (default: the first); `layout`: the image input's layout where
-    the graph cannot say. `reference`: (label, nn.Module), the PyTorch original run first, as the
-    baseline, on `device`, fed the views the first model is fed. `runners`: those `runners_of` made for
-    the same arguments (to time them afterwards), else made here.
-    """
-    if not models:
-        raise InputError("nothing to measure: give a model (and --compare models) besides --reference")
-    fmt = _input_format(models[0], backend, layout)
-    if runners is None:
-        runners = runners_of(models, backend, provider, reference, device, fmt.layout)
+    """Each runner (by name, the first the baseline) under one protocol on the same images and the same random
+    shifts, the images fed as `fmt` (the first model's input) takes them. Knows no backend: the runners come
+    built (`sides.Models.runners`). `progress` receives each model's `Advance` through its views."""
+    m = measurement
     side = fmt.size()  # the model's own size; None where dynamic
-    size = crop or side or 224
-    if images is None:
-        images = "bundled:cifar10" if size == 32 else "bundled:photos"
-    small = images == "bundled:cifar10" or pad is not None
+    size = m.crop or side or 224
+    source = images.source if images.source is not None else ("bundled:cifar10" if size == 32 else "bundled:photos")
+    small = source == "bundled:cifar10" or m.pad is not None
+    shift = m.shift
     if shift is None:
-        shift = 2 if protocol == "circular" else 8 if protocol == "one-pixel" else (4 if small else 32)
+        shift = 2 if m.protocol == "circular" else 8 if m.protocol == "one-pixel" else (4 if small else 32)
     data = load_images(
-        images,
-        crop=size,
-        shift=shift,
-        pad=pad,
-        preprocess=preprocess,
-        limit=limit,
-        labels=labels,
-        circular=protocol == "circular",
-        fmt=fmt,
-    )
+        source, crop=size, shift=shift, pad=m.pad, preprocess=images.preprocess, limit=images.limit,
+        labels=images.labels, circular=m.protocol == "circular", fmt=fmt,
+    )  # fmt: skip
     if side is not None and hw(side) != hw(data.crop):
         raise InputError(f"views are {size_text(data.crop)}, the model takes {size_text(side)}: check --crop/--size")
-    from contextlib import nullcontext
-
-    total = len(runners) * view_count(protocol, len(data.images), shift=shift, passes=passes, pad=data.pad)
     results = {}
-    with progress(total) if progress else nullcontext(None) as advance:
-        for name, runner in runners.items():
-            results[name] = measure(
-                protocol,
-                _selecting(runner, output, name),
-                data.prepare,
-                data.images,
-                crop=data.crop,
-                shift=shift,
-                passes=passes,
-                seed=seed,
-                pad=data.pad,
-                labels=data.labels,
-                batch=batch,
-                progress=advance,
-            )
+    for name, runner in runners.items():
+        results[name] = measure(
+            m.protocol, _selecting(runner, m.output, name), data.prepare, data.images, crop=data.crop, shift=shift,
+            passes=m.passes, seed=m.seed, pad=data.pad, labels=data.labels, batch=m.batch,
+            progress=titled(progress, f"views of {Path(name).name}"),
+        )  # fmt: skip
     return results, data
-
-
-def runners_of(
-    models, backend: str = "onnxruntime", provider: str = "cpu", reference=None, device: str = "cpu", layout=None
-) -> dict:
-    """The runners `compare` measures, by name, in order: the reference (a TorchRunner fed the first
-    model's layout) first when there is one."""
-    if reference is not None and layout is None:
-        layout = _input_format(models[0], backend, None).layout
-    runners = {}
-    if reference is not None:
-        runners[reference[0]] = TorchRunner(reference[1], device, layout or "NCHW")
-    return runners | {str(m): make_runner(m, backend, provider) for m in models}

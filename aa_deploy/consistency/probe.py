@@ -27,11 +27,12 @@ import onnx_ir as ir
 import torch
 
 from aa_deploy import blur_nodes, model_io
-from aa_deploy.convert import _prepare
+from aa_deploy.convert import annotate_shapes
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
+from aa_deploy.progress import Progress, counter
 from aa_deploy.sites import find_sites, strided_slice
-from aa_deploy.torch import find_sites as module_sites
-from aa_deploy.torch import run_with_hooks
+from aa_deploy.twin import find_sites as module_sites
+from aa_deploy.twin import run_with_hooks
 from aa_deploy.twin_weights import conv_to_norm
 
 
@@ -75,7 +76,7 @@ def _output_of(site) -> ir.Value:
 
 
 def _taps_for(model: ir.Model) -> list[_Taps]:
-    _prepare(model)
+    annotate_shapes(model)
     recorded = {s["node"]: s for s in model_io.read_metadata(model).get("sites", [])}
     by_name = {n.name: n for n in model.graph if n.name}
     found = {s.name: s for s in find_sites(model.graph)}
@@ -128,7 +129,7 @@ def _interior(y: np.ndarray, axes, margin: int) -> np.ndarray:
     return y[tuple(index)]
 
 
-def probe(path: str | os.PathLike, x: np.ndarray, margin: int = 2) -> list[SiteProbe]:
+def probe(path: str | os.PathLike, x: np.ndarray, margin: int = 2, progress: Progress | None = None) -> list[SiteProbe]:
     """Probe every site of the model at `path` on float NCHW inputs `x`.
 
     Shift errors leave out `margin` cells at each border of the site's output: the inputs are shifted
@@ -158,7 +159,7 @@ def probe(path: str | os.PathLike, x: np.ndarray, margin: int = 2) -> list[SiteP
             outs = [runner.run({runner.input_names[0]: inputs[i : i + 32]}) for i in range(0, len(inputs), 32)]
             return {n: np.concatenate([o[j] for o in outs]) for j, n in enumerate(names)}
 
-        return _measure(run, taps, x, margin)
+        return _measure(run, taps, x, margin, progress)
 
 
 @dataclass
@@ -167,7 +168,7 @@ class _Named:
     kind: str = ""
 
 
-def probe_module(module, x: np.ndarray, margin: int = 2) -> list[SiteProbe]:
+def probe_module(module, x: np.ndarray, margin: int = 2, progress: Progress | None = None) -> list[SiteProbe]:
     """`probe` for a PyTorch model (the original as a baseline): its sites are the modules the twin
     finds (strided convs and pools, strided-slice modules), read through forward hooks: the module's
     input is the tensor that gets subsampled, its output the site's output (a strided conv's: the
@@ -205,11 +206,13 @@ def probe_module(module, x: np.ndarray, margin: int = 2) -> list[SiteProbe]:
             run_with_hooks(module, torch.from_numpy(np.ascontiguousarray(inputs[i : i + 32], np.float32)), hooks)
         return {k: torch.cat(v).numpy() for k, v in seen.items()}
 
-    return _measure(run, taps, x, margin)
+    return _measure(run, taps, x, margin, progress)
 
 
-def _measure(run, taps: list[_Taps], x: np.ndarray, margin: int) -> list[SiteProbe]:
-    """The three figures per site, from `run(inputs) -> {tensor name: array}` over the batch."""
+def _measure(run, taps: list[_Taps], x: np.ndarray, margin: int, progress: Progress | None) -> list[SiteProbe]:
+    """The three figures per site, from `run(inputs) -> {tensor name: array}` over the batch; `progress`
+    receives `Advance("sites probed", ...)` after each site."""
+    advance = counter(progress, "sites probed", len(taps))
     base = run(x)
     shifted: dict[tuple, dict] = {}
     results = []
@@ -254,4 +257,5 @@ def _measure(run, taps: list[_Taps], x: np.ndarray, margin: int) -> list[SitePro
                 sub,
             )
         )
+        advance(1)
     return results

@@ -34,6 +34,7 @@ import numpy as np
 from aa_deploy.consistency.paired import bootstrap_ci
 from aa_deploy.errors import InputError
 from aa_deploy.input_format import Size, hw, size_text, square_or_pair
+from aa_deploy.progress import Progress, counter
 
 Runner = Callable[[np.ndarray], np.ndarray]
 Prepare = Callable[[np.ndarray], np.ndarray]
@@ -82,17 +83,17 @@ class Harness:
     """Runs views through the model in fixed-size batches."""
 
     def __init__(
-        self, run: Runner, prepare: Prepare, batch: int = 64, progress: Callable[[int], None] | None = None
+        self, run: Runner, prepare: Prepare, batch: int = 64, advance: Callable[[int], None] | None = None
     ) -> None:
-        self.run, self.prepare, self.batch, self.progress = run, prepare, batch, progress
+        self.run, self.prepare, self.batch, self.advance = run, prepare, batch, advance
         self.views = 0
 
     def logits(self, views: np.ndarray) -> np.ndarray:
         out = []
         for i in range(0, len(views), self.batch):
             out.append(self.run(self.prepare(views[i : i + self.batch])))
-            if self.progress is not None:
-                self.progress(len(out[-1]))
+            if self.advance is not None:
+                self.advance(len(out[-1]))
         self.views += len(views)
         return np.concatenate(out)
 
@@ -391,12 +392,13 @@ def measure(
     pad: str | None = None,
     labels: np.ndarray | None = None,
     batch: int = 64,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     circular: bool = False,
 ) -> ConsistencyResult:
-    """Run one protocol on one model; `progress(n)` is called after each batch of n views. `circular`:
+    """Run one protocol on one model; `progress` receives `Advance("views", ...)` after each batch. `circular`:
     the diagonal protocol rolls the image instead of cropping it."""
-    harness = Harness(run, prepare, batch, progress)
+    total = view_count(protocol, len(images), shift=shift, passes=passes, pad=pad)
+    harness = Harness(run, prepare, batch, counter(progress, "views", total))
     if protocol in ("diagonal", "one-pixel", "worst-case"):
         out = run(prepare(_window(images[:1], 0, 0, hw(crop))))
         if protocol == "diagonal" and is_labels(out):

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import onnx_ir as ir
 
 from aa_deploy import graph
+
+# What subsamples at a site: the one type every module that asks a site's kind uses.
+SiteKind = Literal["strided-conv", "max-pool", "average-pool", "strided-slice", "patch-merge"]
+SITE_KINDS: tuple[str, ...] = get_args(SiteKind)
 
 
 @dataclass(eq=False)
@@ -18,7 +23,7 @@ class Site:
     Axes index `value`'s own dims; `channel_axis` is 1 (channels-first) or rank - 1 (channels-last).
     """
 
-    kind: str
+    kind: SiteKind
     node: ir.Node
     value: ir.Value
     readers: tuple[ir.Node, ...]
@@ -36,6 +41,10 @@ class Site:
     )
     pointwise: bool = False  # a 1x1 conv without padding (`strided_conv.is_pointwise`)
     form: str | None = None  # the pattern a patch merge was found as (Slice+Concat, Reshape+Transpose, SpaceToDepth)
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"unknown site kind {self.kind!r} (one of {', '.join(SITE_KINDS)})")
 
     @property
     def name(self) -> str:

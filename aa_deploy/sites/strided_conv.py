@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from aa_deploy import blur_nodes, graph
-from aa_deploy.sites.site import Site, look_through_pad
+from aa_deploy.sites.site import Site, SiteKind, look_through_pad
 
 
 def _channels(node: ir.Node) -> int | None:
@@ -40,7 +40,7 @@ def is_pointwise(kernel: Sequence[int], pads: Sequence[int]) -> bool:
     return bool(kernel) and all(k == 1 for k in kernel) and not any(pads)
 
 
-def strided_site(node: ir.Node, kind: str, kernel: tuple[int, ...] | None) -> Site | None:
+def strided_site(node: ir.Node, kind: SiteKind, kernel: tuple[int, ...] | None) -> Site | None:
     """A Site for a channels-first strided node (Conv or pooling), or None when nothing is strided."""
     n = _spatial_rank(node) if kernel is None else len(kernel)
     if n is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from aa_deploy import blur_nodes, graph
-from aa_deploy.sites.site import Site
+from aa_deploy.sites.site import Site, SiteKind
 
 # Why a slice (or a patch merge, which is slices) cannot take the blurpool form: the ONNX pass and the
 # twin both say it with these words.
@@ -92,7 +92,12 @@ def layout(rank: int, axes: tuple[int, ...], prefer_last: bool = False) -> int |
 
 
 def site_for(
-    kind: str, node: ir.Node, value: ir.Value, readers: tuple[ir.Node, ...], strides: dict[int, int], channel_axis: int
+    kind: SiteKind,
+    node: ir.Node,
+    value: ir.Value,
+    readers: tuple[ir.Node, ...],
+    strides: dict[int, int],
+    channel_axis: int,
 ) -> Site:
     """A pre-only Site over `value` (channels looked up through a Pad in front when needed)."""
     x = graph.dims(value)

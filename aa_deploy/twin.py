@@ -26,6 +26,7 @@ from aa_deploy.errors import InputError
 from aa_deploy.plan import DENSE, IMAGE_CHANNELS, POOLING, Options, dense_choice, pad_mode_for, site_mode, skip_reason
 from aa_deploy.sites import strided_slice
 from aa_deploy.sites.pooling import CEIL_MODE, acts_globally
+from aa_deploy.sites.site import SiteKind
 from aa_deploy.sites.strided_conv import is_pointwise
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -276,7 +277,7 @@ class TwinSite:
     """One module the twin changed (or left alone), in the ONNX pass's vocabulary."""
 
     name: str
-    kind: str
+    kind: SiteKind
     strides: tuple[int, ...]
     action: str
     note: str = ""
@@ -324,21 +325,21 @@ def find_sites(model: nn.Module) -> list[tuple[str, nn.Module, str, tuple[int, .
     return found
 
 
-def _on_image(module: nn.Module, kind: str) -> bool:
+def _on_image(module: nn.Module, kind: SiteKind) -> bool:
     """`plan.reads_image` for a module: the first site, a strided conv with at most 4 input channels
     (the graph's data flow is not visible here; a converted model's metadata records the ONNX pass's
     decision, which `antialias_with` then follows)."""
     return kind == "strided-conv" and module.in_channels <= IMAGE_CHANNELS
 
 
-def _pointwise(module: nn.Module, kind: str) -> bool:
+def _pointwise(module: nn.Module, kind: SiteKind) -> bool:
     """`sites.strided_conv.is_pointwise` for a conv module."""
     if kind != "strided-conv" or isinstance(module.padding, str) and module.padding != "valid":
         return False
     return is_pointwise(module.kernel_size, () if module.padding == "valid" else _tuple(module.padding, 1))
 
 
-def _obstacle(module: nn.Module, kind: str) -> str | None:
+def _obstacle(module: nn.Module, kind: SiteKind) -> str | None:
     """Why the site cannot take the blurpool form, in the site modules' words (None: it can)."""
     if kind in POOLING:
         return CEIL_MODE if module.ceil_mode else None

@@ -30,29 +30,7 @@ def add(sub) -> None:
     k.add_argument("--teacher", required=True, help="the original ONNX model")
     k.add_argument("--images", required=True, help="folder of unlabeled calibration images (recursive)")
     k.add_argument("-o", "--output", required=True)
-    k.add_argument(
-        "--method",
-        default="distill",
-        choices=METHODS,
-        help="stats: rescale each conv's channels; reconstruct: refit each conv by least squares against the "
-        "original's conv outputs (no training); distill (default): a closed-form start (--start), then train "
-        "towards the shift-averaged original",
-    )
-    k.add_argument(
-        "--start",
-        default="pointwise",
-        choices=STARTS,
-        help="where distill starts (default %(default)s: the 1x1 convs and the classifier refit by least squares, "
-        "the spatial convs rescaled, so that no spatial kernel can sharpen itself back against the blur; reconstruct "
-        "refits every conv; stats rescales every conv)",
-    )
-    k.add_argument(
-        "--rescale-after-blur",
-        action="store_true",
-        help="with --method reconstruct or --start reconstruct: rescale the spatial convs that read a blur's output "
-        "instead of refitting them (a refit kernel can sharpen itself to undo the blur); the pointwise and stats "
-        "starts rescale every spatial conv already",
-    )
+    _add_method_flags(k)
     k.add_argument(
         "--views",
         default="auto",
@@ -81,6 +59,45 @@ def add(sub) -> None:
     k.add_argument("--lr", type=float, help="learning rate (default: chosen by a short range test)")
     k.add_argument("--limit", type=int, help="use at most this many images")
     k.add_argument("--seed", type=int, default=0)
+    _add_recipe_flags(k)
+    k.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when torch sees one"
+    )
+    k.add_argument("--batch-size", type=int, help="training batch (default: 64, less where activations are large)")
+    k.add_argument("--workers", type=int, help="image-decoding worker processes (default: up to 4)")
+    common.add_preprocess(k)
+    k.set_defaults(run=run)
+
+
+def _add_method_flags(k: argparse.ArgumentParser) -> None:
+    """The method, distillation's closed-form start, and how reconstruct treats the convs after a blur."""
+    k.add_argument(
+        "--method",
+        default="distill",
+        choices=METHODS,
+        help="stats: rescale each conv's channels; reconstruct: refit each conv by least squares against the "
+        "original's conv outputs (no training); distill (default): a closed-form start (--start), then train "
+        "towards the shift-averaged original",
+    )
+    k.add_argument(
+        "--start",
+        default="pointwise",
+        choices=STARTS,
+        help="where distill starts (default %(default)s: the 1x1 convs and the classifier refit by least squares, "
+        "the spatial convs rescaled, so that no spatial kernel can sharpen itself back against the blur; reconstruct "
+        "refits every conv; stats rescales every conv)",
+    )
+    k.add_argument(
+        "--rescale-after-blur",
+        action="store_true",
+        help="with --method reconstruct or --start reconstruct: rescale the spatial convs that read a blur's output "
+        "instead of refitting them (a refit kernel can sharpen itself to undo the blur); the pointwise and stats "
+        "starts rescale every spatial conv already",
+    )
+
+
+def _add_recipe_flags(k: argparse.ArgumentParser) -> None:
+    """The distillation recipe's flags (`Recipe`)."""
     k.add_argument(
         "--no-mixup", action="store_true", help="train on shifted images only, without blending pairs of them"
     )
@@ -124,13 +141,6 @@ def add(sub) -> None:
         help="score and keep an exponential average of the weights over about this many epochs "
         "(default %(default)s: the weights themselves)",
     )
-    k.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when torch sees one"
-    )
-    k.add_argument("--batch-size", type=int, help="training batch (default: 64, less where activations are large)")
-    k.add_argument("--workers", type=int, help="image-decoding worker processes (default: up to 4)")
-    common.add_preprocess(k)
-    k.set_defaults(run=run)
 
 
 # The records' fields set by a flag of another name (the rest: the flag is the field's name).

@@ -17,7 +17,7 @@ import numpy as np
 
 from aa_deploy.atomic import write_text
 from aa_deploy.converters.runner import Runner
-from aa_deploy.errors import InputError
+from aa_deploy.errors import InputError, SettingError
 from aa_deploy.version import __version__
 
 SCHEMA = "aa-deploy.parity/1"
@@ -70,9 +70,9 @@ class Check:
 
     def __post_init__(self) -> None:
         if self.kind not in ("parity", "change"):
-            raise InputError(f"a check is parity or change, not {self.kind!r}")
+            raise SettingError("kind", "must be parity or change", self.kind)
         if self.precision not in DEFAULT_TOLERANCE:
-            raise InputError(f"precision must be one of {', '.join(DEFAULT_TOLERANCE)}, not {self.precision!r}")
+            raise SettingError("precision", f"must be one of {', '.join(DEFAULT_TOLERANCE)}", self.precision)
 
     @property
     def limits(self) -> Tolerance:

@@ -495,16 +495,17 @@ def calibrate_model(
         distilled = _distill(pair, views, training, compute, sample, plan, left, report)
     after = sample.checker.score(pair.student, final=True)
     write_back(pair.written, {name: p.detach().cpu().numpy() for name, p in pair.student.trainable().items()})
+    learned = {} if distilled is None else {
+        "lr": distilled.lr, "epochs": distilled.epochs, "kept_epoch": distilled.kept_epoch,
+        "history": distilled.history, "trained_on": plan.sizes.train_images,
+    }  # fmt: skip
     result = CalibrationResult(
         training.method, len(sample.files), len(sample.held_images), before, after.figures, original.figures,
         time.perf_counter() - began, start,
         versus_teacher={name: paired_difference(original.runs[name], run) for name, run in after.runs.items()},
         device=str(pair.student.device), batch=(sample.eval_batch, sample.train_batch),
-        activation_mb=sample.per_sample / 2**20, plan=plan if training.time_limit is not None else None,
+        activation_mb=sample.per_sample / 2**20, plan=plan if training.time_limit is not None else None, **learned,
     )  # fmt: skip
-    if distilled is not None:
-        result.lr, result.epochs, result.kept_epoch = distilled.lr, distilled.epochs, distilled.kept_epoch
-        result.history, result.trained_on = distilled.history, plan.sizes.train_images
     model_io.write_metadata(pair.written, {"calibration": _record(result, data, training, views, sample.checker, pair)})
     return Calibrated(pair.written, result)
 

@@ -164,8 +164,9 @@ class HeldOut:
             top1 = logits(module, self.prepare, self.view, self.batch).argmax(1).numpy()
             hits = top1 == self.averaged_top1
             fidelity, agreement = float(hits.mean()), float((top1 == self.teacher_top1).mean())
+        protocols = self.protocols(final)
         runs = {}
-        for p in self.protocols(final):
+        for p in protocols:
             try:
                 runs[p.name] = measure(
                     p.protocol, run, self.prepare, self.images, crop=self.size, shift=p.shift, pad=p.pad,
@@ -173,7 +174,7 @@ class HeldOut:
                 )  # fmt: skip
             except InputError:  # a protocol that does not apply to this output (a dense map under pad-and-crop)
                 pass
-        consistency = {p.name: runs[p.name].consistency if p.name in runs else None for p in self.protocols(final)}
+        consistency = {p.name: runs[p.name].consistency if p.name in runs else None for p in protocols}
         per_image = None
         if self.classifier:
             scored = {p.name: runs[p.name] for p in self.protocols(final=False) if p.name in runs}

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         (args.report, args.plot, args.junit), (*models, args.weights, args.preprocess, args.labels, args.images)
     )
     preprocess = common.preprocess(args, args.crop)
-    with common.setting_errors(args, {"source": "images"}):
+    with common.setting_errors(args):
         measurement = compare.Measurement(
             args.protocol, args.shift, args.crop, args.passes, args.seed, args.pad, args.batch, args.output
         )

@@ -54,11 +54,11 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     common.refuse_overwrites((args.report, args.junit), (args.model, args.weights, args.preprocess, args.images))
-    check = Check("change" if args.change else "parity", args.precision, _tolerance(args))
     options = common.options(args) if args.antialiased and (args.filter or args.filter_size) else None
     antialiased = True if args.antialiased else (False if args.plain else None)
     preprocess = common.preprocess(args, model=args.model if args.backend != "tensorrt" else None)
-    with common.setting_errors(args, {"shape": "input_shape"}):
+    with common.setting_errors(args):
+        check = Check("change" if args.change else "parity", args.precision, _tolerance(args))
         inputs = Inputs(args.images, preprocess, args.count, args.seed, common.shape(args.input_shape), args.layout)
     reference = Reference(args.reference, args.weights, antialiased, options)
     result = verify(args.model, reference, inputs, check, Deployed(args.backend, args.provider))

@@ -2,7 +2,7 @@
 
     python benchmarks/frontier.py ORIGINAL.onnx --models A.onnx B.onnx --images DIR --labels DIR/labels.csv \
         --preprocess pre.json [--passes 5] [--steps 8] [--json out.json] [--plot out.png]
-    python benchmarks/frontier.py --combine out.png Lite0=lite0.json Lite2=lite2.json   # runs in one plot
+    python benchmarks/frontier.py --combine out.png Lite0=lite0.json,cal.json:cal=blur+calibrate Lite2=lite2.json  # one plot
 
 For every model, paired against the original on the same images and views (95 % intervals from a
 bootstrap over images, `aa_deploy.consistency.paired`):
@@ -34,12 +34,20 @@ from aa_deploy.input_format import read as read_input_format
 
 
 def combine(argv: list[str]) -> None:
-    """--combine OUT.png NAME=RUN.json ...: one plot of several runs' --json output."""
+    """--combine OUT.png NAME=RUN.json[,RUN.json[:ROW[=LABEL]]] ...: one plot of several runs' --json output,
+    one colour per NAME; a run's `:ROW` takes that model's row alone (labelled LABEL), each model once."""
     out, *runs = argv
     families = {}
     for run in runs:
-        name, _, path = run.partition("=")
-        families[name] = json.loads(Path(path).read_text())["rows"]
+        name, _, paths = run.partition("=")
+        rows = {}
+        for part in paths.split(","):
+            path, _, only = part.partition(":")
+            only, _, label = only.partition("=")
+            for row in json.loads(Path(path).read_text())["rows"]:
+                if not only or row["name"] == only:
+                    rows.setdefault(row["name"], {**row, "name": label or row["name"]})
+        families[name] = list(rows.values())
     plot(families, out)
 
 
@@ -164,7 +172,7 @@ def plot(families: dict[str, list[dict]], path: str) -> None:
             err = [[100 * (r[key][0] - r[key][1][0]) for r in pts], [100 * (r[key][1][1] - r[key][0]) for r in pts]]
             ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=family)
             for r, xi, yi in zip(pts, x, y):
-                ax.annotate(r["name"], (xi, yi), textcoords="offset points", xytext=(5, 3), fontsize=7)
+                ax.annotate(r["name"], (xi, yi), textcoords="offset points", xytext=(5, -9 if k % 2 else 3), fontsize=7)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"x{v:g}"))

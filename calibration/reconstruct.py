@@ -18,6 +18,11 @@ per-channel rescaling instead, and so do the spatial convs with `spatial=False` 
 start, which refits the channel mixing only), and with `after_blur=False` the spatial convs that read
 a blur's output: fit against the original's output of the same conv, such a kernel can sharpen itself
 to undo the blur in front of it.
+
+The teacher may also be a dense conversion of the original (`convert --dense-last N`): its maps after
+the dense sites are larger than the student's, and each target is brought onto the student's grid as
+the mean over the sampling phases around each position (`onto_grid`): the student is fit towards the
+original averaged over shifts, block by block, instead of towards its aliased samples.
 """
 
 from __future__ import annotations
@@ -48,6 +53,42 @@ def _patches(node, x: torch.Tensor, groups: int, kernel: list[int]) -> torch.Ten
         pads = [0, 0, 0, 0]
     cols = F.unfold(x, kernel, dilation=dilations, padding=pads[:2], stride=strides)
     return cols.reshape(x.shape[0], groups, -1, cols.shape[-1])
+
+
+def _out_size(node, x: torch.Tensor, kernel: list[int]) -> tuple[int, int]:
+    """The conv's output height and width for input `x` (N, C, H, W)."""
+    strides = graph.ints(node, "strides", [1, 1])
+    dilations = graph.ints(node, "dilations", [1, 1])
+    pads = graph.ints(node, "pads", [0, 0, 0, 0])
+    return tuple(
+        (x.shape[2 + a] + pads[a] + pads[2 + a] - dilations[a] * (kernel[a] - 1) - 1) // strides[a] + 1 for a in (0, 1)
+    )
+
+
+def onto_grid(y: torch.Tensor, size: tuple[int, int], name: str = "the teacher's tensor") -> torch.Tensor:
+    """A densely sampled teacher's map (N, C, f*H.., f*W..) brought onto the student's (H, W) grid: the
+    mean over the f x f sampling phases around each of the student's positions (a triangle of 2f - 1 taps
+    per axis, every phase weighted 1/f on each; the map extended by whole periods of phases at its
+    borders), taken at phase 0, where the original samples (docs/design.md, "Dense sampling"). A map of
+    `size` already is returned as it is; one whose size is not a whole multiple of it is an InputError:
+    the teacher is not a conversion of this model's original."""
+    if tuple(y.shape[2:]) == tuple(size):
+        return y
+    factors = {-(-y.shape[2 + a] // size[a]) for a in (0, 1)}
+    f = factors.pop() if len(factors) == 1 else 0
+    if f < 2 or any(-(-y.shape[2 + a] // f) != size[a] or y.shape[2 + a] < f for a in (0, 1)):
+        raise InputError(
+            f"{name}: the model's tensor has {size[0]}x{size[1]} positions per channel and the teacher's "
+            f"{y.shape[2]}x{y.shape[3]}; calibrate pairs tensors by name, so the model must be a conversion of this "
+            "teacher (or the teacher a dense conversion of its original)"
+        )
+    tri = torch.cat([torch.arange(1, f + 1), torch.arange(f - 1, 0, -1)]).to(y.dtype) / (f * f)
+    kernel = (tri[:, None] * tri[None, :]).to(y.device).expand(y.shape[1], 1, 2 * f - 1, 2 * f - 1)
+    padded = y
+    for axis in (2, 3):  # extended by a whole period of phases: position -d reads f - d, the same phase
+        n = padded.shape[axis]
+        padded = torch.cat([padded.narrow(axis, 1, f - 1), padded, padded.narrow(axis, n - f, f - 1)], axis)
+    return F.conv2d(padded, kernel, stride=f, groups=y.shape[1])
 
 
 def _refittable(node, weight: torch.Tensor, target: ConvTarget, spatial: bool, after_blur: bool) -> bool:
@@ -170,7 +211,8 @@ def refit_conv(
     )
     for (i, got), (_, want) in pairs:
         inputs = got[source]
-        y_all = next(iter(want.values())) - (got[merge[1]] if merge is not None else 0)
+        y_all = onto_grid(next(iter(want.values())), _out_size(node, inputs, kernel), target.teacher_output)
+        y_all = y_all - (got[merge[1]] if merge is not None else 0)
         y_all = y_all.reshape(y_all.shape[0], groups, outs, -1)
         positions = y_all.shape[-1]
         if budget is None:  # positions per image, so that all images cost about MAX_FLOPS

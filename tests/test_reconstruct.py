@@ -238,3 +238,63 @@ def test_after_blur_false_rescales_only_the_spatial_convs_that_read_a_blur(tmp_p
         assert float((after / before[weight] - 1).abs().max()) > 1e-3
     default = OnnxModule(aa_deploy.model_io.load(tmp_path / "r20.aa.onnx")).eval()
     assert all(r["refit"] for r in calibrate_reconstruct(default, teacher, x, 40))
+
+
+@pytest.mark.parametrize("f", [2, 4])
+def test_a_dense_teachers_map_is_averaged_over_its_phases_onto_the_students_grid(f):
+    """`onto_grid` against NumPy: a dense map whose f x f sampling phases each hold their own random map;
+    at every interior position of the student's grid the result is the triangle-weighted sum of the
+    phases' neighbours, every phase weighted 1/f^2 in all (a map constant per phase gives their mean)."""
+    from aa_deploy.calibration.reconstruct import onto_grid
+
+    rng = np.random.default_rng(0)
+    h, w = 5, 6
+    phases = rng.standard_normal((f, f, 2, 3, h, w)).astype(np.float32)  # (phase y, phase x, N, C, H, W)
+    dense = np.zeros((2, 3, f * h, f * w), np.float32)
+    for a in range(f):
+        for b in range(f):
+            dense[:, :, a::f, b::f] = phases[a, b]
+    got = onto_grid(torch.from_numpy(dense), (h, w)).numpy()
+    assert got.shape == (2, 3, h, w)
+    taps = {d: (f - abs(d)) / f**2 for d in range(-(f - 1), f)}
+    for i in range(1, h - 1):
+        for j in range(1, w - 1):
+            want = sum(
+                ty * tx * dense[:, :, i * f + dy, j * f + dx] for dy, ty in taps.items() for dx, tx in taps.items()
+            )
+            np.testing.assert_allclose(got[:, :, i, j], want, atol=1e-5)
+    constant = np.zeros_like(dense)
+    for a in range(f):
+        for b in range(f):
+            constant[:, :, a::f, b::f] = a * f + b
+    np.testing.assert_allclose(onto_grid(torch.from_numpy(constant), (h, w)).numpy(), (f * f - 1) / 2, atol=1e-5)
+
+
+def test_onto_grid_keeps_a_map_of_the_students_size_and_refuses_one_of_another_model():
+    from aa_deploy.calibration.reconstruct import onto_grid
+    from aa_deploy.errors import InputError
+
+    y = torch.randn(1, 2, 7, 7)
+    assert onto_grid(y, (7, 7)) is y
+    with pytest.raises(InputError, match="conversion of this teacher"):
+        onto_grid(torch.randn(1, 2, 10, 10), (7, 7))
+
+
+def test_reconstruct_towards_a_dense_teacher_fits_its_phase_averaged_output(tmp_path):
+    """The blurred ResNet-20 refit against the dense-2 conversion of its original (`convert --dense-last 2`,
+    whose maps after the last two levels are larger than the student's): every conv is refit and the
+    student's outputs end closer to that teacher's than the plain conversion's were."""
+    plain = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
+    aa_deploy.convert(plain, tmp_path / "r20.aa.onnx", aa_deploy.Options())
+    aa_deploy.convert(plain, tmp_path / "r20.d2.onnx", aa_deploy.Options(filter="none", dense_last=2))
+    images = torch.from_numpy(bundled.cifar_normalize(bundled.cifar_test_images()[0]))
+    fit, check = images[:60], images[60:]
+    teacher = OnnxModule(aa_deploy.model_io.load(tmp_path / "r20.d2.onnx")).eval()
+    student = OnnxModule(aa_deploy.model_io.load(tmp_path / "r20.aa.onnx")).eval()
+    with torch.no_grad():
+        target = teacher(check)
+        before = (student(check) - target).square().mean()
+        report = calibrate_reconstruct(student, teacher, fit, 60)
+        after = (student(check) - target).square().mean()
+    assert sum(r["refit"] for r in report) >= 19  # the convs and the classifier
+    assert after < 0.5 * before

@@ -27,7 +27,11 @@ from aa_deploy.cli import common
 def add(sub) -> None:
     k = sub.add_parser("calibrate", help="win back accuracy after conversion, label-free")
     k.add_argument("model", help="the converted ONNX model")
-    k.add_argument("--teacher", required=True, help="the original ONNX model")
+    k.add_argument(
+        "--teacher",
+        required=True,
+        help="the original ONNX model (or its dense conversion, convert --dense-last N: layer targets averaged over its sampling phases)",
+    )
     k.add_argument("--images", required=True, help="folder of unlabeled calibration images (recursive)")
     k.add_argument("-o", "--output", required=True)
     _add_method_flags(k)

@@ -155,6 +155,18 @@ def test_a_tensor_whose_shape_differs_from_the_teachers_is_one_line(r20, tmp_pat
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_a_dense_teacher_is_named_as_such_in_the_report(r20, tmp_path):
+    """calibrate with the dense conversion of the original as teacher runs through the CLI and says whom
+    its figures and verdict compare with: the dense teacher, not the original."""
+    aa_deploy.convert(r20 / "r20.onnx", tmp_path / "d2.onnx", aa_deploy.Options(filter="none", dense_last=2))
+    proc = cli("calibrate", r20 / "r20.pre.onnx", "--teacher", tmp_path / "d2.onnx", "--images", r20 / "images",
+               "-o", tmp_path / "o.onnx", "--method", "reconstruct")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "dense teacher" in proc.stdout and "against the dense teacher" in " ".join(proc.stdout.split())
+    assert "│ original" not in proc.stdout
+    assert (tmp_path / "o.onnx").exists()
+
+
 def test_an_unreadable_image_met_in_a_worker_is_one_line(tmp_path):
     from aa_deploy.images import ImageFiles, Preprocess, batches
 

@@ -207,24 +207,27 @@ def calibrate_and_report(
     table = Table(
         title=f"calibration ({result.method}) on {result.held_out} held-out images{chose}", title_justify="left"
     )
+    who = _teacher_word(teacher)
     measured = list(result.after.consistency)
     for column in ("model", "fidelity %", "agreement %", *(f"consistency % ({name})" for name in measured)):
         table.add_column(column)
-    for name, row in (("original", result.teacher), ("converted", result.before), ("calibrated", result.after)):
+    for name, row in (
+        (who.removeprefix("the "), result.teacher),
+        ("converted", result.before),
+        ("calibrated", result.after),
+    ):
         table.add_row(name, _pct(row.fidelity), _pct(row.agreement), *(_pct(row.consistency.get(m)) for m in measured))
     console.print(table)
     console.print(
-        "fidelity: top-1 agreement with the original averaged over shifts of each image; agreement: with its answer on "
+        f"fidelity: top-1 agreement with {who} averaged over shifts of each image; agreement: with its answer on "
         "the image itself"
     )
     if result.versus_teacher:
-        console.print(
-            f"verdict on {result.held_out} held-out images, calibrated against the original: {verdict(result)}"
-        )
+        console.print(f"verdict on {result.held_out} held-out images, calibrated against {who}: {verdict(result, who)}")
     if any(d.ci95[0] <= 0 for d in result.versus_teacher.values()):
         dense = bool(model_io.sites_where(model_io.load_proto(model), "dense"))
         console.print(
-            "[yellow]not more consistent than the original here. Measure on other images (aa-deploy consistency); "
+            f"[yellow]not more consistent than {who} here. Measure on other images (aa-deploy consistency); "
             "more calibration images usually help"
             + (
                 "[/yellow]"
@@ -279,15 +282,20 @@ def _word(lo: float, hi: float) -> str:
     return "BETTER" if lo > 0 else "WORSE" if hi < 0 else "not resolved"
 
 
-def verdict(result: CalibrationResult) -> str:
+def _teacher_word(teacher) -> str:
+    """How the reports name the teacher: the original, or the dense teacher (a dense conversion of it)."""
+    return "the dense teacher" if model_io.sites_where(model_io.load_proto(teacher), "dense") else "the original"
+
+
+def verdict(result: CalibrationResult, who: str = "the original") -> str:
     """One clause per consistency protocol (better / not resolved / worse, by the paired interval over
-    the held-out images) and the agreement with the original's answers (no labels: no top-1)."""
+    the held-out images) and the agreement with the teacher's answers (`who`; no labels: no top-1)."""
     parts = [
         f"{name} consistency {_word(*d.ci95)} ({100 * d.delta:+.1f}, {100 * d.ci95[0]:+.1f} to {100 * d.ci95[1]:+.1f})"
         for name, d in result.versus_teacher.items()
     ]
     if result.after.fidelity is not None:
-        parts.append(f"answers as the original's on {100 * result.after.fidelity:.1f} % of shifted views")
+        parts.append(f"answers as {who}'s on {100 * result.after.fidelity:.1f} % of shifted views")
     return "; ".join(parts)
 
 

@@ -10,7 +10,9 @@ activation that reads it: conv(stride 1) -> activation -> blur(stride s), so tha
 front of the nonlinearity. Without a blur (taps [1]) both placements compute the original exactly (an
 activation commutes with subsampling); with one they differ. A site whose blur is not read by exactly one
 pointwise activation is left as it is and named. A hypothesis measured in docs/results.md, not a mode of
-`convert`.
+`convert`. Calibrate such a graph with the default `distill` (its start rescales the moved spatial convs):
+`--method reconstruct` and `--start reconstruct` refuse it in one line, since a moved conv's output is the
+stride-1 map, not the teacher's.
 """
 
 from __future__ import annotations

@@ -220,13 +220,7 @@ def refit_conv(
         # Patches of a few images at a time: one image's can be tens of MB (float32, then sampled float64).
         step = max(1, PATCH_BYTES // (4 * groups * features * (positions + 2 * budget)))
         for j in range(0, len(inputs), step):
-            cols = _patches(node, inputs[j : j + step], groups, kernel)
-            if cols.shape[-1] != positions:
-                raise InputError(
-                    f"{target.teacher_output}: the model's tensor has {cols.shape[-1]} positions per channel and the "
-                    f"teacher's {positions}; calibrate pairs tensors by name, so the model must be a conversion of "
-                    "this teacher"
-                )
+            cols = _patches(node, inputs[j : j + step], groups, kernel)  # `positions` columns: onto_grid checked
             y = y_all[j : j + step]
             if budget < positions:
                 pick = torch.randperm(positions, generator=generator)[:budget].to(cols.device)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from aa_deploy import cost, dense, model_io
+from aa_deploy import cost, dense, fold, model_io
 from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.errors import InputError
 from aa_deploy.plan import IMAGE_STEM, SKIP_STEM, Action, Options, plan
@@ -40,9 +40,19 @@ def annotate_shapes(model: ir.Model) -> None:
     cost.with_shapes(model)
 
 
-def inspect(model: ir.Model, options: Options = Options()) -> list[Action]:
-    """What `convert` would do to `model` (which is not changed beyond shape annotations)."""
+def prepare(model: ir.Model, options: Options = Options()) -> int:
+    """Shapes for the analysis: with dense sampling, constant subgraphs folded first (exporters compute
+    pads and shapes at run time that are static for the input size); how many nodes that removed. The
+    blur-only path leaves the graph as it is."""
+    folded = fold.fold_constants(model) if options.dense_last else 0
     annotate_shapes(model)
+    return folded
+
+
+def inspect(model: ir.Model, options: Options = Options()) -> list[Action]:
+    """What `convert` would do to `model` (which is not changed beyond shape annotations and, with
+    dense sampling, its constant subgraphs folded)."""
+    prepare(model, options)
     actions = plan(find_sites(model.graph), options)
     dense.analyse(model.graph, actions)  # refuses in one line what dense sampling cannot do exactly
     return actions
@@ -68,7 +78,7 @@ class Cost:
 def plan_cost(model: ir.Model, options: Options = Options()) -> Cost:
     """What converting `model` with `options` costs at inference, counted on a converted copy."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    annotate_shapes(copy)
+    prepare(copy, options)
     before, unknown_before = cost.multiply_adds(copy)
     convert_model(copy, options)
     annotate_shapes(copy)  # the blurs' shapes
@@ -80,6 +90,7 @@ def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
     """Insert blurs into `model` in place and record what was done in its metadata."""
     g = model.graph
     declared = [(v.shape, v.type) for v in (*g.inputs, *g.outputs)]
+    folded = prepare(model, options)
     actions = inspect(model, options)
     blurs = rewrite(g, actions)
     densified = dense.analyse(g, actions)
@@ -101,7 +112,12 @@ def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
                 "mode": options.mode,
                 "pad": options.pad,
                 "sites": [a.describe() for a in actions],
-            },
+            }
+            | (
+                {"dense": {"folded_nodes": folded, "per_phase_pools": densified.per_phase}}
+                if densified is not None
+                else {}
+            ),
         )
     return Conversion(model, actions, blurs)
 

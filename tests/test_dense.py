@@ -154,6 +154,56 @@ class _SE(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
+class _LinearSE(nn.Module):
+    """A squeeze-excitation whose gate is a Linear on the flattened pool: the pool keeps no spatial axes,
+    so it cannot be split by phase."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.down = nn.Conv2d(8, 8, 3, 2, 1)
+        self.gate = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.down(torch.relu(self.stem(x))))
+        y = y * torch.sigmoid(self.gate(y.mean((2, 3)))).view(-1, 8, 1, 1)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("levels", [1, 2])
+def test_squeeze_excitation_is_exact_per_phase(tmp_path, exporter, levels):
+    """The gate pools each sampling phase on its own and gates that phase: the dense graph is the mean
+    over the phases of the original, SE included; with two levels the last map holds 16 phases."""
+    torch.manual_seed(0)
+    model = _SE().eval()
+    path = tmp_path / "se.onnx"
+    if exporter == "dynamo":
+        export(model, path, (1, 3, 16, 16))
+    else:
+        torch.onnx.export(model, torch.zeros(1, 3, 16, 16), path, dynamo=False, opset_version=13)
+    out = tmp_path / "d.onnx"
+    aa_deploy.convert(path, out, aa_deploy.Options(filter="none", dense_last=levels))
+
+    def hooks(conv):
+        def site(a, b):
+            def hook(module, inputs, o):
+                return _strided_conv_phase(module, inputs[0], a, b, o.shape[2], o.shape[3], (1, 1, 1, 1))
+
+            return [conv.register_forward_hook(hook)]
+
+        return site
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    sites = [hooks(model.down)] if levels == 1 else [hooks(model.stem), hooks(model.down)]
+    ref = _phase_mean(model, torch.from_numpy(x), sites)
+    got = _ort(out, x)
+    assert np.abs(got - ref).max() <= TOL * np.abs(ref).max()
+    with torch.no_grad():
+        assert np.abs(got - model(torch.from_numpy(x)).numpy()).max() > 100 * TOL * np.abs(ref).max()
+
+
 class _FlattenHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -177,7 +227,7 @@ class _DenseOutput(nn.Module):
 @pytest.mark.parametrize(
     "module, words",
     [
-        (_SE, "squeeze-excitation"),
+        (_LinearSE, "without keeping its axes"),
         (_FlattenHead, "depends on the spatial size"),
         (_DenseOutput, "graph output"),
     ],

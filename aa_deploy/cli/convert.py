@@ -93,7 +93,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
             except Exception as e:  # noqa: BLE001 - advisory: the converted file is written and checked already
                 console.print(f"outputs not compared with the original's ({str(e).splitlines()[0][:200]})")
         if drift is not None and args.calibrate is None:
-            if drift.needs_calibration:
+            if result.blurs == 0:  # dense sampling alone: nothing to calibrate
+                console.print(
+                    f"dense sampling: the original averaged over the sampling phases of {dense} sites, exactly and "
+                    f"without training; answers change where the phases disagree ({drift.describe()}). "
+                    f"Measure it on your images: aa-deploy consistency {args.model} --compare {out} --images DIR "
+                    "--require 'top1>=-0.5' --require 'consistency.lower>=0'"
+                )
+            elif drift.needs_calibration:
                 console.print(
                     f"[yellow]outputs moved: {drift.describe()}. Blurs change what the trained layers see: "
                     f"calibrate it (aa-deploy calibrate {out} --teacher {args.model} --images DIR -o ...), "

@@ -1,0 +1,116 @@
+"""The nodes dense sampling adds to a graph: a pool split by sampling phase, a per-phase value tiled over
+a dense map, an average pool as a depthwise convolution with fixed taps.
+
+Along a dense axis that is `D` times denser than the original's `S` positions, position `D*j + p` is
+position `j` of the original computed at sampling phase `p`. So splitting the axis into (S, D) and
+reducing over the S part reduces each phase on its own, and tiling a D-long per-phase value S times
+puts phase p's entry at every position whose phase is p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+# Whole-map pools and the reduction that computes each over chosen axes.
+GLOBAL_REDUCE = {"GlobalAveragePool": "ReduceMean", "GlobalMaxPool": "ReduceMax"}
+REDUCE_OPS = frozenset(
+    "ReduceMean ReduceMax ReduceMin ReduceSum ReduceSumSquare ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceProd".split()
+)
+
+
+def opset(g: ir.Graph) -> int:
+    return g.opset_imports.get("", g.opset_imports.get("ai.onnx", 1))
+
+
+def axes_as_input(op_type: str, version: int) -> bool:
+    """Whether a Reduce* op takes its axes as an input (opset 13 for ReduceSum, 18 for the others)."""
+    return version >= (13 if op_type == "ReduceSum" else 18)
+
+
+def constant(g: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer named after `name` (made unique)."""
+    while name in g.initializers:
+        name += "_"
+    value = ir.Value(name=name, const_value=ir.tensor(array))
+    value.shape, value.type = ir.Shape(array.shape), ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    g.register_initializer(value)
+    return value
+
+
+def _node(
+    g: ir.Graph, anchor: ir.Node, op_type: str, inputs: Sequence[ir.Value], suffix: str, **attributes
+) -> ir.Value:
+    node = ir.Node(
+        "",
+        op_type,
+        inputs,
+        attributes=[ir.convenience.convert_attribute(k, v) for k, v in attributes.items()],
+        name=f"{anchor.name}/{suffix}",
+    )
+    node.outputs[0].name = f"{anchor.name}/{suffix}_output"
+    g.insert_before(anchor, node)
+    return node.outputs[0]
+
+
+def reduce_per_phase(
+    g: ir.Graph,
+    node: ir.Node,
+    reduce_op: str,
+    reduce_axes: Sequence[int],
+    dense: dict[int, tuple[int, int]],
+    dims: Sequence[int | None],
+) -> None:
+    """Replace the whole-map pool `node` (its input dense at axes `dense`: axis -> (original size S,
+    factor D)) by the same reduction over each phase: Reshape (split S x D) -> Reduce over the S parts
+    and `reduce_axes`' other axes, keeping dims -> Reshape (each dense axis now D long)."""
+    first = min(dense)
+    split: list[int] = []
+    merged: list[int] = []
+    index: dict[int, int] = {}
+    for axis, size in enumerate(dims):
+        index[axis] = len(split)
+        if axis in dense:
+            split += list(dense[axis])
+            merged.append(dense[axis][1])
+        else:
+            split.append(0 if axis < first else int(size))
+            merged.append(0 if axis < first else (1 if axis in reduce_axes else int(size)))
+    axes = sorted(index[a] for a in reduce_axes)
+    x = node.inputs[0]
+    shaped = _node(g, node, "Reshape", [x, constant(g, f"{node.name}.phases", np.array(split, np.int64))], "phases")
+    version = opset(g)
+    if axes_as_input(reduce_op, version):
+        reduced = _node(
+            g,
+            node,
+            reduce_op,
+            [shaped, constant(g, f"{node.name}.phase_axes", np.array(axes, np.int64))],
+            "per_phase",
+            keepdims=1,
+        )
+    else:
+        reduced = _node(g, node, reduce_op, [shaped], "per_phase", axes=axes, keepdims=1)
+    out = _node(g, node, "Reshape", [reduced, constant(g, f"{node.name}.merged", np.array(merged, np.int64))], "merged")
+    old = node.outputs[0]
+    name = old.name
+    ir.convenience.replace_all_uses_with(old, out)
+    g.remove(node, safe=True)
+    out.name = name
+    out.producer().name = node.name or out.producer().name
+
+
+def tile(g: ir.Graph, node: ir.Node, index: int, repeats: Sequence[int]) -> None:
+    """Input `index` of `node` (a per-phase value) tiled by `repeats` over the dense map it joins."""
+    value = node.inputs[index]
+    tiled = _node(
+        g, node, "Tile", [value, constant(g, f"{node.name}.tile_{index}", np.array(repeats, np.int64))], f"tile_{index}"
+    )
+    node.replace_input_with(index, tiled)
+
+
+def average_weights(channels: int, kernel: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    """An average pool's window as depthwise convolution taps: every tap 1 / (window size)."""
+    return np.full((channels, 1, *kernel), 1.0 / float(np.prod(kernel)), dtype=dtype)

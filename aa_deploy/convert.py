@@ -14,6 +14,7 @@ from aa_deploy.errors import InputError
 from aa_deploy.plan import IMAGE_STEM, SKIP_STEM, Action, Options, plan
 from aa_deploy.rewrite import rewrite
 from aa_deploy.sites import find_sites
+from aa_deploy.sites.levels import site_levels
 from aa_deploy.version import __version__
 
 
@@ -84,6 +85,32 @@ def plan_cost(model: ir.Model, options: Options = Options()) -> Cost:
     annotate_shapes(copy)  # the blurs' shapes
     after, unknown_after = cost.multiply_adds(copy)
     return Cost(before, after, max(unknown_before, unknown_after))
+
+
+@dataclass(frozen=True)
+class DenseCost:
+    """What `--dense-last n` would cost, or why it is refused."""
+
+    n: int
+    cost: Cost | None
+    refused: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"dense_last": self.n, "ratio": self.cost.ratio if self.cost else None, "refused": self.refused}
+
+
+def dense_costs(model: ir.Model, options: Options = Options()) -> list[DenseCost]:
+    """The multiply-adds of `options` with dense sampling at every number of levels the graph has."""
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    prepare(copy, replace(options, dense_last=1))
+    levels = len(set(site_levels(find_sites(copy.graph))))
+    costs = []
+    for n in range(1, levels + 1):
+        try:
+            costs.append(DenseCost(n, plan_cost(model, replace(options, dense_last=n))))
+        except InputError as e:
+            costs.append(DenseCost(n, None, str(e)))
+    return costs
 
 
 def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:

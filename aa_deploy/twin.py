@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aa_deploy import filters
+from aa_deploy import filters, twin_phases
 from aa_deploy.errors import InputError
 from aa_deploy.plan import DENSE, IMAGE_CHANNELS, POOLING, Options, dense_choice, pad_mode_for, site_mode, skip_reason
 from aa_deploy.sites import strided_slice
@@ -157,16 +157,46 @@ class DenseSite(nn.Module):
     the far ends (zeros; -inf for a max pool) so that its map is exactly `stride` times the original's,
     as the ONNX pass extends the node's far padding."""
 
-    def __init__(self, module: nn.Module, extra: tuple[int, int], fill: float) -> None:
+    def __init__(
+        self, module: nn.Module, extra: tuple[int, int], fill: float, pre: tuple[int, int, int, int] = (0, 0, 0, 0)
+    ) -> None:
         super().__init__()
         self.module = module
         self.extra = extra
         self.fill = fill
+        self.pre = pre  # left, right, top, bottom: a TF-"same" conv's own padding, made static
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.pre):
+            x = F.pad(x, self.pre)
         if any(self.extra):
             x = F.pad(x, (0, self.extra[1], 0, self.extra[0]), value=self.fill)
         return self.module(x)
+
+
+def _static_same(conv: nn.Conv2d, size: tuple[int, int], factor: tuple[int, int]) -> tuple[nn.Conv2d, tuple]:
+    """A conv that computes TF-"same" padding from its stride in `forward` (timm's Conv2dSame): at stride 1
+    it would pad differently, so its padding for the original stride on a map of `size`, times `factor`,
+    goes before a plain conv with the same parameters (left, right, top, bottom)."""
+    totals = [
+        max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        for n, k, s, d in zip(size, conv.kernel_size, conv.stride, conv.dilation)
+    ]
+    (top, left), (bottom, right) = [(t // 2) for t in totals], [t - t // 2 for t in totals]
+    plain = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        0,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+    )
+    plain.weight = conv.weight
+    plain.bias = conv.bias
+    pre = (left * factor[1], right * factor[1], top * factor[0], bottom * factor[0])
+    return plain, pre
 
 
 _PADS = (nn.ZeroPad2d, nn.ConstantPad2d)
@@ -252,24 +282,40 @@ def densify(model: nn.Module, sites: list, dense: set[int], trace: dict) -> None
             raise InputError(f"--dense-last: {names[module]!r} subsamples after a dense site: give a larger N")
         if f != (1, 1):
             _dilate(module, f, names[module])
+    site_names = [names[sites[i][1]] for i in dense]
+    twin_phases.split_pools(
+        model,
+        trace,
+        factor,
+        lambda m: any(names.get(m, "") == n or names.get(m, "").startswith(n + ".") for n in site_names),
+    )
     for i in sorted(dense):
         path, module, kind, strides, _ = sites[i]
         size_in, size_out = trace[module]
-        f = factor(size_in)
-        if kind == "strided-slice":
-            module.stride = 1
-        else:
-            _dilate(module, f, path)
-            module.stride = (1, 1)
-        target = tuple(fi * s * o for fi, s, o in zip(f, strides, size_out))
-        extra = (0, 0)
-        if kind != "strided-slice":
-            channels = module.in_channels if isinstance(module, nn.Conv2d) else 1
-            with torch.no_grad():
-                got = module(torch.zeros(1, channels, *(fi * d for fi, d in zip(f, size_in)))).shape[2:]
-            extra = tuple(int(t - g) for t, g in zip(target, got))
-        fill = float("-inf") if kind == "max-pool" else 0.0
-        _set(model, path, DenseSite(module, extra, fill))
+        _set(model, path, _dense_site(module, path, kind, strides, size_in, size_out, factor(size_in)))
+
+
+def _dense_site(module: nn.Module, path: str, kind: str, strides, size_in, size_out, f) -> DenseSite:
+    """One dense site: `module` at stride 1 reading a map `f` times denser than the original's `size_in`,
+    its far border extended so that its map is exactly `stride` times the original's `size_out`."""
+    pre = (0, 0, 0, 0)
+    if kind == "strided-slice":
+        module.stride = 1
+    else:
+        if type(module).__name__ == "Conv2dSame":  # pads in forward from its stride
+            module, pre = _static_same(module, size_in, f)
+        _dilate(module, f, path)
+        module.stride = (1, 1)
+    target = tuple(fi * s * o for fi, s, o in zip(f, strides, size_out))
+    extra = (0, 0)
+    if kind != "strided-slice":
+        channels = module.in_channels if isinstance(module, nn.Conv2d) else 1
+        with torch.no_grad():
+            x = torch.zeros(1, channels, *(fi * d for fi, d in zip(f, size_in)))
+            got = DenseSite(module, (0, 0), 0.0, pre)(x).shape[2:]
+        extra = tuple(int(t - g) for t, g in zip(target, got))
+    fill = float("-inf") if kind == "max-pool" else 0.0
+    return DenseSite(module, extra, fill, pre)
 
 
 @dataclass

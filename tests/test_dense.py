@@ -71,6 +71,22 @@ def _phase_mean(model: nn.Module, x: torch.Tensor, sites: list) -> np.ndarray:
     return np.mean(outs, axis=0)
 
 
+def resnet_phase_reference(model: nn.Module, resnet: nn.Module, x: np.ndarray, levels: int) -> np.ndarray:
+    """`model` (a CIFAR ResNet, or a network around one) averaged over the phases of `resnet`'s last
+    `levels` downsampling blocks, image by image."""
+    blocks = [resnet.layer3[0]] if levels == 1 else [resnet.layer2[0], resnet.layer3[0]]
+    return np.concatenate(
+        [
+            _phase_mean(
+                model,
+                torch.from_numpy(x[i : i + 1]),
+                [lambda a, b, blk=blk: _resnet_block_hooks(blk, a, b) for blk in blocks],
+            )
+            for i in range(len(x))
+        ]
+    )
+
+
 @pytest.fixture(scope="module")
 def resnet20(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dense")
@@ -91,17 +107,7 @@ def test_resnet20_dense_is_the_mean_over_the_sampling_phases(resnet20, exporter,
     assert len(dense) == 2 * levels  # each level: the strided conv and the strided-slice shortcut
     images = bundled.cifar_feed(InputFormat())(bundled.cifar_test_images()[0][:8])
     x = images[:1] if exporter == "torchscript" else images
-    blocks = [model.layer3[0]] if levels == 1 else [model.layer2[0], model.layer3[0]]
-    ref = np.concatenate(
-        [
-            _phase_mean(
-                model,
-                torch.from_numpy(x[i : i + 1]),
-                [lambda a, b, blk=blk: _resnet_block_hooks(blk, a, b) for blk in blocks],
-            )
-            for i in range(len(x))
-        ]
-    )
+    ref = resnet_phase_reference(model, model, x, levels)
     got = np.concatenate([_ort(out, x[i : i + 1]) for i in range(len(x))])
     scale = np.abs(ref).max()
     assert np.abs(got - ref).max() <= TOL * scale

@@ -26,6 +26,7 @@ from torch import nn
 import aa_deploy
 from aa_deploy import model_io
 from aa_deploy.converters.export import export, load_model
+from aa_deploy.parity import Inputs, verify
 from tests.helpers import cli
 
 TOL = 1e-4  # of the output scale
@@ -169,6 +170,36 @@ def test_zoo_dense_is_the_mean_over_the_sampling_phases(tmp_path, spec, exporter
         assert {a.action for a in result.actions} >= {"dense"}
         onnx.checker.check_model(str(out))
         _check_exact(model, out, levels, x, batch_one=exporter == "torchscript")
+        # the twin (dilated modules, pools split by phase inside the dense levels) agrees with the graph
+        report = verify(out, spec, Inputs(count=2))
+        assert report.passed, report.as_dict()["outputs"]
+
+
+@pytest.mark.zoo
+def test_quantize_and_fp16_take_pools_split_by_phase(tmp_path):
+    """INT8 Q/DQ and the float16 graph a TensorRT build starts from, on a dense squeeze-excitation net:
+    both run in ONNX Runtime and keep the float32 graph's answers."""
+    from PIL import Image
+
+    from aa_deploy.converters.precision import to_fp16
+
+    model, _ = load_model("timm:mobilenetv3_small_050")
+    path = export(model, tmp_path / "m.onnx", (1, 3, 64, 64))
+    dense = tmp_path / "d2.onnx"
+    aa_deploy.convert(path, dense, aa_deploy.Options(filter="none", dense_last=2))
+    to_fp16(dense, tmp_path / "d2.fp16.onnx")
+    x = _images(64, 1)
+    want = _ort(dense, x)
+    half = _ort(tmp_path / "d2.fp16.onnx", x)
+    assert np.abs(half - want).max() <= 1e-2 * np.abs(want).max()
+    images = tmp_path / "calib"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    proc = cli("quantize", dense, "--calib-images", images, "--size", "64", "-o", tmp_path / "int8.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert _ort(tmp_path / "int8.onnx", x).shape == want.shape
 
 
 @pytest.mark.zoo
@@ -242,8 +273,7 @@ def test_the_blur_path_does_not_fold(lite0_torchscript, tmp_path):
 def test_a_whole_map_average_pool_is_a_global_pool(tmp_path):
     """A CIFAR ResNet exported with `avg_pool2d(x, 8)` (TorchScript, opset 11, batch 1): the pool's
     kernel covers the 8x8 map, so it is the global pool."""
-    from tests.test_dense import _phase_mean as resnet_phase_mean
-    from tests.test_dense import _resnet_block_hooks
+    from tests.test_dense import resnet_phase_reference
 
     resnet, _ = load_model("aa:cifar10_resnet20")
 
@@ -266,17 +296,7 @@ def test_a_whole_map_average_pool_is_a_global_pool(tmp_path):
         out = tmp_path / f"d{levels}.onnx"
         aa_deploy.convert(path, out, aa_deploy.Options(filter="none", dense_last=levels))
         assert "GlobalAveragePool" in {n.op_type for n in ir.load(out).graph}
-        blocks = [resnet.layer3[0]] if levels == 1 else [resnet.layer2[0], resnet.layer3[0]]
-        ref = np.concatenate(
-            [
-                resnet_phase_mean(
-                    model,
-                    torch.from_numpy(x[i : i + 1]),
-                    [lambda a, b, blk=blk: _resnet_block_hooks(blk, a, b) for blk in blocks],
-                )
-                for i in range(len(x))
-            ]
-        )
+        ref = resnet_phase_reference(model, resnet, x, levels)
         got = _ort_each(out, x)
         assert np.abs(got - ref).max() <= TOL * np.abs(ref).max()
 

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from aa_deploy import model_io
 from aa_deploy.cli import common
-from aa_deploy.convert import inspect, plan_cost
+from aa_deploy.convert import dense_costs, inspect, plan_cost
 from aa_deploy.report import print_sites
 
 
@@ -29,6 +29,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if not args.json:
         common.print_upgrade(model_io.read_metadata(model).get("opset_upgrade"), console)
     price = plan_cost(model, options) if actions else None
+    per_level = dense_costs(model, options) if actions and options.dense_last else []
     if args.json:
         print(
             json.dumps(
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
                         "ratio": price.ratio,
                         "uncounted_nodes": price.unknown,
                     },
-                },
+                }
+                | ({"dense_costs": [c.as_dict() for c in per_level]} if per_level else {}),
                 indent=2,
             )
         )
@@ -54,4 +56,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
             console,
         )
         console.print(price.describe())
+        for c in per_level:
+            console.print(
+                f"  --dense-last {c.n}: "
+                + (f"x{c.cost.ratio:.2f} multiply-adds" if c.cost else f"refused ({c.refused})")
+            )
     return common.EXIT_OK if actions else common.EXIT_NOTHING

@@ -265,8 +265,11 @@ def densify(model: nn.Module, sites: list, dense: set[int], trace: dict) -> None
         return denser.get(size, (1, 1))
 
     site_modules = {id(sites[i][1]): i for i in dense}
+    twin_phases.whole_map_pools(model, trace, factor)  # before the stride check: such a pool's stride is its size
     names = {m: n for n, m in model.named_modules()}
     for module, (size_in, _) in trace.items():
+        if module not in names:
+            continue  # replaced (a whole-map pool)
         if len(size_in) != 2 or size_in[0] * size_in[1] > first[0] * first[1]:
             continue  # before the dense levels (or not a map)
         if id(module) in site_modules:
@@ -417,6 +420,14 @@ def antialias(
     return antialias_with(model, options, inplace=inplace)
 
 
+def _global_on(module: nn.Module, trace: dict) -> bool:
+    """A 2-D pooling module whose window covers the whole map it read in `trace`."""
+    if not isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)) or len(trace.get(module, ((),))[0]) != 2:
+        return False
+    padding = _tuple(module.padding, 2)
+    return acts_globally(_tuple(module.kernel_size, 2), trace[module][0], (*padding, *padding))
+
+
 def _levels(sites: list, trace: dict, area: int) -> list[int]:
     """Each site's total subsampling factor (area) from its input size in `trace` on an image of `area`
     pixels: `plan.dense_choice`'s levels."""
@@ -438,6 +449,8 @@ def antialias_with(
         if sample is None:
             raise InputError("--dense-last: the twin needs a sample input to find the resolution levels")
         trace = _spatial_trace(model, sample)
+        # a pool whose window covers its whole map subsamples nothing: no site for the ONNX pass either
+        sites = [s for s in sites if not _global_on(s[1], trace)]
         dense = dense_choice(_levels(sites, trace, sample.shape[2] * sample.shape[3]), options.dense_last)
         densify(model, sites, dense, trace)
     for i, (name, module, kind, strides, channels_last) in enumerate(sites):

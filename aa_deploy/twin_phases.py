@@ -1,4 +1,4 @@
-"""Whole-map pools split by sampling phase in the PyTorch twin, as the ONNX pass splits them (`dense_nodes`).
+"""Whole-map pools in the PyTorch twin's dense levels, as the ONNX pass treats them (`dense`, `dense_nodes`).
 
 Inside a module of a dense level whose map keeps its size (a block, a squeeze-excitation, a global
 response norm), a pool over the whole map would mix the phases that the dense map holds side by side.
@@ -87,6 +87,53 @@ class PerPhasePools(TorchFunctionMode):
         repeats = [1] * len(shape)
         repeats[a], repeats[b] = self.size
         return pooled.reshape(phases).repeat(repeats)
+
+
+class WholeMapPools(TorchFunctionMode):
+    """A functional average or max pool whose window is the original's whole map (`F.avg_pool2d(x, 8)`
+    on an 8x8 map) is the global pool; on the dense map it stays one: an adaptive pool to 1x1, as the
+    ONNX pass makes such a pool a GlobalAveragePool. `dense`: a dense map size -> the original sizes it
+    can stand for (with two dense levels, 16 px at 2x and 8 px at 4x are both 32 px)."""
+
+    def __init__(self, dense: dict[tuple[int, int], set[tuple[int, int]]]) -> None:
+        super().__init__()
+        self.dense = dense
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ("avg_pool2d", "max_pool2d") and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            x = args[0]
+            kernel = kwargs.get("kernel_size", args[1] if len(args) > 1 else None)
+            kernel = tuple(kernel) if isinstance(kernel, tuple | list) else (kernel, kernel)
+            padding = kwargs.get("padding", args[3] if len(args) > 3 else 0)
+            if kernel in self.dense.get(tuple(x.shape[2:]), ()) and padding in (0, (0, 0), [0, 0]):
+                return (F.adaptive_avg_pool2d if name == "avg_pool2d" else F.adaptive_max_pool2d)(x, 1)
+        return func(*args, **kwargs)
+
+
+def whole_map_pools(model: nn.Module, trace: dict, factor) -> None:
+    """Whole-map pools of the dense levels kept global: `nn.AvgPool2d` / `nn.MaxPool2d` modules whose
+    window covers their map unpadded become adaptive pools to 1x1, and `WholeMapPools` runs over the
+    model's forward for the functional ones."""
+    dense: dict[tuple[int, int], set[tuple[int, int]]] = {}
+    for module, (size_in, _) in list(trace.items()):
+        f = factor(size_in) if len(size_in) == 2 else (1, 1)
+        if f == (1, 1):
+            continue
+        dense.setdefault(tuple(s * g for s, g in zip(size_in, f)), set()).add(tuple(size_in))
+        if isinstance(module, nn.AvgPool2d | nn.MaxPool2d):
+            kernel = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * 2
+            if tuple(kernel) == tuple(size_in) and module.padding in (0, (0, 0)):
+                pool = nn.AdaptiveAvgPool2d(1) if isinstance(module, nn.AvgPool2d) else nn.AdaptiveMaxPool2d(1)
+                for parent in model.modules():
+                    for child_name, child in parent.named_children():
+                        if child is module:
+                            setattr(parent, child_name, pool)
+    if dense:
+        mode = WholeMapPools(dense)
+        model.register_forward_pre_hook(lambda m, i: mode.__enter__() and None)
+        model.register_forward_hook(lambda m, i, o: mode.__exit__(None, None, None), always_call=True)
 
 
 def split_pools(model: nn.Module, trace: dict, factor, inside_sites) -> int:

@@ -270,9 +270,10 @@ def test_the_blur_path_does_not_fold(lite0_torchscript, tmp_path):
     assert "dense" not in model_io.read_metadata(converted)
 
 
-def test_a_whole_map_average_pool_is_a_global_pool(tmp_path):
-    """A CIFAR ResNet exported with `avg_pool2d(x, 8)` (TorchScript, opset 11, batch 1): the pool's
-    kernel covers the 8x8 map, so it is the global pool."""
+@pytest.mark.parametrize("written", ["functional", "module"])
+def test_a_whole_map_average_pool_is_a_global_pool(tmp_path, written):
+    """A CIFAR ResNet exported with `avg_pool2d(x, 8)` or an `nn.AvgPool2d(8)` (TorchScript, opset 11,
+    batch 1): the pool's kernel covers the 8x8 map, so it is the global pool."""
     from tests.test_dense import resnet_phase_reference
 
     resnet, _ = load_model("aa:cifar10_resnet20")
@@ -281,11 +282,12 @@ def test_a_whole_map_average_pool_is_a_global_pool(tmp_path):
         def __init__(self) -> None:
             super().__init__()
             self.m = resnet
+            self.pool = nn.AvgPool2d(8) if written == "module" else (lambda x: F.avg_pool2d(x, 8))
 
         def forward(self, x):
             m = self.m
             x = m.layer3(m.layer2(m.layer1(F.relu(m.bn1(m.conv1(x))))))
-            return m.linear(torch.flatten(F.avg_pool2d(x, 8), 1))
+            return m.linear(torch.flatten(self.pool(x), 1))
 
     model = Pooled().eval()
     path = tmp_path / "r20.onnx"
@@ -299,6 +301,9 @@ def test_a_whole_map_average_pool_is_a_global_pool(tmp_path):
         ref = resnet_phase_reference(model, resnet, x, levels)
         got = _ort_each(out, x)
         assert np.abs(got - ref).max() <= TOL * np.abs(ref).max()
+        # the twin keeps the functional whole-map pool global on the dense map, as the graph does
+        report = verify(out, model, Inputs(count=2))
+        assert report.passed, report.as_dict()["outputs"]
 
 
 # --- the ONNX Model Zoo DenseNet-121 (opset 9): no PyTorch original, so the reference is ONNX Runtime --

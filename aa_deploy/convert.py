@@ -79,6 +79,7 @@ class Cost:
 def plan_cost(model: ir.Model, options: Options = Options()) -> Cost:
     """What converting `model` with `options` costs at inference, counted on a converted copy."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    fold.fold_constants(copy)  # a copy: shapes the exporter computes at run time count too
     prepare(copy, options)
     before, unknown_before = cost.multiply_adds(copy)
     convert_model(copy, options)

@@ -16,13 +16,24 @@ def _batch_1(dims: tuple | None) -> tuple | None:
     return dims if not dims or dims[0] is not None else (1, *dims[1:])
 
 
+def _gemm_per_sample(node: ir.Node) -> int | None:
+    """A classifier's Gemm after a Flatten that a dynamic-batch export computes at run time (Shape ->
+    Gather -> Concat -> Reshape): its input's shape is unknown, but one sample costs its weight's size."""
+    if not graph.is_onnx(node, "Gemm") or node.attributes.get_int("transA", 0):
+        return None
+    weight = graph.dims(node.inputs[1])
+    if weight is None or len(weight) != 2 or any(d is None for d in weight):
+        return None
+    return math.prod(weight)
+
+
 def _node_macs(node: ir.Node) -> int | None:
     """Multiply-adds of one node, 0 for ops not counted, None when a shape it needs is unknown."""
     if not graph.is_onnx(node, "Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool", "MaxPool"):
         return 0
     out = _batch_1(graph.dims(node.outputs[0]))
     if out is None or any(d is None for d in out):
-        return None
+        return _gemm_per_sample(node)
     if node.op_type in ("Conv", "ConvTranspose"):
         weight = graph.dims(node.inputs[1])
         if weight is None or any(d is None for d in weight):
@@ -37,7 +48,7 @@ def _node_macs(node: ir.Node) -> int | None:
         return math.prod(out) * math.prod(kernel)
     a = graph.dims(node.inputs[0])
     if a is None or a[-1] is None:
-        return None
+        return _gemm_per_sample(node)
     k = a[0] if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) else a[-1]
     return math.prod(out) * k
 

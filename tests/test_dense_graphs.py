@@ -262,6 +262,19 @@ def test_pads_computed_by_constant_subgraphs_are_folded(lite0_torchscript, tmp_p
         _check_exact(model, out, levels, x)  # a dynamic batch: two images at once
 
 
+def test_multiply_adds_of_the_torchscript_export_equal_the_dynamo_export(lite0_torchscript, tmp_path):
+    """Every node counts (pads folded on a copy, the Gemm after a run-time Flatten counted per sample):
+    both exports of one network cost the same, converted or not."""
+    from aa_deploy.convert import plan_cost
+
+    model, path = lite0_torchscript
+    dynamo = export(model, tmp_path / "lite0.onnx", (1, 3, 224, 224))
+    for options in (aa_deploy.Options(filter="none", dense_last=2), aa_deploy.Options()):
+        ts, dyn = plan_cost(model_io.load(path), options), plan_cost(model_io.load(dynamo), options)
+        assert ts.unknown == dyn.unknown == 0
+        assert (ts.original, ts.converted) == (dyn.original, dyn.converted)
+
+
 def test_the_blur_path_does_not_fold(lite0_torchscript, tmp_path):
     _, path = lite0_torchscript
     aa_deploy.convert(path, tmp_path / "b.onnx", aa_deploy.Options())

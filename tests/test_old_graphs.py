@@ -7,6 +7,8 @@ converted(X) == original(np_blur(X)), the original run as it is (old opset) in O
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -358,3 +360,17 @@ def test_calibrate_runs_on_a_squeezenet_era_zoo_graph(tmp_path, opset):
     x = RNG.standard_normal((1, 3, 32, 32)).astype(np.float32)
     y = _session(cal).run(None, {"data": x})[0]
     assert y.shape == (1, 5, 1, 1) and np.isclose(y.sum(), 1.0, atol=1e-5)
+
+
+def test_calibrate_runs_on_the_zoo_squeezenet_of_the_onnx_wheel(tmp_path):
+    """The ONNX Model Zoo's SqueezeNet as the onnx wheel carries it (opset 9, IR 3; synthetic weights whose
+    logits reach 1e9, where float32 rounding decides the softmax): the bridge's logits equal ONNX
+    Runtime's, so calibrate takes it, and its output runs in ONNX Runtime."""
+    src = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_squeezenet.onnx"
+    conv, cal = tmp_path / "sq.aa.onnx", tmp_path / "sq.cal.onnx"
+    assert cli("convert", src, "-o", conv, "--no-drift").returncode == 0
+    proc = _calibrate_on_photo_crops(conv, src, cal, size=224)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    session = _session(cal)
+    x = RNG.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (1, 1000, 1, 1)

@@ -374,3 +374,37 @@ def test_calibrate_runs_on_the_zoo_squeezenet_of_the_onnx_wheel(tmp_path):
     session = _session(cal)
     x = RNG.standard_normal((1, 3, 224, 224)).astype(np.float32)
     assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (1, 1000, 1, 1)
+
+
+def test_a_softmax_the_bridge_gets_wrong_is_still_refused(tmp_path, monkeypatch):
+    """Logits of an ordinary scale agree to far less than a softmax can notice: an output mismatch there is
+    the Softmax's own (here a deliberately wrong one), and the check still refuses it."""
+    import torch
+
+    from aa_deploy.converters import bridge
+    from aa_deploy.converters.bridge_check import check_against_onnxruntime
+    from aa_deploy.errors import InputError
+
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Softmax", ["f"], ["y"], axis=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [onnx.numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    module = bridge.OnnxModule(model_io.load(path))
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert check_against_onnxruntime(path, module, x) <= 1e-4
+    monkeypatch.setattr(bridge.OnnxModule, "_op_Softmax", lambda self, node, t: torch.softmax(2 * t, dim=1))
+    with pytest.raises(InputError, match="differs from ONNX Runtime"):
+        check_against_onnxruntime(path, module, x)

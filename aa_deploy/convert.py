@@ -54,6 +54,11 @@ def inspect(model: ir.Model, options: Options = Options()) -> list[Action]:
     """What `convert` would do to `model` (which is not changed beyond shape annotations and, with
     dense sampling, its constant subgraphs folded)."""
     prepare(model, options)
+    return _plan(model, options)
+
+
+def _plan(model: ir.Model, options: Options) -> list[Action]:
+    """`inspect` on a prepared model."""
     actions = plan(find_sites(model.graph), options)
     dense.analyse(model.graph, actions)  # refuses in one line what dense sampling cannot do exactly
     return actions
@@ -80,7 +85,7 @@ def plan_cost(model: ir.Model, options: Options = Options()) -> Cost:
     """What converting `model` with `options` costs at inference, counted on a converted copy."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     fold.fold_constants(copy)  # a copy: shapes the exporter computes at run time count too
-    prepare(copy, options)
+    annotate_shapes(copy)
     before, unknown_before = cost.multiply_adds(copy)
     convert_model(copy, options)
     annotate_shapes(copy)  # the blurs' shapes
@@ -119,7 +124,7 @@ def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
     g = model.graph
     declared = [(v.shape, v.type) for v in (*g.inputs, *g.outputs)]
     folded = prepare(model, options)
-    actions = inspect(model, options)
+    actions = _plan(model, options)
     blurs = rewrite(g, actions)
     densified = dense.analyse(g, actions)
     if densified is not None:

@@ -69,6 +69,10 @@ class Map:
         """The same map seen in a broadcast to `rank` dims (NumPy aligns trailing axes)."""
         return self.on(tuple(a + rank - own_rank for a in self.axes))
 
+    def dropped(self, axes: tuple[int, ...]) -> Map:
+        """The same map after the (non-spatial) `axes` are removed."""
+        return self.on(tuple(a - sum(r < a for r in axes) for a in self.axes))
+
     def by_axis(self) -> dict[int, tuple[int, int]]:
         """axis -> (original size, factor)."""
         return {a: (s, f) for a, s, f in zip(self.axes, self.sizes, self.factor)}
@@ -299,9 +303,7 @@ def _reduce(w: _Walk, node: ir.Node, m: Map) -> Map | None:
         keep, reduce_op = bool(node.attributes.get_int("keepdims", 1)), node.op_type
     spatial = set(m.axes) & set(axes)
     if not spatial:  # over channels only: each position on its own
-        if keep:
-            return m
-        return m.on(tuple(a - sum(r < a for r in axes) for a in m.axes))
+        return m if keep else m.dropped(axes)
     if spatial != set(m.axes):
         raise _refuse(node, "reduces over some spatial axes but not all: not a mean over phases")
     if id(node) in w.per_phase:
@@ -364,7 +366,7 @@ def _squeeze(w: _Walk, node: ir.Node, m: Map) -> Map:
     axes = tuple(a % rank for a in axes)
     if set(axes) & set(m.axes):
         raise _refuse(node, "squeezes a spatial axis of a densely sampled map")
-    return m.on(tuple(a - sum(r < a for r in axes) for a in m.axes))
+    return m.dropped(axes)
 
 
 def _slice(w: _Walk, node: ir.Node, m: Map) -> Map:
@@ -383,15 +385,15 @@ def _pad(w: _Walk, node: ir.Node, m: Map) -> Map:
         raise _refuse(node, "pads a per-phase pooled value")
     if node.attributes.get_string("mode", "constant") != "constant":
         raise _refuse(node, "pads by reflection or replication: its mirror lines are not in phase units")
-    pads = graph.ints(node, "pads")
-    pads = np.array(pads, np.int64) if pads is not None else graph.const_array(node.inputs[1])
+    attribute = graph.ints(node, "pads")  # opset < 11: pads is an attribute
+    pads = np.array(attribute, np.int64) if attribute is not None else graph.const_array(node.inputs[1])
     if pads is None or (len(node.inputs) > 3 and node.inputs[3] is not None):
         raise _refuse(node, "has pads that are not a constant over every axis")
     rank = len(pads) // 2
     scale = np.ones(2 * rank, dtype=pads.dtype)
     for a, (_, f) in m.by_axis().items():
         scale[a] = scale[a + rank] = f
-    if graph.ints(node, "pads") is not None:  # opset < 11: pads is an attribute
+    if attribute is not None:
         w.edits.append(Edit(node, {"pads": [int(p) for p in pads * scale]}))
     else:
         w.edits.append(Edit(node, inputs={1: pads * scale}))
@@ -469,6 +471,9 @@ def _matmul(w: _Walk, node: ir.Node, ins: list[Map | None]) -> Map:
     return m
 
 
+WHOLE_MAP_NORM = "normalizes over the whole map: its statistics would mix the sampling phases"
+
+
 def _refuse_rule(why: str) -> Callable:
     def rule(w: _Walk, node: ir.Node, m) -> Map:
         raise _refuse(node, why)
@@ -493,12 +498,8 @@ RULES: dict[str, Callable] = (
         "Pad": lambda w, node, ins: _pad(w, node, _first(ins)),
         "MatMul": lambda w, node, ins: _matmul(w, node, ins),
         "LRN": lambda w, node, ins: _first(ins),  # across channels, at each position
-        "InstanceNormalization": lambda w, node, ins: _refuse_rule(
-            "normalizes over the whole map: its statistics would mix the sampling phases"
-        )(w, node, ins),
-        "GroupNormalization": lambda w, node, ins: _refuse_rule(
-            "normalizes over the whole map: its statistics would mix the sampling phases"
-        )(w, node, ins),
+        "InstanceNormalization": _refuse_rule(WHOLE_MAP_NORM),
+        "GroupNormalization": _refuse_rule(WHOLE_MAP_NORM),
     }
 )
 

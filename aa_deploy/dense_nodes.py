@@ -40,17 +40,29 @@ def constant(g: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def _fresh(g: ir.Graph, base: str) -> str:
+    """`base`, or `base_2`, `base_3`, ...: a name no node or value of `g` has."""
+    taken = {n.name for n in g.all_nodes()} | {v.name for n in g.all_nodes() for v in (*n.inputs, *n.outputs) if v}
+    taken |= {v.name for v in (*g.inputs, *g.initializers.values())}
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
 def _node(
     g: ir.Graph, anchor: ir.Node, op_type: str, inputs: Sequence[ir.Value], suffix: str, **attributes
 ) -> ir.Value:
+    base = f"{anchor.name or anchor.outputs[0].name}/{suffix}"  # exporters may leave nodes unnamed
     node = ir.Node(
         "",
         op_type,
         inputs,
         attributes=[ir.convenience.convert_attribute(k, v) for k, v in attributes.items()],
-        name=f"{anchor.name}/{suffix}",
+        name=_fresh(g, base),
     )
-    node.outputs[0].name = f"{anchor.name}/{suffix}_output"
+    node.outputs[0].name = _fresh(g, f"{base}_output")
     g.insert_before(anchor, node)
     return node.outputs[0]
 

@@ -265,8 +265,19 @@ def densify(model: nn.Module, sites: list, dense: set[int], trace: dict) -> None
         return denser.get(size, (1, 1))
 
     site_modules = {id(sites[i][1]): i for i in dense}
-    twin_phases.whole_map_pools(model, trace, factor)  # before the stride check: such a pool's stride is its size
     names = {m: n for n, m in model.named_modules()}
+    # Whole-map pools stay global on the dense map, as the ONNX pass makes them global pools (before the
+    # stride check: such a pool's stride is its size).
+    whole = [
+        m for m in trace if _global_on(m, trace) and _tuple(m.padding, 2) == (0, 0) and factor(trace[m][0]) != (1, 1)
+    ]
+    for module in whole:
+        _set(
+            model,
+            names.pop(module),
+            nn.AdaptiveAvgPool2d(1) if isinstance(module, nn.AvgPool2d) else nn.AdaptiveMaxPool2d(1),
+        )
+    twin_phases.whole_map_pools(model, trace, factor)
     for module, (size_in, _) in trace.items():
         if module not in names:
             continue  # replaced (a whole-map pool)

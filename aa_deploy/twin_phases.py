@@ -112,44 +112,34 @@ class WholeMapPools(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _run_under(module: nn.Module, mode: TorchFunctionMode) -> None:
+    """Hooks that enter `mode` when `module`'s forward starts and leave it when it ends (or fails)."""
+    module.register_forward_pre_hook(lambda m, i: mode.__enter__() and None)
+    module.register_forward_hook(lambda m, i, o: mode.__exit__(None, None, None), always_call=True)
+
+
 def whole_map_pools(model: nn.Module, trace: dict, factor) -> None:
-    """Whole-map pools of the dense levels kept global: `nn.AvgPool2d` / `nn.MaxPool2d` modules whose
-    window covers their map unpadded become adaptive pools to 1x1, and `WholeMapPools` runs over the
-    model's forward for the functional ones."""
+    """`WholeMapPools` over the model's forward, for the functional whole-map pools of the dense levels
+    (pooling modules are replaced by the twin itself)."""
     dense: dict[tuple[int, int], set[tuple[int, int]]] = {}
-    for module, (size_in, _) in list(trace.items()):
+    for size_in, _ in trace.values():
         f = factor(size_in) if len(size_in) == 2 else (1, 1)
-        if f == (1, 1):
-            continue
-        dense.setdefault(tuple(s * g for s, g in zip(size_in, f)), set()).add(tuple(size_in))
-        if isinstance(module, nn.AvgPool2d | nn.MaxPool2d):
-            kernel = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * 2
-            if tuple(kernel) == tuple(size_in) and module.padding in (0, (0, 0)):
-                pool = nn.AdaptiveAvgPool2d(1) if isinstance(module, nn.AvgPool2d) else nn.AdaptiveMaxPool2d(1)
-                for parent in model.modules():
-                    for child_name, child in parent.named_children():
-                        if child is module:
-                            setattr(parent, child_name, pool)
+        if f != (1, 1):
+            dense.setdefault(tuple(s * g for s, g in zip(size_in, f)), set()).add(tuple(size_in))
     if dense:
-        mode = WholeMapPools(dense)
-        model.register_forward_pre_hook(lambda m, i: mode.__enter__() and None)
-        model.register_forward_hook(lambda m, i, o: mode.__exit__(None, None, None), always_call=True)
+        _run_under(model, WholeMapPools(dense))
 
 
-def split_pools(model: nn.Module, trace: dict, factor, inside_sites) -> int:
-    """Hooks that run every outermost module of a dense level whose map keeps its size under
-    `PerPhasePools`; how many. `trace`: module -> (input size, output size); `factor(size)`: how much
-    denser a map of that original size is; `inside_sites(module)`: whether it belongs to a dense site."""
-    chosen: list[nn.Module] = []
+def split_pools(model: nn.Module, trace: dict, factor, inside_sites) -> None:
+    """Every outermost module of a dense level whose map keeps its size runs under `PerPhasePools`.
+    `trace`: module -> (input size, output size); `factor(size)`: how much denser a map of that
+    original size is; `inside_sites(module)`: whether it belongs to a dense site."""
+    covered: set[nn.Module] = set()  # the chosen modules and everything inside them
     for module in model.modules():  # parents before children
         size_in, size_out = trace.get(module, ((), ()))
-        if len(size_in) != 2 or size_in != size_out or factor(size_in) == (1, 1) or inside_sites(module):
+        if module in covered or len(size_in) != 2 or size_in != size_out or factor(size_in) == (1, 1):
             continue
-        if any(module in set(parent.modules()) for parent in chosen):
+        if inside_sites(module):
             continue
-        chosen.append(module)
-    for module in chosen:
-        mode = PerPhasePools(trace[module][0], factor(trace[module][0]))
-        module.register_forward_pre_hook(lambda m, i, mode=mode: mode.__enter__() and None)
-        module.register_forward_hook(lambda m, i, o, mode=mode: mode.__exit__(None, None, None), always_call=True)
-    return len(chosen)
+        covered.update(module.modules())
+        _run_under(module, PerPhasePools(size_in, factor(size_in)))

@@ -6,13 +6,16 @@ Random weights (the bridge's exactness does not depend on them). Slow: marked zo
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
 import aa_deploy
+from aa_deploy import model_io
 from aa_deploy.calibration.stats import calibrate_stats
 from aa_deploy.converters.bridge import load_module
 
@@ -85,3 +88,32 @@ def test_bridge_equals_onnxruntime_and_stats_runs(tmp_path, family, spec, size, 
     assert report, "no conv of the converted graph was matched to the original by output name"
     with torch.no_grad():
         assert torch.isfinite(student(torch.from_numpy(x))).all()
+
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+ZOO_CLASSICS = sorted(p.name for p in LIGHT.glob("light_*.onnx"))
+
+
+@pytest.mark.parametrize("name", ZOO_CLASSICS)
+def test_bridge_equals_onnxruntime_on_the_zoo_classics_of_the_onnx_wheel(tmp_path, name):
+    """The ONNX Model Zoo graphs the onnx wheel carries (old opsets, IR 3, synthetic weights): after `convert`,
+    the bridge's output passes calibrate's own check against ONNX Runtime (a final Softmax's logits where
+    float32 cannot decide the probabilities), original and converted, and `stats` runs on them."""
+    from aa_deploy import bundled
+    from aa_deploy.calibration.matching import counterparts
+    from aa_deploy.converters.bridge_check import check_against_onnxruntime
+
+    assert len(ZOO_CLASSICS) == 9
+    src, converted = LIGHT / name, tmp_path / "m.aa.onnx"
+    aa_deploy.convert(src, converted)
+    size = model_io.input_spec(src)[1][-1]
+    x = (bundled.photo_crops(2, size).astype(np.float32) / 255.0 - 0.45).transpose(0, 3, 1, 2) / 0.25
+    modules = {}
+    for path in (src, converted):
+        _, modules[path] = load_module(path)
+        assert check_against_onnxruntime(path, modules[path], np.ascontiguousarray(x)) <= 1e-4
+    student, teacher = modules[converted], modules[src]
+    match = counterparts(student, teacher)  # by name, or by structure where the rewrite renamed
+    assert match.matched == match.convs
+    report = calibrate_stats(student, teacher, torch.from_numpy(np.ascontiguousarray(x[:1])), names=match.names)
+    assert len(report) == match.convs

@@ -86,7 +86,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     common.refuse_overwrites(
         (args.report, args.plot, args.junit), (*models, args.weights, args.preprocess, args.labels, args.images)
     )
-    preprocess = common.preprocess(args, args.crop)
+    onnx_model = args.model if args.backend != "tensorrt" else None  # an engine's size: from its sidecar, later
+    preprocess = common.preprocess(args, args.crop, model=onnx_model)
     with common.setting_errors(args):
         measurement = compare.Measurement(
             args.protocol, args.shift, args.crop, args.passes, args.seed, args.pad, args.batch, args.output

@@ -27,6 +27,7 @@ import numpy as np
 from aa_deploy import cost, fold, model_io
 from aa_deploy.consistency import compare, sides
 from aa_deploy.consistency.paired import bootstrap_ci, paired_difference
+from aa_deploy.consistency.plots import plot_frontier
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.converters.timing import pair_ratios
 from aa_deploy.images import Preprocess
@@ -48,7 +49,7 @@ def combine(argv: list[str]) -> None:
                 if not only or row["name"] == only:
                     rows.setdefault(row["name"], {**row, "name": label or row["name"]})
         families[name] = list(rows.values())
-    plot(families, out)
+    plot_frontier(families, out)
 
 
 def top1(models: list[str], args) -> dict[str, np.ndarray]:
@@ -157,39 +158,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"images": images, "rows": rows}, indent=2))
     if args.plot:
-        plot({Path(args.original).stem: rows}, args.plot)
-
-
-def plot(families: dict[str, list[dict]], path: str) -> None:
-    """Consistency gains with their paired intervals against the multiply-adds ratio: one panel per
-    protocol, one colour per network (`families`: name -> its rows), each point labelled by its model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    panels = (("random-crop_diff", "random-crop consistency"), ("one-pixel_diff", "one-pixel consistency"))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
-    for ax, (key, title) in zip(axes, panels):
-        for k, (family, rows) in enumerate(families.items()):
-            pts = [r for r in rows if key in r]
-            x = [r["macs_ratio"] * (1 + 0.04 * (k - 1)) for r in pts]  # nudged apart: intervals stay legible
-            y = [100 * r[key][0] for r in pts]
-            err = [[100 * (r[key][0] - r[key][1][0]) for r in pts], [100 * (r[key][1][1] - r[key][0]) for r in pts]]
-            ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=family)
-            for r, xi, yi in zip(pts, x, y):
-                ax.annotate(r["name"], (xi, yi), textcoords="offset points", xytext=(5, -9 if k % 2 else 3), fontsize=7)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"x{v:g}"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"x{v:g}" if v in (2, 3, 5, 7) else ""))
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("multiply-adds against the original")
-    axes[0].set_ylabel("minus the original's, points (paired 95 % CI)")
-    axes[0].legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        plot_frontier({Path(args.original).stem: rows}, args.plot)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def _start_count(view: np.ndarray, available: int) -> int:
     return min(n, available, max(16, START_BUDGET // (4 * view.nbytes)))
 
 
-def _weights_as_initializers(model: ir.Model) -> ir.Model:
+def weights_as_initializers(model: ir.Model) -> ir.Model:
     """`model` with its large Constant nodes (weights some exporters, paddle2onnx and old zoo graphs among
     them, write as nodes) made initializers, which calibration trains and writes back."""
     LiftConstantsToInitializersPass(lift_all_constants=False)(model)
@@ -171,7 +171,7 @@ def _for_onnxruntime(source: Path | None, model: ir.Model, widened: bool):
         yield path
 
 
-def _input_format(model: ir.Model, layout: str | None, source: str) -> InputFormat:
+def image_input(model: ir.Model, layout: str | None, source: str) -> InputFormat:
     """The student's image input (float32: a float16 model is widened before it gets here)."""
     inputs = graph.data_inputs(model.graph)
     if len(inputs) != 1:
@@ -316,7 +316,7 @@ def pair_models(student_ir: ir.Model, teacher_ir: ir.Model, names: tuple[str, st
             f"{teacher}: its output is {list(theirs)} per sample and {model}'s {list(ours)}: the teacher must "
             "be the model that was converted"
         )
-    fmt, teacher_fmt = _input_format(student_ir, layout, model), _input_format(teacher_ir, layout, teacher)
+    fmt, teacher_fmt = image_input(student_ir, layout, model), image_input(teacher_ir, layout, teacher)
     if teacher_fmt != fmt:
         raise InputError(
             f"{teacher} takes {teacher_fmt}, and {model} takes {fmt}: the teacher must be the model that was converted"
@@ -581,7 +581,7 @@ def calibrate(
     compute.torch_device()  # a missing GPU is said before anything loads
     model_path, out_path = Path(model), Path(output)
     refuse_overwrite(out_path, model_path, teacher, data.images)
-    student_ir, teacher_ir = (_weights_as_initializers(model_io.load(path)) for path in (model_path, teacher))
+    student_ir, teacher_ir = (weights_as_initializers(model_io.load(path)) for path in (model_path, teacher))
     calibrated = calibrate_model(
         student_ir, teacher_ir, data, training, compute, names=(str(model_path), str(teacher)),
         sources=(model_path, Path(teacher)), progress=progress,

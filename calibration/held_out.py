@@ -110,9 +110,10 @@ class HeldOut:
 
     def __init__(
         self, teacher: OnnxModule, images: np.ndarray, prepare: Callable, *, seed: int = 0, batch: int = 250,
-        shift: int = 4, span: int = 0,
+        shift: int = 4, span: int = 0, passes: int = PASSES,
     ):  # fmt: skip
         self.images, self.prepare, self.seed, self.batch, self.shift = images, prepare, seed, batch, shift
+        self.passes = passes  # random pairs per image of the random-crop and circular figures
         self.span = span
         self.size = square_or_pair(images.shape[1] - span, images.shape[2] - span)  # the model's view
         self.view = centre(images, span)
@@ -144,15 +145,16 @@ class HeldOut:
     def views(self, final: bool = False) -> int:
         """Views one scoring (`score`) runs through a model: what its seconds scale with."""
         counts = [
-            view_count(p.protocol, len(self.images), shift=p.shift, passes=PASSES, pad=p.pad)
+            view_count(p.protocol, len(self.images), shift=p.shift, passes=self.passes, pad=p.pad)
             for p in self.protocols(final)
         ]
         return sum(counts) + (len(self.images) if self.classifier else 0)
 
-    def score(self, module: OnnxModule, final: bool = False) -> Scored:
+    def score(self, module: OnnxModule, final: bool = False, first: bool = False) -> Scored:
         """The figures above for `module`, its consistency results (for paired differences), and each image's
         fidelity hit and score (None for a model that is not a classifier). `final` adds the figures measured
-        only before and after (the diagonal shift of canvas images); the score never counts them."""
+        only before and after (the diagonal shift of canvas images); the score never counts them. `first`:
+        the first protocol alone (pad-and-crop, or random-crop for canvas images)."""
         module.train(False)
 
         def run(x):
@@ -164,20 +166,20 @@ class HeldOut:
             top1 = logits(module, self.prepare, self.view, self.batch).argmax(1).numpy()
             hits = top1 == self.averaged_top1
             fidelity, agreement = float(hits.mean()), float((top1 == self.teacher_top1).mean())
-        protocols = self.protocols(final)
+        protocols = self.protocols(final)[:1] if first else self.protocols(final)
         runs = {}
         for p in protocols:
             try:
                 runs[p.name] = measure(
                     p.protocol, run, self.prepare, self.images, crop=self.size, shift=p.shift, pad=p.pad,
-                    passes=PASSES, seed=self.seed, batch=min(self.batch, 64),
+                    passes=self.passes, seed=self.seed, batch=min(self.batch, 64),
                 )  # fmt: skip
             except InputError:  # a protocol that does not apply to this output (a dense map under pad-and-crop)
                 pass
         consistency = {p.name: runs[p.name].consistency if p.name in runs else None for p in protocols}
         per_image = None
         if self.classifier:
-            scored = {p.name: runs[p.name] for p in self.protocols(final=False) if p.name in runs}
+            scored = {p.name: runs[p.name] for p in protocols if p.name in runs and p.name != "diagonal"}
             per_image = PerImage(hits.astype(np.float64), per_image_score(hits, scored))
         figures = Figures(
             fidelity, agreement, consistency, None if per_image is None else float(per_image.score.mean())

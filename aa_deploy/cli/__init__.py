@@ -13,14 +13,26 @@ from pathlib import Path
 
 from rich.console import Console
 
-from aa_deploy.cli import build, calibrate, consistency, convert, demo, export, inspect, probe, quantize, verify
+from aa_deploy.cli import (
+    build,
+    calibrate,
+    consistency,
+    convert,
+    demo,
+    export,
+    inspect,
+    probe,
+    quantize,
+    tune,
+    verify,
+)
 from aa_deploy.cli.common import EXIT_INPUT, EXIT_NOTHING, EXIT_OK
 from aa_deploy.errors import InputError
 from aa_deploy.version import __version__
 
 __all__ = ["EXIT_INPUT", "EXIT_NOTHING", "EXIT_OK", "main", "parser"]
 # In the order `aa-deploy --help` lists them.
-COMMANDS = (inspect, convert, export, verify, consistency, probe, quantize, build, calibrate, demo)
+COMMANDS = (inspect, convert, export, verify, consistency, probe, quantize, build, calibrate, tune, demo)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -96,6 +96,12 @@ def evaluate(requirement: Requirement, name: str, base: ConsistencyResult, other
                 f"require 'consistency' or '{other.protocol}'"
             )
         delta, ci = _paired(base.per_image, other.per_image)
+    return judge(requirement, name, delta, ci)
+
+
+def judge(requirement: Requirement, name: str, delta: float, ci: tuple[float, float]) -> Outcome:
+    """Whether a paired difference `delta` (shares, with its 95 % interval `ci`) of model `name` meets
+    `requirement`, whose metric the caller has matched to it."""
     observed = {"point": delta, "lower": ci[0], "upper": ci[1]}[requirement.bound]
     points = 100 * observed
     passed = COMPARISONS[requirement.op](round(points, 9), requirement.value)

@@ -101,3 +101,39 @@ def plot_shift_curve(results: dict[str, ConsistencyResult], path: str | os.PathL
     ax.set(xlabel="diagonal shift (px)", ylabel="p(correct class), mean over images")
     ax.legend()
     _save(fig, path, title)
+
+
+FRONTIER_PANELS = (("random-crop_diff", "random-crop consistency"), ("one-pixel_diff", "one-pixel consistency"))
+
+
+def plot_frontier(
+    families: dict[str, list[dict]], path: str | os.PathLike, title: str = "", panels=FRONTIER_PANELS
+) -> None:
+    """Consistency gains with their paired intervals against the multiply-adds ratio: one panel per
+    (key, title) of `panels`, one colour per network (`families`: name -> its rows, each a dict with `name`,
+    `macs_ratio` and, per panel key, (difference, (low, high)) in shares), each point labelled by its model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), sharey=True, squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        for k, (family, rows) in enumerate(families.items()):
+            pts = [r for r in rows if r.get(key) is not None]
+            x = [r["macs_ratio"] * (1 + 0.04 * (k - 1)) for r in pts]  # nudged apart: intervals stay legible
+            y = [100 * r[key][0] for r in pts]
+            err = [[100 * (r[key][0] - r[key][1][0]) for r in pts], [100 * (r[key][1][1] - r[key][0]) for r in pts]]
+            ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=family)
+            for r, xi, yi in zip(pts, x, y):
+                ax.annotate(r["name"], (xi, yi), textcoords="offset points", xytext=(5, -9 if k % 2 else 3), fontsize=7)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"x{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"x{v:g}" if v in (2, 3, 5, 7) else ""))
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("multiply-adds against the original")
+    axes[0][0].set_ylabel("minus the original's, points (paired 95 % CI)")
+    axes[0][0].legend(loc="best", fontsize=8)
+    _save(fig, path, title)

@@ -1,0 +1,60 @@
+"""What `tune` tries: the original, dense sampling at each number of levels the graph accepts, and the blur
+recipes that won on some model (docs/results.md), cheapest first; each with its multiply-adds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import onnx_ir as ir
+
+from aa_deploy.calibration.calibrate import Training
+from aa_deploy.convert import dense_costs, plan_cost
+from aa_deploy.errors import InputError
+from aa_deploy.plan import Options
+
+BLUR = Options()  # convert's defaults: triangle, auto, reflect
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A configuration: how the original is converted (None: it is the original) and calibrated (None: not)."""
+
+    name: str
+    options: Options | None = None
+    training: Training | None = None
+
+
+@dataclass(frozen=True)
+class Costed:
+    """A candidate with its multiply-adds against the original's, or why the graph refuses it."""
+
+    candidate: Candidate
+    macs_ratio: float | None
+    refused: str | None = None
+
+
+def recipes(seed: int) -> list[Candidate]:
+    """The blur recipes, in the order they cost to calibrate: the layer-by-layer refit alone (the best
+    recipe from photo crops on the CIFAR ResNets), then distillation (`calibrate`'s default, the best from
+    in-domain images), then the blur with the last level sampled densely, distilled (the best random-crop
+    figure on the CIFAR ResNets at x2)."""
+    return [
+        Candidate("blur + refit", BLUR, Training(method="reconstruct", rescale_after_blur=True, seed=seed)),
+        Candidate("blur + calibrate", BLUR, Training(seed=seed)),
+        Candidate("blur + dense-1 + calibrate", replace(BLUR, dense_last=1), Training(seed=seed)),
+    ]
+
+
+def space(model: ir.Model, seed: int = 0) -> list[Costed]:
+    """Every candidate for `model`, the original first, then the ones without calibration (dense-N, N
+    ascending), then the calibrated recipes; a candidate the graph refuses carries the one-line reason."""
+    found = [Costed(Candidate("original"), 1.0)]
+    for dense in dense_costs(model, replace(BLUR, filter="none")):
+        candidate = Candidate(f"dense-{dense.n}", replace(BLUR, filter="none", dense_last=dense.n))
+        found.append(Costed(candidate, dense.cost.ratio if dense.cost else None, dense.refused))
+    for candidate in recipes(seed):
+        try:
+            found.append(Costed(candidate, plan_cost(model, candidate.options).ratio))
+        except InputError as e:
+            found.append(Costed(candidate, None, str(e)))
+    return found

@@ -1,0 +1,294 @@
+"""`aa-deploy tune`: the remedy for this model, chosen on the user's images under the user's budget.
+
+split the images (calibration part, selection part) -> the candidates and their multiply-adds -> the
+original's figures on the selection part -> each candidate within the budget, cheapest first: convert,
+time it where latency is bounded, calibrate on the calibration part (the candidates that calibrate share
+what is left of the time limit), measure on the selection part, paired against the original -> the rule
+(`rule.Rule`) -> the chosen model with the whole frontier in its metadata.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from aa_deploy import model_io
+from aa_deploy.calibration.calibrate import (
+    Compute,
+    Data,
+    batch_sizes,
+    calibrate_model,
+    image_input,
+    plan_views,
+    weights_as_initializers,
+)
+from aa_deploy.calibration.recipe import Recipe
+from aa_deploy.convert import convert_model, inspect
+from aa_deploy.converters import precision
+from aa_deploy.converters.bridge import OnnxModule
+from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
+from aa_deploy.converters.timing import latency_ratio
+from aa_deploy.errors import InputError, SettingError
+from aa_deploy.images import load_rgb
+from aa_deploy.progress import Progress, silent
+from aa_deploy.tune.candidates import Candidate, space
+from aa_deploy.tune.rule import MEASURED, OUT_OF_TIME, OVER_BUDGET, REFUSED, Budget, Delta, Row, Rule
+from aa_deploy.tune.selection import Measured, Selection, Split, linked, split
+
+# Seconds a calibrating candidate needs at least from its share of the time limit: pairing the graphs,
+# their check against ONNX Runtime and the opening figures come before anything is fitted.
+MIN_CALIBRATION = 30.0
+
+
+@dataclass(frozen=True)
+class Images:
+    """What tune decides on: an image folder (at most `limit` images, spread over it), the model's
+    preprocessing (None: from its input size), labels (a `file,label` CSV; else a folder per class where the
+    folder has them; else fidelity decides), the share kept for selection, and the image input's layout
+    where the graph cannot say."""
+
+    folder: str | os.PathLike
+    preprocess: object = None
+    labels: str | os.PathLike | None = None
+    selection: float = 0.5
+    limit: int | None = None
+    layout: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.selection < 1:
+            raise SettingError("selection", "must be a fraction between 0 and 1", self.selection)
+        if self.limit is not None and self.limit < 1:
+            raise SettingError("limit", "must be at least 1", self.limit)
+
+
+@dataclass(frozen=True)
+class Trying:
+    """A progress event: a candidate is about to be built and measured (`detail`: its time share, if any)."""
+
+    name: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Tried:
+    """A progress event: a candidate's row, complete."""
+
+    row: Row
+
+
+@dataclass
+class Tuned:
+    """The frontier (the original first), the chosen row and its model (None: no candidate qualifies), the
+    rule, the budget, the split and the seconds the search took."""
+
+    rows: list[Row]
+    chosen: Row | None
+    model: ir.Model | None
+    rule: Rule
+    budget: Budget
+    split: Split
+    seconds: float
+
+    def record(self) -> dict:
+        """The search as the chosen model's metadata (`aa_deploy.tune`) and the JSON report keep it."""
+        return {
+            "chosen": self.chosen.name if self.chosen else None,
+            "rule": self.rule.describe(),
+            "tolerance": self.rule.tolerance,
+            "accuracy": self.rule.accuracy,
+            "protocol": self.rule.protocol,
+            "budget": asdict(self.budget),
+            "split": self.split.as_dict(),
+            "seed": self.split.seed,
+            "seconds": round(self.seconds, 1),
+            "candidates": [r.as_dict() for r in self.rows],
+        }
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _module(model: ir.Model, device: torch.device) -> OnnxModule:
+    """`model` as the PyTorch bridge runs it (a float16 graph widened exactly, on a copy)."""
+    if precision.is_float16(model):
+        model = precision.widen_float16(_copy(model))
+    return OnnxModule(model).eval().to(device)
+
+
+class _Clock:
+    """The time limit of the whole search (None: no limit)."""
+
+    def __init__(self, limit: float | None) -> None:
+        self.limit, self.began = limit, time.perf_counter()
+
+    @property
+    def spent(self) -> float:
+        return time.perf_counter() - self.began
+
+    @property
+    def left(self) -> float:
+        return float("inf") if self.limit is None else self.limit - self.spent
+
+
+def tune(
+    model: ir.Model,
+    images: Images,
+    budget: Budget = Budget(),
+    tolerance: float = 0.5,
+    compute: Compute = Compute(),
+    *,
+    seed: int = 0,
+    only: tuple[str, ...] | None = None,
+    name: str = "the model",
+    progress: Progress | None = None,
+) -> Tuned:
+    """Choose the remedy for `model` (the original, in memory: not changed) on `images` under `budget`: every
+    candidate within it measured on the selection part, paired against the original, and chosen by the rule
+    (`rule.Rule` with `tolerance` points). `only`: the candidates to try, by name (spaces left out: `dense-1`,
+    `blur+refit`); None: all. `progress` receives `Trying` and `Tried` per candidate, and the calibrations' own
+    events. `name`: what errors call the model."""
+    report = progress or silent
+    rule = Rule(tolerance)  # checks the tolerance before anything runs
+    clock = _Clock(budget.time_limit)
+    device = compute.torch_device()
+    torch.manual_seed(seed)
+    model = weights_as_initializers(_copy(model))
+    if not inspect(_copy(model)):
+        raise InputError(f"{name}: no downsampling sites found: no candidate applies")
+    costed = _only(space(model, seed)[1:], only)
+    parts = split(images.folder, images.selection, seed, images.limit)
+    fmt = image_input(model, images.layout, name)
+    views = plan_views(fmt, Data(images.folder, images.preprocess, layout=images.layout), Recipe(), name)
+    teacher = _module(model, device)
+    first = views.centre(load_rgb(parts.selection[0], views.decode)[None])
+    eval_batch = batch_sizes(teacher, torch.from_numpy(first), compute.batch_size, 1)[0]
+    selection = Selection(
+        teacher, parts.selection, parts.root, views, labels=images.labels, seed=seed, batch=eval_batch
+    )
+    rule = replace(rule, accuracy=selection.accuracy_name, protocol=selection.protocol.name)
+    report(Trying("original"))
+    scoring = time.perf_counter()
+    base = selection.measure(teacher)
+    per_scoring = time.perf_counter() - scoring
+    rows = [_row(Row("original", 1.0, 1.0 if budget.max_latency else None), base, base, per_scoring)]
+    report(Tried(rows[0]))
+    built: dict[str, ir.Model] = {}
+    with tempfile.TemporaryDirectory(prefix="aa-deploy-tune-") as tmp:
+        timing = _Timing(model, Path(tmp), first, budget.provider) if budget.max_latency else None
+        for i, c in enumerate(costed):
+            row = Row(c.candidate.name, c.macs_ratio)
+            if c.refused is not None:
+                row.status, row.reason = REFUSED, c.refused
+            elif budget.max_macs is not None and c.macs_ratio > budget.max_macs + 1e-9:
+                row.status, row.reason = OVER_BUDGET, f"multiply-adds x{c.macs_ratio:.2f} > x{budget.max_macs:g}"
+            else:
+                later = [d for d in costed[i:] if d.refused is None and d.macs_ratio <= (budget.max_macs or math.inf)]
+                found = _attempt(c.candidate, row, model, selection, base, parts, images, compute, clock,
+                                 per_scoring, later, timing, budget, report)  # fmt: skip
+                if found is not None:
+                    built[row.name] = found
+            report(Tried(row))
+            rows.append(row)
+    chosen = rule.choose(rows)
+    tuned = Tuned(rows, chosen, built.get(chosen.name) if chosen else None, rule, budget, parts, clock.spent)
+    if tuned.model is not None:
+        model_io.write_metadata(tuned.model, {"tune": tuned.record()})
+    return tuned
+
+
+def key(name: str) -> str:
+    """A candidate's name as a command line writes it: `blur + refit` -> `blur+refit`."""
+    return name.replace(" ", "")
+
+
+def _only(costed: list, only: tuple[str, ...] | None) -> list:
+    """The candidates named in `only` (None: all), or a one-line error naming the ones there are."""
+    if only is None:
+        return costed
+    known = [key(c.candidate.name) for c in costed]
+    unknown = [n for n in only if key(n) not in known]
+    if unknown:
+        raise InputError(f"no candidate {', '.join(unknown)} for this model (candidates: {', '.join(known)})")
+    return [c for c in costed if key(c.candidate.name) in {key(n) for n in only}]
+
+
+def _row(row: Row, base: Measured, measured: Measured, seconds: float) -> Row:
+    """`row` with `measured`'s figures and their paired differences from the original's (`base`)."""
+    row.accuracy = float(measured.accuracy.mean())
+    row.accuracy_delta = Delta.of(base.accuracy, measured.accuracy)
+    row.consistency = measured.consistency.consistency
+    row.consistency_delta = Delta.of(base.consistency.per_image, measured.consistency.per_image)
+    row.one_pixel = measured.one_pixel.consistency
+    row.one_pixel_delta = Delta.of(base.one_pixel.per_image, measured.one_pixel.per_image)
+    row.seconds = seconds
+    return row
+
+
+class _Timing:
+    """Latency against the original's on ONNX Runtime (`provider`), batch 1, the files in a temporary folder."""
+
+    def __init__(self, original: ir.Model, folder: Path, x: np.ndarray, provider: str) -> None:
+        self.folder, self.x, self.provider = folder, x, provider
+        self.original = OnnxRuntimeRunner(self._save(original, "original"), provider)
+
+    def _save(self, model: ir.Model, name: str) -> Path:
+        path = self.folder / f"{name.replace(' ', '').replace('+', '_')}.onnx"
+        ir.save(model, path)
+        return path
+
+    def ratio(self, model: ir.Model, name: str) -> float:
+        runner = OnnxRuntimeRunner(self._save(model, name), self.provider)
+        return latency_ratio(self.original, runner, self.x)["ratio"]
+
+
+def _attempt(candidate: Candidate, row: Row, original: ir.Model, selection: Selection, base: Measured,
+             parts: Split, images: Images, compute: Compute, clock: _Clock, per_scoring: float, later: list,
+             timing: _Timing | None, budget: Budget, report: Progress) -> ir.Model | None:  # fmt: skip
+    """Build, time, calibrate and measure one candidate within the budget, filling `row`; its model, or None
+    where it was not measured (`row.status` says why)."""
+    began = time.perf_counter()
+    converted = _copy(original)
+    convert_model(converted, candidate.options)
+    converted.graph.name = original.graph.name
+    if timing is not None:
+        row.latency_ratio = timing.ratio(converted, row.name)
+        if row.latency_ratio > budget.max_latency:
+            row.status, row.reason = OVER_BUDGET, f"latency x{row.latency_ratio:.2f} > x{budget.max_latency:g}"
+            return None
+    scoring = per_scoring * (row.macs_ratio or 1.0)
+    reserve = sum(per_scoring * (d.macs_ratio or 1.0) for d in later)  # measuring this one and those after it
+    calibrating = [d for d in later if d.candidate.training is not None]
+    share = None
+    if candidate.training is not None and clock.limit is not None:
+        share = (clock.left - reserve) / len(calibrating)
+        if share < MIN_CALIBRATION:
+            row.status, row.reason = OUT_OF_TIME, f"{max(share, 0):.0f} s left to calibrate it"
+            return None
+    elif clock.left < scoring:
+        row.status, row.reason = OUT_OF_TIME, f"measuring it takes ~{scoring:.0f} s, {max(clock.left, 0):.0f} s left"
+        return None
+    report(Trying(row.name, f"{share / 60:.1f} min to calibrate" if share is not None else ""))
+    model = converted
+    if candidate.training is not None:
+        training = replace(candidate.training, time_limit=share)
+        try:
+            with linked(parts.root, parts.calibration) as folder:
+                data = Data(folder, images.preprocess, layout=images.layout)
+                model = calibrate_model(converted, _copy(original), data, training, compute,
+                                        names=(row.name, "the original"), progress=report).model  # fmt: skip
+        except InputError as e:
+            row.status, row.reason = REFUSED, str(e)
+            return None
+    measured = selection.measure(_module(model, compute.torch_device()))
+    _row(row, base, measured, time.perf_counter() - began)
+    row.status = MEASURED
+    return model

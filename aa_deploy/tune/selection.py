@@ -1,0 +1,133 @@
+"""The images `tune` decides on: a deterministic split of the user's folder into a calibration part and a
+selection part, and the figures every candidate is measured by on the selection part (the same held-out
+figures `calibrate` scores with, and one-pixel consistency beside them)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aa_deploy.calibration.calibrate import Views
+from aa_deploy.calibration.held_out import HeldOut
+from aa_deploy.calibration.teacher_targets import autocast, logits
+from aa_deploy.consistency import measure
+from aa_deploy.consistency.protocols import ConsistencyResult
+from aa_deploy.converters.bridge import OnnxModule
+from aa_deploy.errors import InputError
+from aa_deploy.images import csv_labels, folder_labels, list_images, load_rgb, spread
+
+MIN_PART = 20  # images each part needs at least: calibrate's own minimum
+ONE_PIXEL_STEPS = 8
+PASSES = 5  # random pairs per image of the deciding protocol (calibrate's held-out slice takes 3)
+
+
+@dataclass(frozen=True)
+class Split:
+    """The folder's images (at most `limit`, spread over it) in two parts, by a permutation drawn from `seed`."""
+
+    root: Path
+    calibration: tuple[Path, ...]
+    selection: tuple[Path, ...]
+    seed: int
+
+    def as_dict(self) -> dict:
+        return {
+            "images": str(self.root), "calibration": len(self.calibration), "selection": len(self.selection),
+            "seed": self.seed, "rule": "a permutation of the sorted files drawn from the seed; nothing is "
+            "calibrated on the selection part",
+        }  # fmt: skip
+
+
+def split(folder: str | os.PathLike, fraction: float, seed: int, limit: int | None = None) -> Split:
+    """`fraction` of the images for selection, the rest for calibration; each part MIN_PART images or more."""
+    files = spread(list_images(folder), limit, folder)
+    if len(files) < 2 * MIN_PART:
+        raise InputError(
+            f"{folder}: {len(files)} images is too few to tune on (a calibration part and a selection part of "
+            f"{MIN_PART} or more each: {2 * MIN_PART} images)"
+        )
+    order = np.random.default_rng(seed).permutation(len(files))
+    n = int(np.clip(round(fraction * len(files)), MIN_PART, len(files) - MIN_PART))
+    pick = lambda idx: tuple(sorted(files[i] for i in idx))  # noqa: E731
+    return Split(Path(folder), pick(order[n:]), pick(order[:n]), seed)
+
+
+@contextmanager
+def linked(root: Path, files: tuple[Path, ...]) -> Iterator[Path]:
+    """A temporary folder holding `files` at their paths under `root` (links; copies where links fail), for
+    the commands that read a folder."""
+    with tempfile.TemporaryDirectory(prefix="aa-deploy-tune-") as tmp:
+        for f in files:
+            target = Path(tmp) / f.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target.symlink_to(f.resolve())
+            except OSError:
+                shutil.copyfile(f, target)
+        yield Path(tmp)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One model on the selection images, per image: accuracy hits (top-1 against the labels, else against the
+    original's shift-averaged answer), the deciding protocol's result and one-pixel consistency's."""
+
+    accuracy: np.ndarray
+    consistency: ConsistencyResult
+    one_pixel: ConsistencyResult
+
+
+class Selection:
+    """The selection images decoded as the model's views take them, and the original's answers on them."""
+
+    def __init__(self, teacher: OnnxModule, files: tuple[Path, ...], root: Path, views: Views, *,
+                 labels: str | os.PathLike | None, seed: int, batch: int) -> None:  # fmt: skip
+        images = np.stack([load_rgb(p, views.decode) for p in files])
+        self.views, self.batch = views, batch
+        self.labels = csv_labels(labels, list(files), root) if labels else None
+        if labels is None and (found := folder_labels(list(files), root)) is not None:
+            self.labels = found
+        self.checker = HeldOut(
+            teacher, images, views.prepare, seed=seed, batch=batch, shift=views.recipe.shift, span=views.span,
+            passes=PASSES,
+        )  # fmt: skip
+        if not self.checker.classifier:
+            raise InputError("tune compares classes, and this model's output is not (N, classes)")
+        self.protocol = self.checker.protocols(final=False)[0]
+
+    @property
+    def accuracy_name(self) -> str:
+        return "top-1" if self.labels is not None else "fidelity"
+
+    def __len__(self) -> int:
+        return len(self.checker.images)
+
+    def measure(self, module: OnnxModule) -> Measured:
+        scored = self.checker.score(module, final=False, first=True)
+        hits = scored.per_image.fidelity
+        if self.labels is not None:
+            hits = logits(module, self.views.prepare, self.checker.view, self.batch).argmax(1).numpy() == self.labels
+        return Measured(hits.astype(np.float64), scored.runs[self.protocol.name], self._one_pixel(module))
+
+    def _one_pixel(self, module: OnnxModule) -> ConsistencyResult:
+        """One-pixel diagonal steps: crops of the canvas where the views are its crops (as many steps as it has
+        room for, at most ONE_PIXEL_STEPS), else of the zero-padded image."""
+        checker = self.checker
+
+        def run(x):
+            with torch.no_grad(), autocast(module.device):
+                return module(torch.from_numpy(x)).float().cpu().numpy()
+
+        steps = min(ONE_PIXEL_STEPS, checker.span) if checker.span else ONE_PIXEL_STEPS
+        return measure(
+            "one-pixel", run, self.views.prepare, checker.images, crop=checker.size, shift=steps,
+            pad=None if checker.span else "zero", batch=min(self.batch, 64),
+        )  # fmt: skip

@@ -132,13 +132,14 @@ def test_a_short_time_limit_leaves_the_calibrations_out_and_holds(cifar, tmp_pat
 
     model, images = cifar
     began = time.perf_counter()
-    tuned = tune(model_io.load(model), Images(images), Budget(max_macs=2.5, time_limit=20))
-    assert time.perf_counter() - began < 20 * 1.25  # the limit holds (a margin for a machine shared with other jobs)
+    tuned = tune(model_io.load(model), Images(images), Budget(max_macs=2.5, time_limit=15))
+    assert time.perf_counter() - began < 15 * 1.5  # the limit holds (a margin for a machine shared with other jobs)
     statuses = {r.name: r.status for r in tuned.rows}
     assert statuses["dense-1"] == MEASURED
     assert {statuses[n] for n in ("blur + refit", "blur + calibrate", "blur + dense-1 + calibrate")} == {OUT_OF_TIME}
-    again = tune(model_io.load(model), Images(images), Budget(max_macs=2.5, time_limit=20))
-    assert [r.as_dict() | {"seconds": 0} for r in again.rows] == [r.as_dict() | {"seconds": 0} for r in tuned.rows]
+    again = tune(model_io.load(model), Images(images), Budget(max_macs=2.5, time_limit=15))
+    timed = {"seconds": 0, "reason": ""}  # how long each took, and how much time was left, vary
+    assert [r.as_dict() | timed for r in again.rows] == [r.as_dict() | timed for r in tuned.rows]
 
 
 def test_bad_input_is_one_line(cifar, tmp_path):

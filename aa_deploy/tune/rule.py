@@ -78,6 +78,7 @@ class Row:
     one_pixel: float | None = None
     one_pixel_delta: Delta | None = None
     seconds: float = 0.0
+    calibration: dict | None = None  # what calibrating it did: method, time share, epochs run and kept, lr
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -24,7 +24,6 @@ from aa_deploy import model_io
 from aa_deploy.calibration.calibrate import (
     Compute,
     Data,
-    batch_sizes,
     calibrate_model,
     image_input,
     plan_views,
@@ -32,8 +31,6 @@ from aa_deploy.calibration.calibrate import (
 )
 from aa_deploy.calibration.recipe import Recipe
 from aa_deploy.convert import convert_model, inspect
-from aa_deploy.converters import precision
-from aa_deploy.converters.bridge import OnnxModule
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.converters.timing import latency_ratio
 from aa_deploy.errors import InputError, SettingError
@@ -41,11 +38,12 @@ from aa_deploy.images import load_rgb
 from aa_deploy.progress import Progress, silent
 from aa_deploy.tune.candidates import Candidate, space
 from aa_deploy.tune.rule import MEASURED, OUT_OF_TIME, OVER_BUDGET, REFUSED, Budget, Delta, Row, Rule
-from aa_deploy.tune.selection import Measured, Selection, Split, linked, split
+from aa_deploy.tune.selection import Measured, Selection, SessionModule, Split, linked, split
 
 # Seconds a calibrating candidate needs at least from its share of the time limit: pairing the graphs,
 # their check against ONNX Runtime and the opening figures come before anything is fitted.
 MIN_CALIBRATION = 30.0
+MEASURE_BATCH = 64  # views per ONNX Runtime call on the selection images
 
 
 @dataclass(frozen=True)
@@ -117,11 +115,11 @@ def _copy(model: ir.Model) -> ir.Model:
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
-def _module(model: ir.Model, device: torch.device) -> OnnxModule:
-    """`model` as the PyTorch bridge runs it (a float16 graph widened exactly, on a copy)."""
-    if precision.is_float16(model):
-        model = precision.widen_float16(_copy(model))
-    return OnnxModule(model).eval().to(device)
+def _session(model: ir.Model, folder: Path, name: str) -> SessionModule:
+    """`model` in ONNX Runtime (CPU), written to `folder` as `name`.onnx for it."""
+    path = folder / f"{key(name).replace('+', '_')}.onnx"
+    ir.save(model, path)
+    return SessionModule(OnnxRuntimeRunner(path))
 
 
 class _Clock:
@@ -159,7 +157,7 @@ def tune(
     report = progress or silent
     rule = Rule(tolerance)  # checks the tolerance before anything runs
     clock = _Clock(budget.time_limit)
-    device = compute.torch_device()
+    compute.torch_device()  # a missing GPU is said before anything runs
     torch.manual_seed(seed)
     model = weights_as_initializers(_copy(model))
     if not inspect(_copy(model)):
@@ -168,36 +166,25 @@ def tune(
     parts = split(images.folder, images.selection, seed, images.limit)
     fmt = image_input(model, images.layout, name)
     views = plan_views(fmt, Data(images.folder, images.preprocess, layout=images.layout), Recipe(), name)
-    teacher = _module(model, device)
     first = views.centre(load_rgb(parts.selection[0], views.decode)[None])
-    eval_batch = batch_sizes(teacher, torch.from_numpy(first), compute.batch_size, 1)[0]
-    selection = Selection(
-        teacher, parts.selection, parts.root, views, labels=images.labels, seed=seed, batch=eval_batch
-    )
-    rule = replace(rule, accuracy=selection.accuracy_name, protocol=selection.protocol.name)
-    report(Trying("original"))
-    scoring = time.perf_counter()
-    base = selection.measure(teacher)
-    per_scoring = time.perf_counter() - scoring
-    rows = [_row(Row("original", 1.0, 1.0 if budget.max_latency else None), base, base, per_scoring)]
-    report(Tried(rows[0]))
-    built: dict[str, ir.Model] = {}
     with tempfile.TemporaryDirectory(prefix="aa-deploy-tune-") as tmp:
-        timing = _Timing(model, Path(tmp), first, budget.provider) if budget.max_latency else None
-        for i, c in enumerate(costed):
-            row = Row(c.candidate.name, c.macs_ratio)
-            if c.refused is not None:
-                row.status, row.reason = REFUSED, c.refused
-            elif budget.max_macs is not None and c.macs_ratio > budget.max_macs + 1e-9:
-                row.status, row.reason = OVER_BUDGET, f"multiply-adds x{c.macs_ratio:.2f} > x{budget.max_macs:g}"
-            else:
-                later = [d for d in costed[i:] if d.refused is None and d.macs_ratio <= (budget.max_macs or math.inf)]
-                found = _attempt(c.candidate, row, model, selection, base, parts, images, compute, clock,
-                                 per_scoring, later, timing, budget, report)  # fmt: skip
-                if found is not None:
-                    built[row.name] = found
-            report(Tried(row))
-            rows.append(row)
+        folder = Path(tmp)
+        selection = Selection(
+            _session(model, folder, "original"), parts.selection, parts.root, views, labels=images.labels,
+            seed=seed, batch=compute.batch_size or MEASURE_BATCH,
+        )  # fmt: skip
+        rule = replace(rule, accuracy=selection.accuracy_name, protocol=selection.protocol.name)
+        report(Trying("original"))
+        scoring = time.perf_counter()
+        base = selection.measure(selection.teacher)
+        per_scoring = time.perf_counter() - scoring
+        rows = [_row(Row("original", 1.0, 1.0 if budget.max_latency else None), base, base, per_scoring)]
+        report(Tried(rows[0]))
+        timing = _Timing(model, folder, first, budget.provider) if budget.max_latency else None
+        context = _Context(
+            model, selection, base, parts, images, compute, clock, per_scoring, timing, budget, report, folder
+        )
+        built = _candidates(costed, rows, context)
     chosen = rule.choose(rows)
     tuned = Tuned(rows, chosen, built.get(chosen.name) if chosen else None, rule, budget, parts, clock.spent)
     if tuned.model is not None:
@@ -250,11 +237,57 @@ class _Timing:
         return latency_ratio(self.original, runner, self.x)["ratio"]
 
 
-def _attempt(candidate: Candidate, row: Row, original: ir.Model, selection: Selection, base: Measured,
-             parts: Split, images: Images, compute: Compute, clock: _Clock, per_scoring: float, later: list,
-             timing: _Timing | None, budget: Budget, report: Progress) -> ir.Model | None:  # fmt: skip
+@dataclass
+class _Context:
+    """What every candidate is built, calibrated and measured with."""
+
+    original: ir.Model
+    selection: Selection
+    base: Measured  # the original's figures
+    parts: Split
+    images: Images
+    compute: Compute
+    clock: _Clock
+    per_scoring: float  # seconds one measurement of the original took
+    timing: _Timing | None
+    budget: Budget
+    report: Progress
+    folder: Path  # where the candidates are written for ONNX Runtime
+
+
+def _candidates(costed: list, rows: list[Row], c: _Context) -> dict[str, ir.Model]:
+    """Each candidate's row appended to `rows` (refused, over the budget, out of time, or measured); the
+    measured candidates' models by name."""
+    budget, built = c.budget, {}
+    for i, costs in enumerate(costed):
+        row = Row(costs.candidate.name, costs.macs_ratio)
+        if costs.refused is not None:
+            row.status, row.reason = REFUSED, costs.refused
+        elif budget.max_macs is not None and costs.macs_ratio > budget.max_macs + 1e-9:
+            row.status, row.reason = OVER_BUDGET, f"multiply-adds x{costs.macs_ratio:.2f} > x{budget.max_macs:g}"
+        else:
+            later = [d for d in costed[i:] if d.refused is None and d.macs_ratio <= (budget.max_macs or math.inf)]
+            found = _attempt(costs.candidate, row, later, c)
+            if found is not None:
+                built[row.name] = found
+        c.report(Tried(row))
+        rows.append(row)
+    return built
+
+
+def _attempt(candidate: Candidate, row: Row, later: list, c: _Context) -> ir.Model | None:
     """Build, time, calibrate and measure one candidate within the budget, filling `row`; its model, or None
-    where it was not measured (`row.status` says why)."""
+    where it was not measured (`row.status` says why). `later`: the candidates from this one on that will be
+    tried, whose measuring the time limit keeps room for."""
+    original, selection, base, parts, images = c.original, c.selection, c.base, c.parts, c.images
+    compute, clock, per_scoring, timing, budget, report = (
+        c.compute,
+        c.clock,
+        c.per_scoring,
+        c.timing,
+        c.budget,
+        c.report,
+    )
     began = time.perf_counter()
     converted = _copy(original)
     convert_model(converted, candidate.options)
@@ -283,12 +316,18 @@ def _attempt(candidate: Candidate, row: Row, original: ir.Model, selection: Sele
         try:
             with linked(parts.root, parts.calibration) as folder:
                 data = Data(folder, images.preprocess, layout=images.layout)
-                model = calibrate_model(converted, _copy(original), data, training, compute,
-                                        names=(row.name, "the original"), progress=report).model  # fmt: skip
+                calibrated = calibrate_model(converted, _copy(original), data, training, compute,
+                                             names=(row.name, "the original"), progress=report)  # fmt: skip
+            model, result = calibrated.model, calibrated.result
+            row.calibration = {
+                "method": result.method, "share_s": round(share, 1) if share is not None else None,
+                "seconds": round(result.seconds, 1), "epochs": result.epochs, "kept_epoch": result.kept_epoch,
+                "lr": result.lr,
+            }  # fmt: skip
         except InputError as e:
             row.status, row.reason = REFUSED, str(e)
             return None
-    measured = selection.measure(_module(model, compute.torch_device()))
+    measured = selection.measure(_session(model, c.folder, row.name))
     _row(row, base, measured, time.perf_counter() - began)
     row.status = MEASURED
     return model

@@ -20,7 +20,7 @@ from aa_deploy.calibration.held_out import HeldOut
 from aa_deploy.calibration.teacher_targets import autocast, logits
 from aa_deploy.consistency import measure
 from aa_deploy.consistency.protocols import ConsistencyResult
-from aa_deploy.converters.bridge import OnnxModule
+from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.errors import InputError
 from aa_deploy.images import csv_labels, folder_labels, list_images, load_rgb, spread
 
@@ -75,6 +75,23 @@ def linked(root: Path, files: tuple[Path, ...]) -> Iterator[Path]:
         yield Path(tmp)
 
 
+class SessionModule:
+    """An ONNX Runtime session as the held-out figures call a model (`HeldOut` takes the bridge's
+    `OnnxModule`): a torch batch in, the first output out, on the CPU. Candidates are measured as they ship,
+    in ONNX Runtime, which also runs them faster than the bridge."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, runner: OnnxRuntimeRunner) -> None:
+        self.runner = runner
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.runner(x.numpy())))
+
+    def train(self, mode: bool = True) -> SessionModule:
+        return self
+
+
 @dataclass(frozen=True)
 class Measured:
     """One model on the selection images, per image: accuracy hits (top-1 against the labels, else against the
@@ -88,10 +105,10 @@ class Measured:
 class Selection:
     """The selection images decoded as the model's views take them, and the original's answers on them."""
 
-    def __init__(self, teacher: OnnxModule, files: tuple[Path, ...], root: Path, views: Views, *,
+    def __init__(self, teacher: SessionModule, files: tuple[Path, ...], root: Path, views: Views, *,
                  labels: str | os.PathLike | None, seed: int, batch: int) -> None:  # fmt: skip
         images = np.stack([load_rgb(p, views.decode) for p in files])
-        self.views, self.batch = views, batch
+        self.views, self.batch, self.teacher = views, batch, teacher
         self.labels = csv_labels(labels, list(files), root) if labels else None
         if labels is None and (found := folder_labels(list(files), root)) is not None:
             self.labels = found
@@ -110,14 +127,14 @@ class Selection:
     def __len__(self) -> int:
         return len(self.checker.images)
 
-    def measure(self, module: OnnxModule) -> Measured:
+    def measure(self, module: SessionModule) -> Measured:
         scored = self.checker.score(module, final=False, first=True)
         hits = scored.per_image.fidelity
         if self.labels is not None:
             hits = logits(module, self.views.prepare, self.checker.view, self.batch).argmax(1).numpy() == self.labels
         return Measured(hits.astype(np.float64), scored.runs[self.protocol.name], self._one_pixel(module))
 
-    def _one_pixel(self, module: OnnxModule) -> ConsistencyResult:
+    def _one_pixel(self, module: SessionModule) -> ConsistencyResult:
         """One-pixel diagonal steps: crops of the canvas where the views are its crops (as many steps as it has
         room for, at most ONE_PIXEL_STEPS), else of the zero-padded image."""
         checker = self.checker

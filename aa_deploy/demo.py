@@ -26,6 +26,12 @@ from aa_deploy.twin import antialias_with
 from aa_deploy.twin_weights import load_folded_weights
 
 CALIBRATION_CROPS = 1000
+# tune in the demo: multiply-adds at most x2.5, the search within TUNE_MINUTES, and the candidates that do not
+# distill (distillation learns the calibration images themselves: photo crops here, not CIFAR images).
+TUNE_BUDGET = 2.5
+TUNE_MINUTES = 2
+TUNE_CANDIDATES = ("dense-1", "dense-2", "blur+refit")
+FINAL_PASSES = 50  # pairs per image in the final table: 100 images, the shifts drawn cease to matter
 
 
 def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRATION_CROPS) -> int:
@@ -46,6 +52,7 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
         runners, errors = _verify(console, model, options, (original, converted, calibrated), x)
         _measure(console, options, runners, errors, images, labels, x)
         _aliasing_and_shift_curve(console, folder, original, calibrated, runners[0], runners[2], x, images, labels)
+        _tune(console, folder, original, runners[0], images, labels, crops)
         console.print(f"demo finished in {time.perf_counter() - start:.0f} s")
         if workdir:
             console.print(f"models and figures kept in {workdir}")
@@ -54,9 +61,9 @@ def run_demo(console: Console, workdir: Path | None = None, crops: int = CALIBRA
 
 def _export_and_convert(console: Console, folder: Path, model, options: Options) -> tuple[Path, Path]:
     """Steps 1 and 2: the bundled ResNet-20 exported, then converted."""
-    console.print("1/6 export: bundled CIFAR-10 ResNet-20 (trained) -> ONNX (dynamo exporter)")
+    console.print("1/7 export: bundled CIFAR-10 ResNet-20 (trained) -> ONNX (dynamo exporter)")
     original = export(model, folder / "resnet20.onnx", (2, 3, 32, 32))
-    console.print(f"2/6 convert --filter {options.filter} (mode {options.mode}, pad {options.pad})")
+    console.print(f"2/7 convert --filter {options.filter} (mode {options.mode}, pad {options.pad})")
     converted = folder / "resnet20.aa.onnx"
     result = convert(original, converted, options)
     console.print(f"    {len(result.changed)} of {len(result.actions)} sites changed, {result.blurs} blur nodes")
@@ -68,7 +75,7 @@ def _calibrate(console: Console, folder: Path, original: Path, converted: Path, 
     from PIL import Image
 
     console.print(
-        f"3/6 calibrate --method reconstruct --rescale-after-blur: each layer refit against the original on "
+        f"3/7 calibrate --method reconstruct --rescale-after-blur: each layer refit against the original on "
         f"{crops} unlabeled 32-px crops of the six bundled public-domain photos (no CIFAR image is used)"
     )
     calib = folder / "calib"
@@ -91,7 +98,7 @@ def _verify(console: Console, model, options: Options, paths: tuple[Path, Path, 
     """Step 4: each ONNX file in ONNX Runtime against its PyTorch model (the original, the twin, the twin with
     the calibrated weights); the runners and the largest differences."""
     original, converted, calibrated = paths
-    console.print("4/6 verify: ONNX Runtime vs the PyTorch models on the 100 bundled test images")
+    console.print("4/7 verify: ONNX Runtime vs the PyTorch models on the 100 bundled test images")
     twin, _ = antialias_with(model, options)
     # The calibrated graph's reference: the twin with the calibrated (BatchNorm-folded) weights put back.
     calibrated_twin, _ = antialias_with(model, options)
@@ -104,7 +111,7 @@ def _verify(console: Console, model, options: Options, paths: tuple[Path, Path, 
 
 def _measure(console: Console, options: Options, runners, errors, images, labels, x) -> None:
     """Step 5: top-1 and the two consistencies of each model, paired against the original's."""
-    console.print("5/6 measure: top-1, pad-and-crop consistency (+-4 px), circular-shift consistency (+-2 px)")
+    console.print("5/7 measure: top-1, pad-and-crop consistency (+-4 px), circular-shift consistency (+-2 px)")
     table = Table(title="ResNet-20 on 100 real CIFAR-10 test images", title_justify="left")
     columns = (
         "model",
@@ -142,7 +149,7 @@ def _aliasing_and_shift_curve(console, folder, original, calibrated, run_origina
     """Step 6: the probe at every site and the diagonal-shift curve, original against converted +
     calibrated, as a table, two PNGs in `folder` and one line on what 100 images resolve."""
     console.print(
-        "6/6 where the aliasing goes: each site's aliased energy and one-pixel error (aa-deploy probe), and the "
+        "6/7 where the aliasing goes: each site's aliased energy and one-pixel error (aa-deploy probe), and the "
         "probability of the correct class as the image rolls diagonally pixel by pixel"
     )
     names = ("original", "converted + calibrated")
@@ -182,3 +189,60 @@ def _aliasing_and_shift_curve(console, folder, original, calibrated, run_origina
 
 def _swing(o) -> str:
     return f"{100 * o.amplitude:.1f} points ({100 * o.ci95[0]:.1f} to {100 * o.ci95[1]:.1f})"
+
+
+def _tune(console: Console, folder: Path, original: Path, run_original, images, labels, crops: int) -> None:
+    """Step 7: `aa-deploy tune` on the photo crops (half to calibrate, half to select), then every candidate it
+    measured against the original on the 100 test images, which neither calibration nor selection saw."""
+    from aa_deploy.tune import Budget, Images, tune
+    from aa_deploy.tune import report as tune_report
+
+    console.print(
+        f"7/7 tune --max-macs {TUNE_BUDGET} --time-limit {TUNE_MINUTES} --candidates {' '.join(TUNE_CANDIDATES)}: "
+        f"the remedies that need no distillation, calibrated on half of the {crops} photo crops and chosen on the "
+        "other half (no labels: fidelity decides accuracy, agreement with the original's shift-averaged answer)"
+    )
+    budget = Budget(max_macs=TUNE_BUDGET, time_limit=60 * TUNE_MINUTES)
+    with progress_bars(console) as progress:
+        tuned = tune(model_io.load(original), Images(folder / "calib"), budget, only=TUNE_CANDIDATES, progress=progress)
+    console.print(tune_report.table(tuned))
+    console.print(tune_report.summary(tuned))
+    console.print(tune_report.verdict(tuned))
+    x = bundled.cifar_normalize(images)
+    table = Table(
+        title=f"the candidates on the 100 CIFAR-10 test images ({FINAL_PASSES} passes; neither calibrated nor "
+        "chosen on)",
+        title_justify="left",
+    )
+    protocols = (("pad-and-crop ±4 px", "random-crop", {"shift": 4, "pad": "zero", "passes": FINAL_PASSES}),
+                 ("one-pixel", "one-pixel", {"shift": 8, "pad": "zero"}))  # fmt: skip
+    for column in ("model", "top-1 %", *(f"{p} {c}" for p, *_ in protocols for c in ("%", "vs original (95% CI)")), ""):
+        table.add_column(column)
+    runs = [("original", run_original)]
+    for name, model in tuned.measured.items():
+        path = folder / f"resnet20.{name.replace(' ', '').replace('+', '_')}.onnx"
+        model_io.save(model, path, external=False)
+        runs.append((name, OnnxRuntimeRunner(path)))
+    base = None
+    for name, run in runs:
+        acc = 100.0 * float((run(x).argmax(1) == labels).mean())
+        found = [
+            measure(protocol, run, bundled.cifar_normalize, images, crop=32, **kw) for _, protocol, kw in protocols
+        ]
+        cells = []
+        for i, m in enumerate(found):
+            vs = "" if base is None else _vs(paired_difference(base[i], m))
+            cells += [f"{100 * m.consistency:.1f}", vs]
+        base = base or found
+        chosen = tuned.chosen is not None and name == tuned.chosen.name
+        table.add_row(name, f"{acc:.1f}", *cells, "chosen" if chosen else "")
+    console.print(table)
+    console.print(
+        "photo crops are not CIFAR images: the original's answers on them are unsure, and what the selection "
+        "half shows need not hold on CIFAR images. Choose on images of the kind the model serves "
+        "(aa-deploy tune --images, ideally with --labels)."
+    )
+
+
+def _vs(d) -> str:
+    return f"{100 * d.delta:+.1f} ({100 * d.ci95[0]:+.1f} to {100 * d.ci95[1]:+.1f})"

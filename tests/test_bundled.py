@@ -57,10 +57,20 @@ def test_demo_runs_the_chain_and_prints_the_table(tmp_path):
         data = (tmp_path / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000, png
     assert "swing of p(correct class) over one period of the total stride (4 px)" in proc.stdout
-    rows = {line.split("│")[1].strip(): line for line in proc.stdout.splitlines() if line.count("│") >= 8}
+    measured, tuned = proc.stdout.split("6/7 ")[0], proc.stdout.split("7/7 ")[1]
+    rows = {line.split("│")[1].strip(): line for line in measured.splitlines() if line.count("│") >= 8}
     assert set(rows) == {"original", "converted (triangle)", "converted + calibrated"}, proc.stdout
     assert "94.0" in rows["original"]
     top1 = {name: float(line.split("│")[2]) for name, line in rows.items()}
     # Calibration on photo crops must win back most of what conversion alone costs.
     assert top1["converted (triangle)"] < top1["converted + calibrated"] <= top1["original"] + 2, top1
     assert top1["converted + calibrated"] - top1["converted (triangle)"] >= 10, top1
+    # Step 7: tune on the photo crops, then every candidate it measured against the original on the 100 test
+    # images, which neither its calibration nor its selection saw: dense sampling of the last level is more
+    # consistent there, with the paired interval above zero, at the original's top-1.
+    assert "candidates on 500 selection images" in tuned and "rule: the largest lower bound" in tuned, tuned
+    final = tuned.split("neither calibrated nor chosen on")[1]
+    rows = {cells[1].strip(): cells for cells in (line.split("│") for line in final.splitlines()) if len(cells) == 9}
+    assert {"original", "dense-1", "blur + refit"} <= set(rows), final
+    assert rows["dense-1"][2].strip() == rows["original"][2].strip()
+    assert float(rows["dense-1"][4].split("(")[1].split(" to ")[0]) > 0, final

@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +85,7 @@ class Tried:
 @dataclass
 class Tuned:
     """The frontier (the original first), the chosen row and its model (None: no candidate qualifies), the
-    rule, the budget, the split and the seconds the search took."""
+    rule, the budget, the split, the seconds the search took, and the models of all measured candidates."""
 
     rows: list[Row]
     chosen: Row | None
@@ -94,6 +94,7 @@ class Tuned:
     budget: Budget
     split: Split
     seconds: float
+    measured: dict[str, ir.Model] = field(default_factory=dict)  # every measured candidate's model, by name
 
     def record(self) -> dict:
         """The search as the chosen model's metadata (`aa_deploy.tune`) and the JSON report keep it."""
@@ -186,7 +187,7 @@ def tune(
         )
         built = _candidates(costed, rows, context)
     chosen = rule.choose(rows)
-    tuned = Tuned(rows, chosen, built.get(chosen.name) if chosen else None, rule, budget, parts, clock.spent)
+    tuned = Tuned(rows, chosen, built.get(chosen.name) if chosen else None, rule, budget, parts, clock.spent, built)
     if tuned.model is not None:
         model_io.write_metadata(tuned.model, {"tune": tuned.record()})
     return tuned

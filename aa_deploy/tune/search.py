@@ -280,55 +280,52 @@ def _attempt(candidate: Candidate, row: Row, later: list, c: _Context) -> ir.Mod
     """Build, time, calibrate and measure one candidate within the budget, filling `row`; its model, or None
     where it was not measured (`row.status` says why). `later`: the candidates from this one on that will be
     tried, whose measuring the time limit keeps room for."""
-    original, selection, base, parts, images = c.original, c.selection, c.base, c.parts, c.images
-    compute, clock, per_scoring, timing, budget, report = (
-        c.compute,
-        c.clock,
-        c.per_scoring,
-        c.timing,
-        c.budget,
-        c.report,
-    )
     began = time.perf_counter()
-    converted = _copy(original)
+    converted = _copy(c.original)
     convert_model(converted, candidate.options)
-    converted.graph.name = original.graph.name
-    if timing is not None:
-        row.latency_ratio = timing.ratio(converted, row.name)
-        if row.latency_ratio > budget.max_latency:
-            row.status, row.reason = OVER_BUDGET, f"latency x{row.latency_ratio:.2f} > x{budget.max_latency:g}"
+    converted.graph.name = c.original.graph.name
+    if c.timing is not None:
+        row.latency_ratio = c.timing.ratio(converted, row.name)
+        if row.latency_ratio > c.budget.max_latency:
+            row.status, row.reason = OVER_BUDGET, f"latency x{row.latency_ratio:.2f} > x{c.budget.max_latency:g}"
             return None
-    scoring = per_scoring * (row.macs_ratio or 1.0)
-    reserve = sum(per_scoring * (d.macs_ratio or 1.0) for d in later)  # measuring this one and those after it
+    scoring = c.per_scoring * (row.macs_ratio or 1.0)
+    reserve = sum(c.per_scoring * (d.macs_ratio or 1.0) for d in later)  # measuring this one and those after it
     calibrating = [d for d in later if d.candidate.training is not None]
     share = None
-    if candidate.training is not None and clock.limit is not None:
-        share = (clock.left - reserve) / len(calibrating)
+    if candidate.training is not None and c.clock.limit is not None:
+        share = (c.clock.left - reserve) / len(calibrating)
         if share < MIN_CALIBRATION:
             row.status, row.reason = OUT_OF_TIME, f"{max(share, 0):.0f} s left to calibrate it"
             return None
-    elif clock.left < scoring:
-        row.status, row.reason = OUT_OF_TIME, f"measuring it takes ~{scoring:.0f} s, {max(clock.left, 0):.0f} s left"
+    elif c.clock.left < scoring:
+        row.status, row.reason = OUT_OF_TIME, f"measuring it takes ~{scoring:.0f} s, {max(c.clock.left, 0):.0f} s left"
         return None
-    report(Trying(row.name, f"{share / 60:.1f} min to calibrate" if share is not None else ""))
-    model = converted
-    if candidate.training is not None:
-        training = replace(candidate.training, time_limit=share)
-        try:
-            with linked(parts.root, parts.calibration) as folder:
-                data = Data(folder, images.preprocess, layout=images.layout)
-                calibrated = calibrate_model(converted, _copy(original), data, training, compute,
-                                             names=(row.name, "the original"), progress=report)  # fmt: skip
-            model, result = calibrated.model, calibrated.result
-            row.calibration = {
-                "method": result.method, "share_s": round(share, 1) if share is not None else None,
-                "seconds": round(result.seconds, 1), "epochs": result.epochs, "kept_epoch": result.kept_epoch,
-                "lr": result.lr,
-            }  # fmt: skip
-        except InputError as e:
-            row.status, row.reason = REFUSED, str(e)
-            return None
-    measured = selection.measure(_session(model, c.folder, row.name))
-    _row(row, base, measured, time.perf_counter() - began)
+    c.report(Trying(row.name, f"{share / 60:.1f} min to calibrate" if share is not None else ""))
+    model = converted if candidate.training is None else _calibrate(converted, candidate, share, row, c)
+    if model is None:
+        return None
+    measured = c.selection.measure(_session(model, c.folder, row.name))
+    _row(row, c.base, measured, time.perf_counter() - began)
     row.status = MEASURED
     return model
+
+
+def _calibrate(converted: ir.Model, candidate: Candidate, share: float | None, row: Row, c: _Context):
+    """`converted` calibrated against the original on the calibration part within `share` seconds (None: no
+    limit), what it did recorded in `row`; None where calibrate refuses it (`row` says why)."""
+    training = replace(candidate.training, time_limit=share)
+    try:
+        with linked(c.parts.root, c.parts.calibration) as folder:
+            data = Data(folder, c.images.preprocess, layout=c.images.layout)
+            calibrated = calibrate_model(converted, _copy(c.original), data, training, c.compute,
+                                         names=(row.name, "the original"), progress=c.report)  # fmt: skip
+    except InputError as e:
+        row.status, row.reason = REFUSED, str(e)
+        return None
+    result = calibrated.result
+    row.calibration = {
+        "method": result.method, "share_s": round(share, 1) if share is not None else None,
+        "seconds": round(result.seconds, 1), "epochs": result.epochs, "kept_epoch": result.kept_epoch, "lr": result.lr,
+    }  # fmt: skip
+    return calibrated.model

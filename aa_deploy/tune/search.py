@@ -84,17 +84,21 @@ class Tried:
 
 @dataclass
 class Tuned:
-    """The frontier (the original first), the chosen row and its model (None: no candidate qualifies), the
-    rule, the budget, the split, the seconds the search took, and the models of all measured candidates."""
+    """The frontier (the original first), the chosen row (None: no candidate qualifies), the rule, the budget,
+    the split, the seconds the search took, and the models of all measured candidates (`model`: the chosen's)."""
 
     rows: list[Row]
     chosen: Row | None
-    model: ir.Model | None
     rule: Rule
     budget: Budget
     split: Split
     seconds: float
     measured: dict[str, ir.Model] = field(default_factory=dict)  # every measured candidate's model, by name
+
+    @property
+    def model(self) -> ir.Model | None:
+        """The chosen candidate's model (None: no candidate qualifies)."""
+        return self.measured[self.chosen.name] if self.chosen is not None else None
 
     def record(self) -> dict:
         """The search as the chosen model's metadata (`aa_deploy.tune`) and the JSON report keep it."""
@@ -116,11 +120,11 @@ def _copy(model: ir.Model) -> ir.Model:
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
-def _session(model: ir.Model, folder: Path, name: str) -> SessionModule:
-    """`model` in ONNX Runtime (CPU), written to `folder` as `name`.onnx for it."""
+def _write(model: ir.Model, folder: Path, name: str) -> Path:
+    """`model` written to `folder` as `name`.onnx, for ONNX Runtime to measure and time."""
     path = folder / f"{key(name).replace('+', '_')}.onnx"
     ir.save(model, path)
-    return SessionModule(OnnxRuntimeRunner(path))
+    return path
 
 
 class _Clock:
@@ -170,8 +174,9 @@ def tune(
     first = views.centre(load_rgb(parts.selection[0], views.decode)[None])
     with tempfile.TemporaryDirectory(prefix="aa-deploy-tune-") as tmp:
         folder = Path(tmp)
+        original = _write(model, folder, "original")
         selection = Selection(
-            _session(model, folder, "original"), parts.selection, parts.root, views, labels=images.labels,
+            SessionModule(OnnxRuntimeRunner(original)), parts.selection, parts.root, views, labels=images.labels,
             seed=seed, batch=compute.batch_size or MEASURE_BATCH,
         )  # fmt: skip
         rule = replace(rule, accuracy=selection.accuracy_name, protocol=selection.protocol.name)
@@ -181,13 +186,13 @@ def tune(
         per_scoring = time.perf_counter() - scoring
         rows = [_row(Row("original", 1.0, 1.0 if budget.max_latency else None), base, base, per_scoring)]
         report(Tried(rows[0]))
-        timing = _Timing(model, folder, first, budget.provider) if budget.max_latency else None
+        timing = _Timing(original, first, budget.provider) if budget.max_latency else None
         context = _Context(
             model, selection, base, parts, images, compute, clock, per_scoring, timing, budget, report, folder
         )
         built = _candidates(costed, rows, context)
     chosen = rule.choose(rows)
-    tuned = Tuned(rows, chosen, built.get(chosen.name) if chosen else None, rule, budget, parts, clock.spent, built)
+    tuned = Tuned(rows, chosen, rule, budget, parts, clock.spent, built)
     if tuned.model is not None:
         model_io.write_metadata(tuned.model, {"tune": tuned.record()})
     return tuned
@@ -222,20 +227,14 @@ def _row(row: Row, base: Measured, measured: Measured, seconds: float) -> Row:
 
 
 class _Timing:
-    """Latency against the original's on ONNX Runtime (`provider`), batch 1, the files in a temporary folder."""
+    """Latency against the original's on ONNX Runtime (`provider`), batch 1, of the files `_write` wrote."""
 
-    def __init__(self, original: ir.Model, folder: Path, x: np.ndarray, provider: str) -> None:
-        self.folder, self.x, self.provider = folder, x, provider
-        self.original = OnnxRuntimeRunner(self._save(original, "original"), provider)
+    def __init__(self, original: Path, x: np.ndarray, provider: str) -> None:
+        self.x, self.provider = x, provider
+        self.original = OnnxRuntimeRunner(original, provider)
 
-    def _save(self, model: ir.Model, name: str) -> Path:
-        path = self.folder / f"{name.replace(' ', '').replace('+', '_')}.onnx"
-        ir.save(model, path)
-        return path
-
-    def ratio(self, model: ir.Model, name: str) -> float:
-        runner = OnnxRuntimeRunner(self._save(model, name), self.provider)
-        return latency_ratio(self.original, runner, self.x)["ratio"]
+    def ratio(self, path: Path) -> float:
+        return latency_ratio(self.original, OnnxRuntimeRunner(path, self.provider), self.x)["ratio"]
 
 
 @dataclass
@@ -284,8 +283,9 @@ def _attempt(candidate: Candidate, row: Row, later: list, c: _Context) -> ir.Mod
     converted = _copy(c.original)
     convert_model(converted, candidate.options)
     converted.graph.name = c.original.graph.name
+    path = _write(converted, c.folder, row.name)
     if c.timing is not None:
-        row.latency_ratio = c.timing.ratio(converted, row.name)
+        row.latency_ratio = c.timing.ratio(path)
         if row.latency_ratio > c.budget.max_latency:
             row.status, row.reason = OVER_BUDGET, f"latency x{row.latency_ratio:.2f} > x{c.budget.max_latency:g}"
             return None
@@ -305,7 +305,9 @@ def _attempt(candidate: Candidate, row: Row, later: list, c: _Context) -> ir.Mod
     model = converted if candidate.training is None else _calibrate(converted, candidate, share, row, c)
     if model is None:
         return None
-    measured = c.selection.measure(_session(model, c.folder, row.name))
+    if model is not converted:  # the calibrated weights replace the converted ones in the file measured
+        path = _write(model, c.folder, row.name)
+    measured = c.selection.measure(SessionModule(OnnxRuntimeRunner(path)))
     _row(row, c.base, measured, time.perf_counter() - began)
     row.status = MEASURED
     return model

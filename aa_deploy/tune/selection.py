@@ -17,7 +17,7 @@ import torch
 
 from aa_deploy.calibration.calibrate import Views
 from aa_deploy.calibration.held_out import HeldOut
-from aa_deploy.calibration.teacher_targets import autocast, logits
+from aa_deploy.calibration.teacher_targets import logits
 from aa_deploy.consistency import measure
 from aa_deploy.consistency.protocols import ConsistencyResult
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
@@ -124,9 +124,6 @@ class Selection:
     def accuracy_name(self) -> str:
         return "top-1" if self.labels is not None else "fidelity"
 
-    def __len__(self) -> int:
-        return len(self.checker.images)
-
     def measure(self, module: SessionModule) -> Measured:
         scored = self.checker.score(module, final=False, first=True)
         hits = scored.per_image.fidelity
@@ -138,13 +135,8 @@ class Selection:
         """One-pixel diagonal steps: crops of the canvas where the views are its crops (as many steps as it has
         room for, at most ONE_PIXEL_STEPS), else of the zero-padded image."""
         checker = self.checker
-
-        def run(x):
-            with torch.no_grad(), autocast(module.device):
-                return module(torch.from_numpy(x)).float().cpu().numpy()
-
         steps = min(ONE_PIXEL_STEPS, checker.span) if checker.span else ONE_PIXEL_STEPS
         return measure(
-            "one-pixel", run, self.views.prepare, checker.images, crop=checker.size, shift=steps,
+            "one-pixel", module.runner, self.views.prepare, checker.images, crop=checker.size, shift=steps,
             pad=None if checker.span else "zero", batch=min(self.batch, 64),
         )  # fmt: skip

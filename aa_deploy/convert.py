@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from aa_deploy import cost, dense, fold, model_io
+from aa_deploy import cost, dense, fold, model_io, phases
 from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.errors import InputError
 from aa_deploy.plan import IMAGE_STEM, SKIP_STEM, Action, Options, plan
@@ -84,6 +84,10 @@ class Cost:
 def plan_cost(model: ir.Model, options: Options = Options()) -> Cost:
     """What converting `model` with `options` costs at inference, counted on a converted copy."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    if options.phases != "all":  # the phases stack on the batch axis: count it at 1, not as unknown
+        for value in copy.graph.inputs:
+            if value.shape is not None and len(value.shape) > 0 and not isinstance(value.shape[0], int):
+                value.shape = ir.Shape([1, *value.shape[1:]])
     fold.fold_constants(copy)  # a copy: shapes the exporter computes at run time count too
     annotate_shapes(copy)
     before, unknown_before = cost.multiply_adds(copy)
@@ -127,8 +131,12 @@ def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
     actions = _plan(model, options)
     blurs = rewrite(g, actions)
     densified = dense.analyse(g, actions)
+    stacked = 0
     if densified is not None:
-        dense.apply(g, densified)
+        if options.phases == "all":
+            dense.apply(g, densified)
+        else:
+            stacked = phases.stack(g, actions, densified, options.phases)
         annotate_shapes(model)
     for value, (shape, type_) in zip((*g.inputs, *g.outputs), declared):  # the interface stays as declared
         value.shape, value.type = shape, type_
@@ -148,6 +156,7 @@ def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
             }
             | (
                 {"dense": {"folded_nodes": folded, "per_phase_pools": densified.per_phase}}
+                | ({"phases": {"kept": options.phases, "combinations": stacked}} if stacked else {})
                 if densified is not None
                 else {}
             ),

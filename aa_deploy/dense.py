@@ -97,6 +97,7 @@ class DensePlan:
     edits: list[Edit]
     dense_values: list[ir.Value]
     per_phase: int = 0  # whole-map pools split by phase (squeeze-excitation gates)
+    heads: list[ir.Node] = field(default_factory=list)  # the whole-map pools that average the phases
 
 
 def _refuse(node: ir.Node, why: str) -> InputError:
@@ -126,7 +127,7 @@ def _rank(node: ir.Node, value: ir.Value) -> int:
     return len(dims)
 
 
-def _kernel(node: ir.Node) -> tuple[int, ...]:
+def kernel_of(node: ir.Node) -> tuple[int, ...]:
     kernel = graph.ints(node, "kernel_shape")
     if kernel is None and node.op_type == "Conv":
         kernel = tuple((graph.dims(node.inputs[1]) or ())[2:])
@@ -155,6 +156,7 @@ class _Walk:
     maps: dict[int, Map] = field(default_factory=dict)
     pooled: dict[int, frozenset[int]] = field(default_factory=dict)  # value -> the whole-map pools it comes from
     edits: list[Edit] = field(default_factory=list)
+    heads: list[ir.Node] = field(default_factory=list)  # pools over every phase
 
     @property
     def opset(self) -> int:
@@ -169,7 +171,7 @@ def _window_edit(node: ir.Node, factor: tuple[int, ...], site_stride: tuple[int,
     a dense site also at stride 1, its far padding extended to `stride` times the original's output.
     An average pool that would need dilations below opset 19 becomes a depthwise Conv with its taps."""
     x = _spatial(node, node.inputs[0])
-    kernel = _kernel(node)
+    kernel = kernel_of(node)
     n = len(kernel)
     pads = graph.explicit_pads(node, x, kernel)
     dilations = graph.ints(node, "dilations", [1] * n)
@@ -216,7 +218,7 @@ def _whole_map(node: ir.Node, kernel: tuple[int, ...]) -> bool:
 def _window(w: _Walk, node: ir.Node, m: Map) -> Map | None:
     if m.axes != (2, 3) or _rank(node, node.inputs[0]) != 4:
         raise _refuse(node, "runs a window over a densely sampled map that is not NCHW")
-    kernel = _kernel(node)
+    kernel = kernel_of(node)
     if node.op_type in ("MaxPool", "AveragePool") and _whole_map(node, kernel):
         global_op = "GlobalMaxPool" if node.op_type == "MaxPool" else "GlobalAveragePool"
         if id(node) in w.per_phase:
@@ -265,6 +267,7 @@ def _site(w: _Walk, node: ir.Node, site, slices: list[ir.Node], m: Map | None) -
 def _pooled(w: _Walk, node: ir.Node) -> None:
     """A pool over every phase: the head's (it averages the phases, as intended) until its result is
     seen coming back onto a dense map."""
+    w.heads.append(node)
     for v in node.outputs:
         if v is not None:
             w.pooled[id(v)] = frozenset({id(node)})
@@ -582,7 +585,7 @@ def analyse(g: ir.Graph, actions: list[Action]) -> DensePlan | None:
         except _SplitPools as split:
             per_phase |= split.pools
     by_id = {id(v): v for node in g for v in node.outputs if v is not None}
-    return DensePlan(w.edits, [by_id[i] for i in w.maps if i in by_id], len(per_phase))
+    return DensePlan(w.edits, [by_id[i] for i in w.maps if i in by_id], len(per_phase), w.heads)
 
 
 def apply(g: ir.Graph, dense: DensePlan) -> None:

@@ -1,5 +1,6 @@
 """The nodes dense sampling adds to a graph: a pool split by sampling phase, a per-phase value tiled over
-a dense map, an average pool as a depthwise convolution with fixed taps.
+a dense map, an average pool as a depthwise convolution with fixed taps; and, for a subset of the phases
+(`phases`), a site's copy at one phase, the copies stacked on the batch axis, the stack reduced at a pool.
 
 Along a dense axis that is `D` times denser than the original's `S` positions, position `D*j + p` is
 position `j` of the original computed at sampling phase `p`. So splitting the axis into (S, D) and
@@ -51,9 +52,9 @@ def _fresh(g: ir.Graph, base: str) -> str:
     return name
 
 
-def _node(
-    g: ir.Graph, anchor: ir.Node, op_type: str, inputs: Sequence[ir.Value], suffix: str, **attributes
-) -> ir.Value:
+def _make(
+    g: ir.Graph, anchor: ir.Node, op_type: str, inputs: Sequence[ir.Value | None], suffix: str, attributes
+) -> ir.Node:
     base = f"{anchor.name or anchor.outputs[0].name}/{suffix}"  # exporters may leave nodes unnamed
     node = ir.Node(
         "",
@@ -63,8 +64,25 @@ def _node(
         name=_fresh(g, base),
     )
     node.outputs[0].name = _fresh(g, f"{base}_output")
+    return node
+
+
+def _node(
+    g: ir.Graph, anchor: ir.Node, op_type: str, inputs: Sequence[ir.Value | None], suffix: str, **attributes
+) -> ir.Value:
+    """A new node right before `anchor`; its output."""
+    node = _make(g, anchor, op_type, inputs, suffix, attributes)
     g.insert_before(anchor, node)
     return node.outputs[0]
+
+
+def _after(
+    g: ir.Graph, anchor: ir.Node, op_type: str, inputs: Sequence[ir.Value], suffix: str, **attributes
+) -> ir.Node:
+    """A new node right after `anchor` (nodes built in order, each after the previous one)."""
+    node = _make(g, anchor, op_type, inputs, suffix, attributes)
+    g.insert_after(anchor, node)
+    return node
 
 
 def reduce_per_phase(
@@ -126,3 +144,69 @@ def tile(g: ir.Graph, node: ir.Node, index: int, repeats: Sequence[int]) -> None
 def average_weights(channels: int, kernel: Sequence[int], dtype: np.dtype) -> np.ndarray:
     """An average pool's window as depthwise convolution taps: every tap 1 / (window size)."""
     return np.full((channels, 1, *kernel), 1.0 / float(np.prod(kernel)), dtype=dtype)
+
+
+def _copy(g: ir.Graph, node: ir.Node, inputs: Sequence[ir.Value | None], suffix: str, **changed) -> ir.Value:
+    """A copy of `node` before it, reading `inputs`, its attributes as they are except `changed`."""
+    attributes = {name: attr.value for name, attr in node.attributes.items() if name not in changed} | changed
+    return _node(g, node, node.op_type, inputs, suffix, **attributes)
+
+
+def slice_start(g: ir.Graph, x: ir.Value, anchor: ir.Node, starts: dict[int, int]) -> ir.Value:
+    """`x` without its first `starts[axis]` entries along each axis (a Slice, before `anchor`)."""
+    axes = sorted(a for a, s in starts.items() if s)
+    begin = np.array([starts[a] for a in axes], np.int64)
+    end = np.full(len(axes), np.iinfo(np.int64).max, np.int64)
+    if opset(g) < 10:
+        return _node(g, anchor, "Slice", [x], "phase_slice", starts=begin.tolist(), ends=end.tolist(), axes=axes)
+    name = anchor.name or "phase"
+    return _node(
+        g,
+        anchor,
+        "Slice",
+        [
+            x,
+            constant(g, f"{name}.phase_starts", begin),
+            constant(g, f"{name}.phase_ends", end),
+            constant(g, f"{name}.phase_axes", np.array(axes, np.int64)),
+        ],
+        "phase_slice",
+    )
+
+
+def window_at_phase(g: ir.Graph, node: ir.Node, x: ir.Value, pads: Sequence[int], suffix: str, **changed) -> ir.Value:
+    """A copy of the window op `node` (Conv or pool) reading `x` with `pads`: one sampling phase."""
+    inputs = [x, *node.inputs[1:]]
+    return _copy(g, node, inputs, suffix, pads=list(pads), auto_pad="NOTSET", **changed)
+
+
+def slice_at_phase(g: ir.Graph, node: ir.Node, x: ir.Value, starts: np.ndarray, suffix: str) -> ir.Value:
+    """A copy of the Slice `node` reading `x` from `starts`: one sampling phase of a strided Slice."""
+    inputs = [x, constant(g, f"{node.name or 'slice'}.{suffix}", starts), *node.inputs[2:]]
+    return _copy(g, node, inputs, suffix)
+
+
+def stack(g: ir.Graph, value: ir.Value, phases: Sequence[ir.Value]) -> None:
+    """`value` (phase 0) and the other `phases` of it, one after the other along the batch axis, in place
+    of `value` everywhere it is read."""
+    stacked = _after(g, value.producer(), "Concat", [value, *phases], "phases", axis=0)
+    for use in list(value.uses()):
+        if use.node is not stacked:
+            use.node.replace_input_with(use.idx, stacked.outputs[0])
+
+
+def reduce_stacked(g: ir.Graph, node: ir.Node, reduce_op: str, count: int, dims: Sequence[int]) -> None:
+    """The output of the whole-map pool `node`, `count` phases stacked along its batch axis, reduced over
+    the phases: Reshape (count, batch, dims...) -> `reduce_op` over the first axis; it replaces the pool's
+    output everywhere."""
+    old = node.outputs[0]
+    shape = constant(g, f"{node.name or 'pool'}.phase_split", np.array([count, -1, *dims], np.int64))
+    shaped = _after(g, node, "Reshape", [old, shape], "phase_split")
+    if axes_as_input(reduce_op, opset(g)):
+        axes = constant(g, f"{node.name or 'pool'}.phase_axis", np.array([0], np.int64))
+        reduced = _after(g, shaped, reduce_op, [shaped.outputs[0], axes], "phase_mean", keepdims=0)
+    else:
+        reduced = _after(g, shaped, reduce_op, [shaped.outputs[0]], "phase_mean", axes=[0], keepdims=0)
+    for use in list(old.uses()):
+        if use.node is not shaped:
+            use.node.replace_input_with(use.idx, reduced.outputs[0])

@@ -17,6 +17,7 @@ from aa_deploy.sites.site import SiteKind
 
 MODES = ("auto", "pre", "blurpool")
 PADS = ("reflect", "replicate", "zero")
+PHASES = ("all", "diagonal")  # dense sampling: every phase, or the diagonal ones, (0, 0) and (1, 1) at stride 2
 POOLING: tuple[SiteKind, ...] = ("max-pool", "average-pool")
 
 
@@ -32,11 +33,16 @@ class Options:
     include: str | None = None
     exclude: str | None = None
     dense_last: int = 0  # the last N resolution levels' sites run at stride 1, what follows dilated
+    phases: str = "all"  # which sampling phases of the dense levels are averaged (`aa_deploy.phases`)
 
     def __post_init__(self) -> None:
         filters.filter_size(self.filter, self.filter_size)  # validates
         if not isinstance(self.dense_last, int) or self.dense_last < 0:
             raise ValueError(f"dense-last must be a whole number >= 0, not {self.dense_last!r}")
+        if self.phases not in PHASES:
+            raise ValueError(f"phases must be one of {', '.join(PHASES)}, not {self.phases!r}")
+        if self.phases != "all" and not self.dense_last:
+            raise ValueError(f"--phases {self.phases} chooses among the phases of dense sampling: give --dense-last N")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.pad not in PADS:
@@ -175,6 +181,7 @@ def site_mode(kind: str, options: Options, *, pointwise: bool, obstacle: str | N
 
 
 DENSE = "dense: stride 1, the layers after it dilated (every sampling phase computed, then averaged)"
+DIAGONAL = "dense, diagonal phases: one copy per phase, stacked on the batch axis, averaged at the pool"
 
 
 def dense_choice(levels: list[int], n: int) -> set[int]:
@@ -194,7 +201,7 @@ def plan(sites: list[Site], options: Options) -> list[Action]:
     dense = dense_choice(site_levels(sites), options.dense_last) if options.dense_last else set()
     for i, site in enumerate(sites):
         if i in dense:
-            actions.append(Action(site, "dense", DENSE))
+            actions.append(Action(site, "dense", DENSE if options.phases == "all" else DIAGONAL))
             continue
         skip = skip_reason(
             options,

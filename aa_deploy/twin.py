@@ -456,6 +456,8 @@ def antialias_with(
     report = []
     sites = find_sites(model)
     dense: set[int] = set()
+    if options.phases != "all":
+        raise InputError(f"--phases {options.phases}: the twin computes every phase; a phase subset runs as ONNX only")
     if options.dense_last:
         if sample is None:
             raise InputError("--dense-last: the twin needs a sample input to find the resolution levels")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import aa_deploy
-from aa_deploy import bundled
+from aa_deploy import bundled, model_io
 from aa_deploy.converters.export import export
 from aa_deploy.errors import InputError
 from aa_deploy.input_format import InputFormat
@@ -57,10 +57,12 @@ def _resnet_block_hooks(block, a: int, b: int) -> list:
     return [block.conv1.register_forward_hook(conv_hook), block.shortcut.register_forward_hook(shortcut_hook)]
 
 
-def _phase_mean(model: nn.Module, x: torch.Tensor, sites: list) -> np.ndarray:
-    """Mean logits over every combination of sampling phases of `sites` (functions (a, b) -> hooks)."""
+def _phase_mean(model: nn.Module, x: torch.Tensor, sites: list, kept: str = "all") -> np.ndarray:
+    """Mean logits over every combination of the kept sampling phases of `sites` (functions (a, b) ->
+    hooks): all four per site, or the diagonal two."""
+    per_site = list(itertools.product(range(2), range(2))) if kept == "all" else [(0, 0), (1, 1)]
     outs = []
-    for phases in itertools.product(*[itertools.product(range(2), range(2)) for _ in sites]):
+    for phases in itertools.product(*[per_site for _ in sites]):
         hooks = [h for site, (a, b) in zip(sites, phases) for h in site(a, b)]
         try:
             with torch.no_grad():
@@ -71,9 +73,11 @@ def _phase_mean(model: nn.Module, x: torch.Tensor, sites: list) -> np.ndarray:
     return np.mean(outs, axis=0)
 
 
-def resnet_phase_reference(model: nn.Module, resnet: nn.Module, x: np.ndarray, levels: int) -> np.ndarray:
-    """`model` (a CIFAR ResNet, or a network around one) averaged over the phases of `resnet`'s last
-    `levels` downsampling blocks, image by image."""
+def resnet_phase_reference(
+    model: nn.Module, resnet: nn.Module, x: np.ndarray, levels: int, kept: str = "all"
+) -> np.ndarray:
+    """`model` (a CIFAR ResNet, or a network around one) averaged over the (kept) phases of `resnet`'s
+    last `levels` downsampling blocks, image by image."""
     blocks = [resnet.layer3[0]] if levels == 1 else [resnet.layer2[0], resnet.layer3[0]]
     return np.concatenate(
         [
@@ -81,6 +85,7 @@ def resnet_phase_reference(model: nn.Module, resnet: nn.Module, x: np.ndarray, l
                 model,
                 torch.from_numpy(x[i : i + 1]),
                 [lambda a, b, blk=blk: _resnet_block_hooks(blk, a, b) for blk in blocks],
+                kept,
             )
             for i in range(len(x))
         ]
@@ -99,15 +104,19 @@ def resnet20(tmp_path_factory):
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("levels", [1, 2])
-def test_resnet20_dense_is_the_mean_over_the_sampling_phases(resnet20, exporter, levels):
+@pytest.mark.parametrize("phases", ["all", "diagonal"])
+def test_resnet20_dense_is_the_mean_over_the_sampling_phases(resnet20, exporter, levels, phases):
+    """Every phase (a denser map), or the diagonal ones (stacked on the batch axis): the mean of the
+    original over them, strided-slice shortcuts included."""
     model, files, folder = resnet20
-    out = folder / f"r20.{exporter}.d{levels}.onnx"
-    result = aa_deploy.convert(files[exporter], out, aa_deploy.Options(filter="none", dense_last=levels))
+    out = folder / f"r20.{exporter}.d{levels}.{phases}.onnx"
+    options = aa_deploy.Options(filter="none", dense_last=levels, phases=phases)
+    result = aa_deploy.convert(files[exporter], out, options)
     dense = [a for a in result.actions if a.action == "dense"]
     assert len(dense) == 2 * levels  # each level: the strided conv and the strided-slice shortcut
     images = bundled.cifar_feed(InputFormat())(bundled.cifar_test_images()[0][:8])
     x = images[:1] if exporter == "torchscript" else images
-    ref = resnet_phase_reference(model, model, x, levels)
+    ref = resnet_phase_reference(model, model, x, levels, phases)
     got = np.concatenate([_ort(out, x[i : i + 1]) for i in range(len(x))])
     scale = np.abs(ref).max()
     assert np.abs(got - ref).max() <= TOL * scale
@@ -141,6 +150,31 @@ def test_inspect_states_the_cost_and_convert_says_dense(resnet20):
     assert 1.7 < ratio < 2.2
     proc = cli("convert", files["dynamo"], "--dense-last", "1", "--filter", "none", "-o", folder / "c.onnx", "-q")
     assert proc.returncode == 0 and "1 dense" not in proc.stdout and "2 dense" in proc.stdout, proc.stdout
+
+
+def test_diagonal_phases_cost_half_and_are_recorded(resnet20):
+    """The diagonal phases of both levels: 4 of 16 combinations, so well under half dense-2's added
+    multiply-adds; the file says what it keeps; the twin, which computes every phase, refuses it in one
+    line, and --phases without --dense-last is refused before anything is read."""
+    _, files, folder = resnet20
+    costs = {}
+    for phases in ("all", "diagonal"):
+        proc = cli("inspect", files["dynamo"], "--dense-last", "2", "--filter", "none", "--phases", phases)
+        assert proc.returncode == 0, proc.stderr
+        costs[phases] = float(proc.stdout.rsplit("(x", 1)[1].split(")")[0])
+    # every level's map: a quarter of the positions of the one before; the diagonal runs each level's convs
+    # at 2 and 4 phases where all phases run them at 4 and 16
+    assert 6.0 < costs["all"] < 7.5 and 2.0 < costs["diagonal"] < 2.6, costs
+    out = folder / "r20.d2.diag.onnx"
+    proc = cli("convert", files["dynamo"], "--dense-last", "2", "--filter", "none", "--phases", "diagonal", "-o", out)
+    assert proc.returncode == 0 and "diagonal sampling phases of 4 sites" in proc.stdout, proc.stdout
+    record = model_io.read_metadata(model_io.load(out))
+    assert record["options"]["phases"] == "diagonal" and record["phases"] == {"kept": "diagonal", "combinations": 4}
+    proc = cli("verify", out, "--reference", "aa:cifar10_resnet20")
+    assert proc.returncode == 2 and "--phases diagonal: the twin computes every phase" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = cli("convert", files["dynamo"], "--phases", "diagonal", "-o", folder / "never.onnx")
+    assert proc.returncode == 2 and "give --dense-last N" in proc.stderr and not (folder / "never.onnx").exists()
 
 
 # --- graphs dense sampling cannot make exact: refused in one line ---------------------------------

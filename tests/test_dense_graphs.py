@@ -104,12 +104,17 @@ def _phase_hook(a: int, b: int):
     return hook
 
 
-def _phase_mean(model: nn.Module, x: torch.Tensor, levels: list[list[nn.Module]]) -> np.ndarray:
-    """The mean over every phase combination of the pooled features, carried through the head (timm's
+def _kept(stride: int, phases: str) -> list[tuple[int, int]]:
+    """The sampling phases of one level: every one, or the diagonal ones."""
+    return list(itertools.product(range(stride), repeat=2)) if phases == "all" else [(p, p) for p in range(stride)]
+
+
+def _phase_mean(model: nn.Module, x: torch.Tensor, levels: list[list[nn.Module]], phases: str = "all") -> np.ndarray:
+    """The mean over every kept phase combination of the pooled features, carried through the head (timm's
     forward_features / forward_head; else the logits, for a head that is affine after its pool)."""
     split = hasattr(model, "forward_features") and hasattr(model, "forward_head")
     outs = []
-    per_level = [list(itertools.product(range(_strided(ms[0])), repeat=2)) for ms in levels]
+    per_level = [_kept(_strided(ms[0]), phases) for ms in levels]
     for phases in itertools.product(*per_level):
         hooks = [m.register_forward_hook(_phase_hook(a, b)) for ms, (a, b) in zip(levels, phases) for m in ms]
         try:
@@ -123,9 +128,11 @@ def _phase_mean(model: nn.Module, x: torch.Tensor, levels: list[list[nn.Module]]
         return (model.forward_head(mean) if split else mean).numpy()
 
 
-def _check_exact(model: nn.Module, path: Path, levels: int, x: np.ndarray, batch_one: bool = False) -> None:
+def _check_exact(
+    model: nn.Module, path: Path, levels: int, x: np.ndarray, batch_one: bool = False, phases: str = "all"
+) -> None:
     groups = _dense_modules(model, torch.from_numpy(x[:1]), levels)
-    ref = _phase_mean(model, torch.from_numpy(x), groups)
+    ref = _phase_mean(model, torch.from_numpy(x), groups, phases)
     got = _ort_each(path, x) if batch_one else _ort(path, x)
     scale = np.abs(ref).max()
     error = np.abs(got - ref).max()
@@ -173,6 +180,11 @@ def test_zoo_dense_is_the_mean_over_the_sampling_phases(tmp_path, spec, exporter
         # the twin (dilated modules, pools split by phase inside the dense levels) agrees with the graph
         report = verify(out, spec, Inputs(count=2))
         assert report.passed, report.as_dict()["outputs"]
+    # the diagonal phases of both levels, stacked on the batch axis: their exact mean
+    out = tmp_path / "d2.diagonal.onnx"
+    aa_deploy.convert(path, out, aa_deploy.Options(filter="none", dense_last=2, phases="diagonal"))
+    onnx.checker.check_model(str(out))
+    _check_exact(model, out, 2, x, batch_one=exporter == "torchscript", phases="diagonal")
 
 
 @pytest.mark.zoo

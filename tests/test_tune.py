@@ -108,8 +108,11 @@ def test_tune_end_to_end_chooses_by_the_rule_and_records_the_frontier(cifar, tmp
     assert "candidates on 50 selection images" in proc.stdout and "rule: the largest lower bound" in proc.stdout
     record = json.loads(report.read_text())
     rows = {r["name"]: r for r in record["candidates"]}
-    assert list(rows)[:3] == ["original", "dense-1", "dense-2"]
+    # the sampled candidates cheapest first: the diagonal phases of the last level (x1.3), every phase of it
+    # (x2.0), the diagonal phases of the last two (x2.3), every phase of them (x6.8)
+    assert list(rows)[:5] == ["original", "dense-1/diagonal", "dense-1", "dense-2/diagonal", "dense-2"]
     assert rows["dense-2"]["status"] == OVER_BUDGET and rows["dense-1"]["status"] == MEASURED
+    assert rows["dense-2/diagonal"]["status"] == MEASURED and rows["dense-2/diagonal"]["macs_ratio"] < 2.5
     assert record["accuracy"] == "top-1" and record["protocol"] == "pad-and-crop"  # labels from the folders
     assert record["split"]["calibration"] == record["split"]["selection"] == 50
     assert wall < 90 * 1.05 + 30  # the limit bounds the search; loading the libraries comes before it

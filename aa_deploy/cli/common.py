@@ -13,7 +13,7 @@ from aa_deploy.errors import InputError, SettingError
 from aa_deploy.images import Preprocess
 from aa_deploy.input_format import LAYOUTS, InputFormat
 from aa_deploy.input_format import read as read_input_format
-from aa_deploy.plan import MODES, PADS, Options
+from aa_deploy.plan import MODES, PADS, PHASES, Options
 from aa_deploy.progress import Advance, Progress
 
 EXIT_OK, EXIT_NOTHING, EXIT_INPUT = 0, 1, 2
@@ -54,6 +54,13 @@ def add_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="dense sampling: the sites of the last N resolution levels at stride 1, every spatial op after them "
         "dilated (exact mean over the sampling phases, no training; costs compute). Default 0: off",
+    )
+    p.add_argument(
+        "--phases",
+        choices=PHASES,
+        default="all",
+        help="with --dense-last: average every sampling phase of the dense levels (all, the default) or only the "
+        "diagonal ones, (0, 0) and (1, 1) at stride 2 (half the phases per level, about half the added compute)",
     )
 
 
@@ -135,6 +142,7 @@ def options(args: argparse.Namespace) -> Options:
             args.include,
             args.exclude,
             args.dense_last,
+            args.phases,
         )
     except ValueError as e:
         raise InputError(str(e)) from None

@@ -95,7 +95,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if drift is not None and args.calibrate is None:
             if result.blurs == 0:  # dense sampling alone: nothing to calibrate
                 console.print(
-                    f"dense sampling: the original averaged over the sampling phases of {dense} sites, exactly and "
+                    "dense sampling: the original averaged over the "
+                    + ("" if args.phases == "all" else f"{args.phases} ")
+                    + f"sampling phases of {dense} sites, exactly and "
                     f"without training; answers change where the phases disagree ({drift.describe()}). "
                     f"Measure it on your images: aa-deploy consistency {args.model} --compare {out} --images DIR "
                     "--require 'top1>=-0.5' --require 'consistency.lower>=0'"

@@ -1,5 +1,6 @@
-"""What `tune` tries: the original, dense sampling at each number of levels the graph accepts, and the blur
-recipes that won on some model (docs/results.md), cheapest first; each with its multiply-adds."""
+"""What `tune` tries: the original, dense sampling at each number of levels the graph accepts (every phase,
+and the diagonal phases only), and the blur recipes that won on some model (docs/results.md), cheapest
+first; each with its multiply-adds."""
 
 from __future__ import annotations
 
@@ -45,16 +46,25 @@ def recipes(seed: int) -> list[Candidate]:
     ]
 
 
+def _costed(model: ir.Model, candidate: Candidate) -> Costed:
+    try:
+        return Costed(candidate, plan_cost(model, candidate.options).ratio)
+    except InputError as e:
+        return Costed(candidate, None, str(e))
+
+
 def space(model: ir.Model, seed: int = 0) -> list[Costed]:
-    """Every candidate for `model`, the original first, then the ones without calibration (dense-N, N
-    ascending), then the calibrated recipes; a candidate the graph refuses carries the one-line reason."""
-    found = [Costed(Candidate("original"), 1.0)]
+    """Every candidate for `model`, the original first, then the ones without calibration (dense-N and its
+    diagonal phases, cheapest first), then the calibrated recipes; a candidate the graph refuses carries
+    the one-line reason."""
+    sampled = []
     for dense in dense_costs(model, replace(BLUR, filter="none")):
-        candidate = Candidate(f"dense-{dense.n}", replace(BLUR, filter="none", dense_last=dense.n))
-        found.append(Costed(candidate, dense.cost.ratio if dense.cost else None, dense.refused))
-    for candidate in recipes(seed):
-        try:
-            found.append(Costed(candidate, plan_cost(model, candidate.options).ratio))
-        except InputError as e:
-            found.append(Costed(candidate, None, str(e)))
-    return found
+        options = replace(BLUR, filter="none", dense_last=dense.n)
+        sampled.append(
+            Costed(Candidate(f"dense-{dense.n}", options), dense.cost.ratio if dense.cost else None, dense.refused)
+        )
+        if dense.cost is not None:
+            diagonal = Candidate(f"dense-{dense.n}/diagonal", replace(options, phases="diagonal"))
+            sampled.append(_costed(model, diagonal))
+    sampled.sort(key=lambda c: (c.macs_ratio is None, c.macs_ratio or 0.0))
+    return [Costed(Candidate("original"), 1.0), *sampled, *(_costed(model, c) for c in recipes(seed))]

@@ -122,7 +122,7 @@ def _copy(model: ir.Model) -> ir.Model:
 
 def _write(model: ir.Model, folder: Path, name: str) -> Path:
     """`model` written to `folder` as `name`.onnx, for ONNX Runtime to measure and time."""
-    path = folder / f"{key(name).replace('+', '_')}.onnx"
+    path = folder / f"{key(name).replace('+', '_').replace('/', '_')}.onnx"
     ir.save(model, path)
     return path
 

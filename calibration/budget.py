@@ -1,11 +1,14 @@
 """How `calibrate --time-limit` spends its minutes: every step sized to fit before it runs.
 
 The limit covers the whole command. What runs before the plan (decoding the held-out images, the checks
-against ONNX Runtime, the original's and the converted model's held-out figures) is timed as it
-happens, and so is one teacher forward, one student forward and one training step on a few held-out
-images (`measure_rates`). From those rates `plan_time` sizes the steps still to come:
+against ONNX Runtime) is timed as it happens, and so is one teacher forward, one student forward and one
+training step on a few held-out images (`measure_rates`). The plan is made and printed from those rates
+before anything long runs:
 
-1. the final held-out figures are reserved first: the command ends with them;
+0. the held-out slice is cut to the images whose figures (the teacher's answers on them, the opening
+   figures of both models, the closing ones) fit OPENING_SHARE of the limit (`held_out_size`, at least
+   HELD_FLOOR images), and the opening figures are reserved;
+1. the final held-out figures are reserved too: the command ends with them;
 2. the closed-form start reads at most START_SHARE of what is left (at least START_FLOOR images);
 3. the learning-rate range test gets at most RANGE_SHARE: fewer probe images and steps;
 4. distillation gets the rest and trains at least MIN_EPOCHS epochs: the training images (and with
@@ -32,6 +35,8 @@ from aa_deploy.calibration.teacher_targets import autocast
 from aa_deploy.converters.bridge import OnnxModule
 
 START_SHARE = 0.2
+OPENING_SHARE = 0.25  # the held-out slice's figures, before and after, within this share of the limit
+HELD_FLOOR = 20  # held-out images a time limit may cut the slice to
 RANGE_SHARE = 0.1
 MIN_EPOCHS = 2
 START_FLOOR = 32  # images: fewer leave the deepest layers' least squares underdetermined
@@ -57,10 +62,25 @@ class Rates:
     figures: float
     decode: float = 0.0  # reading one image from disk (the training images are decoded once)
     final: float | None = None  # seconds of the closing figures (more views than an epoch's); None: `figures`
+    opening: float = 0.0  # seconds of the opening figures still to run (0 once they ran)
 
     @property
     def closing(self) -> float:
         return self.figures if self.final is None else self.final
+
+    def scaled(self, factor: float) -> Rates:
+        """Every rate `factor` times slower (the figures and the opening as they are)."""
+        return replace(self, teacher=self.teacher * factor, student=self.student * factor, step=self.step * factor,
+                       decode=self.decode * factor)  # fmt: skip
+
+
+def held_out_size(limit: float | None, spent: float, held: int, per_image: float) -> int:
+    """The held-out images (of `held`) whose figures, `per_image` seconds each, fit OPENING_SHARE of what is
+    left of `limit` (None: all of them), at least HELD_FLOOR."""
+    if limit is None or per_image <= 0:
+        return held
+    fit = int(OPENING_SHARE * max(0.0, limit - spent) // per_image)
+    return int(np.clip(fit, min(HELD_FLOOR, held), held))
 
 
 @dataclass(frozen=True)
@@ -77,10 +97,11 @@ class Sizes:
 
 @dataclass(frozen=True)
 class TimePlan:
-    """The sizes and the seconds each step is expected to take ("start", "targets", "range test",
-    "distillation", "final figures"; "targets": decoding the training images, and their teacher targets with
-    canvas views), `epochs` of distillation they leave, within `limit` seconds of
-    which `spent` were used before the plan (None: no limit, the default sizes)."""
+    """The sizes and the seconds each step is expected to take ("held-out figures" while the opening ones are
+    still to run, "start", "targets", "range test", "distillation", "final figures"; "targets": decoding the
+    training images, and their teacher targets with canvas views), `epochs` of distillation they leave,
+    within `limit` seconds of which `spent` were used before the plan (None: no limit, the default sizes);
+    `held_out`: the images the figures are measured on."""
 
     sizes: Sizes
     limit: float | None = None
@@ -88,6 +109,7 @@ class TimePlan:
     seconds: dict | None = None
     epochs: int = 0
     targets: bool = False  # the teacher's targets are computed once per training image ("targets" includes them)
+    held_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,7 +149,7 @@ def plan_time(limit: float | None, spent: float, rates: Rates | None, defaults: 
     """The steps sized to end within `limit` seconds, `spent` of them gone (see the module's docstring)."""
     if limit is None or rates is None:
         return TimePlan(defaults)
-    left = limit - spent - rates.closing
+    left = limit - spent - rates.opening - rates.closing
     share = START_SHARE if work.distill else 1.0  # the closed-form methods are the start alone
     per_start = max(start_seconds(1, rates), 1e-9)
     start = int(np.clip(share * left // per_start, min(START_FLOOR, defaults.start_images), defaults.start_images))
@@ -164,7 +186,8 @@ def _distill_sizes(sizes: Sizes, left: float, rates: Rates, work: Work) -> Sizes
 
 
 def _estimate(sizes: Sizes, limit: float, spent: float, rates: Rates, work: Work, start_done: bool = False) -> TimePlan:
-    seconds = {"start": 0.0 if start_done else start_seconds(sizes.start_images, rates)}
+    seconds = {"held-out figures": rates.opening} if rates.opening else {}
+    seconds["start"] = 0.0 if start_done else start_seconds(sizes.start_images, rates)
     epochs = 0
     if sizes.distill:
         seconds["targets"] = sizes.train_images * (rates.decode + work.target_passes * rates.teacher)

@@ -23,7 +23,16 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from aa_deploy import graph, model_io
 from aa_deploy.atomic import refuse_overwrite
-from aa_deploy.calibration.budget import Sizes, TimePlan, Work, measure_rates, plan_time, replan_after_start
+from aa_deploy.calibration.budget import (
+    Rates,
+    Sizes,
+    TimePlan,
+    Work,
+    held_out_size,
+    measure_rates,
+    plan_time,
+    replan_after_start,
+)
 from aa_deploy.calibration.distill import (
     RANGE_PROBE,
     DistillReport,
@@ -33,7 +42,7 @@ from aa_deploy.calibration.distill import (
     default_range_steps,
     distill,
 )
-from aa_deploy.calibration.held_out import Figures, HeldOut, figure_key
+from aa_deploy.calibration.held_out import PASSES, TEACHER_VIEWS, Figures, HeldOut, figure_key, scoring_views
 from aa_deploy.calibration.matching import Counterparts, counterparts
 from aa_deploy.calibration.reconstruct import calibrate_reconstruct
 from aa_deploy.calibration.stats import calibrate_stats
@@ -71,10 +80,12 @@ class StartFit:
 
 @dataclass(frozen=True)
 class Planned:
-    """A progress event: how a time limit will be spent (`after_start`: replanned once the start ran)."""
+    """A progress event: how a time limit will be spent (`after_start`: replanned once the start ran;
+    `remeasured`: replanned after the opening figures, which ran that many times their estimate)."""
 
     plan: TimePlan
     after_start: bool = False
+    remeasured: float | None = None
 
 
 @dataclass
@@ -390,21 +401,23 @@ def step_sizes(views: Views, training: Training, checker: HeldOut, train: int, b
 
 @dataclass
 class Sample:
-    """The images of one calibration: all of them, the held-out slice (decoded, and the teacher's answers on
-    it: `checker`), the training files, the seconds one image took to decode, and the batch sizes."""
+    """The images of one calibration: all of them, the held-out slice (decoded, and once it is sized, the
+    teacher's answers on it: `checker`), the training files, the seconds one image took to decode, and the
+    batch sizes."""
 
     files: list[Path]
     held_images: np.ndarray
     train_files: list[Path]
     decode_seconds: float
-    checker: HeldOut
     eval_batch: int
     train_batch: int
     per_sample: int  # bytes of activations one sample produces
+    checker: HeldOut | None = None
 
 
 def take_sample(pair: Pair, views: Views, data: Data, training: Training, compute: Compute) -> Sample:
-    """At most `data.limit` images spread over the folder, split into a held-out slice and training images."""
+    """At most `data.limit` images spread over the folder, split into a held-out slice (decoded) and
+    training images."""
     files = spread(list_images(data.images), data.limit, data.images)
     if len(files) < 20:
         raise InputError(f"{data.images}: {len(files)} images is too few to calibrate (need 20 or more)")
@@ -416,8 +429,14 @@ def take_sample(pair: Pair, views: Views, data: Data, training: Training, comput
     eval_batch, train_batch, per_sample = batch_sizes(
         pair.student, first, compute.batch_size, views.recipe.student_views
     )
+    return Sample(files, held_images, train_files, decode_seconds, eval_batch, train_batch, per_sample)
+
+
+def hold_out(pair: Pair, views: Views, training: Training, sample: Sample, count: int) -> Sample:
+    """`sample` with its held-out slice cut to `count` images and the teacher's answers on them."""
+    held = sample.held_images[:count]
     checker = HeldOut(
-        pair.teacher, held_images, views.prepare, seed=training.seed, batch=eval_batch, shift=views.recipe.shift,
+        pair.teacher, held, views.prepare, seed=training.seed, batch=sample.eval_batch, shift=views.recipe.shift,
         span=views.span,
     )  # fmt: skip
     if training.method == "distill" and not checker.classifier:
@@ -425,7 +444,7 @@ def take_sample(pair: Pair, views: Views, data: Data, training: Training, comput
             "distill matches the class probabilities of an (N, classes) output, and this model's output is not one "
             "(a dense map or a detection head): use --method reconstruct (or stats)"
         )
-    return Sample(files, held_images, train_files, decode_seconds, checker, eval_batch, train_batch, per_sample)
+    return replace(sample, held_images=held, checker=checker)
 
 
 def _distill(pair: Pair, views: Views, training: Training, compute: Compute, sample: Sample, plan: TimePlan,
@@ -478,13 +497,30 @@ def calibrate_model(
     sample = take_sample(pair, views, data, training, compute)
     batch = views.centre(sample.held_images[:8])
     check_pair(pair, sources, batch)
+    # The plan before anything long: the slice sized by the rates of a few images, then the opening figures.
+    rates = _rates(pair, views, sample, training, torch.from_numpy(batch))
+    sample = hold_out(pair, views, training, sample, _held_count(rates, views, sample, training, began))
+    held = len(sample.held_images)
+    rates = None if rates is None else _figures(rates, views, held)
+    work, defaults = step_sizes(views, training, sample.checker, len(sample.train_files), sample.train_batch)
+    plan = _plan(training, began, rates, defaults, work, held)
+    report(Planned(plan))
+    opening = time.perf_counter()
     original = sample.checker.score(pair.teacher, final=True)
     scoring = time.perf_counter()
     before = sample.checker.score(pair.student, final=True).figures
-    rates = _rates(pair, views, sample, training, torch.from_numpy(batch), time.perf_counter() - scoring)
-    work, defaults = step_sizes(views, training, sample.checker, len(sample.train_files), sample.train_batch)
-    plan = plan_time(training.time_limit, time.perf_counter() - began, rates, defaults, work)
-    report(Planned(plan))
+    if rates is not None:  # the opening against its estimate: every rate scaled by how much slower it ran
+        measured = time.perf_counter() - scoring
+        # never faster: what a run saves, distillation's own clock gives back as epochs
+        factor = max(1.0, (time.perf_counter() - opening) / max(rates.opening, 1e-9))
+        rates = replace(
+            rates.scaled(factor), opening=0.0, final=measured,
+            figures=measured * sample.checker.views(final=False) / sample.checker.views(final=True),
+        )  # fmt: skip
+        remade = _plan(training, began, rates, defaults, work, held)
+        if remade.sizes != plan.sizes:
+            report(Planned(remade, remeasured=factor))
+        plan = remade
     start = _start(pair, views, training, sample.train_files[: plan.sizes.start_images], sample.eval_batch, report)
     plan = replan_after_start(plan, time.perf_counter() - began, rates, defaults, work)
     distilled = None
@@ -510,17 +546,35 @@ def calibrate_model(
     return Calibrated(pair.written, result)
 
 
-def _rates(pair: Pair, views: Views, sample: Sample, training: Training, batch: torch.Tensor, scoring: float):
-    """This machine's rates for the time plan (None without a time limit); `scoring`: the seconds one final
-    scoring of the student took."""
+def _rates(pair: Pair, views: Views, sample: Sample, training: Training, batch: torch.Tensor) -> Rates | None:
+    """This machine's rates for the time plan, measured on `batch` (None without a time limit)."""
     if training.time_limit is None:
         return None
-    checker = sample.checker
-    epoch_scoring = scoring * checker.views(final=False) / checker.views(final=True)
-    return measure_rates(
-        pair.teacher, pair.student, batch, views.recipe.student_views, epoch_scoring, sample.decode_seconds,
-        final=scoring,
-    )  # fmt: skip
+    return measure_rates(pair.teacher, pair.student, batch, views.recipe.student_views, 0.0, sample.decode_seconds)
+
+
+def _figures(rates: Rates, views: Views, held: int) -> Rates:
+    """`rates` with the seconds of the held-out figures on `held` images estimated from them: the teacher's
+    answers and both models' opening figures, and the student's figures of each epoch and at the close."""
+    final = scoring_views(held, views.span, views.recipe.shift, PASSES, final=True)
+    epoch = scoring_views(held, views.span, views.recipe.shift, PASSES, final=False)
+    opening = held * TEACHER_VIEWS * rates.teacher + final * (rates.teacher + rates.student)
+    return replace(rates, figures=epoch * rates.student, final=final * rates.student, opening=opening)
+
+
+def _held_count(rates: Rates | None, views: Views, sample: Sample, training: Training, began: float) -> int:
+    """The held-out images whose figures, before and after, fit the limit's share for them (all without one)."""
+    held = len(sample.held_images)
+    if rates is None:
+        return held
+    estimated = _figures(rates, views, held)
+    per_image = (estimated.opening + estimated.closing) / held
+    return held_out_size(training.time_limit, time.perf_counter() - began, held, per_image)
+
+
+def _plan(training: Training, began: float, rates: Rates | None, defaults: Sizes, work: Work, held: int) -> TimePlan:
+    plan = plan_time(training.time_limit, time.perf_counter() - began, rates, defaults, work)
+    return replace(plan, held_out=held)
 
 
 def _start(pair: Pair, views: Views, training: Training, files: list[Path], batch: int, report) -> StartFit:

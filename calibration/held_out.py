@@ -134,21 +134,11 @@ class HeldOut:
 
     def protocols(self, final: bool) -> tuple[Protocol, ...]:
         """The consistency figures this slice reports; the diagonal only in `final` summaries."""
-        if not self.span:
-            return (
-                Protocol("pad-and-crop", "random-crop", self.shift, "zero"),
-                Protocol("circular", "circular", max(1, self.shift // 2), None),
-            )
-        found = (Protocol("random-crop", "random-crop", self.span, None),)
-        return found + ((Protocol("diagonal", "diagonal", max(1, self.span // 2), None),) if final else ())
+        return protocols_for(self.span, self.shift, final)
 
     def views(self, final: bool = False) -> int:
         """Views one scoring (`score`) runs through a model: what its seconds scale with."""
-        counts = [
-            view_count(p.protocol, len(self.images), shift=p.shift, passes=self.passes, pad=p.pad)
-            for p in self.protocols(final)
-        ]
-        return sum(counts) + (len(self.images) if self.classifier else 0)
+        return scoring_views(len(self.images), self.span, self.shift, self.passes, final, self.classifier)
 
     def score(self, module: OnnxModule, final: bool = False, first: bool = False) -> Scored:
         """The figures above for `module`, its consistency results (for paired differences), and each image's
@@ -185,6 +175,32 @@ class HeldOut:
             fidelity, agreement, consistency, None if per_image is None else float(per_image.score.mean())
         )
         return Scored(figures, runs, per_image)
+
+
+def protocols_for(span: int, shift: int, final: bool) -> tuple[Protocol, ...]:
+    """The consistency figures a held-out slice reports (`HeldOut.protocols`): pad-and-crop and circular for
+    images the size of the model's view; random-crop (and in `final` summaries the diagonal) for canvases."""
+    if not span:
+        return (
+            Protocol("pad-and-crop", "random-crop", shift, "zero"),
+            Protocol("circular", "circular", max(1, shift // 2), None),
+        )
+    found = (Protocol("random-crop", "random-crop", span, None),)
+    return found + ((Protocol("diagonal", "diagonal", max(1, span // 2), None),) if final else ())
+
+
+def scoring_views(count: int, span: int, shift: int, passes: int, final: bool, classifier: bool = True) -> int:
+    """Views one scoring of `count` held-out images runs through a model (`HeldOut.views`), known before the
+    slice is made: what a time plan sizes the slice by."""
+    views = sum(
+        view_count(p.protocol, count, shift=p.shift, passes=passes, pad=p.pad)
+        for p in protocols_for(span, shift, final)
+    )
+    return views + (count if classifier else 0)
+
+
+# The teacher's answers a slice is made with (`HeldOut`): on each image, and averaged over it and its shifts.
+TEACHER_VIEWS = 2 + TEACHER_SHIFTS
 
 
 def per_image_score(hits: np.ndarray, results: dict) -> np.ndarray:

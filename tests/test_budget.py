@@ -7,11 +7,14 @@ import itertools
 import pytest
 
 from aa_deploy.calibration.budget import (
+    HELD_FLOOR,
     MIN_EPOCHS,
+    OPENING_SHARE,
     START_FLOOR,
     Rates,
     Sizes,
     Work,
+    held_out_size,
     plan_time,
     range_seconds,
     replan_after_start,
@@ -98,3 +101,14 @@ def test_the_closing_figures_are_reserved_at_their_own_cost():
     assert plan.seconds["final figures"] == 60.0 and _total(plan) <= 15 * 60.0 + 1e-6
     cheaper = plan_time(15 * 60.0, 120.0, Rates(LITE0.teacher, LITE0.student, LITE0.step, 60.0), DEFAULTS, CANVAS)
     assert plan.epochs >= cheaper.epochs  # epochs scored at 10 s, not at the closing 60 s
+
+
+def test_the_held_out_slice_is_cut_to_what_a_quarter_of_the_limit_holds():
+    assert held_out_size(None, 0.0, 260, 10.0) == 260  # no limit: every held-out image
+    assert held_out_size(600.0, 0.0, 260, 0.1) == 260  # fast: all of them fit
+    fit = held_out_size(600.0, 60.0, 260, 2.0)
+    assert fit == int(OPENING_SHARE * 540 // 2.0) and fit * 2.0 <= OPENING_SHARE * 540
+    assert held_out_size(60.0, 0.0, 260, 30.0) == HELD_FLOOR  # never fewer than the floor
+    assert held_out_size(60.0, 100.0, 12, 30.0) == 12  # nor more than there are
+    slower = LITE0.scaled(2.0)
+    assert (slower.teacher, slower.student, slower.step, slower.figures) == (0.04, 0.04, 0.16, LITE0.figures)

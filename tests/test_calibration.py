@@ -346,7 +346,9 @@ def test_calibrate_runs_the_steps_at_the_sizes_its_time_plan_gives(r20, tmp_path
 
     # A training step of 0.2 s an image on 8-image batches: 45 s hold the range test at its floor and two
     # epochs of 20 to 55 of the 70 training images, whatever the seconds spent before the plan (3 to 15).
-    rates = Rates(teacher=1e-3, student=1e-3, step=0.2, figures=0.5)
+    # Forwards of 10 ms an image: slower than this machine's, so the opening figures run faster than their
+    # estimate and the plan stands.
+    rates = Rates(teacher=1e-2, student=1e-2, step=0.2, figures=0.5)
     monkeypatch.setattr(module, "measure_rates", lambda *a, **k: rates)
     seen = {}
     real_closed_form, real_distill = module._closed_form, module.distill
@@ -374,8 +376,37 @@ def test_calibrate_runs_the_steps_at_the_sizes_its_time_plan_gives(r20, tmp_path
     assert (seen["train"], seen["probe"], seen["steps"]) == (
         plan.sizes.train_images, plan.sizes.probe_images, plan.sizes.range_steps,
     )  # fmt: skip
-    assert seen["limit"] < 45 - rates.figures  # distillation ends before the final figures' reserve
+    assert seen["limit"] < 45 - plan.seconds["final figures"]  # distillation ends before the final figures' reserve
     assert result.trained_on == plan.sizes.train_images and result.plan is not None
+
+
+def test_a_time_limit_sizes_the_held_out_slice_and_plans_before_the_opening_figures(r20, tmp_path, monkeypatch):
+    """On a machine too slow for the held-out figures of every held-out image within a quarter of the limit,
+    the slice is cut (to its floor here) before the teacher's answers are computed, the plan says so, and
+    it is made before any figure is measured."""
+    import aa_deploy.calibration.calibrate as module
+    from aa_deploy.calibration.budget import HELD_FLOOR, Rates
+    from aa_deploy.calibration.held_out import HeldOut
+
+    rates = Rates(teacher=0.2, student=0.2, step=0.5, figures=0.0)  # a forward of 0.2 s an image
+    monkeypatch.setattr(module, "measure_rates", lambda *a, **k: rates)
+    records = []
+    real_score = HeldOut.score
+
+    def score(self, *a, **k):
+        records.append("score")
+        return real_score(self, *a, **k)
+
+    monkeypatch.setattr(HeldOut, "score", score)
+    result = calibrate(
+        r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", held_out=0.5, time_limit=60,
+        progress=records.append,
+    )  # fmt: skip
+    plans = [r for r in records if isinstance(r, module.Planned)]
+    assert records.index(plans[0]) < records.index("score")  # the plan first
+    first = plans[0].plan
+    assert first.held_out == HELD_FLOOR == result.held_out < 40  # 40 asked for: half of the 80 images
+    assert "held-out figures" in first.seconds and first.seconds["held-out figures"] > 0
 
 
 def test_the_time_limit_flags_are_checked(r20, tmp_path):
@@ -391,6 +422,7 @@ def test_the_time_limit_flags_are_checked(r20, tmp_path):
     proc = cli(*base, "-o", tmp_path / "e.onnx", "--time-limit", "0.001")
     assert proc.returncode == 0, proc.stderr
     assert "time limit 0.001 min:" in proc.stdout and "no distillation" in proc.stdout
+    assert "held-out figures on 10 images" in proc.stdout
     assert "the time limit used 0 of its 70 training images" in proc.stdout.replace("\n", " ")
 
 

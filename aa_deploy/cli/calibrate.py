@@ -252,15 +252,23 @@ def calibrate_and_report(
     return common.EXIT_OK
 
 
-def time_plan(plan, after_start: bool = False) -> str:
+def time_plan(plan, after_start: bool = False, remeasured: float | None = None) -> str:
     """The plan's one line: how the limit's minutes will be spent, step by step."""
     sizes, seconds = plan.sizes, plan.seconds
 
     def minutes(step: str) -> str:
         return f"{seconds[step] / 60:.1f} min"
 
-    head = "  replanned after the start" if after_start else f"  time limit {plan.limit / 60:g} min"
-    parts = [f"{plan.spent / 60:.1f} min gone" if after_start else f"{plan.spent / 60:.1f} min spent measuring"]
+    if after_start:
+        head = "  replanned after the start"
+    elif remeasured is not None:
+        head = f"  replanned after the opening figures (x{remeasured:.2f} their estimate)"
+    else:
+        head = f"  time limit {plan.limit / 60:g} min"
+    first = after_start or remeasured is not None
+    parts = [f"{plan.spent / 60:.1f} min gone" if first else f"{plan.spent / 60:.1f} min spent measuring"]
+    if "held-out figures" in seconds:
+        parts.append(f"held-out figures on {plan.held_out} images ~{minutes('held-out figures')}")
     if not after_start:
         parts.append(f"closed-form start on {sizes.start_images} images ~{minutes('start')}")
     if sizes.distill:
@@ -303,7 +311,7 @@ def _event(console: Console, event: object) -> None:
     """calibrate's events beyond the bars: the time plan, the epochs expected, each epoch's figures."""
     if isinstance(event, Planned):
         if event.plan.limit is not None:
-            console.print(time_plan(event.plan, event.after_start))
+            console.print(time_plan(event.plan, event.after_start, event.remeasured))
     elif isinstance(event, EpochsPlanned):
         console.print(
             f"  expected: {event.epochs} epochs of about {event.epoch_seconds:.0f} s, "

@@ -9,7 +9,8 @@ before anything long runs:
    figures of both models, the closing ones) fit OPENING_SHARE of the limit (`held_out_size`, at least
    HELD_FLOOR images), and the opening figures are reserved;
 1. the final held-out figures are reserved too: the command ends with them;
-2. the closed-form start reads at most START_SHARE of what is left (at least START_FLOOR images);
+2. the closed-form start reads at most START_SHARE of what is left (at least START_FLOOR images, unless
+   not even those fit what is left: then what fits, at least START_LEAST);
 3. the learning-rate range test gets at most RANGE_SHARE: fewer probe images and steps;
 4. distillation gets the rest and trains at least MIN_EPOCHS epochs: the training images (and with
    canvas views the teacher targets, computed once per image) are cut to what fits.
@@ -36,10 +37,11 @@ from aa_deploy.converters.bridge import OnnxModule
 
 START_SHARE = 0.2
 OPENING_SHARE = 0.25  # the held-out slice's figures, before and after, within this share of the limit
-HELD_FLOOR = 20  # held-out images a time limit may cut the slice to
+HELD_FLOOR = 10  # held-out images a time limit may cut the slice to
 RANGE_SHARE = 0.1
 MIN_EPOCHS = 2
 START_FLOOR = 32  # images: fewer leave the deepest layers' least squares underdetermined
+START_LEAST = 8  # images, when not even START_FLOOR fit the limit (the ridge then holds the deepest layers)
 PROBE_FLOOR = 32
 RANGE_STEPS_FLOOR = 3
 # The closed-form start decodes its images and runs the teacher and the student node by node over them
@@ -153,6 +155,8 @@ def plan_time(limit: float | None, spent: float, rates: Rates | None, defaults: 
     share = START_SHARE if work.distill else 1.0  # the closed-form methods are the start alone
     per_start = max(start_seconds(1, rates), 1e-9)
     start = int(np.clip(share * left // per_start, min(START_FLOOR, defaults.start_images), defaults.start_images))
+    if start_seconds(start, rates) > left:  # not even the floor fits: what does, the limit before the floor
+        start = int(np.clip(left // per_start, min(START_LEAST, start), start))
     sizes = replace(defaults, start_images=start)
     if work.distill:
         sizes = _distill_sizes(sizes, left - start_seconds(start, rates), rates, work)

@@ -401,11 +401,12 @@ def step_sizes(views: Views, training: Training, checker: HeldOut, train: int, b
 
 @dataclass
 class Sample:
-    """The images of one calibration: all of them, the held-out slice (decoded, and once it is sized, the
-    teacher's answers on it: `checker`), the training files, the seconds one image took to decode, and the
-    batch sizes."""
+    """The images of one calibration: all of them, the held-out files and those of them decoded (a few, until
+    the slice is sized: then all, with the teacher's answers on them: `checker`), the training files, the
+    seconds one image took to decode, and the batch sizes."""
 
     files: list[Path]
+    held_files: list[Path]
     held_images: np.ndarray
     train_files: list[Path]
     decode_seconds: float
@@ -415,26 +416,31 @@ class Sample:
     checker: HeldOut | None = None
 
 
+RATE_IMAGES = 8  # held-out images decoded before the plan: the rates are measured on them
+SLOWER = 1.25  # opening figures this many times their estimate: the plan made again is printed, sizes changed or not
+
+
 def take_sample(pair: Pair, views: Views, data: Data, training: Training, compute: Compute) -> Sample:
-    """At most `data.limit` images spread over the folder, split into a held-out slice (decoded) and
-    training images."""
+    """At most `data.limit` images spread over the folder, split into a held-out slice (its first few decoded)
+    and training images."""
     files = spread(list_images(data.images), data.limit, data.images)
     if len(files) < 20:
         raise InputError(f"{data.images}: {len(files)} images is too few to calibrate (need 20 or more)")
     held_files, train_files = _split(files, data.held_out, training.seed)
     decoding = time.perf_counter()
-    held_images = np.stack([load_rgb(p, views.decode) for p in held_files])
-    decode_seconds = (time.perf_counter() - decoding) / len(held_files)
+    held_images = np.stack([load_rgb(p, views.decode) for p in held_files[:RATE_IMAGES]])
+    decode_seconds = (time.perf_counter() - decoding) / len(held_images)
     first = torch.from_numpy(views.centre(held_images[:1]))
     eval_batch, train_batch, per_sample = batch_sizes(
         pair.student, first, compute.batch_size, views.recipe.student_views
     )
-    return Sample(files, held_images, train_files, decode_seconds, eval_batch, train_batch, per_sample)
+    return Sample(files, held_files, held_images, train_files, decode_seconds, eval_batch, train_batch, per_sample)
 
 
 def hold_out(pair: Pair, views: Views, training: Training, sample: Sample, count: int) -> Sample:
-    """`sample` with its held-out slice cut to `count` images and the teacher's answers on them."""
-    held = sample.held_images[:count]
+    """`sample` with its held-out slice cut to `count` images, decoded, and the teacher's answers on them."""
+    rest = [load_rgb(p, views.decode) for p in sample.held_files[len(sample.held_images) : count]]
+    held = np.concatenate([sample.held_images[:count], np.stack(rest)]) if rest else sample.held_images[:count]
     checker = HeldOut(
         pair.teacher, held, views.prepare, seed=training.seed, batch=sample.eval_batch, shift=views.recipe.shift,
         span=views.span,
@@ -444,7 +450,7 @@ def hold_out(pair: Pair, views: Views, training: Training, sample: Sample, count
             "distill matches the class probabilities of an (N, classes) output, and this model's output is not one "
             "(a dense map or a detection head): use --method reconstruct (or stats)"
         )
-    return replace(sample, held_images=held, checker=checker)
+    return replace(sample, held_files=sample.held_files[:count], held_images=held, checker=checker)
 
 
 def _distill(pair: Pair, views: Views, training: Training, compute: Compute, sample: Sample, plan: TimePlan,
@@ -495,7 +501,7 @@ def calibrate_model(
     pair = pair_models(student_ir, teacher_ir, names, data.layout, compute.torch_device())
     views = plan_views(pair.fmt, data, training.recipe, names[0])
     sample = take_sample(pair, views, data, training, compute)
-    batch = views.centre(sample.held_images[:8])
+    batch = views.centre(sample.held_images)
     check_pair(pair, sources, batch)
     # The plan before anything long: the slice sized by the rates of a few images, then the opening figures.
     rates = _rates(pair, views, sample, training, torch.from_numpy(batch))
@@ -518,7 +524,7 @@ def calibrate_model(
             figures=measured * sample.checker.views(final=False) / sample.checker.views(final=True),
         )  # fmt: skip
         remade = _plan(training, began, rates, defaults, work, held)
-        if remade.sizes != plan.sizes:
+        if remade.sizes != plan.sizes or factor >= SLOWER:
             report(Planned(remade, remeasured=factor))
         plan = remade
     start = _start(pair, views, training, sample.train_files[: plan.sizes.start_images], sample.eval_batch, report)
@@ -554,17 +560,17 @@ def _rates(pair: Pair, views: Views, sample: Sample, training: Training, batch: 
 
 
 def _figures(rates: Rates, views: Views, held: int) -> Rates:
-    """`rates` with the seconds of the held-out figures on `held` images estimated from them: the teacher's
-    answers and both models' opening figures, and the student's figures of each epoch and at the close."""
+    """`rates` with the seconds of the held-out figures on `held` images estimated from them: decoding them, the
+    teacher's answers and both models' opening figures, and the student's figures of each epoch and at the close."""
     final = scoring_views(held, views.span, views.recipe.shift, PASSES, final=True)
     epoch = scoring_views(held, views.span, views.recipe.shift, PASSES, final=False)
-    opening = held * TEACHER_VIEWS * rates.teacher + final * (rates.teacher + rates.student)
+    opening = held * (rates.decode + TEACHER_VIEWS * rates.teacher) + final * (rates.teacher + rates.student)
     return replace(rates, figures=epoch * rates.student, final=final * rates.student, opening=opening)
 
 
 def _held_count(rates: Rates | None, views: Views, sample: Sample, training: Training, began: float) -> int:
     """The held-out images whose figures, before and after, fit the limit's share for them (all without one)."""
-    held = len(sample.held_images)
+    held = len(sample.held_files)
     if rates is None:
         return held
     estimated = _figures(rates, views, held)

@@ -11,6 +11,7 @@ from aa_deploy.calibration.budget import (
     MIN_EPOCHS,
     OPENING_SHARE,
     START_FLOOR,
+    START_LEAST,
     Rates,
     Sizes,
     Work,
@@ -71,7 +72,10 @@ def test_a_limit_too_short_for_two_epochs_drops_distillation_before_it_starts():
     assert not plan.sizes.distill and plan.sizes.train_images == 0 and plan.epochs == 0
     assert set(plan.seconds) == {"start", "final figures"}
     gone = plan_time(1.0, 120.0, LITE0, DEFAULTS, CANVAS)  # spent before the plan: the smallest start
-    assert not gone.sizes.distill and gone.sizes.start_images == START_FLOOR
+    assert not gone.sizes.distill and gone.sizes.start_images == START_LEAST
+    # 13 s left after the closing figures: 16 images of the start fit, not the floor's 32; the limit first
+    tight = plan_time(120.0 + LITE0.figures + 13.0, 120.0, LITE0, DEFAULTS, CANVAS)
+    assert tight.sizes.start_images == 16 and start_seconds(16, LITE0) <= 13.0
 
 
 def test_the_closed_form_methods_give_the_start_all_the_time():
@@ -109,6 +113,6 @@ def test_the_held_out_slice_is_cut_to_what_a_quarter_of_the_limit_holds():
     fit = held_out_size(600.0, 60.0, 260, 2.0)
     assert fit == int(OPENING_SHARE * 540 // 2.0) and fit * 2.0 <= OPENING_SHARE * 540
     assert held_out_size(60.0, 0.0, 260, 30.0) == HELD_FLOOR  # never fewer than the floor
-    assert held_out_size(60.0, 100.0, 12, 30.0) == 12  # nor more than there are
+    assert held_out_size(60.0, 100.0, HELD_FLOOR - 2, 30.0) == HELD_FLOOR - 2  # nor more than there are
     slower = LITE0.scaled(2.0)
     assert (slower.teacher, slower.student, slower.step, slower.figures) == (0.04, 0.04, 0.16, LITE0.figures)

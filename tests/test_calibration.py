@@ -319,7 +319,7 @@ def test_a_time_limit_shortens_the_schedule():
 def test_a_time_limit_spent_before_the_plan_keeps_the_start(r20, tmp_path):
     # The limit is gone by the time the plan is made: distillation is dropped from the plan before anything
     # trains, and the closed-form start (at its smallest) is the result.
-    from aa_deploy.calibration.budget import START_FLOOR
+    from aa_deploy.calibration.budget import START_LEAST
     from aa_deploy.calibration.calibrate import Planned
     from aa_deploy.calibration.distill import Epoch
     from aa_deploy.progress import Advance
@@ -330,7 +330,7 @@ def test_a_time_limit_spent_before_the_plan_keeps_the_start(r20, tmp_path):
         progress=records.append,
     )  # fmt: skip
     plans = [r.plan for r in records if isinstance(r, Planned)]
-    assert len(plans) == 1 and not plans[0].sizes.distill and plans[0].sizes.start_images == START_FLOOR
+    assert len(plans) == 1 and not plans[0].sizes.distill and plans[0].sizes.start_images == START_LEAST
     assert result.history == [] and result.epochs is None and result.trained_on == 0
     # the start's layers advance; nothing of distillation (epochs, teacher targets, decoding training images)
     assert {r.task for r in records if isinstance(r, Advance)} == {"refitting convs (closed-form start)"}

@@ -173,3 +173,23 @@ def test_a_latency_bound_times_each_candidate_against_the_original(cifar):
     rows = {r.name: r for r in tuned.rows}
     assert rows["original"].latency_ratio == 1.0
     assert rows["dense-1"].status == MEASURED and 0 < rows["dense-1"].latency_ratio < 50
+
+
+def test_the_cheap_calibrations_keep_their_share_when_not_all_fit():
+    """Time for two calibrations of at least MIN_CALIBRATION, not three: the first two keep a share each,
+    the third (the costliest, last) gives up its own; with all three fitting, the time splits evenly."""
+    from types import SimpleNamespace
+
+    from aa_deploy.tune.search import MIN_CALIBRATION, _share
+
+    def candidate(calibrates: bool, macs: float = 1.0):
+        return SimpleNamespace(candidate=SimpleNamespace(training=object() if calibrates else None), macs_ratio=macs)
+
+    later = [candidate(True), candidate(True), candidate(True, 2.0)]
+    context = SimpleNamespace(per_scoring=10.0, clock=SimpleNamespace(left=40.0 + 2.5 * MIN_CALIBRATION))
+    assert _share(later, context) == (2.5 * MIN_CALIBRATION + 40.0 - 20.0) / 2  # the third's measuring freed too
+    assert _share(later[2:], context) > MIN_CALIBRATION  # the third, alone at its turn, gets what is left
+    context.clock.left = 40.0 + 3 * MIN_CALIBRATION
+    assert _share(later, context) == MIN_CALIBRATION
+    context.clock.left = 5.0
+    assert _share(later, context) < MIN_CALIBRATION  # not even one fits: out of time

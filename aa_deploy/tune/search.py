@@ -290,11 +290,9 @@ def _attempt(candidate: Candidate, row: Row, later: list, c: _Context) -> ir.Mod
             row.status, row.reason = OVER_BUDGET, f"latency x{row.latency_ratio:.2f} > x{c.budget.max_latency:g}"
             return None
     scoring = c.per_scoring * (row.macs_ratio or 1.0)
-    reserve = sum(c.per_scoring * (d.macs_ratio or 1.0) for d in later)  # measuring this one and those after it
-    calibrating = [d for d in later if d.candidate.training is not None]
     share = None
     if candidate.training is not None and c.clock.limit is not None:
-        share = (c.clock.left - reserve) / len(calibrating)
+        share = _share(later, c)
         if share < MIN_CALIBRATION:
             row.status, row.reason = OUT_OF_TIME, f"{max(share, 0):.0f} s left to calibrate it"
             return None
@@ -311,6 +309,21 @@ def _attempt(candidate: Candidate, row: Row, later: list, c: _Context) -> ir.Mod
     _row(row, c.base, measured, time.perf_counter() - began)
     row.status = MEASURED
     return model
+
+
+def _share(later: list, c: _Context) -> float:
+    """The seconds the first of `later` (a calibrating candidate) may calibrate for: what is left after
+    measuring every candidate from it on, split evenly among the calibrating ones; where that is below
+    MIN_CALIBRATION a share each, the last (the costliest) give up theirs first, so the cheap ones run."""
+    fixed = [d for d in later if d.candidate.training is None]
+    calibrating = [d for d in later if d.candidate.training is not None]
+    while calibrating:
+        reserve = sum(c.per_scoring * (d.macs_ratio or 1.0) for d in fixed + calibrating)
+        share = (c.clock.left - reserve) / len(calibrating)
+        if share >= MIN_CALIBRATION or len(calibrating) == 1:
+            return share
+        calibrating.pop()
+    return 0.0
 
 
 def _calibrate(converted: ir.Model, candidate: Candidate, share: float | None, row: Row, c: _Context):

@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import onnx
+import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx import helper
 
+import aa_deploy
 from aa_deploy import bundled, model_io
 from aa_deploy.errors import InputError, SettingError
 from aa_deploy.tune.rule import MEASURED, OUT_OF_TIME, OVER_BUDGET, Budget, Delta, Row, Rule
@@ -193,3 +197,30 @@ def test_the_cheap_calibrations_keep_their_share_when_not_all_fit():
     assert _share(later, context) == MIN_CALIBRATION
     context.clock.left = 5.0
     assert _share(later, context) < MIN_CALIBRATION  # not even one fits: out of time
+
+
+def test_a_calibrated_candidate_is_measured_as_calibrated(cifar, tmp_path):
+    """The figures of a calibrating candidate are those of its calibrated weights: its row's top-1 is the
+    top-1 of the model tune returns for it, recomputed here in ONNX Runtime on the selection images."""
+    from PIL import Image
+
+    from aa_deploy.tune import Budget, Images, tune
+
+    model, images = cifar
+    tuned = tune(model_io.load(model), Images(images), Budget(max_macs=1.1), only=("blur+refit",))
+    row = next(r for r in tuned.rows if r.name == "blur + refit")
+    assert row.status == MEASURED and row.calibration["method"] == "reconstruct"
+    path = tmp_path / "refit.onnx"
+    onnx.save(ir.serde.serialize_model(tuned.measured["blur + refit"]), path)
+    files = tuned.split.selection
+    x = bundled.cifar_normalize(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    top1 = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i : i + 1]})[0] for i in range(len(x))])
+    labels = np.array([int(f.parent.name) for f in files])
+    assert abs(float((top1.argmax(1) == labels).mean()) - row.accuracy) < 1e-9
+    # and they are not the uncalibrated blur's: the refit moved the answers
+    uncalibrated = tmp_path / "blur.onnx"
+    aa_deploy.convert(model, uncalibrated)
+    session = ort.InferenceSession(str(uncalibrated), providers=["CPUExecutionProvider"])
+    blur = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i : i + 1]})[0] for i in range(len(x))])
+    assert np.abs(blur - top1).max() > 1e-3

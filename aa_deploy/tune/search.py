@@ -303,7 +303,7 @@ def _attempt(candidate: Candidate, row: Row, later: list, c: _Context) -> ir.Mod
     model = converted if candidate.training is None else _calibrate(converted, candidate, share, row, c)
     if model is None:
         return None
-    if model is not converted:  # the calibrated weights replace the converted ones in the file measured
+    if candidate.training is not None:  # the calibrated weights (written into `converted` itself) are measured
         path = _write(model, c.folder, row.name)
     measured = c.selection.measure(SessionModule(OnnxRuntimeRunner(path)))
     _row(row, c.base, measured, time.perf_counter() - began)

@@ -8,7 +8,8 @@ before anything long runs:
 0. the held-out slice is cut to the images whose figures (the teacher's answers on them, the opening
    figures of both models, the closing ones) fit OPENING_SHARE of the limit (`held_out_size`, at least
    HELD_FLOOR images), and the opening figures are reserved;
-1. the final held-out figures are reserved too: the command ends with them;
+1. the final held-out figures are reserved too, and OUTPUT_SHARE of the limit for writing the result: the
+   command ends with them;
 2. the closed-form start reads at most START_SHARE of what is left (at least START_FLOOR images, unless
    not even those fit what is left: then what fits, at least START_LEAST);
 3. the learning-rate range test gets at most RANGE_SHARE: fewer probe images and steps;
@@ -37,6 +38,7 @@ from aa_deploy.converters.bridge import OnnxModule
 
 START_SHARE = 0.2
 OPENING_SHARE = 0.25  # the held-out slice's figures, before and after, within this share of the limit
+OUTPUT_SHARE = 0.02  # kept for writing and checking the result after the closing figures
 HELD_FLOOR = 10  # held-out images a time limit may cut the slice to
 RANGE_SHARE = 0.1
 MIN_EPOCHS = 2
@@ -151,7 +153,7 @@ def plan_time(limit: float | None, spent: float, rates: Rates | None, defaults: 
     """The steps sized to end within `limit` seconds, `spent` of them gone (see the module's docstring)."""
     if limit is None or rates is None:
         return TimePlan(defaults)
-    left = limit - spent - rates.opening - rates.closing
+    left = limit * (1 - OUTPUT_SHARE) - spent - rates.opening - rates.closing
     share = START_SHARE if work.distill else 1.0  # the closed-form methods are the start alone
     per_start = max(start_seconds(1, rates), 1e-9)
     start = int(np.clip(share * left // per_start, min(START_FLOOR, defaults.start_images), defaults.start_images))
@@ -170,7 +172,7 @@ def replan_after_start(plan: TimePlan, spent: float, rates: Rates | None, defaul
     from the time really left."""
     if plan.limit is None or rates is None or not work.distill:
         return plan
-    left = plan.limit - spent - rates.closing
+    left = plan.limit * (1 - OUTPUT_SHARE) - spent - rates.closing
     sizes = _distill_sizes(replace(defaults, start_images=plan.sizes.start_images), left, rates, work)
     return _estimate(sizes, plan.limit, spent, rates, work, start_done=True)
 
@@ -196,7 +198,7 @@ def _estimate(sizes: Sizes, limit: float, spent: float, rates: Rates, work: Work
     if sizes.distill:
         seconds["targets"] = sizes.train_images * (rates.decode + work.target_passes * rates.teacher)
         seconds["range test"] = range_seconds(sizes.probe_images, sizes.range_steps, rates, work)
-        left = limit - spent - rates.closing - sum(seconds.values())
+        left = limit * (1 - OUTPUT_SHARE) - spent - rates.closing - sum(seconds.values())
         epoch = sizes.train_images * _step(rates, work) + rates.figures
         epochs = int(np.clip((left - rates.figures) // epoch, 0, work.max_epochs)) if epoch > 0 else 0
         seconds["distillation"] = rates.figures + epochs * epoch

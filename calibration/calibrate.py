@@ -487,6 +487,7 @@ def calibrate_model(
     names: tuple[str, str] = ("the converted model", "the original"),
     sources: tuple[Path | None, Path | None] = (None, None),
     progress: Progress | None = None,
+    started: float | None = None,
 ) -> Calibrated:
     """Calibrate `student_ir` against `teacher_ir` in memory (the file shell is `calibrate`): pair the graphs,
     settle the views, split the images, check both graphs against ONNX Runtime, score the pair, size the
@@ -494,9 +495,10 @@ def calibrate_model(
     `names`: what errors call the two graphs; `sources`: the files they were loaded from, unchanged (ONNX
     Runtime checks those; None: the graphs themselves, written to a temporary folder for the check).
     `progress` receives `Advance` (decoding, the start's layers, teacher targets), `Planned` (with a time
-    limit), `EpochsPlanned` and each `Epoch`."""
+    limit), `EpochsPlanned` and each `Epoch`. `started`: the `time.perf_counter()` the time limit counts from
+    (a command's start; None: now)."""
     report = progress or silent
-    began = time.perf_counter()
+    began = time.perf_counter() if started is None else started
     torch.manual_seed(training.seed)
     pair = pair_models(student_ir, teacher_ir, names, data.layout, compute.torch_device())
     views = plan_views(pair.fmt, data, training.recipe, names[0])
@@ -635,16 +637,18 @@ def calibrate(
     *,
     progress: Progress | None = None,
     check: bool = True,
+    started: float | None = None,
 ) -> CalibrationResult:
     """Calibrate the converted `model` against `teacher` on `data`'s unlabeled images; writes `output`.
-    `progress`: as `calibrate_model` reports it. `check`: run onnx's checker on the result before saving."""
+    `progress`, `started`: as `calibrate_model` takes them. `check`: run onnx's checker on the result before
+    saving."""
     compute.torch_device()  # a missing GPU is said before anything loads
     model_path, out_path = Path(model), Path(output)
     refuse_overwrite(out_path, model_path, teacher, data.images)
     student_ir, teacher_ir = (weights_as_initializers(model_io.load(path)) for path in (model_path, teacher))
     calibrated = calibrate_model(
         student_ir, teacher_ir, data, training, compute, names=(str(model_path), str(teacher)),
-        sources=(model_path, Path(teacher)), progress=progress,
+        sources=(model_path, Path(teacher)), progress=progress, started=started,
     )  # fmt: skip
     written = calibrated.model
     model_io.save(written, out_path, external=model_io.uses_external_data(written), check=check)

@@ -10,6 +10,7 @@ from aa_deploy.calibration.budget import (
     HELD_FLOOR,
     MIN_EPOCHS,
     OPENING_SHARE,
+    OUTPUT_SHARE,
     START_FLOOR,
     START_LEAST,
     Rates,
@@ -73,9 +74,13 @@ def test_a_limit_too_short_for_two_epochs_drops_distillation_before_it_starts():
     assert set(plan.seconds) == {"start", "final figures"}
     gone = plan_time(1.0, 120.0, LITE0, DEFAULTS, CANVAS)  # spent before the plan: the smallest start
     assert not gone.sizes.distill and gone.sizes.start_images == START_LEAST
-    # 13 s left after the closing figures: 16 images of the start fit, not the floor's 32; the limit first
-    tight = plan_time(120.0 + LITE0.figures + 13.0, 120.0, LITE0, DEFAULTS, CANVAS)
-    assert tight.sizes.start_images == 16 and start_seconds(16, LITE0) <= 13.0
+    # about 10 s left after the closing figures and the output's share: 12 images of the start fit, not the
+    # floor's 32; the limit first
+    limit = 120.0 + LITE0.figures + 13.0
+    left = limit * (1 - OUTPUT_SHARE) - 120.0 - LITE0.figures
+    tight = plan_time(limit, 120.0, LITE0, DEFAULTS, CANVAS)
+    assert START_LEAST < tight.sizes.start_images == int(left // start_seconds(1, LITE0)) < START_FLOOR
+    assert start_seconds(tight.sizes.start_images, LITE0) <= left
 
 
 def test_the_closed_form_methods_give_the_start_all_the_time():

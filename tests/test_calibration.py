@@ -330,7 +330,8 @@ def test_a_time_limit_spent_before_the_plan_keeps_the_start(r20, tmp_path):
         progress=records.append,
     )  # fmt: skip
     plans = [r.plan for r in records if isinstance(r, Planned)]
-    assert len(plans) == 1 and not plans[0].sizes.distill and plans[0].sizes.start_images == START_LEAST
+    # (a second plan, made after the opening figures, when they ran slower than their estimate: the same sizes)
+    assert plans and all(not p.sizes.distill and p.sizes.start_images == START_LEAST for p in plans)
     assert result.history == [] and result.epochs is None and result.trained_on == 0
     # the start's layers advance; nothing of distillation (epochs, teacher targets, decoding training images)
     assert {r.task for r in records if isinstance(r, Advance)} == {"refitting convs (closed-form start)"}

@@ -197,7 +197,9 @@ def calibrate_and_report(
     from rich.table import Table
 
     with common.progress_bars(console, partial(_event, console)) as progress:
-        result = calibrate(model, teacher, data, output, training, compute, progress=progress)
+        result = calibrate(
+            model, teacher, data, output, training, compute, progress=progress, started=common.command_started()
+        )
     chose = (
         " (held out from training; they also chose the learning rate and whether to keep the schedule's end, "
         "so these figures lean optimistic: measure on other images with aa-deploy consistency)"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.console import Console
 
@@ -129,6 +132,17 @@ def preprocess(args: argparse.Namespace, default_size=None, model=None):
 def input_format(args: argparse.Namespace, model) -> InputFormat:
     """The model's image input as the graph (and --layout, where given) says."""
     return read_input_format(model, getattr(args, "layout", None))
+
+
+def command_started() -> float:
+    """The `time.perf_counter()` at which this process started (Linux: from /proc; elsewhere: now), so that a
+    time limit counts the seconds spent loading the libraries too."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.perf_counter()
+    return time.perf_counter() - max(0.0, age)
 
 
 def options(args: argparse.Namespace) -> Options:

@@ -84,10 +84,8 @@ class Cost:
 def plan_cost(model: ir.Model, options: Options = Options()) -> Cost:
     """What converting `model` with `options` costs at inference, counted on a converted copy."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    if options.phases != "all":  # the phases stack on the batch axis: count it at 1, not as unknown
-        for value in copy.graph.inputs:
-            if value.shape is not None and len(value.shape) > 0 and not isinstance(value.shape[0], int):
-                value.shape = ir.Shape([1, *value.shape[1:]])
+    if options.phases != "all":  # the phases stack on the batch axis: a dynamic batch would leave them uncounted
+        cost.batch_of_one(copy)
     fold.fold_constants(copy)  # a copy: shapes the exporter computes at run time count too
     annotate_shapes(copy)
     before, unknown_before = cost.multiply_adds(copy)

@@ -66,6 +66,16 @@ def multiply_adds(model: ir.Model) -> tuple[int, int]:
     return total, unknown
 
 
+def batch_of_one(model: ir.Model) -> ir.Model:
+    """`model` (in place) with the dynamic batch of each graph input set to 1, before its shapes are inferred
+    for counting: a dynamic batch counts as 1, and a batch that stacks sampling phases (`phases`) then counts
+    as their number instead of as unknown. For counting only: never on a graph that is saved."""
+    for value in model.graph.inputs:
+        if value.shape is not None and len(value.shape) > 0 and not isinstance(value.shape[0], int):
+            value.shape = ir.Shape([1, *value.shape[1:]])
+    return model
+
+
 def with_shapes(model: ir.Model) -> ir.Model:
     """`model` with static shapes inferred where they can be (in place), for counting."""
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)

@@ -5,10 +5,9 @@ denser (`dense`): 4 phases for one stride-2 level, 16 for two. `--phases diagona
 ones of each level, (0, 0) and (1, 1): 2 of 4, 4 of 16, for about half the added compute per level. A
 set of kept phases is not a denser map, so they are stacked on the batch axis instead:
 
-    X -> Conv(stride 2, pads p) -> rest -> GlobalAveragePool -> head
-    X -> Conv(stride 2, pads p)       \\
-      -> Conv(stride 2, pads p - 1 + 1) -> Concat(batch) -> rest -> GlobalAveragePool -> Reshape(2, N, ...)
-                                                                     -> ReduceMean(first axis) -> head
+    X -> Conv(stride 2, pads (b, e)) -> rest -> GlobalAveragePool -> head
+    X -> Conv(stride 2, pads (b, e))         -> Concat(axis 0) -> rest -> GlobalAveragePool
+      -> Conv(stride 2, pads (b - 1, e + 1)) /       -> Reshape(2, N, ...) -> ReduceMean(axis 0) -> head
 
 Each site of a level is written once per kept phase; the copy for phase p reads its map as dense
 sampling's phase p does (its padding moved p pixels toward the start, the first rows sliced off where

@@ -118,7 +118,7 @@ def main() -> None:
         images = compare.Images(args.images, pre, args.limit, args.labels)
         protocols[protocol], _ = sides.measure_models(sides.Models(tuple(models)), measurement, images)
     size = tuple(model_io.input_spec(args.original)[1][1:])
-    macs = {m: cost.multiply_adds(cost.with_shapes(_folded(model_io.load(m))))[0] for m in models}
+    macs = {m: cost.multiply_adds(cost.with_shapes(_folded(cost.batch_of_one(model_io.load(m)))))[0] for m in models}
     rows = []
     for name, m in zip(names, models):
         row = {"name": name, "model": m, "multiply_adds": macs[m], "macs_ratio": macs[m] / macs[args.original]}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import aa_deploy
-from aa_deploy import bundled, model_io
+from aa_deploy import bundled, cost, model_io
 from aa_deploy.converters.export import export
 from aa_deploy.errors import InputError
 from aa_deploy.input_format import InputFormat
@@ -168,6 +168,11 @@ def test_diagonal_phases_cost_half_and_are_recorded(resnet20):
     out = folder / "r20.d2.diag.onnx"
     proc = cli("convert", files["dynamo"], "--dense-last", "2", "--filter", "none", "--phases", "diagonal", "-o", out)
     assert proc.returncode == 0 and "diagonal sampling phases of 4 sites" in proc.stdout, proc.stdout
+    # counted on the written file as consistency and the frontier count it: the stacked batch included
+    counted = [
+        cost.multiply_adds(cost.with_shapes(cost.batch_of_one(model_io.load(p))))[0] for p in (files["dynamo"], out)
+    ]
+    assert abs(counted[1] / counted[0] - costs["diagonal"]) < 0.01, (counted, costs)
     record = model_io.read_metadata(model_io.load(out))
     assert record["options"]["phases"] == "diagonal" and record["phases"] == {"kept": "diagonal", "combinations": 4}
     proc = cli("verify", out, "--reference", "aa:cifar10_resnet20")

@@ -152,7 +152,7 @@ def _costs(runners: dict, data, args, reference) -> dict:
         if reference is not None and name == reference[0]:
             macs = torch_multiply_adds(reference[1], views[:1], runner)
         elif args.backend == "onnxruntime":
-            macs = cost.multiply_adds(cost.with_shapes(model_io.load(name)))[0]
+            macs = cost.multiply_adds(cost.with_shapes(cost.batch_of_one(model_io.load(name))))[0]
         else:
             macs = None  # an engine: no graph to count
         out[name] = {"multiply_adds": macs}

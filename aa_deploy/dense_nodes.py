@@ -190,9 +190,7 @@ def stack(g: ir.Graph, value: ir.Value, phases: Sequence[ir.Value]) -> None:
     """`value` (phase 0) and the other `phases` of it, one after the other along the batch axis, in place
     of `value` everywhere it is read."""
     stacked = _after(g, value.producer(), "Concat", [value, *phases], "phases", axis=0)
-    for use in list(value.uses()):
-        if use.node is not stacked:
-            use.node.replace_input_with(use.idx, stacked.outputs[0])
+    _read_instead(value, stacked.outputs[0], but=stacked)
 
 
 def reduce_stacked(g: ir.Graph, node: ir.Node, reduce_op: str, count: int, dims: Sequence[int]) -> None:
@@ -207,6 +205,11 @@ def reduce_stacked(g: ir.Graph, node: ir.Node, reduce_op: str, count: int, dims:
         reduced = _after(g, shaped, reduce_op, [shaped.outputs[0], axes], "phase_mean", keepdims=0)
     else:
         reduced = _after(g, shaped, reduce_op, [shaped.outputs[0]], "phase_mean", axes=[0], keepdims=0)
+    _read_instead(old, reduced.outputs[0], but=shaped)
+
+
+def _read_instead(old: ir.Value, new: ir.Value, but: ir.Node) -> None:
+    """Every reader of `old` but `but` (the node that reads it to make `new`) reads `new` instead."""
     for use in list(old.uses()):
-        if use.node is not shaped:
-            use.node.replace_input_with(use.idx, reduced.outputs[0])
+        if use.node is not but:
+            use.node.replace_input_with(use.idx, new)

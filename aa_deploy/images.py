@@ -16,11 +16,13 @@ from aa_deploy.input_format import InputFormat, Size, hw, size_text, square_or_p
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The centre crop's share of the resized short side when no resize is given: ImageNet's usual 224 of 256.
+CROP_SHARE = 224 / 256
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the short side to `resize` (default: the crop's longer side), centre-crop `size` (one side, or
+    """Resize the short side to `resize` (default: `default_resize`), centre-crop `size` (one side, or
     (height, width)), scale to [0, 1], normalize."""
 
     size: Size = 224
@@ -134,8 +136,8 @@ def load_rgb(path: Path, pre: Preprocess) -> np.ndarray:
         with Image.open(path) as im:
             im = _rgb8(im, path)
             height, width = pre.hw
-            resize = pre.resize or max(height, width)
             w, h = im.size
+            resize = pre.resize or default_resize(max(height, width), min(w, h))
             scale = resize / min(w, h)
             im = im.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BILINEAR)
             w, h = im.size
@@ -145,6 +147,14 @@ def load_rgb(path: Path, pre: Preprocess) -> np.ndarray:
         raise InputError(f"{path}: unreadable image ({e})") from None
     except Image.DecompressionBombError as e:
         raise InputError(f"{path}: refused as a decompression bomb by Pillow ({e})") from None
+
+
+def default_resize(crop: int, short_side: int) -> int:
+    """The short side an image is resized to before a centre crop whose longer side is `crop` px, when the
+    preprocessing gives no resize: the usual ratio (the crop CROP_SHARE of it, 256 px for 224) where the
+    image has the pixels, the image as it is where it is between the two (never upscaled past the crop),
+    the crop's side where it is smaller (a 32-px image for a 32-px model is taken whole)."""
+    return max(crop, min(round(crop / CROP_SHARE), short_side))
 
 
 def _rgb8(im, path: Path):

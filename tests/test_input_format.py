@@ -133,6 +133,32 @@ def test_a_rectangular_crop_is_torchvisions_resize_and_centre_crop(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
+def test_without_a_resize_the_short_side_keeps_the_usual_ratio_where_the_image_has_the_pixels(tmp_path):
+    from aa_deploy.images import default_resize, load_rgb
+
+    rng = np.random.default_rng(1)
+    # (image w x h, crop, the resize it must equal): a photo larger than 256/224 of the crop is resized with
+    # that ratio; one between the crop and that is cropped as it is; a smaller one is resized up to the crop.
+    for (w, h), size, resize in (
+        ((400, 300), 224, 256),
+        ((300, 227), 224, 227),
+        ((60, 50), 32, 37),
+        ((32, 32), 32, 32),
+        ((20, 28), 32, 32),
+        ((300, 200), (128, 160), 183),
+    ):
+        path = tmp_path / f"{w}x{h}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        assert default_resize(max(size) if isinstance(size, tuple) else size, min(w, h)) == resize
+        np.testing.assert_array_equal(
+            load_rgb(path, Preprocess(size=size)), load_rgb(path, Preprocess(size=size, resize=resize))
+        )
+    # a different resize gives a different crop: the comparison above can fail
+    assert not np.array_equal(
+        load_rgb(path, Preprocess(size=(128, 160))), load_rgb(path, Preprocess(size=(128, 160), resize=160))
+    )
+
+
 def test_grayscale_is_the_luma_pil_computes_and_layouts_are_transposes():
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     gray = normalize(images, Preprocess(size=8, mean=(0.0,), std=(1.0,)), InputFormat("NCHW", 1))

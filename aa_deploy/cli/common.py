@@ -91,7 +91,11 @@ def add_preprocess(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mean", help="normalization mean, e.g. 0.485,0.456,0.406 (default: ImageNet's)")
     p.add_argument("--std", help="normalization std, e.g. 0.229,0.224,0.225 (default: ImageNet's)")
-    p.add_argument("--preprocess", help="JSON file with size, resize, mean, std")
+    p.add_argument(
+        "--preprocess",
+        help="JSON file with size, resize, mean, std (without resize: each image's short side to the crop / 0.875 "
+        "where it has the pixels)",
+    )
     p.add_argument(
         "--layout",
         choices=LAYOUTS,

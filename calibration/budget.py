@@ -16,6 +16,10 @@ before anything long runs:
 4. distillation gets the rest and trains at least MIN_EPOCHS epochs: the training images (and with
    canvas views the teacher targets, computed once per image) are cut to what fits.
 
+On the CPU the threads are fitted before the rates are measured and again after the opening figures,
+after the start and before the closing figures (`aa_deploy.threads`: beside another job fewer threads are
+faster); each fit times the student on a few images, and the rates follow the machine's speed.
+
 When not even one batch of training images fits MIN_EPOCHS epochs, the plan drops distillation and the
 closed-form start is the result; the plan says so before anything runs. After the start the plan is
 made again from the time really left, so a start slower than its estimate takes its overrun from the
@@ -48,10 +52,12 @@ PROBE_FLOOR = 32
 RANGE_STEPS_FLOOR = 3
 # The closed-form start decodes its images and runs the teacher and the student node by node over them
 # (from the image again where their activations do not fit in memory) besides solving each conv's least
-# squares: its seconds per image, in forwards of both models. EfficientNet-Lite0 at 224 px on two CPU cores
-# took about 20 (2.1 min for 256 full-size photos); the CIFAR ResNets fewer than 3. A start faster than
-# this estimate leaves its time to distillation (`replan_after_start`).
-START_PASSES = 20.0
+# squares: in forwards of both models, START_FIXED whatever the images (the solves) and START_PASSES per
+# image. EfficientNet-Lite0 at 224 px on two CPU cores took 216 of them on 8 images, 730 on 32 and 2,299 on
+# 128 (8, 24 and 76 s); the CIFAR ResNets fewer. A start faster than this estimate leaves its time to
+# distillation (`replan_after_start`).
+START_FIXED = 300.0
+START_PASSES = 18.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,11 @@ class Rates:
         """Every rate `factor` times slower (the figures and the opening as they are)."""
         return replace(self, teacher=self.teacher * factor, student=self.student * factor, step=self.step * factor,
                        decode=self.decode * factor)  # fmt: skip
+
+    def all_scaled(self, factor: float) -> Rates:
+        """Every rate, the figures' seconds included, `factor` times slower (the machine itself slower)."""
+        final = None if self.final is None else self.final * factor
+        return replace(self.scaled(factor), figures=self.figures * factor, final=final, opening=self.opening * factor)
 
 
 def held_out_size(limit: float | None, spent: float, held: int, per_image: float) -> int:
@@ -130,7 +141,13 @@ class Work:
 
 
 def start_seconds(images: int, rates: Rates) -> float:
-    return images * START_PASSES * (rates.teacher + rates.student)
+    return (START_FIXED + images * START_PASSES) * (rates.teacher + rates.student)
+
+
+def start_images(seconds: float, rates: Rates) -> int:
+    """The images whose closed-form start fits `seconds` (0 when not even its fixed part does)."""
+    passes = seconds / max(rates.teacher + rates.student, 1e-12) - START_FIXED
+    return max(0, int(passes // START_PASSES))
 
 
 def range_seconds(probe: int, steps: int, rates: Rates, work: Work) -> float:
@@ -155,10 +172,11 @@ def plan_time(limit: float | None, spent: float, rates: Rates | None, defaults: 
         return TimePlan(defaults)
     left = limit * (1 - OUTPUT_SHARE) - spent - rates.opening - rates.closing
     share = START_SHARE if work.distill else 1.0  # the closed-form methods are the start alone
-    per_start = max(start_seconds(1, rates), 1e-9)
-    start = int(np.clip(share * left // per_start, min(START_FLOOR, defaults.start_images), defaults.start_images))
+    start = int(
+        np.clip(start_images(share * left, rates), min(START_FLOOR, defaults.start_images), defaults.start_images)
+    )
     if start_seconds(start, rates) > left:  # not even the floor fits: what does, the limit before the floor
-        start = int(np.clip(left // per_start, min(START_LEAST, start), start))
+        start = int(np.clip(start_images(left, rates), min(START_LEAST, start), start))
     sizes = replace(defaults, start_images=start)
     if work.distill:
         sizes = _distill_sizes(sizes, left - start_seconds(start, rates), rates, work)

@@ -46,6 +46,7 @@ from aa_deploy.calibration.held_out import PASSES, TEACHER_VIEWS, Figures, HeldO
 from aa_deploy.calibration.matching import Counterparts, counterparts
 from aa_deploy.calibration.reconstruct import calibrate_reconstruct
 from aa_deploy.calibration.stats import calibrate_stats
+from aa_deploy.calibration.teacher_targets import autocast
 from aa_deploy.calibration.views import centre
 from aa_deploy.consistency.paired import PairedDelta, paired_difference
 from aa_deploy.converters import precision
@@ -55,6 +56,7 @@ from aa_deploy.errors import InputError, SettingError
 from aa_deploy.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for, spread
 from aa_deploy.input_format import LAYOUTS, InputFormat, from_dims, size_text
 from aa_deploy.progress import Progress, counter, silent
+from aa_deploy.threads import ThreadFit, fit_threads
 
 METHODS = ("stats", "reconstruct", "distill")
 # Where distill starts from: `pointwise` refits the 1x1 convs and the classifier by least squares and
@@ -86,6 +88,14 @@ class Planned:
     plan: TimePlan
     after_start: bool = False
     remeasured: float | None = None
+
+
+@dataclass(frozen=True)
+class ThreadsFitted:
+    """A progress event: the CPU threads changed, timed at each count on a few held-out images (another job on
+    the machine makes fewer threads faster; `aa_deploy.threads`)."""
+
+    fit: ThreadFit
 
 
 @dataclass
@@ -506,6 +516,7 @@ def calibrate_model(
     batch = views.centre(sample.held_images)
     check_pair(pair, sources, batch)
     # The plan before anything long: the slice sized by the rates of a few images, then the opening figures.
+    speed = _Speed(pair.student, torch.from_numpy(batch[:THREAD_IMAGES]), training, report)
     rates = _rates(pair, views, sample, training, torch.from_numpy(batch))
     sample = hold_out(pair, views, training, sample, _held_count(rates, views, sample, training, began))
     held = len(sample.held_images)
@@ -518,9 +529,11 @@ def calibrate_model(
     scoring = time.perf_counter()
     before = sample.checker.score(pair.student, final=True).figures
     if rates is not None:  # the opening against its estimate: every rate scaled by how much slower it ran
-        measured = time.perf_counter() - scoring
+        # at the threads fitted now (fewer are faster when another job took a core meanwhile)
+        faster = speed.refit().speed_up
+        measured = (time.perf_counter() - scoring) / faster
         # never faster: what a run saves, distillation's own clock gives back as epochs
-        factor = max(1.0, (time.perf_counter() - opening) / max(rates.opening, 1e-9))
+        factor = max(1.0, (time.perf_counter() - opening) / max(rates.opening, 1e-9) / faster)
         rates = replace(
             rates.scaled(factor), opening=0.0, final=measured,
             figures=measured * sample.checker.views(final=False) / sample.checker.views(final=True),
@@ -530,6 +543,8 @@ def calibrate_model(
             report(Planned(remade, remeasured=factor))
         plan = remade
     start = _start(pair, views, training, sample.train_files[: plan.sizes.start_images], sample.eval_batch, report)
+    if rates is not None:  # the machine's speed again, the threads fitted again: a shared machine changes
+        rates = rates.all_scaled(speed.slower())
     plan = replan_after_start(plan, time.perf_counter() - began, rates, defaults, work)
     distilled = None
     if training.method == "distill" and plan.sizes.distill:
@@ -537,6 +552,7 @@ def calibrate_model(
             report(Planned(plan, after_start=True))
         left = None if rates is None else training.time_limit - rates.closing - (time.perf_counter() - began)
         distilled = _distill(pair, views, training, compute, sample, plan, left, report)
+    speed.refit()
     after = sample.checker.score(pair.student, final=True)
     write_back(pair.written, {name: p.detach().cpu().numpy() for name, p in pair.student.trainable().items()})
     learned = {} if distilled is None else {
@@ -552,6 +568,43 @@ def calibrate_model(
     )  # fmt: skip
     model_io.write_metadata(pair.written, {"calibration": _record(result, data, training, views, sample.checker, pair)})
     return Calibrated(pair.written, result)
+
+
+THREAD_IMAGES = 4  # held-out images the student's forward is timed on to fit the threads
+
+
+class _Speed:
+    """The student's forward on a few images, timed to fit the CPU threads (`aa_deploy.threads`) under a time
+    limit on the CPU, at the plan and at each step after; without a limit the threads stay as they are,
+    so that the run is reproducible bit for bit."""
+
+    def __init__(self, student: OnnxModule, x: torch.Tensor, training: Training, report: Progress):
+        self.student, self.x, self.report = student, x, report
+        self.on = training.time_limit is not None and student.device.type == "cpu"
+        self.fits: list[ThreadFit] = []
+        self.refit()
+
+    def _run(self) -> None:
+        with torch.no_grad(), autocast(self.student.device):
+            self.student(self.x.to(self.student.device))
+
+    def refit(self) -> ThreadFit:
+        """The threads fitted now (reported when they change); a neutral fit when they are not fitted."""
+        if not self.on:
+            return ThreadFit(torch.get_num_threads(), torch.get_num_threads(), {})
+        self.fits.append(fit_threads(self._run))
+        if self.fits[-1].threads != self.fits[-1].previous:
+            self.report(ThreadsFitted(self.fits[-1]))
+        return self.fits[-1]
+
+    def slower(self) -> float:
+        """Refit, and how many times slower the forward now runs than at the fit before: never below 1 at the
+        same threads (a faster moment is not promised to the plan), below 1 where other threads are faster."""
+        if not self.on:
+            return 1.0
+        before, now = self.fits[-1], self.refit()
+        ratio = now.seconds[now.threads] / before.seconds[before.threads]
+        return ratio if now.threads != before.threads else max(1.0, ratio)
 
 
 def _rates(pair: Pair, views: Views, sample: Sample, training: Training, batch: torch.Tensor) -> Rates | None:

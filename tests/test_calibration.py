@@ -351,6 +351,7 @@ def test_calibrate_runs_the_steps_at_the_sizes_its_time_plan_gives(r20, tmp_path
     # estimate and the plan stands.
     rates = Rates(teacher=1e-2, student=1e-2, step=0.2, figures=0.5)
     monkeypatch.setattr(module, "measure_rates", lambda *a, **k: rates)
+    monkeypatch.setattr(module, "fit_threads", _steady)  # and the machine's speed with them
     seen = {}
     real_closed_form, real_distill = module._closed_form, module.distill
 
@@ -408,6 +409,57 @@ def test_a_time_limit_sizes_the_held_out_slice_and_plans_before_the_opening_figu
     first = plans[0].plan
     assert first.held_out == HELD_FLOOR == result.held_out < 40  # 40 asked for: half of the 80 images
     assert "held-out figures" in first.seconds and first.seconds["held-out figures"] > 0
+
+
+def _steady(run):
+    """A thread fit on a machine whose speed never changes: the threads as they are."""
+    from aa_deploy.threads import ThreadFit
+
+    return ThreadFit(torch.get_num_threads(), torch.get_num_threads(), {torch.get_num_threads(): 1.0})
+
+
+def test_a_time_limit_fits_the_cpu_threads_as_it_goes_and_no_limit_leaves_them(r20, tmp_path, monkeypatch):
+    # On a machine where one thread runs the student three times faster than two (another job beside it):
+    # under a time limit the threads are fitted before the plan and again at each step, the change is
+    # reported, and the opening figures' seconds are counted at the faster threads. Without a limit nothing
+    # is timed and the threads stay as they are (a reproducible run).
+    import aa_deploy.calibration.calibrate as module
+    from aa_deploy.threads import ThreadFit
+
+    calls = []
+
+    def beside_a_job(run):
+        run()
+        calls.append(run)
+        return ThreadFit(1, 2, {2: 0.3, 1: 0.1})
+
+    monkeypatch.setattr(module, "fit_threads", beside_a_job)
+    records = []
+    calibrate(
+        r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", method="stats", time_limit=60,
+        progress=records.append,
+    )  # fmt: skip
+    fitted = [r for r in records if isinstance(r, module.ThreadsFitted)]
+    assert len(calls) == len(fitted) >= 3 and fitted[0].fit.speed_up == pytest.approx(3.0)
+    assert records.index(fitted[0]) < records.index(next(r for r in records if isinstance(r, module.Planned)))
+    calls.clear()
+    calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "d.onnx", method="stats")
+    assert calls == []
+
+
+def test_the_threads_fitted_are_printed_in_one_line():
+    from rich.console import Console
+
+    from aa_deploy.calibration.calibrate import ThreadsFitted
+    from aa_deploy.cli.calibrate import _event
+    from aa_deploy.threads import ThreadFit
+
+    console = Console(record=True, width=300)
+    _event(console, ThreadsFitted(ThreadFit(1, 2, {2: 0.142, 1: 0.052})))
+    assert console.export_text().strip() == (
+        "1 CPU thread from here, not 2: 2.7x faster on this machine now (the student's forward on a few images, "
+        "2: 142 ms, 1: 52 ms)"
+    )
 
 
 def test_the_time_limit_flags_are_checked(r20, tmp_path):

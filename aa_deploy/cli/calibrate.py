@@ -16,6 +16,7 @@ from aa_deploy.calibration.calibrate import (
     Compute,
     Data,
     Planned,
+    ThreadsFitted,
     Training,
     calibrate,
 )
@@ -314,6 +315,13 @@ def _event(console: Console, event: object) -> None:
     if isinstance(event, Planned):
         if event.plan.limit is not None:
             console.print(time_plan(event.plan, event.after_start, event.remeasured))
+    elif isinstance(event, ThreadsFitted):
+        fit = event.fit
+        timed = ", ".join(f"{n}: {1000 * t:.0f} ms" for n, t in fit.seconds.items())
+        console.print(
+            f"  {fit.threads} CPU thread{'s' if fit.threads > 1 else ''} from here, not {fit.previous}: "
+            f"{fit.speed_up:.1f}x faster on this machine now (the student's forward on a few images, {timed})"
+        )
     elif isinstance(event, EpochsPlanned):
         console.print(
             f"  expected: {event.epochs} epochs of about {event.epoch_seconds:.0f} s, "

@@ -1,62 +1,95 @@
-"""How many threads torch's intra-op pool runs with on the CPU, chosen by timing the work itself.
+"""How many threads torch's intra-op pool runs with on the CPU: the cores other processes leave free.
 
-torch starts one thread per core. Beside another CPU-bound job the threads wait on each other at every
+torch starts one thread per core. Beside another CPU-bound job its threads wait on each other at every
 op's barrier, and fewer threads than cores are faster: EfficientNet-Lite0's forward on two cores took
 142 ms an image with 2 threads beside a two-thread torch job and 52 ms with 1, and 68 ms against 29 ms
-beside a one-thread Python loop; alone, 2 threads took 29 ms and 1 took 35. `fit_threads` times a run
-at each candidate count and keeps the fastest, the most threads unless another count is FEWER_GAIN
-faster. Sums are split differently across threads, so a run that must be reproducible bit for bit
-keeps the count it was given; `calibrate` fits only under a time limit.
+beside a one-thread Python loop; alone, 2 threads took 29 ms and 1 took 35. Timing each count is no
+guide there: the barrier's cost depends on how the scheduler interleaves the two jobs at that moment
+(the same two counts timed 1,456 against 196 ms, then 157 against 158 ms a minute later, while the
+training steps after ran as slowly as ever at 2). So `fit_threads` counts what the other processes
+use: the busy time of this process's cores in /proc/stat (Linux) over WINDOW seconds while this process
+sleeps, and keeps one thread per core they leave free (at least one, at most the threads torch started
+with). Where /proc/stat cannot be read the threads stay as they are. Sums are split differently across
+threads, so a run that must be reproducible bit for bit keeps the count it was given; `calibrate` fits
+only under a time limit.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 MOST = torch.get_num_threads()  # what torch chose at import: the cores, or OMP_NUM_THREADS
-FEWER_GAIN = 1.15  # a smaller count must be this many times faster than the most threads to be kept
-TIMED = 0.1  # seconds each count is timed for at least: a run of a few ms is repeated
+WINDOW = 0.3  # seconds the other processes' load is counted over
+TIMED = 0.1  # seconds a run is timed for at least: a run of a few ms is repeated
 
 
 @dataclass(frozen=True)
 class ThreadFit:
-    """The count kept, the one before, and one run's seconds at each count tried."""
+    """The count kept, the one before, the cores other processes kept busy (None: not known), and one run's
+    seconds at the count kept (and at the one before, where it changed)."""
 
     threads: int
     previous: int
+    busy: float | None
     seconds: dict[int, float]
 
     @property
     def speed_up(self) -> float:
-        """How many times faster the run is at the kept count than at the one before (1.0 when it was
-        not timed)."""
+        """How many times faster the run is at the count kept than at the one before (1.0 when it is the same)."""
         before = self.seconds.get(self.previous)
         return 1.0 if before is None else before / self.seconds[self.threads]
 
 
-def candidates(most: int) -> list[int]:
-    """The counts tried: all the threads, half of them, one."""
-    return sorted({most, max(1, most // 2), 1}, reverse=True)
+def busy_elsewhere(window: float = WINDOW) -> float | None:
+    """Cores of this process's CPU set that other processes kept busy over `window` seconds of this one
+    sleeping (None where /proc/stat cannot be read)."""
+
+    def busy() -> float:
+        cpus = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+        total = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if name in cpus:
+                ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(ticks) - ticks[3] - ticks[4]
+        return total / os.sysconf("SC_CLK_TCK")
+
+    try:
+        before, own = busy(), os.times()
+        time.sleep(window)
+        after, mine = busy(), os.times()
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    ours = (mine.user + mine.system) - (own.user + own.system)
+    return max(0.0, after - before - ours) / window
+
+
+def timed(run: Callable[[], object]) -> float:
+    """One run's seconds, after a warm-up run, averaged over as many runs as fill TIMED seconds."""
+    run()
+    runs, began = 0, time.perf_counter()
+    while not runs or time.perf_counter() - began < TIMED:
+        run()
+        runs += 1
+    return (time.perf_counter() - began) / runs
 
 
 def fit_threads(run: Callable[[], object], most: int = MOST) -> ThreadFit:
-    """Time `run` (after one warm-up run, then as many runs as fill TIMED seconds) at each candidate count up
-    to `most`, set torch to the fastest and return one run's seconds at each."""
+    """Set torch to one thread per core the other processes leave free (see the module's docstring) and time
+    `run` there, and at the count before where it changed."""
     previous = torch.get_num_threads()
-    seconds: dict[int, float] = {}
-    for count in candidates(most):
-        torch.set_num_threads(count)
-        run()
-        runs, began = 0, time.perf_counter()
-        while not runs or time.perf_counter() - began < TIMED:
-            run()
-            runs += 1
-        seconds[count] = (time.perf_counter() - began) / runs
-    fastest = min(seconds, key=seconds.__getitem__)
-    kept = most if seconds[most] <= FEWER_GAIN * seconds[fastest] else fastest
+    others = busy_elsewhere()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else most
+    kept = previous if others is None else max(1, min(most, int(cores - others + 0.5)))
+    seconds = {}
+    if kept != previous:
+        seconds[previous] = timed(run)
     torch.set_num_threads(kept)
-    return ThreadFit(kept, previous, seconds)
+    seconds[kept] = timed(run)
+    return ThreadFit(kept, previous, others, seconds)

@@ -16,9 +16,10 @@ before anything long runs:
 4. distillation gets the rest and trains at least MIN_EPOCHS epochs: the training images (and with
    canvas views the teacher targets, computed once per image) are cut to what fits.
 
-On the CPU the threads are fitted before the rates are measured and again after the opening figures,
-after the start and before the closing figures (`aa_deploy.threads`: beside another job fewer threads are
-faster); each fit times the student on a few images, and the rates follow the machine's speed.
+On the CPU the threads are fitted to the cores other processes leave free before the rates are measured
+and again after the opening figures, after the start and before the closing figures (`aa_deploy.threads`:
+beside another job fewer threads are faster); each fit times the student on a few images, and the rates
+follow the machine's speed.
 
 When not even one batch of training images fits MIN_EPOCHS epochs, the plan drops distillation and the
 closed-form start is the result; the plan says so before anything runs. After the start the plan is

@@ -92,8 +92,8 @@ class Planned:
 
 @dataclass(frozen=True)
 class ThreadsFitted:
-    """A progress event: the CPU threads changed, timed at each count on a few held-out images (another job on
-    the machine makes fewer threads faster; `aa_deploy.threads`)."""
+    """A progress event: the CPU threads changed to the cores other processes leave free (`aa_deploy.threads`),
+    the student timed on a few held-out images at the count before and after."""
 
     fit: ThreadFit
 
@@ -574,9 +574,10 @@ THREAD_IMAGES = 4  # held-out images the student's forward is timed on to fit th
 
 
 class _Speed:
-    """The student's forward on a few images, timed to fit the CPU threads (`aa_deploy.threads`) under a time
-    limit on the CPU, at the plan and at each step after; without a limit the threads stay as they are,
-    so that the run is reproducible bit for bit."""
+    """The CPU threads fitted to the cores other processes leave free (`aa_deploy.threads`) under a time limit
+    on the CPU, at the plan and at each step after, and the student's forward on a few images timed at
+    each fit: the machine's speed; without a limit the threads stay as they are, so that the run is
+    reproducible bit for bit."""
 
     def __init__(self, student: OnnxModule, x: torch.Tensor, training: Training, report: Progress):
         self.student, self.x, self.report = student, x, report
@@ -591,7 +592,7 @@ class _Speed:
     def refit(self) -> ThreadFit:
         """The threads fitted now (reported when they change); a neutral fit when they are not fitted."""
         if not self.on:
-            return ThreadFit(torch.get_num_threads(), torch.get_num_threads(), {})
+            return ThreadFit(torch.get_num_threads(), torch.get_num_threads(), None, {})
         self.fits.append(fit_threads(self._run))
         if self.fits[-1].threads != self.fits[-1].previous:
             self.report(ThreadsFitted(self.fits[-1]))

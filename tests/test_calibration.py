@@ -415,7 +415,7 @@ def _steady(run):
     """A thread fit on a machine whose speed never changes: the threads as they are."""
     from aa_deploy.threads import ThreadFit
 
-    return ThreadFit(torch.get_num_threads(), torch.get_num_threads(), {torch.get_num_threads(): 1.0})
+    return ThreadFit(torch.get_num_threads(), torch.get_num_threads(), 0.0, {torch.get_num_threads(): 1.0})
 
 
 def test_a_time_limit_fits_the_cpu_threads_as_it_goes_and_no_limit_leaves_them(r20, tmp_path, monkeypatch):
@@ -431,7 +431,7 @@ def test_a_time_limit_fits_the_cpu_threads_as_it_goes_and_no_limit_leaves_them(r
     def beside_a_job(run):
         run()
         calls.append(run)
-        return ThreadFit(1, 2, {2: 0.3, 1: 0.1})
+        return ThreadFit(1, 2, 1.9, {2: 0.3, 1: 0.1})
 
     monkeypatch.setattr(module, "fit_threads", beside_a_job)
     records = []
@@ -455,10 +455,10 @@ def test_the_threads_fitted_are_printed_in_one_line():
     from aa_deploy.threads import ThreadFit
 
     console = Console(record=True, width=300)
-    _event(console, ThreadsFitted(ThreadFit(1, 2, {2: 0.142, 1: 0.052})))
+    _event(console, ThreadsFitted(ThreadFit(1, 2, 1.93, {2: 0.142, 1: 0.052})))
     assert console.export_text().strip() == (
-        "1 CPU thread from here, not 2: 2.7x faster on this machine now (the student's forward on a few images, "
-        "2: 142 ms, 1: 52 ms)"
+        "1 CPU thread from here, not 2: other processes keep 1.9 cores busy (the student's forward on a few "
+        "images: 2 threads 142 ms, 1 thread 52 ms)"
     )
 
 

@@ -317,10 +317,10 @@ def _event(console: Console, event: object) -> None:
             console.print(time_plan(event.plan, event.after_start, event.remeasured))
     elif isinstance(event, ThreadsFitted):
         fit = event.fit
-        timed = ", ".join(f"{n}: {1000 * t:.0f} ms" for n, t in fit.seconds.items())
+        timed = ", ".join(f"{n} thread{'s' if n > 1 else ''} {1000 * t:.0f} ms" for n, t in fit.seconds.items())
         console.print(
-            f"  {fit.threads} CPU thread{'s' if fit.threads > 1 else ''} from here, not {fit.previous}: "
-            f"{fit.speed_up:.1f}x faster on this machine now (the student's forward on a few images, {timed})"
+            f"  {fit.threads} CPU thread{'s' if fit.threads > 1 else ''} from here, not {fit.previous}: other "
+            f"processes keep {fit.busy:.1f} cores busy (the student's forward on a few images: {timed})"
         )
     elif isinstance(event, EpochsPlanned):
         console.print(

@@ -79,6 +79,18 @@ def _window_site(g: ir.Graph, site: Site, phases: list[tuple[int, ...]]) -> None
     dense_nodes.stack(g, node.outputs[0], copies)
 
 
+def _strided(sl: ir.Node, site: Site) -> list[tuple[int, int]]:
+    """(position in its lists, axis) of each axis the Slice `sl` of `site`'s tree subsamples; a one-line
+    refusal where it does so in another step than the site's."""
+    rank = len(graph.dims(sl.inputs[0]))
+    steps = graph.const_array(sl.inputs[4]).reshape(-1)
+    axes = graph.const_array(sl.inputs[3]) if sl.inputs[3] is not None else np.arange(len(steps))
+    strided = [(i, a) for i, a in enumerate(int(a) % rank for a in axes.reshape(-1)) if steps[i] > 1]
+    if any(steps[i] != site.strides[site.axes.index(a)] for i, a in strided):
+        raise _refuse(sl, "subsamples one axis in more than one step")
+    return strided
+
+
 def _slice_site(g: ir.Graph, site: Site, phases: list[tuple[int, ...]]) -> None:
     """A strided-Slice site: its tree of Slices copied once per phase, each strided Slice starting at the
     phase instead of 0; every output of the tree read outside it is stacked."""
@@ -89,15 +101,9 @@ def _slice_site(g: ir.Graph, site: Site, phases: list[tuple[int, ...]]) -> None:
         by_axis = dict(zip((2, 3), phase))
         copied: dict[int, ir.Value] = {}
         for sl in nodes:
-            rank = len(graph.dims(sl.inputs[0]))
-            steps = graph.const_array(sl.inputs[4]).reshape(-1)
-            axes = graph.const_array(sl.inputs[3]) if sl.inputs[3] is not None else np.arange(len(steps))
             starts = graph.const_array(sl.inputs[1]).reshape(-1).astype(np.int64).copy()
-            for i, a in enumerate(int(a) % rank for a in axes.reshape(-1)):
-                if steps[i] > 1:
-                    if steps[i] != site.strides[site.axes.index(a)]:
-                        raise _refuse(sl, "subsamples one axis in more than one step")
-                    starts[i] = by_axis[a]
+            for i, a in _strided(sl, site):
+                starts[i] = by_axis[a]
             source = copied.get(id(sl.inputs[0].producer()), sl.inputs[0])
             copied[id(sl)] = dense_nodes.slice_at_phase(g, sl, source, starts, "phase_" + "_".join(map(str, phase)))
             stacked[id(sl)].append(copied[id(sl)])
@@ -164,6 +170,10 @@ def stack(g: ir.Graph, actions: list[Action], plan: DensePlan, which: str) -> in
         if out.is_graph_output() or dims is None or any(d is None for d in dims[1:]):
             raise _refuse(head, "pools into a graph output or a value of unknown shape")
         heads.append((head, reduce_op, [int(d) for d in dims[1:]]))
+    for site in sites:
+        if site.kind == "strided-slice":
+            for sl in strided_slice.tree_from(site.node)[0]:
+                _strided(sl, site)
     for at, phases in order:
         for site in at:
             (_slice_site if site.kind == "strided-slice" else _window_site)(g, site, phases)

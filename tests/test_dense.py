@@ -341,3 +341,38 @@ def test_calibrate_and_quantize_take_a_dense_model(resnet20, tmp_path):
     assert verify(calibrated, "aa:cifar10_resnet20", Inputs("bundled:cifar10", count=32)).passed
     proc = cli("quantize", calibrated, "--calib-images", crops, "-o", tmp_path / "int8.onnx")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_diagonal_refusal_comes_before_the_graph_changes():
+    """A strided conv at one level, then a Slice tree that subsamples H and W in two steps of 2 (4 in all): the
+    diagonal phases refuse the tree in one line, and the conv's level before it is left as it was."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from aa_deploy.convert import convert_model
+
+    rng = np.random.default_rng(0)
+    ints = [numpy_helper.from_array(np.array(v, dtype=np.int64), n) for n, v in
+            (("starts", [0, 0]), ("ends", [1 << 30, 1 << 30]), ("axes", [2, 3]), ("steps", [2, 2]))]  # fmt: skip
+    weights = [
+        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+        for name, shape in (("w0", (4, 4, 3, 3)), ("w1", (4, 4, 1, 1)))
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="down", strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r"], name="relu"),
+        helper.make_node("Slice", ["r", "starts", "ends", "axes", "steps"], ["a"], name="first"),
+        helper.make_node("Slice", ["a", "starts", "ends", "axes", "steps"], ["b"], name="second"),
+        helper.make_node("Conv", ["b", "w1"], ["c"], name="conv"),
+        helper.make_node("GlobalAveragePool", ["c"], ["d"], name="pool"),
+        helper.make_node("Flatten", ["d"], ["y"], name="flat"),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_levels", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], ints + weights,
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    before = [(n.name, n.op_type) for n in model.graph]
+    with pytest.raises(InputError, match="Slice node 'first' subsamples one axis in more than one step"):
+        convert_model(model, aa_deploy.Options(filter="none", dense_last=2, phases="diagonal"))
+    assert [(n.name, n.op_type) for n in model.graph] == before

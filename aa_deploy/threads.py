@@ -11,11 +11,12 @@ use: the busy time of this process's cores in /proc/stat (Linux) over WINDOW sec
 sleeps, and keeps one thread per core they leave free (at least one, at most the threads torch started
 with). Where /proc/stat cannot be read the threads stay as they are. Sums are split differently across
 threads, so a run that must be reproducible bit for bit keeps the count it was given; `calibrate` fits
-only under a time limit.
+only under a time limit, and leaves the count as it found it (`restores_threads`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -93,3 +94,17 @@ def fit_threads(run: Callable[[], object], most: int = MOST) -> ThreadFit:
     torch.set_num_threads(kept)
     seconds[kept] = timed(run)
     return ThreadFit(kept, previous, others, seconds)
+
+
+def restores_threads(function: Callable) -> Callable:
+    """`function`, leaving torch's thread count as it found it however it ends (a fit is the run's own)."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        count = torch.get_num_threads()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(count)
+
+    return run

@@ -56,7 +56,7 @@ from aa_deploy.errors import InputError, SettingError
 from aa_deploy.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for, spread
 from aa_deploy.input_format import LAYOUTS, InputFormat, from_dims, size_text
 from aa_deploy.progress import Progress, counter, silent
-from aa_deploy.threads import ThreadFit, fit_threads
+from aa_deploy.threads import ThreadFit, fit_threads, restores_threads
 
 METHODS = ("stats", "reconstruct", "distill")
 # Where distill starts from: `pointwise` refits the 1x1 convs and the classifier by least squares and
@@ -487,6 +487,7 @@ class Calibrated:
     result: CalibrationResult
 
 
+@restores_threads
 def calibrate_model(
     student_ir: ir.Model,
     teacher_ir: ir.Model,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import aa_deploy.threads as threads_module
-from aa_deploy.threads import busy_elsewhere, fit_threads
+from aa_deploy.threads import busy_elsewhere, fit_threads, restores_threads
 
 
 @pytest.fixture
@@ -55,3 +55,18 @@ def test_a_busy_process_beside_this_one_is_counted():
     finally:
         job.kill()
         job.wait()
+
+
+def test_a_fitting_function_leaves_the_threads_as_it_found_them(threads):
+    @restores_threads
+    def fitting(fail: bool):
+        torch.set_num_threads(1)
+        if fail:
+            raise ValueError("ended early")
+        return "done"
+
+    torch.set_num_threads(2)
+    assert fitting(False) == "done" and torch.get_num_threads() == 2
+    with pytest.raises(ValueError):
+        fitting(True)
+    assert torch.get_num_threads() == 2

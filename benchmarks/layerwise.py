@@ -34,13 +34,13 @@ from aa_deploy.calibration.stats import calibrate_stats  # noqa: E402
 from aa_deploy.convert import convert  # noqa: E402
 from aa_deploy.converters.bridge import OnnxModule  # noqa: E402
 from aa_deploy.converters.export import export, load_model  # noqa: E402
-from aa_deploy.images import Preprocess, list_images, load_rgb, normalize  # noqa: E402
+from aa_deploy.images import CROP_SHARE, Preprocess, list_images, load_rgb, normalize  # noqa: E402
 
 
 def _images(model: str, count: int, size: int) -> tuple[torch.Tensor, tuple[int, ...]]:
     if model == "aa:cifar10_resnet20":
         return torch.from_numpy(bundled.cifar_normalize(bundled.cifar_test_images()[0][:count])), (2, 3, 32, 32)
-    pre = Preprocess(size=size, resize=round(size * 256 / 224), mean=(0.5,) * 3, std=(0.5,) * 3)
+    pre = Preprocess(size=size, resize=round(size / CROP_SHARE), mean=(0.5,) * 3, std=(0.5,) * 3)
     files = list_images(ROOT.parent / "shared" / "data" / "imagenet-sample-500")[:count]
     return torch.from_numpy(normalize(np.stack([load_rgb(f, pre) for f in files]), pre)), (2, 3, size, size)
 

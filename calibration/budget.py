@@ -225,6 +225,12 @@ def _estimate(sizes: Sizes, limit: float, spent: float, rates: Rates, work: Work
     return TimePlan(sizes, limit, spent, seconds, epochs, targets=work.target_passes > 0)
 
 
+def forward(module: OnnxModule, x: torch.Tensor) -> None:
+    """One inference forward of `module` over the prepared batch `x`, as the rates time it."""
+    with torch.no_grad(), autocast(module.device):
+        module(x.to(module.device))
+
+
 def measure_rates(
     teacher: OnnxModule, student: OnnxModule, x: torch.Tensor, views: int, figures: float, decode: float,
     final: float | None = None,
@@ -240,10 +246,6 @@ def measure_rates(
 
     device = student.device
 
-    def forward(module: OnnxModule):
-        with torch.no_grad(), autocast(device):
-            module(x.to(device))
-
     def step():
         student.train(False)
         with autocast(device):
@@ -252,4 +254,6 @@ def measure_rates(
         for p in student.trainable().values():
             p.grad = None
 
-    return Rates(timed(lambda: forward(teacher)), timed(lambda: forward(student)), timed(step), figures, decode, final)
+    return Rates(
+        timed(lambda: forward(teacher, x)), timed(lambda: forward(student, x)), timed(step), figures, decode, final
+    )

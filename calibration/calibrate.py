@@ -28,6 +28,7 @@ from aa_deploy.calibration.budget import (
     Sizes,
     TimePlan,
     Work,
+    forward,
     held_out_size,
     measure_rates,
     plan_time,
@@ -46,7 +47,6 @@ from aa_deploy.calibration.held_out import PASSES, TEACHER_VIEWS, Figures, HeldO
 from aa_deploy.calibration.matching import Counterparts, counterparts
 from aa_deploy.calibration.reconstruct import calibrate_reconstruct
 from aa_deploy.calibration.stats import calibrate_stats
-from aa_deploy.calibration.teacher_targets import autocast
 from aa_deploy.calibration.views import centre
 from aa_deploy.consistency.paired import PairedDelta, paired_difference
 from aa_deploy.converters import precision
@@ -506,7 +506,7 @@ def calibrate_model(
     `names`: what errors call the two graphs; `sources`: the files they were loaded from, unchanged (ONNX
     Runtime checks those; None: the graphs themselves, written to a temporary folder for the check).
     `progress` receives `Advance` (decoding, the start's layers, teacher targets), `Planned` (with a time
-    limit), `EpochsPlanned` and each `Epoch`. `started`: the `time.perf_counter()` the time limit counts from
+    limit), `ThreadsFitted` (under a time limit on the CPU), `EpochsPlanned` and each `Epoch`. `started`: the `time.perf_counter()` the time limit counts from
     (a command's start; None: now)."""
     report = progress or silent
     began = time.perf_counter() if started is None else started
@@ -586,15 +586,11 @@ class _Speed:
         self.fits: list[ThreadFit] = []
         self.refit()
 
-    def _run(self) -> None:
-        with torch.no_grad(), autocast(self.student.device):
-            self.student(self.x.to(self.student.device))
-
     def refit(self) -> ThreadFit:
         """The threads fitted now (reported when they change); a neutral fit when they are not fitted."""
         if not self.on:
             return ThreadFit(torch.get_num_threads(), torch.get_num_threads(), None, {})
-        self.fits.append(fit_threads(self._run))
+        self.fits.append(fit_threads(lambda: forward(self.student, self.x)))
         if self.fits[-1].threads != self.fits[-1].previous:
             self.report(ThreadsFitted(self.fits[-1]))
         return self.fits[-1]

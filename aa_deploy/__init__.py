@@ -9,15 +9,16 @@ the package (or one module of its graph core) should not pay for it.
 
 from importlib import import_module
 
-from aa_deploy.convert import Conversion, convert, convert_model, inspect
-from aa_deploy.errors import InputError
-from aa_deploy.plan import Action, Options
-from aa_deploy.version import __version__
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.version import __version__
+from aa_deploy.conversion.graph_pass import AntiAliasPass, Conversion, convert, convert_model, inspect
+from aa_deploy.conversion.plan import Action, Options
 
-_LAZY = {"ParityResult": "aa_deploy.comparator", "verify": "aa_deploy.parity"}
+_LAZY = {"ParityResult": "aa_deploy.verification.comparator", "verify": "aa_deploy.verification.parity"}
 
 __all__ = [
     "Action",
+    "AntiAliasPass",
     "Conversion",
     "InputError",
     "ParityResult",

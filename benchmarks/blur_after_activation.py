@@ -22,10 +22,10 @@ import sys
 
 import onnx_ir as ir
 
-from aa_deploy import model_io
-from aa_deploy.atomic import refuse_overwrite
-from aa_deploy.blur_nodes import MARK
-from aa_deploy.errors import InputError
+from aa_deploy.common import model_io
+from aa_deploy.common.atomic import refuse_overwrite
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.inserted import MARK
 
 POINTWISE = ("Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Elu", "Selu", "Gelu")
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, resource, sys, time
 from aa_deploy.calibration.calibrate import Compute, Data, Training, calibrate
-from aa_deploy.images import Preprocess
+from aa_deploy.common.images import Preprocess
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
 r = calibrate(args["model"], args["teacher"],
@@ -44,7 +44,7 @@ def main() -> int:
     p.add_argument("--workdir", default="bench-calibrate")
     args = p.parse_args()
 
-    from aa_deploy.convert import convert
+    from aa_deploy.conversion.graph_pass import convert
     from aa_deploy.converters.export import export, load_model
 
     work = Path(args.workdir)

@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
 
-    from aa_deploy import bundled
+    from aa_deploy.common import bundled
     from aa_deploy.consistency import measure
     from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 

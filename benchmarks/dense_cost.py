@@ -19,12 +19,12 @@ import onnx
 import torch
 
 import aa_deploy
-from aa_deploy import model_io
-from aa_deploy.convert import plan_cost
+from aa_deploy.common import model_io
+from aa_deploy.common.errors import InputError
+from aa_deploy.conversion.graph_pass import plan_cost
 from aa_deploy.converters.export import export, load_model
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.converters.timing import latency_ratio
-from aa_deploy.errors import InputError
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 MODELS = [  # (name, how exported)

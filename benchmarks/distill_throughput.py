@@ -26,14 +26,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aa_deploy import bundled, model_io  # noqa: E402
 from aa_deploy.calibration import distill, teacher_targets  # noqa: E402
 from aa_deploy.calibration.recipe import Recipe  # noqa: E402
-from aa_deploy.convert import convert  # noqa: E402
+from aa_deploy.common import bundled, model_io  # noqa: E402
+from aa_deploy.common.images import Preprocess, normalize  # noqa: E402
+from aa_deploy.conversion.graph_pass import convert  # noqa: E402
+from aa_deploy.conversion.plan import Options  # noqa: E402
 from aa_deploy.converters.bridge import OnnxModule  # noqa: E402
 from aa_deploy.converters.export import export, load_model  # noqa: E402
-from aa_deploy.images import Preprocess, normalize  # noqa: E402
-from aa_deploy.plan import Options  # noqa: E402
 
 PRE = Preprocess(size=224, resize=256, mean=(0.5,) * 3, std=(0.5,) * 3)
 

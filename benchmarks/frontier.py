@@ -9,7 +9,7 @@ bootstrap over images, `aa_deploy.consistency.paired`):
 - top-1 on the centre crop (the standard evaluation view);
 - random-crop consistency (Zhang 2019: two crops of the resize canvas, `--passes` pairs per image);
 - one-pixel consistency: one-pixel diagonal steps at `--steps` positions per image;
-- multiply-adds from the graph (`aa_deploy.cost`) and ONNX Runtime CPU latency against the original's
+- multiply-adds from the graph (`aa_deploy.conversion.cost`) and ONNX Runtime CPU latency against the original's
   at batch 1 and 8 (alternating runs, median of the per-pair ratios; `benchmarks/overhead.py`).
 """
 
@@ -24,14 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from aa_deploy import cost, fold, model_io
+from aa_deploy.common import model_io
+from aa_deploy.common.images import Preprocess
+from aa_deploy.common.input_format import read as read_input_format
 from aa_deploy.consistency import compare, sides
 from aa_deploy.consistency.paired import bootstrap_ci, paired_difference
 from aa_deploy.consistency.plots import plot_frontier
+from aa_deploy.conversion import cost, fold
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.converters.timing import pair_ratios
-from aa_deploy.images import Preprocess
-from aa_deploy.input_format import read as read_input_format
 
 
 def combine(argv: list[str]) -> None:

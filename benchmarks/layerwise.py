@@ -27,14 +27,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aa_deploy import bundled, model_io  # noqa: E402
 from aa_deploy.calibration import frontier  # noqa: E402
 from aa_deploy.calibration.reconstruct import calibrate_reconstruct  # noqa: E402
 from aa_deploy.calibration.stats import calibrate_stats  # noqa: E402
-from aa_deploy.convert import convert  # noqa: E402
+from aa_deploy.common import bundled, model_io  # noqa: E402
+from aa_deploy.common.images import CROP_SHARE, Preprocess, list_images, load_rgb, normalize  # noqa: E402
+from aa_deploy.conversion.graph_pass import convert  # noqa: E402
 from aa_deploy.converters.bridge import OnnxModule  # noqa: E402
 from aa_deploy.converters.export import export, load_model  # noqa: E402
-from aa_deploy.images import CROP_SHARE, Preprocess, list_images, load_rgb, normalize  # noqa: E402
 
 
 def _images(model: str, count: int, size: int) -> tuple[torch.Tensor, tuple[int, ...]]:

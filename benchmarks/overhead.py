@@ -145,7 +145,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from aa_deploy.errors import InputError
+    from aa_deploy.common.errors import InputError
 
     try:
         main()

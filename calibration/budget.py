@@ -17,7 +17,7 @@ before anything long runs:
    canvas views the teacher targets, computed once per image) are cut to what fits.
 
 On the CPU the threads are fitted to the cores other processes leave free before the rates are measured
-and again after the opening figures, after the start and before the closing figures (`aa_deploy.threads`:
+and again after the opening figures, after the start and before the closing figures (`aa_deploy.common.threads`:
 beside another job fewer threads are faster); each fit times the student on a few images, and the rates
 follow the machine's speed.
 

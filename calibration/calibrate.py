@@ -21,8 +21,6 @@ import onnx_ir as ir
 import torch
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
-from aa_deploy import graph, model_io
-from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.calibration.budget import (
     Rates,
     Sizes,
@@ -48,15 +46,18 @@ from aa_deploy.calibration.matching import Counterparts, counterparts
 from aa_deploy.calibration.reconstruct import calibrate_reconstruct
 from aa_deploy.calibration.stats import calibrate_stats
 from aa_deploy.calibration.views import centre
+from aa_deploy.common import graph, model_io
+from aa_deploy.common.atomic import refuse_overwrite
+from aa_deploy.common.devices import DEVICES
+from aa_deploy.common.errors import InputError, SettingError
+from aa_deploy.common.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for, spread
+from aa_deploy.common.input_format import LAYOUTS, InputFormat, from_dims, size_text
+from aa_deploy.common.progress import Progress, counter, silent
+from aa_deploy.common.threads import ThreadFit, fit_threads, restores_threads
 from aa_deploy.consistency.paired import PairedDelta, paired_difference
 from aa_deploy.converters import precision
 from aa_deploy.converters.bridge import OnnxModule, write_back
 from aa_deploy.converters.bridge_check import check_against_onnxruntime
-from aa_deploy.errors import InputError, SettingError
-from aa_deploy.images import ImageFiles, Preprocess, list_images, load_rgb, normalize, preprocess_for, spread
-from aa_deploy.input_format import LAYOUTS, InputFormat, from_dims, size_text
-from aa_deploy.progress import Progress, counter, silent
-from aa_deploy.threads import ThreadFit, fit_threads, restores_threads
 
 METHODS = ("stats", "reconstruct", "distill")
 # Where distill starts from: `pointwise` refits the 1x1 convs and the classifier by least squares and
@@ -92,7 +93,7 @@ class Planned:
 
 @dataclass(frozen=True)
 class ThreadsFitted:
-    """A progress event: the CPU threads changed to the cores other processes leave free (`aa_deploy.threads`),
+    """A progress event: the CPU threads changed to the cores other processes leave free (`aa_deploy.common.threads`),
     the student timed on a few held-out images at the count before and after."""
 
     fit: ThreadFit
@@ -281,7 +282,7 @@ class Compute:
     workers: int | None = None
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise SettingError("device", "must be auto, cpu or cuda", self.device)
         if self.batch_size is not None and self.batch_size < 1:
             raise SettingError("batch_size", "must be 1 or more", self.batch_size)
@@ -525,6 +526,32 @@ def calibrate_model(
     work, defaults = step_sizes(views, training, sample.checker, len(sample.train_files), sample.train_batch)
     plan = _plan(training, began, rates, defaults, work, held)
     report(Planned(plan))
+    original, before, rates, plan = _opening(
+        pair, sample, speed, rates, plan, (training, began, defaults, work), report
+    )
+    start = _start(pair, views, training, sample.train_files[: plan.sizes.start_images], sample.eval_batch, report)
+    if rates is not None:  # the machine's speed again, the threads fitted again: a shared machine changes
+        rates = rates.all_scaled(speed.slower())
+    plan = replan_after_start(plan, time.perf_counter() - began, rates, defaults, work)
+    distilled = None
+    if training.method == "distill" and plan.sizes.distill:
+        if plan.sizes != defaults:
+            report(Planned(plan, after_start=True))
+        left = None if rates is None else training.time_limit - rates.closing - (time.perf_counter() - began)
+        distilled = _distill(pair, views, training, compute, sample, plan, left, report)
+    speed.refit()
+    after = sample.checker.score(pair.student, final=True)
+    write_back(pair.written, {name: p.detach().cpu().numpy() for name, p in pair.student.trainable().items()})
+    result = _result(pair, sample, training, plan, (original, before, after), began, start, distilled)
+    model_io.write_metadata(pair.written, {"calibration": _record(result, data, training, views, sample.checker, pair)})
+    return Calibrated(pair.written, result)
+
+
+def _opening(pair: Pair, sample, speed, rates, plan, planning: tuple, report: Progress):
+    """The opening figures (the teacher's and the student's before), then, under a time limit, the plan made
+    again from how long they took against their estimate; `planning`: (training, began, defaults, work), what
+    `_plan` takes beside the rates. Returns (the teacher's scoring, the student's figures, rates, plan)."""
+    training, began, defaults, work = planning
     opening = time.perf_counter()
     original = sample.checker.score(pair.teacher, final=True)
     scoring = time.perf_counter()
@@ -539,43 +566,34 @@ def calibrate_model(
             rates.scaled(factor), opening=0.0, final=measured,
             figures=measured * sample.checker.views(final=False) / sample.checker.views(final=True),
         )  # fmt: skip
-        remade = _plan(training, began, rates, defaults, work, held)
+        remade = _plan(training, began, rates, defaults, work, len(sample.held_images))
         if remade.sizes != plan.sizes or factor >= SLOWER:
             report(Planned(remade, remeasured=factor))
         plan = remade
-    start = _start(pair, views, training, sample.train_files[: plan.sizes.start_images], sample.eval_batch, report)
-    if rates is not None:  # the machine's speed again, the threads fitted again: a shared machine changes
-        rates = rates.all_scaled(speed.slower())
-    plan = replan_after_start(plan, time.perf_counter() - began, rates, defaults, work)
-    distilled = None
-    if training.method == "distill" and plan.sizes.distill:
-        if plan.sizes != defaults:
-            report(Planned(plan, after_start=True))
-        left = None if rates is None else training.time_limit - rates.closing - (time.perf_counter() - began)
-        distilled = _distill(pair, views, training, compute, sample, plan, left, report)
-    speed.refit()
-    after = sample.checker.score(pair.student, final=True)
-    write_back(pair.written, {name: p.detach().cpu().numpy() for name, p in pair.student.trainable().items()})
+    return original, before, rates, plan
+
+
+def _result(pair: Pair, sample, training: Training, plan, scores: tuple, began: float, start, distilled):
+    """The run's record: `scores` = (the teacher's scoring, the student's figures before, its scoring after)."""
+    original, before, after = scores
     learned = {} if distilled is None else {
         "lr": distilled.lr, "epochs": distilled.epochs, "kept_epoch": distilled.kept_epoch,
         "history": distilled.history, "trained_on": plan.sizes.train_images,
     }  # fmt: skip
-    result = CalibrationResult(
+    return CalibrationResult(
         training.method, len(sample.files), len(sample.held_images), before, after.figures, original.figures,
         time.perf_counter() - began, start,
         versus_teacher={name: paired_difference(original.runs[name], run) for name, run in after.runs.items()},
         device=str(pair.student.device), batch=(sample.eval_batch, sample.train_batch),
         activation_mb=sample.per_sample / 2**20, plan=plan if training.time_limit is not None else None, **learned,
     )  # fmt: skip
-    model_io.write_metadata(pair.written, {"calibration": _record(result, data, training, views, sample.checker, pair)})
-    return Calibrated(pair.written, result)
 
 
 THREAD_IMAGES = 4  # held-out images the student's forward is timed on to fit the threads
 
 
 class _Speed:
-    """The CPU threads fitted to the cores other processes leave free (`aa_deploy.threads`) under a time limit
+    """The CPU threads fitted to the cores other processes leave free (`aa_deploy.common.threads`) under a time limit
     on the CPU, at the plan and at each step after, and the student's forward on a few images timed at
     each fit: the machine's speed; without a limit the threads stay as they are, so that the run is
     reproducible bit for bit."""

@@ -48,9 +48,9 @@ from aa_deploy.calibration.held_out import Figures, HeldOut, PerImage, worse
 from aa_deploy.calibration.recipe import Recipe
 from aa_deploy.calibration.teacher_targets import autocast, canvas_targets, logits, soft_targets
 from aa_deploy.calibration.views import canvas_crops, centre, pad_crop, roll
+from aa_deploy.common.images import batches
+from aa_deploy.common.progress import Progress, silent
 from aa_deploy.converters.bridge import OnnxModule
-from aa_deploy.images import batches
-from aa_deploy.progress import Progress, silent
 
 LR_CANDIDATES = (1e-4, 3e-4, 1e-3, 3e-3)
 RANGE_PROBE = 256  # held-out images the range test's loss is measured on

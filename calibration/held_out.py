@@ -27,12 +27,12 @@ import torch
 
 from aa_deploy.calibration.teacher_targets import autocast, logits, soft_targets
 from aa_deploy.calibration.views import canvas_crops, centre, pad_crop
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.input_format import square_or_pair
 from aa_deploy.consistency import measure
 from aa_deploy.consistency.paired import bootstrap_ci
 from aa_deploy.consistency.protocols import ConsistencyResult, view_count
 from aa_deploy.converters.bridge import OnnxModule
-from aa_deploy.errors import InputError
-from aa_deploy.input_format import square_or_pair
 
 TEACHER_SHIFTS = 8  # shifted views (besides the image itself) the held-out teacher is averaged over
 PASSES = 3

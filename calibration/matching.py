@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from aa_deploy import blur_nodes, graph
+from aa_deploy.common import graph
+from aa_deploy.common.inserted import is_inserted
 from aa_deploy.converters.bridge import OnnxModule
 
 LAYERS = ("Conv", "Gemm")  # what adds to a node's depth
@@ -38,7 +39,7 @@ def _skeleton(module: OnnxModule, skip_inserted: bool) -> dict[str, tuple]:
     found = {}
     for node in module.nodes:
         d = max((depth.get(v.name, 0) for v in node.inputs if v is not None), default=0)
-        inserted = skip_inserted and blur_nodes.is_inserted(node)
+        inserted = skip_inserted and is_inserted(node)
         if node.op_type in ANCHORS and not inserted and node.outputs:
             weight = graph.const_array(node.inputs[1]) if node.op_type in LAYERS and len(node.inputs) > 1 else None
             shape = None if weight is None else tuple(weight.shape)

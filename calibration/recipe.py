@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aa_deploy.errors import SettingError
+from aa_deploy.common.errors import SettingError
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aa_deploy import blur_nodes, graph
 from aa_deploy.calibration.frontier import Frontier
 from aa_deploy.calibration.matching import counterparts
 from aa_deploy.calibration.stats import ConvTarget, conv_targets, moments, rescale
+from aa_deploy.common import graph, inserted
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.progress import Progress, counter
 from aa_deploy.converters.bridge import OnnxModule
-from aa_deploy.errors import InputError
-from aa_deploy.progress import Progress, counter
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # relative to the mean diagonal of X'X
 MAX_FLOPS = 4e10  # multiply-adds spent on one conv's normal equations (positions are sampled to fit)
@@ -97,7 +97,7 @@ def _refittable(node, weight: torch.Tensor, target: ConvTarget, spatial: bool, a
         not target.followed_by_blur
         and weight.dim() == 4
         and (spatial or pointwise)
-        and (after_blur or pointwise or not blur_nodes.reads_blurred(node.inputs[0]))
+        and (after_blur or pointwise or not inserted.reads_blurred(node.inputs[0]))
         and node.attributes.get_string("auto_pad", "NOTSET") in ("NOTSET", "")
     )
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from aa_deploy.blur_nodes import blur_after
 from aa_deploy.calibration.frontier import Frontier
 from aa_deploy.calibration.matching import counterparts, trainable_convs
+from aa_deploy.common.inserted import blur_after
+from aa_deploy.common.progress import Progress, counter
 from aa_deploy.converters.bridge import OnnxModule
-from aa_deploy.progress import Progress, counter
 
 
 @dataclass

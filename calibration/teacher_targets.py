@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from aa_deploy.calibration.recipe import Recipe
 from aa_deploy.calibration.views import canvas_crops
+from aa_deploy.common.images import batches
+from aa_deploy.common.input_format import Size
+from aa_deploy.common.progress import Progress, counter
 from aa_deploy.converters.bridge import OnnxModule
-from aa_deploy.images import batches
-from aa_deploy.input_format import Size
-from aa_deploy.progress import Progress, counter
 
 
 def autocast(device: torch.device):

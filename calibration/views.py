@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from aa_deploy.common.input_format import Size, hw
 from aa_deploy.consistency.protocols import roll_each
-from aa_deploy.input_format import Size, hw
 
 
 def pad_crop(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:

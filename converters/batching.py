@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from aa_deploy.errors import InputError
+from aa_deploy.common.errors import InputError
 
 
 def fixed_batch(dims) -> int | None:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aa_deploy import blur_nodes, graph, model_io
+from aa_deploy.common import graph, inserted, model_io
+from aa_deploy.common.errors import InputError
 from aa_deploy.converters.batching import fixed_batch
-from aa_deploy.errors import InputError
 
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
 _TRAINABLE_INPUTS = {
@@ -118,26 +118,7 @@ class OnnxModule(nn.Module):
         self.params = nn.ParameterDict()
         self.consts: dict[str, torch.Tensor] = {}
         self.frozen: set[str] = set()
-        for node in model.graph.all_nodes():  # subgraphs too: the padding guard's branches read constants
-            blur = blur_nodes.is_inserted(node)
-            for i, value in enumerate(node.inputs):
-                if value is None or value.name in self.consts or _key(value.name) in self.params:
-                    continue
-                array = graph.const_array(value)
-                if array is None:
-                    continue
-                tensor = torch.from_numpy(np.array(array))
-                if (
-                    i in _TRAINABLE_INPUTS.get(node.op_type, ())
-                    and tensor.is_floating_point()
-                    and value.producer() is None
-                ):
-                    fixed = blur and i == 1  # the taps; a blurpool blur's bias is the conv's own, and trains
-                    self.params[_key(value.name)] = nn.Parameter(tensor.float(), requires_grad=not fixed)
-                    if fixed:
-                        self.frozen.add(value.name)
-                else:
-                    self.consts[value.name] = tensor
+        self._take_constants(model)
         feeds = graph.data_inputs(model.graph)
         if len(feeds) != 1:
             raise InputError(
@@ -173,6 +154,30 @@ class OnnxModule(nn.Module):
         )
         if unsupported:
             raise InputError(f"calibration cannot run these ops in PyTorch yet: {', '.join(unsupported)}")
+
+    def _take_constants(self, model: ir.Model) -> None:
+        """Every constant input as a tensor: the weights and biases of trainable ops as parameters (a blur's
+        taps frozen), the rest as constants."""
+        for node in model.graph.all_nodes():  # subgraphs too: the padding guard's branches read constants
+            blur = inserted.is_inserted(node)
+            for i, value in enumerate(node.inputs):
+                if value is None or value.name in self.consts or _key(value.name) in self.params:
+                    continue
+                array = graph.const_array(value)
+                if array is None:
+                    continue
+                tensor = torch.from_numpy(np.array(array))
+                if (
+                    i in _TRAINABLE_INPUTS.get(node.op_type, ())
+                    and tensor.is_floating_point()
+                    and value.producer() is None
+                ):
+                    fixed = blur and i == 1  # the taps; a blurpool blur's bias is the conv's own, and trains
+                    self.params[_key(value.name)] = nn.Parameter(tensor.float(), requires_grad=not fixed)
+                    if fixed:
+                        self.frozen.add(value.name)
+                else:
+                    self.consts[value.name] = tensor
 
     def _apply(self, fn, recurse=True):  # .to(device) and friends move the constants too
         self.consts = {k: fn(v) for k, v in self.consts.items()}

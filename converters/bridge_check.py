@@ -10,9 +10,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from aa_deploy.common.errors import InputError
 from aa_deploy.converters.batching import fill, fixed_batch
 from aa_deploy.converters.bridge import OnnxModule
-from aa_deploy.errors import InputError
 
 TOLERANCE = 1e-4  # of the reference tensor's scale (its largest magnitude)
 

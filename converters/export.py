@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aa_deploy import bundled
-from aa_deploy.atomic import atomic_path
-from aa_deploy.errors import InputError
-from aa_deploy.models.cifar_resnet import cifar_resnet
-from aa_deploy.models.efficientnet_lite import SIZES, efficientnet_lite
+from aa_deploy.common import bundled
+from aa_deploy.common.atomic import atomic_path
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.models.cifar_resnet import cifar_resnet
+from aa_deploy.common.models.efficientnet_lite import SIZES, efficientnet_lite
 
 DEFAULT_OPSET = 18
 

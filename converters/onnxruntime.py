@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions behind the runner interface (`runner.Runner`)."""
+"""ONNX Runtime sessions behind the runner interface (`interface.Runner`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from aa_deploy.converters.batching import fixed_batch, run_in_batches
+from aa_deploy.converters.interface import Runner
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -21,23 +22,28 @@ def available_provider(provider: str) -> str:
     return name
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(Runner):
     """One ONNX Runtime session; `run` maps input names to arrays and returns all outputs, for any number
-    of samples also when the model's batch dimension is fixed (`fixed_batch`)."""
+    of samples also when the model's batch dimension is fixed (`fixed_batch`). Made active: the session
+    is created here."""
 
     def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None) -> None:
-        name = available_provider(provider)
+        self.path, self.provider, self.threads = path, provider, threads
+        self.activate()
+
+    def _activate(self) -> None:
+        name = available_provider(self.provider)
         options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=[name])
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        self.session = ort.InferenceSession(str(self.path), options, providers=[name])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.fixed_batch = fixed_batch(self.session.get_inputs()[0].shape)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return run_in_batches(lambda f: self.session.run(None, f), feeds, self.fixed_batch, lambda: self.output_names)
+    def _release(self) -> None:
+        del self.session
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """The first output for a single-input model."""
-        return self.run({self.input_names[0]: x})[0]
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self._active()
+        return run_in_batches(lambda f: self.session.run(None, f), feeds, self.fixed_batch, lambda: self.output_names)

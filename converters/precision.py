@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from aa_deploy import blur_nodes, graph, model_io
-from aa_deploy.atomic import atomic_path
-from aa_deploy.errors import InputError
+from aa_deploy.common import graph, inserted, model_io
+from aa_deploy.common.atomic import atomic_path
+from aa_deploy.common.errors import InputError
 
 
 def inexact_blurs(model_path: str | os.PathLike) -> list[str]:
@@ -24,7 +24,7 @@ def inexact_blurs(model_path: str | os.PathLike) -> list[str]:
     model = model_io.load(model_path)
     out = []
     for node in model.graph:
-        if node.op_type == "Conv" and blur_nodes.is_inserted(node):
+        if node.op_type == "Conv" and inserted.is_inserted(node):
             taps = graph.const_array(node.inputs[1])
             if taps is not None and not np.array_equal(taps.astype(np.float16).astype(taps.dtype), taps):
                 out.append(node.name)

@@ -1,4 +1,4 @@
-"""A PyTorch module behind the runner interface (`runner.Runner`): the reference side."""
+"""A PyTorch module behind the runner interface (`interface.Runner`): the reference side."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from aa_deploy.converters.interface import Runner
 
-class TorchRunner:
+
+class TorchRunner(Runner):
     """Runs `module` in eval mode, fp32 exactly (TF32 off), on the CPU or a given device. `layout`: how
     the feeds are laid out ("NHWC" feeds, as an exported graph may take them, are given to the module
-    as NCHW float32, as a PyTorch vision model takes them)."""
+    as NCHW float32, as a PyTorch vision model takes them). Made active: the module is on its device."""
 
     input_names = ["input"]
     output_names = ["output"]
@@ -18,9 +20,16 @@ class TorchRunner:
     def __init__(self, module: nn.Module, device: str = "cpu", layout: str = "NCHW") -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        self.module = module.eval().to(device)
+        self.module = module.eval()
         self.device = device
         self.layout = layout
+        self.activate()
+
+    def _activate(self) -> None:
+        self.module = self.module.to(self.device)
+
+    def _release(self) -> None:
+        self.module = self.module.to("cpu")  # the module is the caller's: kept, its device memory freed
 
     def _tensor(self, v: np.ndarray) -> torch.Tensor:
         if self.layout == "NHWC" and v.ndim == 4:
@@ -28,13 +37,11 @@ class TorchRunner:
         return torch.from_numpy(np.ascontiguousarray(v)).to(self.device)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self._active()
         with torch.no_grad():
             out = self.module(*(self._tensor(v) for v in feeds.values()))
         outs = out if isinstance(out, (tuple, list)) else [out]
         return [o.detach().float().cpu().numpy() for o in outs]
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.run({self.input_names[0]: x})[0]
 
 
 def multiply_adds(module: nn.Module, x: np.ndarray, runner: TorchRunner | None = None) -> int:

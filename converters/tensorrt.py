@@ -15,10 +15,11 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aa_deploy.atomic import atomic_path, write_text
+from aa_deploy.common.atomic import atomic_path, write_text
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.version import __version__
 from aa_deploy.converters.batching import run_in_batches
-from aa_deploy.errors import InputError
-from aa_deploy.version import __version__
+from aa_deploy.converters.interface import Runner
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -160,21 +161,31 @@ def profile_batches(shapes: dict) -> tuple[int | None, int]:
     return (lo[0] if lo[0] == hi[0] else None), hi[0]
 
 
-class TensorRTRunner:
-    """A built engine behind the runner interface (`runner.Runner`), after checking its sidecar's TensorRT
-    version."""
+class TensorRTRunner(Runner):
+    """A built engine behind the runner interface (`interface.Runner`), after checking its sidecar's TensorRT
+    version. Made active: the engine is deserialized and Polygraphy's runner activated here; `deactivate`
+    releases both."""
 
     def __init__(self, engine_path: str | os.PathLike) -> None:
-        trt = require_tensorrt()
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
+        require_tensorrt()
+        self.engine_path = Path(engine_path)
         self.sidecar = Sidecar.read(engine_path)
-        check_version(self.sidecar, trt.__version__)
-        self.runner = TrtRunner(EngineFromBytes(Path(engine_path).read_bytes()))
-        self.runner.activate()
         self.input_names = list(self.sidecar.shapes)
         self.output_names = None
         self.fixed_batch, self.max_batch = profile_batches(self.sidecar.shapes)
+        self.activate()
+
+    def _activate(self) -> None:
+        trt = require_tensorrt()
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        check_version(self.sidecar, trt.__version__)
+        self.runner = TrtRunner(EngineFromBytes(self.engine_path.read_bytes()))
+        self.runner.activate()
+
+    def _release(self) -> None:
+        self.runner.deactivate()
+        del self.runner
 
     def _infer(self, feeds: dict) -> list:
         outputs = self.runner.infer(feeds)
@@ -183,7 +194,5 @@ class TensorRTRunner:
         return [outputs[name] for name in self.output_names]
 
     def run(self, feeds: dict) -> list:
+        self._active()
         return run_in_batches(self._infer, feeds, self.fixed_batch, lambda: self.output_names, self.max_batch)
-
-    def __call__(self, x):
-        return self.run({self.input_names[0]: x})[0]

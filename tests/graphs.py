@@ -1,6 +1,6 @@
 """Tiny ONNX graphs for unit tests (built with onnx.helper), and a NumPy blur reference.
 
-The reference is written out here, independently of aa_deploy.filters: taps by hand, np.pad for
+The reference is written out here, independently of aa_deploy.conversion.filters: taps by hand, np.pad for
 padding, explicit shifted sums for the correlation.
 """
 

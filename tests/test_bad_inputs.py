@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from aa_deploy.errors import InputError
+from aa_deploy.common.errors import InputError
 from tests import graphs as G
 from tests.helpers import cli
 
@@ -107,7 +107,7 @@ def test_onnx_runtime_refusing_inputs_at_run_time_is_one_line(monkeypatch, capsy
     assert err.count("\n") == 1 and err.startswith("aa-deploy consistency: error: ONNX Runtime: Got invalid dimensions")
 
     def bug(*args, **kwargs):  # a fault inside aa-deploy's own code
-        from aa_deploy import model_io
+        from aa_deploy.common import model_io
 
         model_io.write_metadata(None, {"key": 1})
 
@@ -143,7 +143,7 @@ def test_a_model_and_its_external_data_appear_together_or_not_at_all(tmp_path, m
 
     import onnx_ir as ir
 
-    from aa_deploy import model_io
+    from aa_deploy.common import model_io
     from tests.graphs import conv_model
 
     path = tmp_path / "m.onnx"
@@ -171,7 +171,7 @@ def test_a_model_and_its_external_data_appear_together_or_not_at_all(tmp_path, m
 def test_no_output_is_written_over_the_external_data_an_input_names(tmp_path):
     """A model whose weights live in `x.onnx.data` (not its own name's data file): writing `x.onnx`
     with external data would replace them, for convert and for calibrate's teacher alike."""
-    from aa_deploy.atomic import refuse_overwrite
+    from aa_deploy.common.atomic import refuse_overwrite
 
     source = tmp_path / "y.onnx"
     onnx.save(
@@ -194,7 +194,7 @@ def r20_and_images(tmp_path_factory):
     import torch
     from PIL import Image
 
-    from aa_deploy import bundled
+    from aa_deploy.common import bundled
 
     folder = tmp_path_factory.mktemp("writes")
     model = folder / "r20.onnx"
@@ -273,7 +273,7 @@ def test_non_finite_weights_and_preprocessing_are_refused(r20_and_images, tmp_pa
 
 
 def test_save_never_writes_a_non_finite_weight(r20_and_images, tmp_path):
-    from aa_deploy import model_io
+    from aa_deploy.common import model_io
 
     nan_model, name = _with_nan(r20_and_images[1], tmp_path / "nan.onnx")
     with pytest.raises(InputError, match=f"not written: initializer '{name}'"):

@@ -20,8 +20,8 @@ import torch
 from onnx import helper, numpy_helper
 from onnx.backend.test.case.node import collect_testcases
 
+from aa_deploy.common.errors import InputError
 from aa_deploy.converters import bridge
-from aa_deploy.errors import InputError
 
 CLAIMED = set(bridge._ELEMENTWISE) | {name[4:] for name in dir(bridge.OnnxModule) if name.startswith("_op_")}
 

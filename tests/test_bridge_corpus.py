@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import aa_deploy
-from aa_deploy import model_io
 from aa_deploy.calibration.stats import calibrate_stats
+from aa_deploy.common import model_io
 from aa_deploy.converters.bridge import load_module
 
 pytestmark = pytest.mark.zoo
@@ -99,8 +99,8 @@ def test_bridge_equals_onnxruntime_on_the_zoo_classics_of_the_onnx_wheel(tmp_pat
     """The ONNX Model Zoo graphs the onnx wheel carries (old opsets, IR 3, synthetic weights): after `convert`,
     the bridge's output passes calibrate's own check against ONNX Runtime (a final Softmax's logits where
     float32 cannot decide the probabilities), original and converted, and `stats` runs on them."""
-    from aa_deploy import bundled
     from aa_deploy.calibration.matching import counterparts
+    from aa_deploy.common import bundled
     from aa_deploy.converters.bridge_check import check_against_onnxruntime
 
     assert len(ZOO_CLASSICS) == 9

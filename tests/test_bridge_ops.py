@@ -14,7 +14,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import aa_deploy
-from aa_deploy import bundled
+from aa_deploy.common import bundled
 from aa_deploy.converters.bridge import load_module
 
 RNG = np.random.default_rng(0)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import aa_deploy
-from aa_deploy import bundled
+from aa_deploy.common import bundled
 from aa_deploy.converters.export import export
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
-from aa_deploy.twin import antialias_with, options_from_metadata
+from aa_deploy.twin.network import antialias_with, options_from_metadata
 from tests.helpers import cli
 
 
@@ -33,7 +33,7 @@ def test_converted_resnet20_matches_twin_on_real_images(resnet20_onnx, tmp_path,
     result = aa_deploy.convert(resnet20_onnx, out, aa_deploy.Options(filter=filt))
     assert [a.site.kind for a in result.actions] == ["strided-conv", "strided-slice"] * 2
     assert result.blurs == 2  # conv and option-A shortcut share one blur per block
-    meta = aa_deploy.model_io.read_metadata(aa_deploy.model_io.load(out))
+    meta = aa_deploy.common.model_io.read_metadata(aa_deploy.common.model_io.load(out))
     twin, _ = antialias_with(bundled.resnet20(), options_from_metadata(meta))
     x = bundled.cifar_normalize(bundled.cifar_test_images()[0])
     with torch.no_grad():

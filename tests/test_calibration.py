@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 import aa_deploy
-from aa_deploy import bundled
 from aa_deploy.calibration.frontier import Frontier
 from aa_deploy.calibration.stats import calibrate_stats, conv_targets, moments
+from aa_deploy.common import bundled
 from aa_deploy.converters.bridge import load_module
 from aa_deploy.converters.export import export
 from tests.helpers import calibrate, cli, factor_spread
@@ -88,7 +88,7 @@ def test_write_back_changes_initializer_values_only(r20, tmp_path, method, mode)
         ref = module(torch.from_numpy(x)).numpy()
     got = ort.InferenceSession(str(out)).run(None, {"input": x})[0]
     assert np.abs(got - ref).max() < 1e-4
-    meta = aa_deploy.model_io.read_metadata(after)
+    meta = aa_deploy.common.model_io.read_metadata(after)
     assert meta["calibration"]["method"] == method and meta["options"]["mode"] == mode
     assert meta["calibration"]["start"] == {"distill": "pointwise"}.get(method, method)  # distill's default start
     fed = meta["calibration"]["input"]
@@ -168,12 +168,12 @@ def test_a_dense_teacher_is_named_as_such_in_the_report(r20, tmp_path):
 
 
 def test_an_unreadable_image_met_in_a_worker_is_one_line(tmp_path):
-    from aa_deploy.images import ImageFiles, Preprocess, batches
+    from aa_deploy.common.images import ImageFiles, Preprocess, batches
 
     Image.fromarray(bundled.cifar_test_images()[0][0]).save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"not an image")
     files = ImageFiles([tmp_path / "a.png", tmp_path / "b.png"], Preprocess(size=32))
-    with pytest.raises(aa_deploy.errors.InputError) as info:
+    with pytest.raises(aa_deploy.common.errors.InputError) as info:
         list(batches(files, np.arange(2), 1, workers=1))
     assert str(info.value).endswith(
         "b.png: unreadable image (cannot identify image file '" + str(tmp_path / "b.png") + "')"
@@ -280,7 +280,7 @@ def test_the_whole_schedule_runs_and_its_end_is_kept(r20, tmp_path, monkeypatch)
     assert [h.epoch for h in result.history] == [0, 1, 2, 3, 4]
     assert [h.planned for h in result.history[1:]] == [4, 4, 4, 4]
     assert result.kept_epoch == 4 and result.epochs == 4
-    assert aa_deploy.model_io.read_metadata(onnx.load(tmp_path / "c.onnx"))["calibration"]["kept_epoch"] == 4
+    assert aa_deploy.common.model_io.read_metadata(onnx.load(tmp_path / "c.onnx"))["calibration"]["kept_epoch"] == 4
 
 
 def test_worse_means_below_by_more_than_the_held_out_noise():
@@ -322,7 +322,7 @@ def test_a_time_limit_spent_before_the_plan_keeps_the_start(r20, tmp_path):
     from aa_deploy.calibration.budget import START_LEAST
     from aa_deploy.calibration.calibrate import Planned
     from aa_deploy.calibration.distill import Epoch
-    from aa_deploy.progress import Advance
+    from aa_deploy.common.progress import Advance
 
     records = []
     result = calibrate(
@@ -413,7 +413,7 @@ def test_a_time_limit_sizes_the_held_out_slice_and_plans_before_the_opening_figu
 
 def _steady(run):
     """A thread fit on a machine whose speed never changes: the threads as they are."""
-    from aa_deploy.threads import ThreadFit
+    from aa_deploy.common.threads import ThreadFit
 
     return ThreadFit(torch.get_num_threads(), torch.get_num_threads(), 0.0, {torch.get_num_threads(): 1.0})
 
@@ -424,7 +424,7 @@ def test_a_time_limit_fits_the_cpu_threads_as_it_goes_and_no_limit_leaves_them(r
     # reported, and the opening figures' seconds are counted at the faster threads. Without a limit nothing
     # is timed and the threads stay as they are (a reproducible run).
     import aa_deploy.calibration.calibrate as module
-    from aa_deploy.threads import ThreadFit
+    from aa_deploy.common.threads import ThreadFit
 
     calls = []
 
@@ -452,7 +452,7 @@ def test_the_threads_fitted_are_printed_in_one_line():
 
     from aa_deploy.calibration.calibrate import ThreadsFitted
     from aa_deploy.cli.calibrate import _event
-    from aa_deploy.threads import ThreadFit
+    from aa_deploy.common.threads import ThreadFit
 
     console = Console(record=True, width=300)
     _event(console, ThreadsFitted(ThreadFit(1, 2, 1.93, {2: 0.142, 1: 0.052})))
@@ -595,7 +595,7 @@ def test_convert_says_when_the_model_needs_calibrating(r20, tmp_path):
     # The trained ResNet-20 converted with defaults answers differently on the bundled test images
     # (measured: 75 % top-1 agreement): one line saying so, naming calibrate. A toy graph that does
     # not take RGB images is not compared.
-    from aa_deploy.drift import output_drift
+    from aa_deploy.verification.drift import output_drift
 
     proc = cli("convert", r20 / "r20.onnx", "-o", tmp_path / "c.onnx", "-q")
     assert proc.returncode == 0, proc.stderr
@@ -629,7 +629,7 @@ def test_convert_then_calibrate_in_one_step(r20, tmp_path, capsys, monkeypatch):
     code = main(["convert", str(r20 / "r20.onnx"), "-o", str(out), "-q", "--calibrate", str(r20 / "images")])
     text = capsys.readouterr().out
     assert code == 0 and "before calibration: top-1 agreement" in text and f"wrote {out}" in text
-    meta = aa_deploy.model_io.read_metadata(onnx.load(out))
+    meta = aa_deploy.common.model_io.read_metadata(onnx.load(out))
     assert meta["calibration"]["method"] == "distill" and meta["options"]["filter"] == "triangle"
     assert sorted(p.name for p in out.parent.iterdir()) == ["r20.cal.onnx"]  # no temporary file left
     assert (r20 / "r20.onnx").read_bytes() == before
@@ -647,13 +647,13 @@ def test_convert_then_calibrate_in_one_step(r20, tmp_path, capsys, monkeypatch):
 def test_calibrated_weights_go_back_into_the_twin(r20, tmp_path, mode):
     # The calibrated graph's independent reference: the twin (separate conv and BatchNorm) with the
     # calibrated folded weights put back equals ONNX Runtime on the calibrated graph.
-    from aa_deploy.twin import antialias_with, options_from_metadata
-    from aa_deploy.twin_weights import load_folded_weights
+    from aa_deploy.twin.network import antialias_with, options_from_metadata
+    from aa_deploy.twin.weights import load_folded_weights
 
     out = tmp_path / "cal.onnx"
     calibrate(r20 / f"r20.{mode}.onnx", r20 / "r20.onnx", r20 / "images", out, method="stats")
-    model = aa_deploy.model_io.load(out)
-    twin, _ = antialias_with(bundled.resnet20(), options_from_metadata(aa_deploy.model_io.read_metadata(model)))
+    model = aa_deploy.common.model_io.load(out)
+    twin, _ = antialias_with(bundled.resnet20(), options_from_metadata(aa_deploy.common.model_io.read_metadata(model)))
     x = bundled.cifar_normalize(bundled.cifar_test_images()[0][:32])
     with torch.no_grad():
         before = twin(torch.from_numpy(x)).numpy()
@@ -731,7 +731,7 @@ def test_recipe_options_reach_the_training_and_the_metadata(r20, tmp_path):
     proc = cli(*base, "-o", out, "--epochs", "1", "--shift", "6", "--invariance", "0.5", "--no-circular-views",
                "--average-epochs", "1")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    recipe = aa_deploy.model_io.read_metadata(onnx.load(out))["calibration"]["recipe"]
+    recipe = aa_deploy.common.model_io.read_metadata(onnx.load(out))["calibration"]["recipe"]
     assert (recipe["shift"], recipe["invariance"], recipe["circular"], recipe["average_epochs"]) == (6, 0.5, False, 1)
     for flag, value in (("--shift", "0"), ("--invariance", "-1"), ("--student-views", "0")):
         proc = cli(*base, "-o", tmp_path / "bad.onnx", flag, value)
@@ -742,20 +742,22 @@ def test_recipe_options_reach_the_training_and_the_metadata(r20, tmp_path):
 def test_rescale_after_blur_reaches_the_refit_and_the_metadata(r20, tmp_path):
     # `--rescale-after-blur`: the strided convs that read a blur keep the converted kernels up to one
     # factor per output channel; without it they are refit (kernels change shape, not only scale).
-    from aa_deploy.blur_nodes import reads_blurred
+    from aa_deploy.common.inserted import reads_blurred
 
     base = ("calibrate", r20 / "r20.pre.onnx", "--teacher", r20 / "r20.onnx", "--images", r20 / "images",
             "--method", "reconstruct")  # fmt: skip
     for flag, out in (("--rescale-after-blur", tmp_path / "r.onnx"), (None, tmp_path / "f.onnx")):
         proc = cli(*base, "-o", out, *([flag] if flag else []))
         assert proc.returncode == 0, proc.stderr
-        assert aa_deploy.model_io.read_metadata(onnx.load(out))["calibration"]["rescale_after_blur"] is bool(flag)
+        assert aa_deploy.common.model_io.read_metadata(onnx.load(out))["calibration"]["rescale_after_blur"] is bool(
+            flag
+        )
 
     def initializers(path):
         return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
 
     start, rescaled, refit = (initializers(p) for p in (r20 / "r20.pre.onnx", tmp_path / "r.onnx", tmp_path / "f.onnx"))
-    converted = aa_deploy.model_io.load(r20 / "r20.pre.onnx")
+    converted = aa_deploy.common.model_io.load(r20 / "r20.pre.onnx")
     fed = [n.inputs[1].name for n in converted.graph if n.op_type == "Conv" and reads_blurred(n.inputs[0])]
     fed = [name for name in fed if name in start]
     assert len(fed) == 2
@@ -766,7 +768,7 @@ def test_rescale_after_blur_reaches_the_refit_and_the_metadata(r20, tmp_path):
 def test_limit_spreads_over_the_classes_of_a_folder_tree(tmp_path):
     """--limit N on a folder-per-class tree takes the classes in turn, not the first class's files;
     on a flat folder it takes evenly spaced files."""
-    from aa_deploy.images import list_images, spread
+    from aa_deploy.common.images import list_images, spread
 
     for c in ("cat", "dog", "emu"):
         (tmp_path / c).mkdir()
@@ -862,7 +864,7 @@ def test_default_calibrate_wins_back_agreement_on_images_it_did_not_see(r20, tmp
     noise of a paired difference on 100 images of this size (its standard error is about 4 points)."""
     from PIL import Image
 
-    from aa_deploy.drift import output_drift
+    from aa_deploy.verification.drift import output_drift
 
     crops = tmp_path / "crops"
     crops.mkdir()
@@ -883,11 +885,11 @@ def test_the_in_memory_core_calibrates_graphs_and_writes_no_file(r20, tmp_path):
 
     from aa_deploy.calibration.calibrate import Data, Training, calibrate_model
 
-    student, teacher = (aa_deploy.model_io.load(r20 / name) for name in ("r20.pre.onnx", "r20.onnx"))
+    student, teacher = (aa_deploy.common.model_io.load(r20 / name) for name in ("r20.pre.onnx", "r20.onnx"))
     before = {v.name: v.const_value.numpy().copy() for v in student.graph.initializers.values()}
     made = calibrate_model(student, teacher, Data(r20 / "images"), Training(method="stats"))
     assert made.model is student and made.result.method == "stats" and not list(tmp_path.iterdir())
-    assert "calibration" in aa_deploy.model_io.read_metadata(made.model)
+    assert "calibration" in aa_deploy.common.model_io.read_metadata(made.model)
     calibrate(r20 / "r20.pre.onnx", r20 / "r20.onnx", r20 / "images", tmp_path / "c.onnx", method="stats")
     written = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "c.onnx").graph.initializer}
     changed = [

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from aa_deploy import bundled
 from aa_deploy.cli import main
+from aa_deploy.common import bundled
 from tests import graphs as G
 from tests.helpers import cli
 
@@ -144,7 +144,7 @@ def test_16_bit_images_are_scaled_by_their_range(tmp_path):
     not as white: Pillow's own convert('RGB') clips 99 % of its pixels to 255."""
     from PIL import Image
 
-    from aa_deploy.images import Preprocess, load_rgb
+    from aa_deploy.common.images import Preprocess, load_rgb
 
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
     Image.fromarray(ramp).save(tmp_path / "g16.png")
@@ -176,7 +176,7 @@ def test_external_data_in_external_data_out(tmp_path):
 def test_no_command_writes_over_its_inputs(tmp_path):
     """calibrate -o TEACHER, convert -o MODEL --calibrate DIR and quantize -o MODEL each refuse in one
     line before any work, and leave the file as it was."""
-    from aa_deploy import bundled
+    from aa_deploy.common import bundled
     from aa_deploy.converters.export import export
 
     original = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
@@ -228,7 +228,7 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(monkeypatch, capsys):
     import sys
     import types
 
-    from aa_deploy import entry
+    from aa_deploy import __main__ as entry
 
     class Interrupted(types.ModuleType):
         def __getattr__(self, name):

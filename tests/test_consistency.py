@@ -187,7 +187,7 @@ def test_cli_compares_models_and_writes_report_and_plot(tmp_path):
     import json
 
     import aa_deploy
-    from aa_deploy import bundled
+    from aa_deploy.common import bundled
     from aa_deploy.converters.export import export
     from tests.helpers import cli
 
@@ -271,7 +271,7 @@ def test_probe_cli_on_the_trained_resnet20(tmp_path):
     import json
 
     import aa_deploy
-    from aa_deploy import bundled
+    from aa_deploy.common import bundled
     from aa_deploy.converters.export import export
     from tests.helpers import cli
 
@@ -338,7 +338,7 @@ def test_image_folder_views_have_the_model_input_size(tmp_path, protocol):
     # 32-px images used to come back 34 px for circular shifts, and ONNX Runtime refused them.
     from PIL import Image
 
-    from aa_deploy import bundled
+    from aa_deploy.common import bundled
     from aa_deploy.consistency.compare import Images, Measurement
     from aa_deploy.consistency.sides import Models, measure_models
     from aa_deploy.converters.export import export
@@ -378,7 +378,7 @@ def test_one_pixel_rate_counts_each_step_by_hand():
 
 
 def test_one_pixel_without_room_for_its_steps_is_one_line():
-    from aa_deploy.errors import InputError
+    from aa_deploy.common.errors import InputError
 
     with pytest.raises(InputError, match="one-pixel needs room"):
         measure("one-pixel", global_pool_classifier, identity_prepare, noise_images(2, size=8), crop=8, shift=4)
@@ -389,7 +389,7 @@ def test_an_argmax_output_is_scored_as_labels(tmp_path):
     agreement of the same network's logits, view by view; before, labels were scored by cosine."""
     import torch
 
-    from aa_deploy import bundled
+    from aa_deploy.common import bundled
     from aa_deploy.consistency.compare import Images, Measurement
     from aa_deploy.consistency.sides import Models, measure_models
 

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import aa_deploy
-from aa_deploy import bundled, cost, model_io
+from aa_deploy.common import bundled, model_io
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.input_format import InputFormat
+from aa_deploy.conversion import cost
 from aa_deploy.converters.export import export
-from aa_deploy.errors import InputError
-from aa_deploy.input_format import InputFormat
-from aa_deploy.parity import Inputs, verify
+from aa_deploy.verification.parity import Inputs, verify
 from tests.helpers import cli
 
 TOL = 1e-4  # of the output scale
@@ -298,7 +299,7 @@ def test_multiply_adds_by_hand(tmp_path):
     """A 3x3 conv 3->8 at stride 2 on 16x16 (8x8 outputs) and a 8->4 linear head: 8*8*8*27 + 8*4."""
     import onnx_ir as ir
 
-    from aa_deploy import cost
+    from aa_deploy.conversion import cost
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -320,7 +321,7 @@ def test_calibrate_and_quantize_take_a_dense_model(resnet20, tmp_path):
     (after them the weights are the original's and the maps denser than the teacher's) and wins back
     agreement with the original on CIFAR images it did not see; the calibrated file passes verify;
     quantize writes an INT8 model of it."""
-    from aa_deploy.drift import output_drift
+    from aa_deploy.verification.drift import output_drift
     from tests.helpers import calibrate
 
     _, files, folder = resnet20
@@ -349,7 +350,7 @@ def test_a_diagonal_refusal_comes_before_the_graph_changes():
     import onnx_ir as ir
     from onnx import TensorProto, helper, numpy_helper
 
-    from aa_deploy.convert import convert_model
+    from aa_deploy.conversion.graph_pass import convert_model
 
     rng = np.random.default_rng(0)
     ints = [numpy_helper.from_array(np.array(v, dtype=np.int64), n) for n, v in

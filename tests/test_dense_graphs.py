@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import aa_deploy
-from aa_deploy import model_io
+from aa_deploy.common import model_io
 from aa_deploy.converters.export import export, load_model
-from aa_deploy.parity import Inputs, verify
+from aa_deploy.verification.parity import Inputs, verify
 from tests.helpers import cli
 
 TOL = 1e-4  # of the output scale
@@ -277,7 +277,7 @@ def test_pads_computed_by_constant_subgraphs_are_folded(lite0_torchscript, tmp_p
 def test_multiply_adds_of_the_torchscript_export_equal_the_dynamo_export(lite0_torchscript, tmp_path):
     """Every node counts (pads folded on a copy, the Gemm after a run-time Flatten counted per sample):
     both exports of one network cost the same, converted or not."""
-    from aa_deploy.convert import plan_cost
+    from aa_deploy.conversion.graph_pass import plan_cost
 
     model, path = lite0_torchscript
     dynamo = export(model, tmp_path / "lite0.onnx", (1, 3, 224, 224))

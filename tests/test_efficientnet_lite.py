@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from aa_deploy import bundled
+from aa_deploy.common import bundled
+from aa_deploy.common.images import Preprocess, load_rgb, normalize
 from aa_deploy.converters.bridge import load_module
-from aa_deploy.drift import output_drift
-from aa_deploy.images import Preprocess, load_rgb, normalize
+from aa_deploy.verification.drift import output_drift
 from tests.helpers import cli
 
 pytest.importorskip("efficientnet_lite_pytorch", reason="pip install -e '.[imagenet]'")
@@ -63,8 +63,8 @@ def test_dense_last_site_is_the_mean_over_its_sampling_phases(lite0, size):
     import torch.nn.functional as F
 
     import aa_deploy
-    from aa_deploy.models.efficientnet_lite import efficientnet_lite0
-    from aa_deploy.parity import Inputs, verify
+    from aa_deploy.common.models.efficientnet_lite import efficientnet_lite0
+    from aa_deploy.verification.parity import Inputs, verify
 
     source = lite0 / f"lite0.{size}.onnx"
     if size == 224:

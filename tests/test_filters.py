@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from aa_deploy import filters
+from aa_deploy.conversion import filters
 
 
 @pytest.mark.parametrize("name,row", [("rect", [1, 1]), ("triangle", [1, 2, 1]), ("binomial", [1, 4, 6, 4, 1])])

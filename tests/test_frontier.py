@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import aa_deploy
-from aa_deploy import bundled
 from aa_deploy.calibration import frontier
 from aa_deploy.calibration.frontier import Frontier
 from aa_deploy.calibration.reconstruct import calibrate_reconstruct
 from aa_deploy.calibration.stats import calibrate_stats
+from aa_deploy.common import bundled
 from aa_deploy.converters.bridge import OnnxModule
 from aa_deploy.converters.export import export
 
@@ -33,7 +33,7 @@ def test_held_dropped_and_copied_tensors_equal_a_fresh_pass(r20):
     next request must see the change. A budget of about one batch's live tensors holds some batches
     and drops the others."""
     _, converted, x = r20
-    module = OnnxModule(aa_deploy.model_io.load(converted)).eval()
+    module = OnnxModule(aa_deploy.common.model_io.load(converted)).eval()
     held = Frontier(module, x, 10, budget=1_500_000)
     params = module.trainable()
     convs = [(i, n) for i, n in enumerate(module.nodes) if n.op_type == "Conv" and n.inputs[1].name in params]
@@ -57,11 +57,11 @@ def test_held_dropped_and_copied_tensors_equal_a_fresh_pass(r20):
 @pytest.mark.parametrize("step", [calibrate_reconstruct, calibrate_stats], ids=["reconstruct", "stats"])
 def test_layerwise_starts_give_the_same_weights_with_and_without_it(r20, monkeypatch, step):
     plain, converted, x = r20
-    teacher = OnnxModule(aa_deploy.model_io.load(plain)).eval()
+    teacher = OnnxModule(aa_deploy.common.model_io.load(plain)).eval()
 
     def weights(budget: int) -> dict:
         monkeypatch.setattr(frontier, "FRONTIER_BYTES", budget)
-        student = OnnxModule(aa_deploy.model_io.load(converted)).eval()
+        student = OnnxModule(aa_deploy.common.model_io.load(converted)).eval()
         step(student, teacher, x, 16)
         return {k: v.detach().clone() for k, v in student.trainable().items()}
 

@@ -12,10 +12,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from aa_deploy import bundled
+from aa_deploy.common import bundled
 from aa_deploy.consistency import gate
 from aa_deploy.converters.export import export
-from aa_deploy.testing import assert_consistent
+from aa_deploy.verification.testing import assert_consistent
 from tests.helpers import cli
 
 REF = "aa:cifar10_resnet20"
@@ -101,8 +101,8 @@ def test_bounds_read_the_paired_interval():
 def test_probe_of_the_pytorch_original_matches_its_export(models):
     """The probe reads the original's modules through hooks (a strided conv's output after its
     BatchNorm, which the export folds into the conv): per site the same figures as the export's graph."""
+    from aa_deploy.common.input_format import InputFormat
     from aa_deploy.consistency.probe import probe, probe_module
-    from aa_deploy.input_format import InputFormat
 
     x = bundled.cifar_feed(InputFormat())(bundled.cifar_test_images()[0][:16])
     ours, theirs = probe_module(bundled.resnet20(), x), probe(models / "r20.onnx", x)

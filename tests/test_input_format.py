@@ -14,11 +14,11 @@ from onnxconverter_common import float16
 from PIL import Image
 
 import aa_deploy
-from aa_deploy import bundled, model_io
+from aa_deploy.common import bundled, model_io
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.images import Preprocess, normalize
+from aa_deploy.common.input_format import InputFormat, from_dims
 from aa_deploy.converters.export import export
-from aa_deploy.errors import InputError
-from aa_deploy.images import Preprocess, normalize
-from aa_deploy.input_format import InputFormat, from_dims
 from tests.helpers import calibrate, cli
 
 
@@ -117,7 +117,7 @@ def test_a_rectangular_crop_is_torchvisions_resize_and_centre_crop(tmp_path):
     # Sizes whose long side scales to whole pixels and whose margins are even, where torchvision rounds as we do.
     from torchvision import transforms
 
-    from aa_deploy.images import load_rgb
+    from aa_deploy.common.images import load_rgb
 
     rng = np.random.default_rng(0)
     for (w, h), size, resize in (((120, 60), (24, 40), 40), ((60, 100), (24, 40), 48), ((90, 90), (30, 20), 40)):
@@ -134,7 +134,7 @@ def test_a_rectangular_crop_is_torchvisions_resize_and_centre_crop(tmp_path):
 
 
 def test_without_a_resize_the_short_side_keeps_the_usual_ratio_where_the_image_has_the_pixels(tmp_path):
-    from aa_deploy.images import default_resize, load_rgb
+    from aa_deploy.common.images import default_resize, load_rgb
 
     rng = np.random.default_rng(1)
     # (image w x h, crop, the resize it must equal): a photo larger than 256/224 of the crop is resized with
@@ -316,7 +316,7 @@ def test_consistency_and_quantize_feed_nhwc_float16_and_non_square_inputs(made, 
 
 
 def test_verify_feeds_images_as_the_graph_takes_them(made):
-    from aa_deploy.parity import Inputs, make_inputs
+    from aa_deploy.verification.parity import Inputs, make_inputs
 
     x, info = make_inputs(made["nhwc"], Inputs(str(made["images"]), count=4))
     assert x.shape == (4, 32, 32, 3) and x.dtype == np.float32 and info["shape"] == [32, 32, 3]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import aa_deploy
-from aa_deploy import bundled
+from aa_deploy.common import bundled
 from aa_deploy.converters.export import export
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from tests.helpers import cli
@@ -100,7 +100,7 @@ def test_quantize_without_onnxruntime_shape_inference(monkeypatch, tmp_path):
     # When onnxruntime's pre-processing fails outright, quantize goes on without it and says so.
     import onnxruntime.quantization.shape_inference as shape_inference
 
-    from aa_deploy.calibration.int8 import quantize
+    from aa_deploy.converters.int8 import quantize
     from tests import graphs as G
 
     def fails(*args, **kwargs):

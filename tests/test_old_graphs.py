@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from aa_deploy import model_io
+from aa_deploy.common import model_io
 from tests import graphs as G
 from tests.helpers import cli
 
@@ -207,7 +207,7 @@ def _calibrate_on_photo_crops(conv, src, cal, size=32):
     """`calibrate --method stats` of `conv` against `src` on 24 crops of the bundled photos (`size` px)."""
     from PIL import Image
 
-    from aa_deploy import bundled
+    from aa_deploy.common import bundled
 
     images = cal.parent / "images"
     images.mkdir()
@@ -381,9 +381,9 @@ def test_a_softmax_the_bridge_gets_wrong_is_still_refused(tmp_path, monkeypatch)
     the Softmax's own (here a deliberately wrong one), and the check still refuses it."""
     import torch
 
+    from aa_deploy.common.errors import InputError
     from aa_deploy.converters import bridge
     from aa_deploy.converters.bridge_check import check_against_onnxruntime
-    from aa_deploy.errors import InputError
 
     rng = np.random.default_rng(0)
     weights = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3}

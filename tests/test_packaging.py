@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from aa_deploy.version import __version__
+from aa_deploy.common.version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"aa_deploy": "aa_deploy", "calibration": "aa_deploy/calibration", "converters": "aa_deploy/converters"}
@@ -50,7 +50,7 @@ def test_every_module_of_the_checkout_is_in_the_wheel(wheel):
             if folder == "aa_deploy" and relative.parts[0] in ("calibration", "converters"):
                 continue
             assert f"{installed}/{relative.as_posix()}" in names, f"{folder}/{relative} is not in the wheel"
-    assert "aa_deploy/assets/resnet20-12fca82f.th" in names
+    assert "aa_deploy/common/assets/resnet20-12fca82f.th" in names
 
 
 def test_unpacked_wheel_imports_by_the_one_name(wheel, tmp_path):

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import aa_deploy
-from aa_deploy import bundled
 from aa_deploy.calibration.reconstruct import NormalEquations, calibrate_reconstruct
 from aa_deploy.calibration.stats import calibrate_stats
+from aa_deploy.common import bundled
 from aa_deploy.converters.bridge import OnnxModule, load_module
 from aa_deploy.converters.export import export
 from tests.helpers import factor_spread
@@ -132,12 +132,12 @@ def test_reconstruct_beats_stats_on_the_trained_resnet20(tmp_path):
     aa_deploy.convert(plain, tmp_path / "r20.aa.onnx", aa_deploy.Options())
     images = torch.from_numpy(bundled.cifar_normalize(bundled.cifar_test_images()[0]))
     fit, check = images[:60], images[60:]
-    teacher = OnnxModule(aa_deploy.model_io.load(plain)).eval()
+    teacher = OnnxModule(aa_deploy.common.model_io.load(plain)).eval()
     with torch.no_grad():
         target = torch.softmax(teacher(check), 1)
 
     def divergence(method) -> np.ndarray:
-        student = OnnxModule(aa_deploy.model_io.load(tmp_path / "r20.aa.onnx")).eval()
+        student = OnnxModule(aa_deploy.common.model_io.load(tmp_path / "r20.aa.onnx")).eval()
         method(student, teacher, fit, 60)
         with torch.no_grad():
             log_p = torch.log_softmax(student(check), 1)
@@ -178,11 +178,11 @@ def test_a_conv_before_a_residual_add_corrects_the_other_branch(tmp_path, monkey
     add.input[1] = "box"
     model.graph.node.insert(list(model.graph.node).index(add), box)
     onnx.save(model, tmp_path / "s.onnx")
-    teacher = OnnxModule(aa_deploy.model_io.load(teacher_path)).eval()
+    teacher = OnnxModule(aa_deploy.common.model_io.load(teacher_path)).eval()
     x = torch.randn(64, 3, 12, 12)
 
     def error() -> float:
-        student = OnnxModule(aa_deploy.model_io.load(tmp_path / "s.onnx")).eval()
+        student = OnnxModule(aa_deploy.common.model_io.load(tmp_path / "s.onnx")).eval()
         calibrate_reconstruct(student, teacher, x, 64, ridges=(1e-9,))
         with torch.no_grad():
             return float((student(x) - teacher(x)).abs().max() / teacher(x).abs().max())
@@ -218,13 +218,13 @@ def test_after_blur_false_rescales_only_the_spatial_convs_that_read_a_blur(tmp_p
     """Converted ResNet-20: its two blurs feed the strided 3x3 convs of the stage transitions. With
     `after_blur=False` exactly those get `stats`' rescaling (one factor per output channel of the
     converted weights); every other conv and the classifier are refit, as with the default."""
-    from aa_deploy.blur_nodes import reads_blurred
+    from aa_deploy.common.inserted import reads_blurred
 
     plain = export(bundled.resnet20(), tmp_path / "r20.onnx", (2, 3, 32, 32))
     aa_deploy.convert(plain, tmp_path / "r20.aa.onnx", aa_deploy.Options())
     x = torch.from_numpy(bundled.cifar_normalize(bundled.cifar_test_images()[0][:40]))
-    teacher = OnnxModule(aa_deploy.model_io.load(plain)).eval()
-    student = OnnxModule(aa_deploy.model_io.load(tmp_path / "r20.aa.onnx")).eval()
+    teacher = OnnxModule(aa_deploy.common.model_io.load(plain)).eval()
+    student = OnnxModule(aa_deploy.common.model_io.load(tmp_path / "r20.aa.onnx")).eval()
     nodes = {n.name: n for n in student.nodes}
     before = {k: p.detach().clone() for k, p in student.trainable().items()}
     report = calibrate_reconstruct(student, teacher, x, 40, after_blur=False)
@@ -236,7 +236,7 @@ def test_after_blur_false_rescales_only_the_spatial_convs_that_read_a_blur(tmp_p
         after = student.trainable()[weight].detach()
         assert factor_spread(after, before[weight]) < 1e-4
         assert float((after / before[weight] - 1).abs().max()) > 1e-3
-    default = OnnxModule(aa_deploy.model_io.load(tmp_path / "r20.aa.onnx")).eval()
+    default = OnnxModule(aa_deploy.common.model_io.load(tmp_path / "r20.aa.onnx")).eval()
     assert all(r["refit"] for r in calibrate_reconstruct(default, teacher, x, 40))
 
 
@@ -272,7 +272,7 @@ def test_a_dense_teachers_map_is_averaged_over_its_phases_onto_the_students_grid
 
 def test_onto_grid_keeps_a_map_of_the_students_size_and_refuses_one_of_another_model():
     from aa_deploy.calibration.reconstruct import onto_grid
-    from aa_deploy.errors import InputError
+    from aa_deploy.common.errors import InputError
 
     y = torch.randn(1, 2, 7, 7)
     assert onto_grid(y, (7, 7)) is y
@@ -289,8 +289,8 @@ def test_reconstruct_towards_a_dense_teacher_fits_its_phase_averaged_output(tmp_
     aa_deploy.convert(plain, tmp_path / "r20.d2.onnx", aa_deploy.Options(filter="none", dense_last=2))
     images = torch.from_numpy(bundled.cifar_normalize(bundled.cifar_test_images()[0]))
     fit, check = images[:60], images[60:]
-    teacher = OnnxModule(aa_deploy.model_io.load(tmp_path / "r20.d2.onnx")).eval()
-    student = OnnxModule(aa_deploy.model_io.load(tmp_path / "r20.aa.onnx")).eval()
+    teacher = OnnxModule(aa_deploy.common.model_io.load(tmp_path / "r20.d2.onnx")).eval()
+    student = OnnxModule(aa_deploy.common.model_io.load(tmp_path / "r20.aa.onnx")).eval()
     with torch.no_grad():
         target = teacher(check)
         before = (student(check) - target).square().mean()

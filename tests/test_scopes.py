@@ -9,9 +9,9 @@ import timm
 import torch
 
 import aa_deploy
-from aa_deploy import model_io
+from aa_deploy.common import model_io
 from aa_deploy.converters.export import export
-from aa_deploy.twin import antialias_with
+from aa_deploy.twin.network import antialias_with
 
 pytestmark = pytest.mark.zoo
 

@@ -13,8 +13,9 @@ import pytest
 from onnx import helper
 
 import aa_deploy
-from aa_deploy import blur_nodes, graph
-from aa_deploy.sites import find_sites
+from aa_deploy.common import graph, inserted
+from aa_deploy.conversion import blur_nodes
+from aa_deploy.conversion.sites import find_sites
 from tests import graphs as G
 
 run, convert = G.run, G.convert
@@ -88,7 +89,7 @@ def test_reflect_on_dynamic_sizes_is_decided_at_run_time(size, expected_pad):
     )
     import torch as pt
 
-    from aa_deploy import twin as twin_torch  # the twin decides the same way
+    from aa_deploy.twin import network as twin_torch  # the twin decides the same way
 
     blur = twin_torch.Blur(2, (2, 2), 5, "reflect")
     with pt.no_grad():
@@ -141,7 +142,7 @@ def test_the_stem_is_skipped_by_default_only_where_it_subsamples_the_input_image
         assert [a.action for a in result.actions] == (["skip", "pre"] if skipped else ["pre", "pre"])
         assert [a.action for a in convert(m, skip_stem=False)[1].actions] == ["pre", "pre"]  # --blur-stem
         # The decision is recorded as made, so the twin rebuilt from the metadata does the same.
-        assert aa_deploy.model_io.read_metadata(result.model)["options"]["skip_stem"] is skipped
+        assert aa_deploy.common.model_io.read_metadata(result.model)["options"]["skip_stem"] is skipped
     # More than 4 channels is a feature map, not an image.
     assert convert(G.conv_model([1, 8, 12, 12]), skip_stem=None)[1].actions[0].action == "pre"
 
@@ -149,7 +150,7 @@ def test_the_stem_is_skipped_by_default_only_where_it_subsamples_the_input_image
 def test_the_twins_default_stem_rule():
     import torch as pt
 
-    from aa_deploy import twin as twin_torch
+    from aa_deploy.twin import network as twin_torch
 
     net = pt.nn.Sequential(pt.nn.Conv2d(3, 8, 3, 2, 1), pt.nn.ReLU(), pt.nn.Conv2d(8, 8, 3, 2, 1))
     _, report = twin_torch.antialias(net)
@@ -290,7 +291,7 @@ def test_maxpool_default_is_maxblurpool():
     np.testing.assert_allclose(run(converted, x), expected, rtol=1e-5, atol=1e-5)
     # The blur is in pooled form; the probe finds it after the pool and knows its taps.
     pool = next(n for n in ir.serde.deserialize_model(converted).graph if n.name == "pool")
-    blur = blur_nodes.blur_after(pool)
+    blur = inserted.blur_after(pool)
     assert blur.op_type == "AveragePool" and graph.ints(blur, "strides") == (2, 2)
     for taps in blur_nodes.taps_of(blur, (2, 3)):
         np.testing.assert_array_equal(taps, [0.25, 0.5, 0.25])
@@ -502,7 +503,7 @@ def test_include_exclude_on_node_names():
 
 def test_metadata_records_what_was_done():
     converted, result = convert(G.conv_model([1, 3, 8, 8]), filter="binomial", pad="zero")
-    meta = aa_deploy.model_io.read_metadata(converted)
+    meta = aa_deploy.common.model_io.read_metadata(converted)
     assert meta["filter"] == "binomial" and meta["pad"] == "zero" and meta["version"] == aa_deploy.__version__
     assert meta["options"]["filter"] == "binomial"
     assert [s["node"] for s in meta["sites"]] == ["stage/conv.0"]
@@ -530,9 +531,9 @@ def test_the_twin_and_the_pass_decide_alike(mode, tmp_path):
     with ceil_mode, a 3x3 strided conv, and the CIFAR ResNet's option-A shortcut (a strided slice)."""
     import torch as pt
 
-    from aa_deploy import bundled
-    from aa_deploy import twin as twin_torch
+    from aa_deploy.common import bundled
     from aa_deploy.converters.export import export
+    from aa_deploy.twin import network as twin_torch
 
     small = pt.nn.Sequential(
         pt.nn.Conv2d(3, 8, 3, 2, 1),
@@ -551,3 +552,18 @@ def test_the_twin_and_the_pass_decide_alike(mode, tmp_path):
         assert onnx_side == twin_side, name
         if mode == "blurpool":
             assert any("slicing" in note for _, _, note in onnx_side) == (name == "resnet20")
+
+
+def test_the_pass_runs_in_an_onnx_ir_pass_manager_as_convert_model_does():
+    """`AntiAliasPass` is `convert_model` behind onnx_ir's pass protocol: the same graph out, in place, with
+    `modified` telling whether anything went in (a graph with no site: not modified)."""
+    options = aa_deploy.Options(skip_stem=False)
+    expected = G.convert(G.conv_model((1, 3, 16, 16)))[0]
+    model = ir.serde.deserialize_model(G.conv_model((1, 3, 16, 16)))
+    result = ir.passes.PassManager([aa_deploy.AntiAliasPass(options)])(model)
+    assert result.model is model and result.modified
+    assert ir.serde.serialize_model(model).graph == expected.graph
+    direct = aa_deploy.AntiAliasPass(options)(ir.serde.deserialize_model(G.conv_model((1, 3, 16, 16))))
+    assert isinstance(direct, aa_deploy.Conversion) and direct.blurs == 1 and direct.actions[0].action == "pre"
+    plain = ir.serde.deserialize_model(G.conv_model((1, 3, 16, 16), strides=(1, 1)))
+    assert not aa_deploy.AntiAliasPass(options)(plain).modified

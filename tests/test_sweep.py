@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from aa_deploy.cli import main
-from aa_deploy.consistency.compare import BUNDLED_PHOTOS
+from aa_deploy.common.bundled import PHOTOS as BUNDLED_PHOTOS
 from tests import sweep_models
 
 pytestmark = pytest.mark.zoo

@@ -11,13 +11,13 @@ import onnx
 import pytest
 
 import aa_deploy
-from aa_deploy import bundled
-from aa_deploy.comparator import Check
+from aa_deploy.common import bundled
+from aa_deploy.common.errors import InputError
 from aa_deploy.converters.export import export
 from aa_deploy.converters.precision import to_fp16
 from aa_deploy.converters.tensorrt import Sidecar, check_version, parse_shapes
-from aa_deploy.errors import InputError
-from aa_deploy.parity import Deployed, Inputs
+from aa_deploy.verification.comparator import Check
+from aa_deploy.verification.parity import Deployed, Inputs
 from tests import graphs as G
 from tests.helpers import cli
 

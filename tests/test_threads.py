@@ -1,4 +1,4 @@
-"""aa_deploy/threads.py: one torch thread per core the other processes leave free, counted from /proc/stat."""
+"""aa_deploy/common/threads.py: one torch thread per core the other processes leave free, counted from /proc/stat."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import aa_deploy.threads as threads_module
-from aa_deploy.threads import busy_elsewhere, fit_threads, restores_threads
+import aa_deploy.common.threads as threads_module
+from aa_deploy.common.threads import busy_elsewhere, fit_threads, restores_threads
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import pytest
 from onnx import helper
 
 import aa_deploy
-from aa_deploy import bundled, model_io
-from aa_deploy.errors import InputError, SettingError
+from aa_deploy.common import bundled, model_io
+from aa_deploy.common.errors import InputError, SettingError
 from aa_deploy.tune.rule import MEASURED, OUT_OF_TIME, OVER_BUDGET, Budget, Delta, Row, Rule
 from aa_deploy.tune.selection import MIN_PART, split
 from tests import graphs as G

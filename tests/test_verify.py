@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 import aa_deploy
-from aa_deploy import bundled
-from aa_deploy.comparator import Check
+from aa_deploy.common import bundled
 from aa_deploy.converters.export import export
-from aa_deploy.parity import Inputs
-from aa_deploy.testing import assert_parity
+from aa_deploy.verification.comparator import Check
+from aa_deploy.verification.parity import Inputs
+from aa_deploy.verification.testing import assert_parity
 from tests.helpers import cli
 
 REF = "aa:cifar10_resnet20"
@@ -123,7 +123,7 @@ def test_assert_parity_passes_quietly(models):
 
 
 def test_compare_metrics_by_hand():
-    from aa_deploy.comparator import Tolerance, compare
+    from aa_deploy.verification.comparator import Tolerance, compare
 
     ref = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], np.float32)
     got = ref + np.array([[0.0, 0.0, 0.5], [0.0, 2.0, 0.0]], np.float32)
@@ -148,7 +148,7 @@ def test_input_errors_exit_2(models, tmp_path):
 
 def test_a_reference_with_non_finite_values_fails_the_gate():
     """NaN compares false with every bound: a reference that returns NaN must fail, not pass."""
-    from aa_deploy.comparator import Tolerance, compare
+    from aa_deploy.verification.comparator import Tolerance, compare
 
     ref = np.array([[0.5, np.nan, 1.0], [1.0, 2.0, 3.0]], np.float32)
     got = np.array([[0.5, 0.0, 1.0], [1.0, 2.0, 3.0]], np.float32)
@@ -180,3 +180,28 @@ def test_verify_of_a_calibrated_model_uses_its_calibrated_weights(tmp_path):
     data = json.loads(report.read_text())
     assert data["passed"] and data["inputs"]["calibrated_weights"] > 0
     assert data["outputs"][0]["top1_agreement"] == 1.0
+
+
+def test_every_runner_has_polygraphy_s_lifecycle(tmp_path):
+    """ONNX Runtime and PyTorch runners alike: made active, `infer` by output name equal to `run`, released
+    by a `with` block (running then is refused in one line), and loaded again by `activate`."""
+    from aa_deploy.converters.backends import make_runner
+    from aa_deploy.converters.interface import Runner
+    from aa_deploy.converters.pytorch import TorchRunner
+
+    module = bundled.resnet20()
+    export(module, tmp_path / "r20.onnx", (1, 3, 32, 32))
+    x = bundled.cifar_normalize(bundled.cifar_test_images()[0][:4])
+    expected = module(torch.from_numpy(x)).detach().numpy()
+    for runner in (make_runner(tmp_path / "r20.onnx"), TorchRunner(module)):
+        assert isinstance(runner, Runner) and runner.is_active
+        with runner as active:
+            assert active is runner
+            named = runner.infer({runner.input_names[0]: x})
+            assert list(named) == runner.output_names
+            np.testing.assert_allclose(named[runner.output_names[0]], expected, rtol=1e-4, atol=1e-4)
+            np.testing.assert_array_equal(runner(x), named[runner.output_names[0]])
+        assert not runner.is_active
+        with pytest.raises(RuntimeError, match="not active"):
+            runner(x)
+        np.testing.assert_array_equal(runner.activate()(x), named[runner.output_names[0]])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from aa_deploy import bundled
+from aa_deploy.common import bundled
 from aa_deploy.converters.export import export
 from tests.helpers import cli
 

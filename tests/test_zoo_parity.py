@@ -15,8 +15,8 @@ import torch
 
 import aa_deploy
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
-from aa_deploy.parity import Inputs
-from aa_deploy.twin import antialias_with
+from aa_deploy.twin.network import antialias_with
+from aa_deploy.verification.parity import Inputs
 from tests.conftest import ZOO
 
 pytestmark = pytest.mark.zoo

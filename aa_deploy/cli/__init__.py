@@ -27,8 +27,8 @@ from aa_deploy.cli import (
     verify,
 )
 from aa_deploy.cli.common import EXIT_INPUT, EXIT_NOTHING, EXIT_OK
-from aa_deploy.errors import InputError
-from aa_deploy.version import __version__
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.version import __version__
 
 __all__ = ["EXIT_INPUT", "EXIT_NOTHING", "EXIT_OK", "main", "parser"]
 # In the order `aa-deploy --help` lists them.

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from aa_deploy.calibration.int8 import calibration_inputs, quantize
 from aa_deploy.cli import common
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.images import preprocess_for
+from aa_deploy.common.input_format import from_dims
+from aa_deploy.common.model_io import input_spec
+from aa_deploy.converters.int8 import calibration_inputs, quantize
 from aa_deploy.converters.precision import to_fp16
 from aa_deploy.converters.tensorrt import build_engine, parse_shapes
-from aa_deploy.errors import InputError
-from aa_deploy.images import preprocess_for
-from aa_deploy.input_format import from_dims
-from aa_deploy.model_io import input_spec
 
 
 def add(sub) -> None:

@@ -7,7 +7,6 @@ from functools import partial
 
 from rich.console import Console
 
-from aa_deploy import model_io
 from aa_deploy.calibration.calibrate import (
     METHODS,
     STARTS,
@@ -23,6 +22,8 @@ from aa_deploy.calibration.calibrate import (
 from aa_deploy.calibration.distill import Epoch, EpochsPlanned
 from aa_deploy.calibration.recipe import Recipe
 from aa_deploy.cli import common
+from aa_deploy.common import model_io
+from aa_deploy.common.devices import DEVICES
 
 
 def add(sub) -> None:
@@ -65,9 +66,7 @@ def add(sub) -> None:
     k.add_argument("--limit", type=int, help="use at most this many images")
     k.add_argument("--seed", type=int, default=0)
     _add_recipe_flags(k)
-    k.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when torch sees one"
-    )
+    k.add_argument("--device", default="auto", choices=DEVICES, help="auto: the GPU when torch sees one")
     k.add_argument("--batch-size", type=int, help="training batch (default: 64, less where activations are large)")
     k.add_argument("--workers", type=int, help="image-decoding worker processes (default: up to 4)")
     common.add_preprocess(k)
@@ -195,32 +194,12 @@ def calibrate_and_report(
 ) -> int:
     """Calibrate (the library's `calibrate`) with its progress shown, then its figures, verdict and advice
     (`calibrate` itself, and `convert --calibrate` with the defaults)."""
-    from rich.table import Table
-
     with common.progress_bars(console, partial(_event, console)) as progress:
         result = calibrate(
             model, teacher, data, output, training, compute, progress=progress, started=common.command_started()
         )
-    chose = (
-        " (held out from training; they also chose the learning rate and whether to keep the schedule's end, "
-        "so these figures lean optimistic: measure on other images with aa-deploy consistency)"
-        if result.method == "distill"
-        else " (held out from the refit; they chose nothing)"
-    )
-    table = Table(
-        title=f"calibration ({result.method}) on {result.held_out} held-out images{chose}", title_justify="left"
-    )
     who = _teacher_word(teacher)
-    measured = list(result.after.consistency)
-    for column in ("model", "fidelity %", "agreement %", *(f"consistency % ({name})" for name in measured)):
-        table.add_column(column)
-    for name, row in (
-        (who.removeprefix("the "), result.teacher),
-        ("converted", result.before),
-        ("calibrated", result.after),
-    ):
-        table.add_row(name, _pct(row.fidelity), _pct(row.agreement), *(_pct(row.consistency.get(m)) for m in measured))
-    console.print(table)
+    console.print(_figures(result, who))
     console.print(
         f"fidelity: top-1 agreement with {who} averaged over shifts of each image; agreement: with its answer on "
         "the image itself"
@@ -253,6 +232,31 @@ def calibrate_and_report(
         extra += f"; the time limit used {result.trained_on} of its {result.images - result.held_out} training images"
     console.print(f"calibrated on {result.images} images in {result.seconds:.0f} s{extra}; wrote {output}")
     return common.EXIT_OK
+
+
+def _figures(result, who: str):
+    """The held-out figures of the teacher, the converted and the calibrated model: a rich Table."""
+    from rich.table import Table
+
+    chose = (
+        " (held out from training; they also chose the learning rate and whether to keep the schedule's end, "
+        "so these figures lean optimistic: measure on other images with aa-deploy consistency)"
+        if result.method == "distill"
+        else " (held out from the refit; they chose nothing)"
+    )
+    table = Table(
+        title=f"calibration ({result.method}) on {result.held_out} held-out images{chose}", title_justify="left"
+    )
+    measured = list(result.after.consistency)
+    for column in ("model", "fidelity %", "agreement %", *(f"consistency % ({name})" for name in measured)):
+        table.add_column(column)
+    for name, row in (
+        (who.removeprefix("the "), result.teacher),
+        ("converted", result.before),
+        ("calibrated", result.after),
+    ):
+        table.add_row(name, _pct(row.fidelity), _pct(row.agreement), *(_pct(row.consistency.get(m)) for m in measured))
+    return table
 
 
 def time_plan(plan, after_start: bool = False, remeasured: float | None = None) -> str:

@@ -11,13 +11,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from aa_deploy.atomic import refuse_overwrite
-from aa_deploy.errors import InputError, SettingError
-from aa_deploy.images import Preprocess
-from aa_deploy.input_format import LAYOUTS, InputFormat
-from aa_deploy.input_format import read as read_input_format
-from aa_deploy.plan import MODES, PADS, PHASES, Options
-from aa_deploy.progress import Advance, Progress
+from aa_deploy.common.atomic import refuse_overwrite
+from aa_deploy.common.errors import InputError, SettingError
+from aa_deploy.common.images import Preprocess
+from aa_deploy.common.input_format import LAYOUTS, InputFormat
+from aa_deploy.common.input_format import read as read_input_format
+from aa_deploy.common.progress import Advance, Progress
+from aa_deploy.conversion.filters import NAMED_SIZES
+from aa_deploy.conversion.plan import MODES, PADS, PHASES, Options
 
 EXIT_OK, EXIT_NOTHING, EXIT_INPUT = 0, 1, 2
 
@@ -25,7 +26,7 @@ EXIT_OK, EXIT_NOTHING, EXIT_INPUT = 0, 1, 2
 def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--filter",
-        choices=["none", "rect", "triangle", "binomial"],
+        choices=list(NAMED_SIZES),
         help="blur filter (default: triangle; none: no blur, e.g. with --dense-last alone)",
     )
     p.add_argument("--filter-size", type=int, metavar="N", help="binomial row of N taps, 1..7 (overrides --filter)")

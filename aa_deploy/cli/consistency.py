@@ -9,18 +9,18 @@ from pathlib import Path
 
 from rich.console import Console
 
-from aa_deploy import cost, model_io
-from aa_deploy.atomic import write_text
 from aa_deploy.cli import common
+from aa_deploy.common.atomic import write_text
+from aa_deploy.common.devices import DEVICES
+from aa_deploy.common.errors import InputError
 from aa_deploy.consistency import compare, gate, sides
 from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.consistency.plots import plot
 from aa_deploy.consistency.protocols import PROTOCOLS
+from aa_deploy.conversion.report import print_consistency, print_cost
+from aa_deploy.converters.backends import BACKENDS
 from aa_deploy.converters.export import load_model
-from aa_deploy.converters.pytorch import multiply_adds as torch_multiply_adds
-from aa_deploy.converters.timing import latency_ratio
-from aa_deploy.errors import InputError
-from aa_deploy.report import print_consistency, print_cost
+from aa_deploy.converters.onnxruntime import PROVIDERS
 
 
 def add(sub) -> None:
@@ -35,7 +35,7 @@ def add(sub) -> None:
         help="the PyTorch original as the baseline: timm:NAME, torchvision:NAME, aa:NAME or package.module:factory (as verify)",
     )
     m.add_argument("--weights", help="checkpoint (state_dict) for --reference")
-    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where --reference runs")
+    m.add_argument("--device", default="cpu", choices=DEVICES[1:], help="where --reference runs")
     m.add_argument(
         "--require",
         action="append",
@@ -66,12 +66,8 @@ def add(sub) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--limit", type=int, help="use at most this many images")
     m.add_argument("--batch", type=int, default=64)
-    m.add_argument(
-        "--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"], help="tensorrt: the models are engines"
-    )
-    m.add_argument(
-        "--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"], help="ONNX Runtime execution provider"
-    )
+    m.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="tensorrt: the models are engines")
+    m.add_argument("--provider", default="cpu", choices=list(PROVIDERS), help="ONNX Runtime execution provider")
     common.add_preprocess(m)
     m.add_argument("--report", help="write the JSON report here")
     m.add_argument("--plot", help="write a PNG plot here")
@@ -110,7 +106,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     base = results[baseline]
     versus = {name: paired_difference(base, r) for name, r in results.items() if r is not base}
     print_consistency(results, versus, data.source, console)
-    costs = _costs(runners, data, args, reference)
+    costs = models.costs(runners, data, args.batch, latency=not args.no_latency)
+    for runner in runners.values():  # measured: the sessions and engines go before the report is written
+        runner.deactivate()
     if len(costs) > 1:
         print_cost(costs, baseline, console)
     outcomes = gate.check(requirements, results, baseline)
@@ -119,17 +117,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.junit:
         gate.write_junit(outcomes, args.junit)
     if args.report:
-        payload = {
-            "schema": "aa-deploy.consistency/3",
-            "protocol": args.protocol,
-            "images": data.source,
-            "baseline": baseline,
-            "models": {name: r.as_dict() for name, r in results.items()},
-            "versus_first": {name: d.as_dict() for name, d in versus.items()},
-            "cost": costs,
-            "requirements": [o.as_dict() for o in outcomes],
-            "passed": all(o.passed for o in outcomes),
-        }
+        payload = gate.report(args.protocol, data.source, results, versus, costs, outcomes)
         write_text(args.report, json.dumps(payload, indent=2) + "\n")
     if args.plot:
         plot({Path(n).name: r for n, r in results.items()}, args.plot, f"{args.protocol} on {Path(data.source).name}")
@@ -140,27 +128,3 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if outcomes:
         console.print(f"PASS: {len(outcomes)} requirements met")
     return common.EXIT_OK
-
-
-def _costs(runners: dict, data, args, reference) -> dict:
-    """Each model's multiply-adds (from its graph; the reference's counted by PyTorch) and, unless
-    --no-latency, its latency against the baseline's at batch 1 and at --batch, on the same real views."""
-    views = data.prepare(data.views(max(1, min(args.batch, len(data.images)))))
-    names = list(runners)
-    out: dict[str, dict] = {}
-    for name, runner in runners.items():
-        if reference is not None and name == reference[0]:
-            macs = torch_multiply_adds(reference[1], views[:1], runner)
-        elif args.backend == "onnxruntime":
-            macs = cost.multiply_adds(cost.with_shapes(cost.batch_of_one(model_io.load(name))))[0]
-        else:
-            macs = None  # an engine: no graph to count
-        out[name] = {"multiply_adds": macs}
-        if name != names[0] and not args.no_latency:
-            out[name]["latency"] = [
-                latency_ratio(runners[names[0]], runner, views[:b]) for b in sorted({1, len(views)})
-            ]
-    base = out[names[0]]["multiply_adds"]
-    for entry in out.values():
-        entry["multiply_adds_ratio"] = entry["multiply_adds"] / base if base and entry["multiply_adds"] else None
-    return out

@@ -10,15 +10,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from aa_deploy.atomic import refuse_overwrite
 from aa_deploy.calibration.calibrate import Compute, Data, Training
 from aa_deploy.cli import calibrate as calibrate_cli
 from aa_deploy.cli import common
-from aa_deploy.convert import convert
-from aa_deploy.drift import output_drift
-from aa_deploy.errors import InputError
-from aa_deploy.images import list_images
-from aa_deploy.report import print_sites
+from aa_deploy.common.atomic import refuse_overwrite
+from aa_deploy.common.devices import DEVICES
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.images import list_images
+from aa_deploy.conversion.graph_pass import convert
+from aa_deploy.conversion.report import print_sites
+from aa_deploy.verification.drift import output_drift
 
 
 def add(sub) -> None:
@@ -36,14 +37,15 @@ def add(sub) -> None:
         metavar="DIR",
         help="then calibrate on the unlabeled images in DIR against the input model (aa-deploy calibrate's defaults)",
     )
-    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="for --calibrate")
+    c.add_argument("--device", default="auto", choices=DEVICES, help="for --calibrate")
     common.add_target_opset(c)
     common.add_options(c)
     common.add_preprocess(c)
     c.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace, console: Console) -> int:
+def _check(args: argparse.Namespace) -> None:
+    """The arguments' one-line refusals, before anything is read or written."""
     if args.output is None and not args.in_place:
         raise InputError("give an output file with -o FILE (or --in-place to overwrite the input)")
     if args.calibrate is not None and args.in_place:
@@ -52,6 +54,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
         refuse_overwrite(args.output, args.model)  # the converted graph goes elsewhere first: check here
 
         list_images(args.calibrate)  # a missing or empty folder fails before anything is written
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    _check(args)
     start = time.perf_counter()
     out = args.model if args.in_place else args.output
     target = out
@@ -93,23 +99,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             except Exception as e:  # noqa: BLE001 - advisory: the converted file is written and checked already
                 console.print(f"outputs not compared with the original's ({str(e).splitlines()[0][:200]})")
         if drift is not None and args.calibrate is None:
-            if result.blurs == 0:  # dense sampling alone: nothing to calibrate
-                console.print(
-                    "dense sampling: the original averaged over the "
-                    + ("" if args.phases == "all" else f"{args.phases} ")
-                    + f"sampling phases of {dense} sites, exactly and "
-                    f"without training; answers change where the phases disagree ({drift.describe()}). "
-                    f"Measure it on your images: aa-deploy consistency {args.model} --compare {out} --images DIR "
-                    "--require 'top1>=-0.5' --require 'consistency.lower>=0'"
-                )
-            elif drift.needs_calibration:
-                console.print(
-                    f"[yellow]outputs moved: {drift.describe()}. Blurs change what the trained layers see: "
-                    f"calibrate it (aa-deploy calibrate {out} --teacher {args.model} --images DIR -o ...), "
-                    "or convert with --calibrate DIR[/yellow]"
-                )
-            else:
-                console.print(f"outputs close to the original's: {drift.describe()}")
+            _advise(args, out, result.blurs, dense, drift, console)
         if args.calibrate is not None:
             if drift is not None:
                 console.print(f"before calibration: {drift.describe()}")
@@ -121,3 +111,24 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if target != out and os.path.exists(target):
             os.unlink(target)
     return common.EXIT_OK
+
+
+def _advise(args: argparse.Namespace, out: str, blurs: int, dense: int, drift, console: Console) -> None:
+    """What the moved outputs mean for a converted model that is not calibrated here."""
+    if blurs == 0:  # dense sampling alone: nothing to calibrate
+        console.print(
+            "dense sampling: the original averaged over the "
+            + ("" if args.phases == "all" else f"{args.phases} ")
+            + f"sampling phases of {dense} sites, exactly and "
+            f"without training; answers change where the phases disagree ({drift.describe()}). "
+            f"Measure it on your images: aa-deploy consistency {args.model} --compare {out} --images DIR "
+            "--require 'top1>=-0.5' --require 'consistency.lower>=0'"
+        )
+    elif drift.needs_calibration:
+        console.print(
+            f"[yellow]outputs moved: {drift.describe()}. Blurs change what the trained layers see: "
+            f"calibrate it (aa-deploy calibrate {out} --teacher {args.model} --images DIR -o ...), "
+            "or convert with --calibrate DIR[/yellow]"
+        )
+    else:
+        console.print(f"outputs close to the original's: {drift.describe()}")

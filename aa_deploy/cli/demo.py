@@ -7,8 +7,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from aa_deploy.demo import CALIBRATION_CROPS, run_demo
-from aa_deploy.errors import InputError
+from aa_deploy.cli.demo_steps import CALIBRATION_CROPS, run_demo
+from aa_deploy.common.errors import InputError
 
 
 def add(sub) -> None:

@@ -7,10 +7,10 @@ import json
 
 from rich.console import Console
 
-from aa_deploy import model_io
 from aa_deploy.cli import common
-from aa_deploy.convert import dense_costs, inspect, plan_cost
-from aa_deploy.report import print_sites
+from aa_deploy.common import model_io
+from aa_deploy.conversion.graph_pass import dense_costs, inspect, plan_cost
+from aa_deploy.conversion.report import print_sites
 
 
 def add(sub) -> None:

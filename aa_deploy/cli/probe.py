@@ -8,14 +8,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from aa_deploy.atomic import write_text
 from aa_deploy.cli import common
+from aa_deploy.common import bundled
+from aa_deploy.common.atomic import write_text
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.progress import titled
 from aa_deploy.consistency.compare import load_images
 from aa_deploy.consistency.plots import plot_probe
-from aa_deploy.consistency.probe import probe, probe_module
+from aa_deploy.consistency.probe import payload, probe, probe_module, table
 from aa_deploy.converters.export import load_model
-from aa_deploy.errors import InputError
-from aa_deploy.progress import titled
 
 
 def add(sub) -> None:
@@ -37,9 +38,6 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-
-    from rich.table import Table
-
     common.at_least_1(args, "count")
     models = [m for m in (args.model, *(args.compare or [])) if m is not None]
     if not models:
@@ -48,7 +46,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     fmt = common.input_format(args, models[0])
     size = fmt.size() or 224
     data = load_images(
-        args.images or ("bundled:cifar10" if size == 32 else "bundled:photos"),
+        args.images or bundled.default_images(size),
         crop=size,
         shift=0,
         pad=None if size != 32 else "zero",
@@ -68,47 +66,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise InputError("--weights goes with --reference")
     with common.progress_bars(console) as progress:
         results |= {m: probe(m, x, progress=titled(progress, f"sites of {Path(m).name}")) for m in models}
-    table = Table(title=f"aliasing per site on {len(x)} images from {data.source}", title_justify="left")
-    for column in (
-        "#",
-        "site",
-        "kind",
-        "stride",
-        "cum. stride",
-        *(f"{Path(m).name}: alias % / equiv. / 1-px" for m in results),
-    ):
-        table.add_column(column)
-    base = next(iter(results.values()))
-    for i, p in enumerate(base):
-        cells = []
-        for probes in results.values():
-            q = probes[i] if i < len(probes) else None
-            cells.append(
-                "-"
-                if q is None
-                else f"{100 * q.aliasing:.1f} / {_num(q.equivariance_error)} / {_num(q.subpixel_error)}"
-            )
-        table.add_row(
-            str(i),
-            p.node,
-            p.kind,
-            "x".join(map(str, p.strides)),
-            "x".join(map(str, p.cumulative_stride or [])) or "-",
-            *cells,
-        )
-    console.print(table)
+    console.print(table(results, len(x), data.source))
     if args.report:
-        payload = {
-            "schema": "aa-deploy.probe/1",
-            "images": data.source,
-            "count": len(x),
-            "models": {m: [p.as_dict() for p in probes] for m, probes in results.items()},
-        }
-        write_text(args.report, json.dumps(payload, indent=2) + "\n")
+        write_text(args.report, json.dumps(payload(results, len(x), data.source), indent=2) + "\n")
     if args.plot:
         plot_probe({Path(m).name: r for m, r in results.items()}, args.plot, f"aliasing per site ({data.source})")
     return common.EXIT_OK
-
-
-def _num(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"

@@ -6,9 +6,9 @@ import argparse
 
 from rich.console import Console
 
-from aa_deploy.calibration.int8 import calibration_inputs, quantize
 from aa_deploy.cli import common
-from aa_deploy.images import preprocess_for
+from aa_deploy.common.images import preprocess_for
+from aa_deploy.converters.int8 import calibration_inputs, quantize
 
 
 def add(sub) -> None:

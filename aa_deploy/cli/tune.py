@@ -8,13 +8,15 @@ import json
 
 from rich.console import Console
 
-from aa_deploy import model_io
-from aa_deploy.atomic import write_text
 from aa_deploy.calibration.calibrate import Compute
 from aa_deploy.cli import common
+from aa_deploy.common import model_io
+from aa_deploy.common.atomic import write_text
+from aa_deploy.common.devices import DEVICES
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.images import folder_labels, list_images
 from aa_deploy.consistency import gate
-from aa_deploy.errors import InputError
-from aa_deploy.images import folder_labels, list_images
+from aa_deploy.converters.onnxruntime import PROVIDERS
 from aa_deploy.tune import Budget, Images, Tried, Trying, tune
 from aa_deploy.tune import report as tune_report
 
@@ -37,7 +39,7 @@ def add(sub) -> None:
     t.add_argument("--max-macs", type=float, metavar="X", help="multiply-adds at most X times the original's")
     t.add_argument("--max-latency", type=float, metavar="X", help="latency at most X times the original's (batch 1)")
     t.add_argument(
-        "--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+        "--provider", default="cpu", choices=list(PROVIDERS),
         help="the ONNX Runtime provider --max-latency is timed on (the backend that will serve the model)",
     )  # fmt: skip
     t.add_argument(
@@ -70,9 +72,7 @@ def add(sub) -> None:
     t.add_argument("--junit", help="write a JUnit XML file here: one test case per requirement")
     t.add_argument("--report", help="write the JSON report here")
     t.add_argument("--plot", help="write the frontier plot (PNG) here")
-    t.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where calibration and measurement run"
-    )
+    t.add_argument("--device", default="auto", choices=DEVICES, help="where calibration and measurement run")
     common.add_preprocess(t)
     t.set_defaults(run=run)
 

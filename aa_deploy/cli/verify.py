@@ -8,9 +8,11 @@ from dataclasses import replace
 from rich.console import Console
 
 from aa_deploy.cli import common
-from aa_deploy.comparator import DEFAULT_TOLERANCE, Check, Tolerance, write_json, write_junit
-from aa_deploy.parity import Deployed, Inputs, Reference, verify
-from aa_deploy.report import print_parity
+from aa_deploy.conversion.report import print_parity
+from aa_deploy.converters.backends import BACKENDS
+from aa_deploy.converters.onnxruntime import PROVIDERS
+from aa_deploy.verification.comparator import DEFAULT_TOLERANCE, Check, Tolerance, write_json, write_junit
+from aa_deploy.verification.parity import Deployed, Inputs, Reference, verify
 
 
 def add(sub) -> None:
@@ -30,10 +32,8 @@ def add(sub) -> None:
         action="store_true",
         help="report how much conversion changed the outputs vs the plain model (never fails)",
     )
-    v.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    v.add_argument(
-        "--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"], help="ONNX Runtime execution provider"
-    )
+    v.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    v.add_argument("--provider", default="cpu", choices=list(PROVIDERS), help="ONNX Runtime execution provider")
     v.add_argument("--precision", default="fp32", help="fp32, fp16 or int8: picks the default tolerances")
     v.add_argument("--atol", type=float)
     v.add_argument("--rtol", type=float)

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from aa_deploy import bundled
+from aa_deploy.common import bundled
+from aa_deploy.common.errors import InputError, SettingError
+from aa_deploy.common.images import Preprocess, csv_labels, folder_labels, load_folder, normalize
+from aa_deploy.common.input_format import InputFormat, Size, hw, size_text
+from aa_deploy.common.progress import Progress, titled
 from aa_deploy.consistency.protocols import ConsistencyResult, measure
-from aa_deploy.converters.runner import Runner
-from aa_deploy.errors import InputError, SettingError
-from aa_deploy.images import Preprocess, csv_labels, folder_labels, load_folder, normalize
-from aa_deploy.input_format import InputFormat, Size, hw, size_text
-from aa_deploy.progress import Progress, titled
-
-BUNDLED_PHOTOS = Path(__file__).resolve().parents[1] / "assets" / "photos"
+from aa_deploy.converters.interface import Runner
 
 
 @dataclass
@@ -52,11 +50,11 @@ def load_images(
     """`bundled:cifar10`, `bundled:photos`, or an image folder; labels from a `file,label` CSV or a
     folder-per-class layout. Images are loaded at the view size for pad-and-crop and `circular`
     shifts, and `shift` px larger for canvas crops; `prepare` feeds them as the model's input `fmt` takes them."""
-    if spec == "bundled:cifar10":
+    if spec == bundled.CIFAR10:
         prepare = bundled.cifar_feed(fmt)
         images, labels = bundled.cifar_test_images()
         return ImageSet(images[:limit], labels[:limit], prepare, 32, pad or "zero", "bundled CIFAR-10 test images")
-    root = BUNDLED_PHOTOS if spec in (None, "bundled:photos") else Path(spec)
+    root = bundled.PHOTOS if spec in (None, bundled.PHOTO_SET) else Path(spec)
     base = preprocess or Preprocess(size=crop)
     # pad-and-crop and circular views keep the image size; canvas crops need room for the shift.
     grow = 0 if pad is not None or circular else shift
@@ -133,8 +131,8 @@ def compare(
     m = measurement
     side = fmt.size()  # the model's own size; None where dynamic
     size = m.crop or side or 224
-    source = images.source if images.source is not None else ("bundled:cifar10" if size == 32 else "bundled:photos")
-    small = source == "bundled:cifar10" or m.pad is not None
+    source = images.source if images.source is not None else bundled.default_images(size)
+    small = source == bundled.CIFAR10 or m.pad is not None
     shift = m.shift
     if shift is None:
         shift = 2 if m.protocol == "circular" else 8 if m.protocol == "one-pixel" else (4 if small else 32)

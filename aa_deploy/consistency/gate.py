@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from aa_deploy.atomic import write_text
+from aa_deploy.common.atomic import write_text
+from aa_deploy.common.errors import InputError
 from aa_deploy.consistency.paired import bootstrap_ci
 from aa_deploy.consistency.protocols import PROTOCOLS, ConsistencyResult
-from aa_deploy.errors import InputError
 
 COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 METRICS = ("top1", "consistency", "stability", *PROTOCOLS)
@@ -125,3 +125,19 @@ def write_junit(outcomes: list[Outcome], path, suite_name: str = "aa-deploy cons
         if not o.passed:
             ET.SubElement(case, "failure", message=o.line).text = o.line
     write_text(path, ET.tostring(suite, encoding="unicode") + "\n")
+
+
+def report(protocol: str, source: str, results: dict, versus: dict, costs: dict, outcomes: list) -> dict:
+    """What `consistency --report` writes (schema aa-deploy.consistency/3): each model's result, its paired
+    difference from the first (the baseline), the costs, and each requirement's outcome."""
+    return {
+        "schema": "aa-deploy.consistency/3",
+        "protocol": protocol,
+        "images": source,
+        "baseline": next(iter(results)),
+        "models": {name: r.as_dict() for name, r in results.items()},
+        "versus_first": {name: d.as_dict() for name, d in versus.items()},
+        "cost": costs,
+        "requirements": [o.as_dict() for o in outcomes],
+        "passed": all(o.passed for o in outcomes),
+    }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from aa_deploy.atomic import atomic_path
+from aa_deploy.common.atomic import atomic_path
 from aa_deploy.consistency.protocols import ConsistencyResult
 
 

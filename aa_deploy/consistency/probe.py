@@ -26,14 +26,15 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from aa_deploy import blur_nodes, model_io
-from aa_deploy.convert import annotate_shapes
+from aa_deploy.common import inserted, model_io
+from aa_deploy.common.progress import Progress, counter
+from aa_deploy.conversion import blur_nodes
+from aa_deploy.conversion.graph_pass import annotate_shapes
+from aa_deploy.conversion.sites import find_sites, strided_slice
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
-from aa_deploy.progress import Progress, counter
-from aa_deploy.sites import find_sites, strided_slice
-from aa_deploy.twin import find_sites as module_sites
-from aa_deploy.twin import run_with_hooks
-from aa_deploy.twin_weights import conv_to_norm
+from aa_deploy.twin.network import find_sites as module_sites
+from aa_deploy.twin.network import run_with_hooks
+from aa_deploy.twin.weights import conv_to_norm
 
 
 @dataclass
@@ -84,7 +85,7 @@ def _taps_for(model: ir.Model) -> list[_Taps]:
     for name, entry in recorded.items() or ():
         if entry["action"] == "blurpool" and name in by_name:
             node = by_name[name]
-            blur = blur_nodes.blur_after(node)
+            blur = inserted.blur_after(node)
             axes = tuple(entry["axes"])
             taps = blur_nodes.taps_of(blur, axes)
             site = type("Recorded", (), {"name": name, "kind": entry["kind"]})()
@@ -259,3 +260,52 @@ def _measure(run, taps: list[_Taps], x: np.ndarray, margin: int, progress: Progr
         )
         advance(1)
     return results
+
+
+def table(results: dict[str, list[SiteProbe]], count: int, source: str):
+    """The probes of each model (by name, the first the baseline) side by side, a row per site: a rich Table."""
+    from rich.table import Table
+
+    out = Table(title=f"aliasing per site on {count} images from {source}", title_justify="left")
+    for column in (
+        "#",
+        "site",
+        "kind",
+        "stride",
+        "cum. stride",
+        *(f"{Path(m).name}: alias % / equiv. / 1-px" for m in results),
+    ):
+        out.add_column(column)
+    base = next(iter(results.values()))
+    for i, p in enumerate(base):
+        cells = []
+        for probes in results.values():
+            q = probes[i] if i < len(probes) else None
+            cells.append(
+                "-"
+                if q is None
+                else f"{100 * q.aliasing:.1f} / {_num(q.equivariance_error)} / {_num(q.subpixel_error)}"
+            )
+        out.add_row(
+            str(i),
+            p.node,
+            p.kind,
+            "x".join(map(str, p.strides)),
+            "x".join(map(str, p.cumulative_stride or [])) or "-",
+            *cells,
+        )
+    return out
+
+
+def payload(results: dict[str, list[SiteProbe]], count: int, source: str) -> dict:
+    """The probes as `probe --report` writes them (schema aa-deploy.probe/1)."""
+    return {
+        "schema": "aa-deploy.probe/1",
+        "images": source,
+        "count": count,
+        "models": {m: [p.as_dict() for p in probes] for m, probes in results.items()},
+    }
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"

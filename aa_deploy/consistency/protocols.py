@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.input_format import Size, hw, size_text, square_or_pair
+from aa_deploy.common.progress import Progress, counter
 from aa_deploy.consistency.paired import bootstrap_ci
-from aa_deploy.errors import InputError
-from aa_deploy.input_format import Size, hw, size_text, square_or_pair
-from aa_deploy.progress import Progress, counter
 
-Runner = Callable[[np.ndarray], np.ndarray]
+Forward = Callable[[np.ndarray], np.ndarray]  # a model as a function of its image input: a Runner called, a module
 Prepare = Callable[[np.ndarray], np.ndarray]
 PROTOCOLS = ("random-crop", "circular", "diagonal", "one-pixel", "worst-case")
 PAD_MODES = {"reflect": "reflect", "zero": "constant", "replicate": "edge"}
@@ -83,7 +83,7 @@ class Harness:
     """Runs views through the model in fixed-size batches."""
 
     def __init__(
-        self, run: Runner, prepare: Prepare, batch: int = 64, advance: Callable[[int], None] | None = None
+        self, run: Forward, prepare: Prepare, batch: int = 64, advance: Callable[[int], None] | None = None
     ) -> None:
         self.run, self.prepare, self.batch, self.advance = run, prepare, batch, advance
         self.views = 0
@@ -161,6 +161,30 @@ def roll_each(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     return np.stack([np.roll(img, tuple(s), axis=(0, 1)) for img, s in zip(images, shifts)])
 
 
+def _dense_step(stride: int, shift: int, circular: bool) -> int:
+    """The shift step for a dense output map of `stride`: whole cells, which only circular shifts can undo."""
+    if not circular:
+        raise InputError(
+            f"a dense output map (stride {stride}) is compared after undoing the shift: use --protocol circular"
+        )
+    if shift < stride:
+        raise InputError(
+            f"circular shifts of up to {shift} px are finer than the output's stride {stride}: "
+            f"give --shift {stride} or a multiple"
+        )
+    return stride
+
+
+def _random_view(rng, images, canvas, size, span: int, shift: int, step: int, circular: bool):
+    """One random view of every image and its offsets: a circular roll by a multiple of `step` within
+    ±`shift`, or a crop of `size` from the canvas at 0..`span`."""
+    if circular:
+        offsets = step * rng.integers(-(shift // step), shift // step + 1, size=(len(images), 2))
+        return offsets, roll_each(images, offsets)
+    offsets = rng.integers(0, span + 1, size=(len(images), 2))
+    return offsets, _crop(canvas, offsets, size)
+
+
 def random_pairs(
     harness: Harness,
     images: np.ndarray,
@@ -179,28 +203,12 @@ def random_pairs(
     size = _view(images, crop, pad is not None or circular)
     span = _span(canvas, size)  # offsets 0..span
     kind, stride = output_kind(harness.run(harness.prepare(_window(canvas[:1], 0, 0, size))), size)
-    step = 1
-    if kind == "dense":
-        if not circular:
-            raise InputError(
-                f"a dense output map (stride {stride}) is compared after undoing the shift: use --protocol circular"
-            )
-        if shift < stride:
-            raise InputError(
-                f"circular shifts of up to {shift} px are finer than the output's stride {stride}: "
-                f"give --shift {stride} or a multiple"
-            )
-        step = stride
+    step = _dense_step(stride, shift, circular) if kind == "dense" else 1
     agree, per_pass, correct, seen, change = 0.0, [], 0, 0, 0.0
     per_image = np.zeros(len(images))
     per_image_correct = np.zeros(len(images))
     for _ in range(passes):
-        if circular:
-            a, b = (step * rng.integers(-(shift // step), shift // step + 1, size=(len(images), 2)) for _ in range(2))
-            va, vb = roll_each(images, a), roll_each(images, b)
-        else:
-            a, b = (rng.integers(0, span + 1, size=(len(images), 2)) for _ in range(2))
-            va, vb = _crop(canvas, a, size), _crop(canvas, b, size)
+        (a, va), (b, vb) = (_random_view(rng, images, canvas, size, span, shift, step, circular) for _ in range(2))
         oa, ob = harness.logits(va), harness.logits(vb)
         if kind == "classifier":
             la, lb = classes(oa), classes(ob)
@@ -381,7 +389,7 @@ def worst_case(
 
 def measure(
     protocol: str,
-    run: Runner,
+    run: Forward,
     prepare: Prepare,
     images: np.ndarray,
     *,

@@ -9,9 +9,9 @@ from dataclasses import dataclass, replace
 import onnx_ir as ir
 
 from aa_deploy.calibration.calibrate import Training
-from aa_deploy.convert import dense_costs, plan_cost
-from aa_deploy.errors import InputError
-from aa_deploy.plan import Options
+from aa_deploy.common.errors import InputError
+from aa_deploy.conversion.graph_pass import dense_costs, plan_cost
+from aa_deploy.conversion.plan import Options
 
 BLUR = Options()  # convert's defaults: triangle, auto, reflect
 

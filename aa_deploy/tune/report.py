@@ -8,9 +8,9 @@ import os
 
 from rich.table import Table
 
+from aa_deploy.common.errors import InputError
 from aa_deploy.consistency.gate import Outcome, Requirement, judge
 from aa_deploy.consistency.plots import plot_frontier
-from aa_deploy.errors import InputError
 from aa_deploy.tune.rule import Delta, Row
 from aa_deploy.tune.search import Tuned
 

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from aa_deploy.common.errors import SettingError
 from aa_deploy.consistency.paired import bootstrap_ci
-from aa_deploy.errors import SettingError
 
 MEASURED, OVER_BUDGET, OUT_OF_TIME, REFUSED = "measured", "over budget", "out of time", "refused"
 

@@ -20,7 +20,6 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from aa_deploy import model_io
 from aa_deploy.calibration.calibrate import (
     Compute,
     Data,
@@ -30,12 +29,13 @@ from aa_deploy.calibration.calibrate import (
     weights_as_initializers,
 )
 from aa_deploy.calibration.recipe import Recipe
-from aa_deploy.convert import convert_model, inspect
+from aa_deploy.common import model_io
+from aa_deploy.common.errors import InputError, SettingError
+from aa_deploy.common.images import load_rgb
+from aa_deploy.common.progress import Progress, silent
+from aa_deploy.conversion.graph_pass import convert_model, inspect
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 from aa_deploy.converters.timing import latency_ratio
-from aa_deploy.errors import InputError, SettingError
-from aa_deploy.images import load_rgb
-from aa_deploy.progress import Progress, silent
 from aa_deploy.tune.candidates import Candidate, space
 from aa_deploy.tune.rule import MEASURED, OUT_OF_TIME, OVER_BUDGET, REFUSED, Budget, Delta, Row, Rule
 from aa_deploy.tune.selection import Measured, Selection, SessionModule, Split, linked, split

@@ -18,11 +18,11 @@ import torch
 from aa_deploy.calibration.calibrate import Views
 from aa_deploy.calibration.held_out import HeldOut
 from aa_deploy.calibration.teacher_targets import logits
+from aa_deploy.common.errors import InputError
+from aa_deploy.common.images import csv_labels, folder_labels, list_images, load_rgb, spread
 from aa_deploy.consistency import measure
 from aa_deploy.consistency.protocols import ConsistencyResult
 from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
-from aa_deploy.errors import InputError
-from aa_deploy.images import csv_labels, folder_labels, list_images, load_rgb, spread
 
 MIN_PART = 20  # images each part needs at least: calibrate's own minimum
 ONE_PIXEL_STEPS = 8

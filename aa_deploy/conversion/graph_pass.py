@@ -129,7 +129,7 @@ def convert_model(model: ir.Model, options: Options = Options()) -> Conversion:
     folded = prepare(model, options)
     actions, densified = _plan(model, options)
     blurs = rewrite(g, actions)
-    if any(a.action in ("pre", "blurpool") for a in actions):  # the blurs are in the map: analysed again
+    if blurs:  # the blurs are in the map: analysed again
         densified = dense.analyse(g, actions)
     stacked = 0
     if densified is not None:

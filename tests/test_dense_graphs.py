@@ -415,3 +415,49 @@ def test_convert_says_what_dense_sampling_does(tmp_path):
     text = proc.stdout + proc.stderr
     assert "calibrate it" not in text
     assert "averaged over" in text and "consistency" in text and "--require" in text, text
+
+
+def test_each_rule_answers_accept_rewrite_or_refuse_with_its_reason():
+    """The rules are values, not side effects: called on one node each, they return a verdict, and a
+    check deep inside a rule (a static shape) comes back as a refusal rather than an exception."""
+    from aa_deploy.conversion import dense
+
+    g = ir.Graph([], [], nodes=[], opset_imports={"": 17})
+    walk = dense._Walk(g, frozenset())
+    m = dense.Map((2, 3), (2, 2), (4, 4))
+
+    def value(name, dims):
+        return ir.Value(
+            name=name, shape=None if dims is None else ir.Shape(dims), type=ir.TensorType(ir.DataType.FLOAT)
+        )
+
+    x = value("x", [1, 8, 8, 8])
+
+    def ints(**kw):
+        return [ir.AttrInt64s(k, v) for k, v in kw.items()]
+
+    relu = ir.Node("", "Relu", [x], name="relu")
+    verdict = dense.RULES["Relu"](walk, relu, [m])
+    assert (verdict.kind, verdict.map, verdict.edits) == ("accept", m, ())
+
+    conv = ir.Node("", "Conv", [x, value("w", [8, 8, 3, 3])], attributes=ints(kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    verdict = dense.RULES["Conv"](walk, conv, [m, None])
+    assert verdict.kind == "rewrite" and verdict.map == m
+    (edit,) = verdict.edits
+    assert edit.node is conv and edit.attributes == {"pads": [2, 2, 2, 2], "strides": [1, 1], "dilations": [2, 2]}
+
+    pool = ir.Node("", "GlobalAveragePool", [x])
+    verdict = dense.RULES["GlobalAveragePool"](walk, pool, [m])
+    assert (verdict.kind, verdict.map, verdict.head) == ("accept", None, True)  # the head: it averages the phases
+
+    reflect = ir.Node("", "Pad", [x, value("pads", [8])], attributes=[ir.AttrString("mode", "reflect")])
+    verdict = dense.RULES["Pad"](walk, reflect, [m, None])
+    assert verdict.kind == "refuse" and "reflection" in verdict.why and verdict.map is None
+
+    unknown = ir.Node("", "Add", [x, value("y", None)], name="add")
+    verdict = dense.RULES["Add"](walk, unknown, [m, None])
+    assert (verdict.kind, verdict.why) == ("refuse", "has an input of unknown rank: dense sampling needs static shapes")
+
+    strided = ir.Node("", "MaxPool", [x], attributes=ints(kernel_shape=[2, 2], strides=[2, 2]))
+    assert "larger N" in dense.RULES["MaxPool"](walk, strided, [m]).why
+    assert dense.RULES["InstanceNormalization"](walk, relu, [m]).why == dense.WHOLE_MAP_NORM

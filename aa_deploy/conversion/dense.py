@@ -18,13 +18,15 @@ phase along each spatial axis), and the gate is tiled back over the dense map, s
 computes exactly what the original computes at that phase.
 
 The analysis walks the graph once in order, tracking for each value where its spatial axes sit and
-how much denser they are (`Map`); one small rule per op family (`RULES`) accepts a node, lists its
-edits, or refuses in one line with the reason the result would not be the mean of the original over
-the phases. `analyse` is pure (inspect runs it); `apply` makes the edits it lists.
+how much denser they are (`Map`); one small rule per op family (`RULES`) returns a `Verdict` for a
+node: accept (the map its outputs carry), rewrite (that map and the node's edits), or refuse with
+the reason the result would not be the mean of the original over the phases (one line). `analyse`
+is pure (inspect runs it); `apply` makes the edits it lists.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -47,6 +49,7 @@ POINTWISE_OPS = frozenset(
 # Ops over one axis (or the axes from one on): fine where that is not a spatial axis.
 AXIS_OPS = {"Concat": 1, "Split": 0, "Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "LayerNormalization": -1}
 WINDOW_OPS = ("Conv", "MaxPool", "AveragePool")
+AROUND = "joins a densely sampled map with one that is not (a path around the dense sites?)"
 # Their inputs after the first are per channel (along `axis`), not broadcast NumPy-style.
 PER_CHANNEL_INPUTS = ("BatchNormalization", "QuantizeLinear", "DequantizeLinear")
 
@@ -101,8 +104,53 @@ class DensePlan:
     heads: list[ir.Node] = field(default_factory=list)  # the whole-map pools that average the phases
 
 
-def _refuse(node: ir.Node, why: str) -> InputError:
-    return InputError(f"--dense-last: {node.op_type} node {node.name!r} {why}")
+class Refusal(InputError):
+    """Why one node cannot be made dense, in one line: `--dense-last: <op> node '<name>' <why>`."""
+
+    def __init__(self, node: ir.Node, why: str) -> None:
+        super().__init__(f"--dense-last: {node.op_type} node {node.name!r} {why}")
+        self.why = why
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A rule's answer for one node: accept (the map its outputs carry), rewrite (that map and the
+    node's edits) or refuse (why). `map` None with `head`: a pool over every phase, which averages
+    them as intended and ends the map."""
+
+    map: Map | None = None
+    edits: tuple[Edit, ...] = ()
+    why: str = ""
+    head: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "refuse" if self.why else "rewrite" if self.edits else "accept"
+
+
+def accept(m: Map | None, head: bool = False) -> Verdict:
+    return Verdict(m, head=head)
+
+
+def rewrite(m: Map | None, *edits: Edit, head: bool = False) -> Verdict:
+    return Verdict(m, edits, head=head)
+
+
+def refuse(why: str) -> Verdict:
+    return Verdict(why=why)
+
+
+def _rule(check: Callable[..., Verdict]) -> Callable[..., Verdict]:
+    """A rule whose deeper checks (static shapes, constant inputs) refuse by raising: its verdict."""
+
+    @functools.wraps(check)
+    def rule(*args) -> Verdict:
+        try:
+            return check(*args)
+        except Refusal as refusal:
+            return refuse(refusal.why)
+
+    return rule
 
 
 class _SplitPools(Exception):
@@ -117,14 +165,14 @@ class _SplitPools(Exception):
 def _spatial(node: ir.Node, value: ir.Value) -> tuple[int, ...]:
     dims = graph.dims(value)
     if dims is None or len(dims) < 3 or any(d is None for d in dims[2:]):
-        raise _refuse(node, "reads a map of unknown spatial size: dense sampling needs static shapes")
+        raise Refusal(node, "reads a map of unknown spatial size: dense sampling needs static shapes")
     return tuple(int(d) for d in dims[2:])
 
 
 def _rank(node: ir.Node, value: ir.Value) -> int:
     dims = graph.dims(value)
     if dims is None:
-        raise _refuse(node, "has an input of unknown rank: dense sampling needs static shapes")
+        raise Refusal(node, "has an input of unknown rank: dense sampling needs static shapes")
     return len(dims)
 
 
@@ -133,7 +181,7 @@ def kernel_of(node: ir.Node) -> tuple[int, ...]:
     if kernel is None and node.op_type == "Conv":
         kernel = tuple((graph.dims(node.inputs[1]) or ())[2:])
     if not kernel or any(k is None for k in kernel):
-        raise _refuse(node, "has no static kernel shape")
+        raise Refusal(node, "has no static kernel shape")
     return tuple(int(k) for k in kernel)
 
 
@@ -143,7 +191,7 @@ def _const_ints(node: ir.Node, name: str, index: int) -> tuple[int, ...] | None:
     if values is None and len(node.inputs) > index and node.inputs[index] is not None:
         array = graph.const_array(node.inputs[index])
         if array is None:
-            raise _refuse(node, f"takes its {name} from a tensor that is not a constant")
+            raise Refusal(node, f"takes its {name} from a tensor that is not a constant")
         values = tuple(int(a) for a in array.reshape(-1))
     return values
 
@@ -188,17 +236,17 @@ def _window_edit(node: ir.Node, factor: tuple[int, ...], site_stride: tuple[int,
         attributes["dilations"] = new_dilations
     if node.op_type == "AveragePool" and not node.attributes.get_int("count_include_pad", 0):
         if any(f > 1 for f in factor) and any(pads):
-            raise _refuse(node, "averages a padded window without counting the pads: not exact when dilated")
+            raise Refusal(node, "averages a padded window without counting the pads: not exact when dilated")
         if new_pads != [p * f for p, f in zip(pads, factor * 2)]:  # a site's far border, zero-filled
             if any(pads):
-                raise _refuse(
+                raise Refusal(
                     node, "averages a padded window without counting the pads: its far border cannot be zero-filled"
                 )
             attributes["count_include_pad"] = 1
         if opset < 19:  # no dilated AveragePool before opset 19: the same window as depthwise Conv taps
             channels = (graph.dims(node.inputs[0]) or (None, None))[1]
             if channels is None:
-                raise _refuse(node, "has an unknown channel count: cannot write its dilated window as a Conv")
+                raise Refusal(node, "has an unknown channel count: cannot write its dilated window as a Conv")
             dtype = ir.DataType(node.inputs[0].dtype).numpy() if node.inputs[0].dtype else np.float32
             attributes.pop("count_include_pad", None)  # a Conv counts every tap: the zero-filled border
             return Edit(
@@ -216,33 +264,34 @@ def _whole_map(node: ir.Node, kernel: tuple[int, ...]) -> bool:
     return tuple(kernel) == x and not any(graph.explicit_pads(node, x, kernel))
 
 
-def _window(w: _Walk, node: ir.Node, m: Map) -> Map | None:
+@_rule
+def _window(w: _Walk, node: ir.Node, m: Map) -> Verdict:
     if m.axes != (2, 3) or _rank(node, node.inputs[0]) != 4:
-        raise _refuse(node, "runs a window over a densely sampled map that is not NCHW")
+        return refuse("runs a window over a densely sampled map that is not NCHW")
     kernel = kernel_of(node)
     if node.op_type in ("MaxPool", "AveragePool") and _whole_map(node, kernel):
         global_op = "GlobalMaxPool" if node.op_type == "MaxPool" else "GlobalAveragePool"
         if id(node) in w.per_phase:
-            return _split_pool(w, node, m, dense_nodes.GLOBAL_REDUCE[global_op], (2, 3))
-        w.edits.append(Edit(node, op_type=global_op))
-        return _pooled(w, node)
+            return _split_pool(node, m, dense_nodes.GLOBAL_REDUCE[global_op], (2, 3))
+        return rewrite(None, Edit(node, op_type=global_op), head=True)
     if m.phased:
         if (
             any(k > 1 for k in kernel)
             or any(graph.ints(node, "pads", [0]))
             or any(s > 1 for s in graph.ints(node, "strides", [1]))
         ):
-            raise _refuse(node, "runs a window over a per-phase pooled value (only 1x1 convs can)")
-        return m
+            return refuse("runs a window over a per-phase pooled value (only 1x1 convs can)")
+        return accept(m)
     if any(s > 1 for s in graph.ints(node, "strides", [1, 1])):
-        raise _refuse(node, "subsamples after a dense site: give --dense-last a larger N to include it")
+        return refuse("subsamples after a dense site: give --dense-last a larger N to include it")
     x = _spatial(node, node.inputs[0])
     if any(k > 1 for k in kernel) or any(graph.explicit_pads(node, x, kernel)):
-        w.edits.append(_window_edit(node, m.factor, None, w.opset))
-    return m
+        return rewrite(m, _window_edit(node, m.factor, None, w.opset))
+    return accept(m)
 
 
-def _site(w: _Walk, node: ir.Node, site, slices: list[ir.Node], m: Map | None) -> Map:
+@_rule
+def _site(w: _Walk, node: ir.Node, site, slices: list[ir.Node], m: Map | None) -> Verdict:
     factor = m.factor if m is not None else (1, 1)
     strides = tuple(site.strides[site.axes.index(a)] if a in site.axes else 1 for a in (2, 3))
     out = _spatial(node, node.outputs[0])
@@ -250,49 +299,40 @@ def _site(w: _Walk, node: ir.Node, site, slices: list[ir.Node], m: Map | None) -
         sizes = _spatial(node, site.value)
         out = tuple(size // s for size, s in zip(sizes, strides))  # the whole tree's, not the root's
         if any(size % s for size, s in zip(sizes, strides)):
-            raise _refuse(node, "subsamples a map whose size is not a multiple of its stride")
+            return refuse("subsamples a map whose size is not a multiple of its stride")
+        edits = []
         for sl in slices:
             starts, steps = graph.const_array(sl.inputs[1]), graph.const_array(sl.inputs[4])
             strided = [i for i, s in enumerate(steps.reshape(-1)) if s > 1]
             if starts is None or any(int(starts.reshape(-1)[i]) != 0 for i in strided):
-                raise _refuse(node, "subsamples from an offset other than 0")
-            w.edits.append(Edit(sl, inputs={4: np.ones_like(steps)}))
+                return refuse("subsamples from an offset other than 0")
+            edits.append(Edit(sl, inputs={4: np.ones_like(steps)}))
     else:
-        w.edits.append(_window_edit(node, factor, strides, w.opset))
-    return Map((2, 3), tuple(f * s for f, s in zip(factor, strides)), out)
+        edits = [_window_edit(node, factor, strides, w.opset)]
+    return rewrite(Map((2, 3), tuple(f * s for f, s in zip(factor, strides)), out), *edits)
 
 
 # --- whole-map pools and reductions ----------------------------------------------------------------
 
 
-def _pooled(w: _Walk, node: ir.Node) -> None:
-    """A pool over every phase: the head's (it averages the phases, as intended) until its result is
-    seen coming back onto a dense map."""
-    w.heads.append(node)
-    for v in node.outputs:
-        if v is not None:
-            w.pooled[id(v)] = frozenset({id(node)})
-    return None
-
-
-def _split_pool(w: _Walk, node: ir.Node, m: Map, reduce_op: str, axes: tuple[int, ...]) -> Map:
+def _split_pool(node: ir.Node, m: Map, reduce_op: str, axes: tuple[int, ...]) -> Verdict:
     """The pool of `node` split by phase (squeeze-excitation): its result is phased."""
     if m.phased:
-        raise _refuse(node, "pools a per-phase pooled value again")
+        return refuse("pools a per-phase pooled value again")
     dims = graph.dims(node.inputs[0])
     first = min(m.axes)
     if dims is None or any(d is None for i, d in enumerate(dims) if i > first and i not in m.axes):
-        raise _refuse(node, "pools a map with dynamic channels: cannot split it by phase")
+        return refuse("pools a map with dynamic channels: cannot split it by phase")
     dense = m.by_axis()
 
     def build(g: ir.Graph) -> None:
         dense_nodes.reduce_per_phase(g, node, reduce_op, axes, dense, dims)
 
-    w.edits.append(Edit(node, build=build))
-    return Map(m.axes, m.factor, (1,) * len(m.axes), phased=True)
+    return rewrite(Map(m.axes, m.factor, (1,) * len(m.axes), phased=True), Edit(node, build=build))
 
 
-def _reduce(w: _Walk, node: ir.Node, m: Map) -> Map | None:
+@_rule
+def _reduce(w: _Walk, node: ir.Node, m: Map) -> Verdict:
     rank = _rank(node, node.inputs[0])
     if node.op_type in dense_nodes.GLOBAL_REDUCE:
         axes, keep = tuple(range(2, rank)), True
@@ -301,44 +341,46 @@ def _reduce(w: _Walk, node: ir.Node, m: Map) -> Map | None:
         axes = _const_ints(node, "axes", 1)
         if axes is None:
             if node.attributes.get_int("noop_with_empty_axes", 0):
-                return m
+                return accept(m)
             axes = tuple(range(rank))
         axes = tuple(sorted(a % rank for a in axes))
         keep, reduce_op = bool(node.attributes.get_int("keepdims", 1)), node.op_type
     spatial = set(m.axes) & set(axes)
     if not spatial:  # over channels only: each position on its own
-        return m if keep else m.dropped(axes)
+        return accept(m if keep else m.dropped(axes))
     if spatial != set(m.axes):
-        raise _refuse(node, "reduces over some spatial axes but not all: not a mean over phases")
+        return refuse("reduces over some spatial axes but not all: not a mean over phases")
     if id(node) in w.per_phase:
         if not keep:
-            raise _refuse(node, "pools the whole map without keeping its axes: cannot split it by phase")
-        return _split_pool(w, node, m, reduce_op, axes)
+            return refuse("pools the whole map without keeping its axes: cannot split it by phase")
+        return _split_pool(node, m, reduce_op, axes)
     if m.phased:
-        raise _refuse(node, "pools a per-phase pooled value again")
-    return _pooled(w, node)
+        return refuse("pools a per-phase pooled value again")
+    return accept(None, head=True)
 
 
 # --- layout: Transpose, Reshape, Squeeze/Unsqueeze, Slice, Pad ---------------------------------------
 
 
-def _transpose(w: _Walk, node: ir.Node, m: Map) -> Map:
+@_rule
+def _transpose(w: _Walk, node: ir.Node, m: Map) -> Verdict:
     rank = _rank(node, node.inputs[0])
     perm = graph.ints(node, "perm", list(reversed(range(rank))))
-    return m.on(tuple(perm.index(a) for a in m.axes))
+    return accept(m.on(tuple(perm.index(a) for a in m.axes)))
 
 
-def _reshape(w: _Walk, node: ir.Node, m: Map) -> Map:
+@_rule
+def _reshape(w: _Walk, node: ir.Node, m: Map) -> Verdict:
     """A Reshape that regroups only the axes before the map's spatial ones (a channel shuffle): the
     spatial axes and what follows them keep their sizes. Its shape constant gets the dense sizes."""
     din, dout = graph.dims(node.inputs[0]), graph.dims(node.outputs[0])
     shape = graph.const_array(node.inputs[1])
     first = min(m.axes)
     if din is None or dout is None or shape is None or any(d is None for d in din[first:]):
-        raise _refuse(node, "reshapes a densely sampled map to a shape that is not static")
+        return refuse("reshapes a densely sampled map to a shape that is not static")
     tail = tuple(din[first:])
     if len(dout) < len(tail) or tuple(dout[len(dout) - len(tail) :]) != tail:
-        raise _refuse(node, "reshapes the spatial axes of a densely sampled map: it depends on the spatial size")
+        return refuse("reshapes the spatial axes of a densely sampled map: it depends on the spatial size")
     shift = len(dout) - len(din)
     new = shape.reshape(-1).astype(np.int64).copy()
     moved = m.on(tuple(a + shift for a in m.axes))
@@ -348,20 +390,21 @@ def _reshape(w: _Walk, node: ir.Node, m: Map) -> Map:
     if not node.attributes.get_int("allowzero", 0):
         for j in np.flatnonzero(new[: len(dout) - len(tail)] == 0):
             if j in m.axes:
-                raise _refuse(node, "copies a spatial size into another axis: it depends on the spatial size")
-    w.edits.append(Edit(node, inputs={1: new}))
-    return moved
+                return refuse("copies a spatial size into another axis: it depends on the spatial size")
+    return rewrite(moved, Edit(node, inputs={1: new}))
 
 
-def _unsqueeze(w: _Walk, node: ir.Node, m: Map) -> Map:
+@_rule
+def _unsqueeze(w: _Walk, node: ir.Node, m: Map) -> Verdict:
     axes = _const_ints(node, "axes", 1)
     rank = _rank(node, node.inputs[0]) + len(axes)
     added = sorted(a % rank for a in axes)
     positions = [i for i in range(rank) if i not in added]  # where the input's axes land
-    return m.on(tuple(positions[a] for a in m.axes))
+    return accept(m.on(tuple(positions[a] for a in m.axes)))
 
 
-def _squeeze(w: _Walk, node: ir.Node, m: Map) -> Map:
+@_rule
+def _squeeze(w: _Walk, node: ir.Node, m: Map) -> Verdict:
     rank = _rank(node, node.inputs[0])
     axes = _const_ints(node, "axes", 1)
     if axes is None:
@@ -369,45 +412,46 @@ def _squeeze(w: _Walk, node: ir.Node, m: Map) -> Map:
         axes = tuple(i for i, d in enumerate(dims) if d == 1)
     axes = tuple(a % rank for a in axes)
     if set(axes) & set(m.axes):
-        raise _refuse(node, "squeezes a spatial axis of a densely sampled map")
-    return m.dropped(axes)
+        return refuse("squeezes a spatial axis of a densely sampled map")
+    return accept(m.dropped(axes))
 
 
-def _slice(w: _Walk, node: ir.Node, m: Map) -> Map:
+@_rule
+def _slice(w: _Walk, node: ir.Node, m: Map) -> Verdict:
     rank = _rank(node, node.inputs[0])
     axes = _const_ints(node, "axes", 3)
     if axes is None:
         starts = _const_ints(node, "starts", 1)
         axes = tuple(range(len(starts)))
     if {a % rank for a in axes} & set(m.axes):
-        raise _refuse(node, "slices a spatial axis of a densely sampled map: it depends on the spatial size")
-    return m
+        return refuse("slices a spatial axis of a densely sampled map: it depends on the spatial size")
+    return accept(m)
 
 
-def _pad(w: _Walk, node: ir.Node, m: Map) -> Map:
+@_rule
+def _pad(w: _Walk, node: ir.Node, m: Map) -> Verdict:
     if m.phased:
-        raise _refuse(node, "pads a per-phase pooled value")
+        return refuse("pads a per-phase pooled value")
     if node.attributes.get_string("mode", "constant") != "constant":
-        raise _refuse(node, "pads by reflection or replication: its mirror lines are not in phase units")
+        return refuse("pads by reflection or replication: its mirror lines are not in phase units")
     attribute = graph.ints(node, "pads")  # opset < 11: pads is an attribute
     pads = np.array(attribute, np.int64) if attribute is not None else graph.const_array(node.inputs[1])
     if pads is None or (len(node.inputs) > 3 and node.inputs[3] is not None):
-        raise _refuse(node, "has pads that are not a constant over every axis")
+        return refuse("has pads that are not a constant over every axis")
     rank = len(pads) // 2
     scale = np.ones(2 * rank, dtype=pads.dtype)
     for a, (_, f) in m.by_axis().items():
         scale[a] = scale[a + rank] = f
     if attribute is not None:
-        w.edits.append(Edit(node, {"pads": [int(p) for p in pads * scale]}))
-    else:
-        w.edits.append(Edit(node, inputs={1: pads * scale}))
-    return m
+        return rewrite(m, Edit(node, {"pads": [int(p) for p in pads * scale]}))
+    return rewrite(m, Edit(node, inputs={1: pads * scale}))
 
 
 # --- per-position ops: pointwise (with broadcasting), along one axis, MatMul ------------------------
 
 
-def _pointwise(w: _Walk, node: ir.Node, ins: list[Map | None]) -> Map:
+@_rule
+def _pointwise(w: _Walk, node: ir.Node, ins: list[Map | None]) -> Verdict:
     values = [v for v in node.inputs if v is not None]
     ranks = [_rank(node, v) for v in values]
     rank = max(ranks)
@@ -416,16 +460,17 @@ def _pointwise(w: _Walk, node: ir.Node, ins: list[Map | None]) -> Map:
     target = (dense or list(aligned.values()))[0]
     for m in aligned.values():
         if (m.axes, m.factor) != (target.axes, target.factor) or (not m.phased and m.sizes != target.sizes):
-            raise _refuse(node, "joins maps of different sampling densities")
+            return refuse("joins maps of different sampling densities")
     for i, v in enumerate(node.inputs):
         if v is None or i in aligned or (i > 0 and node.op_type in PER_CHANNEL_INPUTS):
             continue
         dims = graph.dims(v)
         if dims is None:
-            raise _refuse(node, "joins a densely sampled map with a value of unknown shape")
+            return refuse("joins a densely sampled map with a value of unknown shape")
         offset = rank - len(dims)
         if any(0 <= a - offset < len(dims) and dims[a - offset] != 1 for a in target.axes):
-            raise _refuse(node, "joins a densely sampled map with one that is not (a path around the dense sites?)")
+            return refuse(AROUND)
+    edits = []
     if not target.phased:
         for i, m in aligned.items():
             if m.phased:
@@ -433,11 +478,12 @@ def _pointwise(w: _Walk, node: ir.Node, ins: list[Map | None]) -> Map:
                 repeats = [1] * _rank(node, node.inputs[i])
                 for a, s in zip(own.axes, target.sizes):
                     repeats[a] = s
-                w.edits.append(Edit(node, build=lambda g, i=i, repeats=repeats: dense_nodes.tile(g, node, i, repeats)))
-    return target
+                edits.append(Edit(node, build=lambda g, i=i, repeats=repeats: dense_nodes.tile(g, node, i, repeats)))
+    return rewrite(target, *edits)
 
 
-def _along_axis(w: _Walk, node: ir.Node, ins: list[Map | None]) -> Map:
+@_rule
+def _along_axis(w: _Walk, node: ir.Node, ins: list[Map | None]) -> Verdict:
     rank = _rank(node, next(v for v in node.inputs if v is not None))
     axis = node.attributes.get_int("axis", AXIS_OPS[node.op_type])
     if node.op_type in ("Softmax", "LogSoftmax", "Hardmax") and w.opset < 13:
@@ -449,43 +495,45 @@ def _along_axis(w: _Walk, node: ir.Node, ins: list[Map | None]) -> Map:
         touched = {axis % rank}
     m = next(m for m in ins if m is not None)
     if touched & set(m.axes):
-        raise _refuse(node, "works along a spatial axis of a densely sampled map: it depends on the spatial size")
+        return refuse("works along a spatial axis of a densely sampled map: it depends on the spatial size")
     if node.op_type == "Concat":
         return _pointwise_join(node, ins, m)
-    return m
+    return accept(m)
 
 
-def _pointwise_join(node: ir.Node, ins: list[Map | None], m: Map) -> Map:
+def _pointwise_join(node: ir.Node, ins: list[Map | None], m: Map) -> Verdict:
     """A Concat along channels: every input must be the same kind of map."""
     for v, other in zip(node.inputs, ins):
         if v is not None and graph.const_array(v) is None and other != m:
-            raise _refuse(node, "joins a densely sampled map with one that is not (a path around the dense sites?)")
-    return m
+            return refuse(AROUND)
+    return accept(m)
 
 
-def _matmul(w: _Walk, node: ir.Node, ins: list[Map | None]) -> Map:
+@_rule
+def _matmul(w: _Walk, node: ir.Node, ins: list[Map | None]) -> Verdict:
     """x @ W with W constant (a Linear over channels-last maps): per position unless x's last axis is
     spatial."""
     m, other = ins[0], node.inputs[1]
     if m is None or ins[1] is not None or graph.const_array(other) is None:
-        raise _refuse(node, "multiplies a densely sampled map as a matrix: it depends on the spatial size")
+        return refuse("multiplies a densely sampled map as a matrix: it depends on the spatial size")
     rank = _rank(node, node.inputs[0])
     if rank - 1 in m.axes or (rank >= 2 and len(graph.dims(other) or ()) > 2):
-        raise _refuse(node, "multiplies along a spatial axis of a densely sampled map")
-    return m
+        return refuse("multiplies along a spatial axis of a densely sampled map")
+    return accept(m)
 
 
 WHOLE_MAP_NORM = "normalizes over the whole map: its statistics would mix the sampling phases"
 
 
-def _refuse_rule(why: str) -> Callable:
-    def rule(w: _Walk, node: ir.Node, m) -> Map:
-        raise _refuse(node, why)
+def _refuse_rule(why: str) -> Callable[..., Verdict]:
+    def rule(w: _Walk, node: ir.Node, ins: list[Map | None]) -> Verdict:
+        return refuse(why)
 
     return rule
 
 
-RULES: dict[str, Callable] = (
+# op type -> rule(walk, node, the inputs' maps) -> Verdict
+RULES: dict[str, Callable[..., Verdict]] = (
     {op: lambda w, node, ins: _pointwise(w, node, ins) for op in POINTWISE_OPS}
     | {op: lambda w, node, ins: _along_axis(w, node, ins) for op in AXIS_OPS}
     | {op: lambda w, node, ins: _window(w, node, _first(ins)) for op in WINDOW_OPS}
@@ -501,7 +549,7 @@ RULES: dict[str, Callable] = (
         "Slice": lambda w, node, ins: _slice(w, node, _first(ins)),
         "Pad": lambda w, node, ins: _pad(w, node, _first(ins)),
         "MatMul": lambda w, node, ins: _matmul(w, node, ins),
-        "LRN": lambda w, node, ins: _first(ins),  # across channels, at each position
+        "LRN": lambda w, node, ins: accept(_first(ins)),  # across channels, at each position
         "InstanceNormalization": _refuse_rule(WHOLE_MAP_NORM),
         "GroupNormalization": _refuse_rule(WHOLE_MAP_NORM),
     }
@@ -521,12 +569,25 @@ def _first(ins: list[Map | None]) -> Map:
 def _check_sites(g: ir.Graph, dense_sites: dict) -> None:
     for site in dense_sites.values():
         if site.node.graph is not g:
-            raise _refuse(site.node, "is inside an If/Loop/Scan body: dense sampling works on the main graph")
+            raise Refusal(site.node, "is inside an If/Loop/Scan body: dense sampling works on the main graph")
         if site.channel_axis != 1 or site.rank != 4 or site.kind == "patch-merge":
-            raise _refuse(
+            raise Refusal(
                 site.node,
                 f"is a {site.kind} site over {site.layout}: dense sampling takes NCHW convs, pools and slices",
             )
+
+
+def _follow(w: _Walk, node: ir.Node, verdict: Verdict) -> Map | None:
+    """Take one node's verdict into the walk: its edits, its pool over every phase; a refusal raises."""
+    if verdict.why:
+        raise Refusal(node, verdict.why)
+    w.edits.extend(verdict.edits)
+    if verdict.head:  # the head's (it averages the phases) until its result comes back onto a dense map
+        w.heads.append(node)
+        for v in node.outputs:
+            if v is not None:
+                w.pooled[id(v)] = frozenset({id(node)})
+    return verdict.map
 
 
 def _walk(g: ir.Graph, dense_sites: dict, per_phase: frozenset[int]) -> _Walk:
@@ -545,7 +606,7 @@ def _walk(g: ir.Graph, dense_sites: dict, per_phase: frozenset[int]) -> _Walk:
             out = w.maps.get(id(node.inputs[0]))  # handled with its root
         elif id(node) in dense_sites:
             site = dense_sites[id(node)]
-            out = _site(w, node, site, slice_nodes.get(id(node), []), ins[0])
+            out = _follow(w, node, _site(w, node, site, slice_nodes.get(id(node), []), ins[0]))
         elif all(m is None for m in ins):
             if pools:
                 for v in node.outputs:
@@ -555,18 +616,18 @@ def _walk(g: ir.Graph, dense_sites: dict, per_phase: frozenset[int]) -> _Walk:
         else:
             if pools:
                 if pools <= per_phase:
-                    raise _refuse(node, "joins a per-phase pooled value in a way that cannot be split by phase")
+                    raise Refusal(node, "joins a per-phase pooled value in a way that cannot be split by phase")
                 raise _SplitPools(pools)
             rule = RULES.get(node.op_type) if graph.is_onnx(node, node.op_type) else None
             if rule is None:
-                raise _refuse(node, "would see a densely sampled map: it depends on the spatial size or layout")
-            out = rule(w, node, ins)
+                raise Refusal(node, "would see a densely sampled map: it depends on the spatial size or layout")
+            out = _follow(w, node, rule(w, node, ins))
         if out is not None:
             for v in node.outputs:
                 if v is None:
                     continue
                 if v.is_graph_output():
-                    raise _refuse(node, "writes a densely sampled graph output: its shape would change")
+                    raise Refusal(node, "writes a densely sampled graph output: its shape would change")
                 w.maps[id(v)] = out
     return w
 

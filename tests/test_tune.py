@@ -167,16 +167,25 @@ def test_bad_input_is_one_line(cifar, tmp_path):
     assert not out.exists()
 
 
-def test_a_latency_bound_times_each_candidate_against_the_original(cifar):
+def test_a_latency_bound_times_each_candidate_against_the_original(cifar, monkeypatch):
     """--max-latency: every candidate built is timed on ONNX Runtime against the original, and the ratio
-    recorded (a generous bound here, so that the machine's noise cannot decide the test)."""
+    recorded (a generous bound here, so that the machine's noise cannot decide the test). Every session
+    tune opens (the original's for the selection and the timing, each candidate's) is released by its end."""
+    from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
     from aa_deploy.tune import Budget, Images, tune
 
+    opened: list[OnnxRuntimeRunner] = []
+    activate = OnnxRuntimeRunner._activate
+    monkeypatch.setattr(OnnxRuntimeRunner, "_activate", lambda self: (opened.append(self), activate(self))[1])
     model, images = cifar
     tuned = tune(model_io.load(model), Images(images), Budget(max_latency=50, time_limit=15))
     rows = {r.name: r for r in tuned.rows}
     assert rows["original"].latency_ratio == 1.0
     assert rows["dense-1"].status == MEASURED and 0 < rows["dense-1"].latency_ratio < 50
+    timed = sum(r.latency_ratio is not None for r in tuned.rows[1:])  # built, then timed; some not measured
+    measured = sum(r.status == MEASURED for r in tuned.rows[1:])
+    assert len(opened) == 2 + timed + measured  # the original's two: the selection's and the timing's
+    assert not any(runner.is_active for runner in opened)
 
 
 def test_the_cheap_calibrations_keep_their_share_when_not_all_fit():

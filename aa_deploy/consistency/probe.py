@@ -154,13 +154,13 @@ def probe(path: str | os.PathLike, x: np.ndarray, margin: int = 2, progress: Pro
         probe_path = Path(tmp) / "probe.onnx"
         # The copy lives elsewhere: weights the model keeps in external files go along in memory.
         ir.save(ir.external_data.load_to_model(model), probe_path)
-        runner = OnnxRuntimeRunner(probe_path)
+        with OnnxRuntimeRunner(probe_path) as runner:
 
-        def run(inputs):  # batches of 32, or of the model's fixed batch size
-            outs = [runner.run({runner.input_names[0]: inputs[i : i + 32]}) for i in range(0, len(inputs), 32)]
-            return {n: np.concatenate([o[j] for o in outs]) for j, n in enumerate(names)}
+            def run(inputs):  # batches of 32, or of the model's fixed batch size
+                outs = [runner.run({runner.input_names[0]: inputs[i : i + 32]}) for i in range(0, len(inputs), 32)]
+                return {n: np.concatenate([o[j] for o in outs]) for j, n in enumerate(names)}
 
-        return _measure(run, taps, x, margin, progress)
+            return _measure(run, taps, x, margin, progress)
 
 
 @dataclass

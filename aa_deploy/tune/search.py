@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -172,11 +173,12 @@ def tune(
     fmt = image_input(model, images.layout, name)
     views = plan_views(fmt, Data(images.folder, images.preprocess, layout=images.layout), Recipe(), name)
     first = views.centre(load_rgb(parts.selection[0], views.decode)[None])
-    with tempfile.TemporaryDirectory(prefix="aa-deploy-tune-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="aa-deploy-tune-") as tmp, ExitStack() as sessions:
         folder = Path(tmp)
         original = _write(model, folder, "original")
+        teacher = sessions.enter_context(OnnxRuntimeRunner(original))  # the original's sessions: until the end
         selection = Selection(
-            SessionModule(OnnxRuntimeRunner(original)), parts.selection, parts.root, views, labels=images.labels,
+            SessionModule(teacher), parts.selection, parts.root, views, labels=images.labels,
             seed=seed, batch=compute.batch_size or MEASURE_BATCH,
         )  # fmt: skip
         rule = replace(rule, accuracy=selection.accuracy_name, protocol=selection.protocol.name)
@@ -186,7 +188,11 @@ def tune(
         per_scoring = time.perf_counter() - scoring
         rows = [_row(Row("original", 1.0, 1.0 if budget.max_latency else None), base, base, per_scoring)]
         report(Tried(rows[0]))
-        timing = _Timing(original, first, budget.provider) if budget.max_latency else None
+        timing = None
+        if budget.max_latency:
+            timing = _Timing(
+                sessions.enter_context(OnnxRuntimeRunner(original, budget.provider)), first, budget.provider
+            )
         context = _Context(
             model, selection, base, parts, images, compute, clock, per_scoring, timing, budget, report, folder
         )
@@ -227,14 +233,15 @@ def _row(row: Row, base: Measured, measured: Measured, seconds: float) -> Row:
 
 
 class _Timing:
-    """Latency against the original's on ONNX Runtime (`provider`), batch 1, of the files `_write` wrote."""
+    """Latency against the original's (its session on ONNX Runtime's `provider`), batch 1, of the files
+    `_write` wrote; each candidate's session lives while it is timed."""
 
-    def __init__(self, original: Path, x: np.ndarray, provider: str) -> None:
-        self.x, self.provider = x, provider
-        self.original = OnnxRuntimeRunner(original, provider)
+    def __init__(self, original: OnnxRuntimeRunner, x: np.ndarray, provider: str) -> None:
+        self.original, self.x, self.provider = original, x, provider
 
     def ratio(self, path: Path) -> float:
-        return latency_ratio(self.original, OnnxRuntimeRunner(path, self.provider), self.x)["ratio"]
+        with OnnxRuntimeRunner(path, self.provider) as candidate:
+            return latency_ratio(self.original, candidate, self.x)["ratio"]
 
 
 @dataclass
@@ -305,7 +312,8 @@ def _attempt(candidate: Candidate, row: Row, later: list, c: _Context) -> ir.Mod
         return None
     if candidate.training is not None:  # the calibrated weights (written into `converted` itself) are measured
         path = _write(model, c.folder, row.name)
-    measured = c.selection.measure(SessionModule(OnnxRuntimeRunner(path)))
+    with OnnxRuntimeRunner(path) as session:
+        measured = c.selection.measure(SessionModule(session))
     _row(row, c.base, measured, time.perf_counter() - began)
     row.status = MEASURED
     return model

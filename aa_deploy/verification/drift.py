@@ -49,12 +49,12 @@ def output_drift(original: str | os.PathLike, converted: str | os.PathLike, prep
         return None
     if fmt.channels != 3:
         return None
-    runners = [OnnxRuntimeRunner(p) for p in (original, converted)]
     spec = bundled.default_images(size, preprocessed=preprocess is not None)
     data = load_images(spec, crop=size, shift=0, pad="zero", preprocess=preprocess, fmt=fmt)
     images = data.images if spec == bundled.CIFAR10 else np.concatenate([data.images, data.images[:, :, ::-1]])
     x = data.prepare(images)
-    a, b = (r(x) for r in runners)
+    with OnnxRuntimeRunner(original) as before, OnnxRuntimeRunner(converted) as after:
+        a, b = before(x), after(x)
     for name, out in (("the original's", a), ("the converted model's", b)):
         if not np.isfinite(out).all():
             raise InputError(f"{name} outputs are not finite (NaN or inf) on bundled images")

@@ -17,7 +17,7 @@ from aa_deploy.consistency import compare, gate, sides
 from aa_deploy.consistency.paired import paired_difference
 from aa_deploy.consistency.plots import plot
 from aa_deploy.consistency.protocols import PROTOCOLS
-from aa_deploy.conversion.report import print_consistency, print_cost
+from aa_deploy.consistency.report import Compared, Costs
 from aa_deploy.converters.backends import BACKENDS
 from aa_deploy.converters.export import load_model
 from aa_deploy.converters.onnxruntime import PROVIDERS
@@ -105,12 +105,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
         )
     base = results[baseline]
     versus = {name: paired_difference(base, r) for name, r in results.items() if r is not base}
-    print_consistency(results, versus, data.source, console)
+    console.print(Compared(results, versus, data.source))
     costs = models.costs(runners, data, args.batch, latency=not args.no_latency)
     for runner in runners.values():  # measured: the sessions and engines go before the report is written
         runner.deactivate()
     if len(costs) > 1:
-        print_cost(costs, baseline, console)
+        console.print(Costs(costs, baseline))
     outcomes = gate.check(requirements, results, baseline)
     for outcome in outcomes:
         console.print(outcome.line if outcome.passed else f"[red]{outcome.line}[/red]")

@@ -8,10 +8,9 @@ from dataclasses import replace
 from rich.console import Console
 
 from aa_deploy.cli import common
-from aa_deploy.conversion.report import print_parity
 from aa_deploy.converters.backends import BACKENDS
 from aa_deploy.converters.onnxruntime import PROVIDERS
-from aa_deploy.verification.comparator import DEFAULT_TOLERANCE, Check, Tolerance, write_json, write_junit
+from aa_deploy.verification.comparator import DEFAULT_TOLERANCE, Check, Tolerance
 from aa_deploy.verification.parity import Deployed, Inputs, Reference, verify
 
 
@@ -62,11 +61,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
         inputs = Inputs(args.images, preprocess, args.count, args.seed, common.shape(args.input_shape), args.layout)
     reference = Reference(args.reference, args.weights, antialiased, options)
     result = verify(args.model, reference, inputs, check, Deployed(args.backend, args.provider))
-    print_parity(result, console)
+    console.print(result)
     if args.report:
-        write_json(result, args.report)
+        result.write_json(args.report)
     if args.junit:
-        write_junit(result, args.junit)
+        result.write_junit(args.junit)
     return common.EXIT_OK if result.passed else common.EXIT_NOTHING
 
 

@@ -8,12 +8,16 @@ result as JSON or JUnit XML.
 
 from __future__ import annotations
 
+import json
 import os
+import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from rich.console import Group
+from rich.table import Table
 
 from aa_deploy.common.atomic import write_text
 from aa_deploy.common.errors import InputError, SettingError
@@ -99,6 +103,64 @@ class ParityResult:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def __rich__(self) -> Group:
+        """The parity (or change) table, the inputs and a one-line verdict."""
+        label = "change vs plain model" if self.kind == "change" else "parity"
+        table = Table(
+            title=f"{label}: {self.model} on {self.backend} ({self.precision}) vs {self.reference}"
+            + (" twin" if self.reference_antialiased else ""),
+            title_justify="left",
+        )
+        for column in ("output", "shape", "max abs", "max rel", "min cosine", "top-1 agree", "top-5 agree", "result"):
+            table.add_column(column)
+        for o in self.outputs:
+            verdict = "changed" if self.kind == "change" else ("pass" if o.passed else f"FAIL: {o.failure}")
+            table.add_row(
+                o.name,
+                "x".join(map(str, o.shape)),
+                f"{o.max_abs:.3g}",
+                f"{o.max_rel:.3g}",
+                f"{o.cosine_min:.6f}",
+                _pct(o.top1_agreement),
+                _pct(o.top5_agreement),
+                verdict,
+            )
+        lines = [f"inputs: {self.inputs.get('count')} x {self.inputs.get('shape')} from {self.inputs.get('source')}"]
+        if self.kind == "change":
+            lines.append("CHANGE (not a failure): how much the anti-aliasing moved the outputs")
+        else:
+            tol = self.tolerance
+            lines.append(
+                ("PASS" if self.passed else "FAIL")
+                + f" (atol {tol['atol']:g}, rtol {tol['rtol']:g}, min top-1 {tol['min_top1']:g}, "
+                f"min cosine {tol['min_cosine']:g})"
+            )
+        return Group(table, *lines)
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        """The report, atomically."""
+        write_text(path, json.dumps(self.as_dict(), indent=2) + "\n")
+
+    def write_junit(self, path: str | os.PathLike) -> None:
+        """A JUnit XML file with one test case per output, for CI systems."""
+        failures = sum(not o.passed for o in self.outputs)
+        suite = ET.Element(
+            "testsuite", name=f"aa-deploy {self.kind}", tests=str(len(self.outputs)), failures=str(failures)
+        )
+        for o in self.outputs:
+            case = ET.SubElement(suite, "testcase", classname=f"{self.kind}.{Path(self.model).name}", name=o.name)
+            ET.SubElement(case, "system-out").text = (
+                f"max_abs={o.max_abs:.3g} max_rel={o.max_rel:.3g} cosine_min={o.cosine_min:.6f} "
+                f"top1={o.top1_agreement} top5={o.top5_agreement}"
+            )
+            if not o.passed:
+                ET.SubElement(case, "failure", message=o.failure).text = o.failure
+        write_text(path, ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode") + "\n")
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
 
 def compare(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, check: bool = True) -> OutputParity:
     """Metrics of `got` against `ref` for one output, and whether they pass `tol`."""
@@ -173,29 +235,3 @@ def compare_runners(reference: Runner, deployed: Runner, inputs: np.ndarray, che
         )
         for j in range(n_out)
     ]
-
-
-def write_json(result: ParityResult, path: str | os.PathLike) -> None:
-    """The report, atomically."""
-    import json
-
-    write_text(path, json.dumps(result.as_dict(), indent=2) + "\n")
-
-
-def write_junit(result: ParityResult, path: str | os.PathLike) -> None:
-    """A JUnit XML file with one test case per output, for CI systems."""
-    import xml.etree.ElementTree as ET
-
-    failures = sum(not o.passed for o in result.outputs)
-    suite = ET.Element(
-        "testsuite", name=f"aa-deploy {result.kind}", tests=str(len(result.outputs)), failures=str(failures)
-    )
-    for o in result.outputs:
-        case = ET.SubElement(suite, "testcase", classname=f"{result.kind}.{Path(result.model).name}", name=o.name)
-        ET.SubElement(case, "system-out").text = (
-            f"max_abs={o.max_abs:.3g} max_rel={o.max_rel:.3g} cosine_min={o.cosine_min:.6f} "
-            f"top1={o.top1_agreement} top5={o.top5_agreement}"
-        )
-        if not o.passed:
-            ET.SubElement(case, "failure", message=o.failure).text = o.failure
-    write_text(path, ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode") + "\n")

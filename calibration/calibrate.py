@@ -41,7 +41,7 @@ from aa_deploy.calibration.distill import (
     default_range_steps,
     distill,
 )
-from aa_deploy.calibration.held_out import PASSES, TEACHER_VIEWS, Figures, HeldOut, figure_key, scoring_views
+from aa_deploy.calibration.held_out import PASSES, TEACHER_VIEWS, Figures, HeldOut, Scored, figure_key, scoring_views
 from aa_deploy.calibration.matching import Counterparts, counterparts
 from aa_deploy.calibration.reconstruct import calibrate_reconstruct
 from aa_deploy.calibration.stats import calibrate_stats
@@ -524,11 +524,11 @@ def calibrate_model(
     held = len(sample.held_images)
     rates = None if rates is None else _figures(rates, views, held)
     work, defaults = step_sizes(views, training, sample.checker, len(sample.train_files), sample.train_batch)
-    plan = _plan(training, began, rates, defaults, work, held)
+    planning = _Planning(training, began, defaults, work)
+    plan = planning.plan(rates, held)
     report(Planned(plan))
-    original, before, rates, plan = _opening(
-        pair, sample, speed, rates, plan, (training, began, defaults, work), report
-    )
+    opening = _opening(pair, sample, speed, rates, plan, planning, report)
+    rates, plan = opening.rates, opening.plan
     start = _start(pair, views, training, sample.train_files[: plan.sizes.start_images], sample.eval_batch, report)
     if rates is not None:  # the machine's speed again, the threads fitted again: a shared machine changes
         rates = rates.all_scaled(speed.slower())
@@ -542,16 +542,52 @@ def calibrate_model(
     speed.refit()
     after = sample.checker.score(pair.student, final=True)
     write_back(pair.written, {name: p.detach().cpu().numpy() for name, p in pair.student.trainable().items()})
-    result = _result(pair, sample, training, plan, (original, before, after), began, start, distilled)
+    result = _result(
+        pair, sample, training, plan, _Scores(opening.teacher, opening.before, after), began, start, distilled
+    )
     model_io.write_metadata(pair.written, {"calibration": _record(result, data, training, views, sample.checker, pair)})
     return Calibrated(pair.written, result)
 
 
-def _opening(pair: Pair, sample, speed, rates, plan, planning: tuple, report: Progress):
+@dataclass(frozen=True)
+class _Planning:
+    """What a time plan is made from besides the rates: the run's settings, the `time.perf_counter()` the
+    limit counts from, the steps' sizes without a limit, and what each step does per image."""
+
+    training: Training
+    began: float
+    defaults: Sizes
+    work: Work
+
+    def plan(self, rates: Rates | None, held: int) -> TimePlan:
+        plan = plan_time(self.training.time_limit, time.perf_counter() - self.began, rates, self.defaults, self.work)
+        return replace(plan, held_out=held)
+
+
+@dataclass(frozen=True)
+class _Opening:
+    """The opening figures (the teacher's scoring, the student's figures before calibration), and the rates
+    and the plan as they stand after them."""
+
+    teacher: Scored
+    before: Figures
+    rates: Rates | None
+    plan: TimePlan
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """The held-out scores a result reports: the teacher's scoring, the student's figures before, its
+    scoring after."""
+
+    teacher: Scored
+    before: Figures
+    after: Scored
+
+
+def _opening(pair: Pair, sample, speed, rates, plan: TimePlan, planning: _Planning, report: Progress) -> _Opening:
     """The opening figures (the teacher's and the student's before), then, under a time limit, the plan made
-    again from how long they took against their estimate; `planning`: (training, began, defaults, work), what
-    `_plan` takes beside the rates. Returns (the teacher's scoring, the student's figures, rates, plan)."""
-    training, began, defaults, work = planning
+    again from how long they took against the estimate of `rates`."""
     opening = time.perf_counter()
     original = sample.checker.score(pair.teacher, final=True)
     scoring = time.perf_counter()
@@ -566,16 +602,16 @@ def _opening(pair: Pair, sample, speed, rates, plan, planning: tuple, report: Pr
             rates.scaled(factor), opening=0.0, final=measured,
             figures=measured * sample.checker.views(final=False) / sample.checker.views(final=True),
         )  # fmt: skip
-        remade = _plan(training, began, rates, defaults, work, len(sample.held_images))
+        remade = planning.plan(rates, len(sample.held_images))
         if remade.sizes != plan.sizes or factor >= SLOWER:
             report(Planned(remade, remeasured=factor))
         plan = remade
-    return original, before, rates, plan
+    return _Opening(original, before, rates, plan)
 
 
-def _result(pair: Pair, sample, training: Training, plan, scores: tuple, began: float, start, distilled):
-    """The run's record: `scores` = (the teacher's scoring, the student's figures before, its scoring after)."""
-    original, before, after = scores
+def _result(pair: Pair, sample, training: Training, plan, scores: _Scores, began: float, start, distilled):
+    """The run's record from its held-out `scores`."""
+    original, before, after = scores.teacher, scores.before, scores.after
     learned = {} if distilled is None else {
         "lr": distilled.lr, "epochs": distilled.epochs, "kept_epoch": distilled.kept_epoch,
         "history": distilled.history, "trained_on": plan.sizes.train_images,
@@ -647,11 +683,6 @@ def _held_count(rates: Rates | None, views: Views, sample: Sample, training: Tra
     estimated = _figures(rates, views, held)
     per_image = (estimated.opening + estimated.closing) / held
     return held_out_size(training.time_limit, time.perf_counter() - began, held, per_image)
-
-
-def _plan(training: Training, began: float, rates: Rates | None, defaults: Sizes, work: Work, held: int) -> TimePlan:
-    plan = plan_time(training.time_limit, time.perf_counter() - began, rates, defaults, work)
-    return replace(plan, held_out=held)
 
 
 def _start(pair: Pair, views: Views, training: Training, files: list[Path], batch: int, report) -> StartFit:

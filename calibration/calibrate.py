@@ -745,11 +745,36 @@ def calibrate(
     compute.torch_device()  # a missing GPU is said before anything loads
     model_path, out_path = Path(model), Path(output)
     refuse_overwrite(out_path, model_path, teacher, data.images)
-    student_ir, teacher_ir = (weights_as_initializers(model_io.load(path)) for path in (model_path, teacher))
+    student_ir = model_io.load(model_path)
+    return calibrate_to_file(
+        student_ir, teacher, data, out_path, training, compute, name=str(model_path), source=model_path,
+        progress=progress, check=check, started=started,
+    )  # fmt: skip
+
+
+def calibrate_to_file(
+    model: ir.Model,
+    teacher: str | os.PathLike,
+    data: Data,
+    output: Path,
+    training: Training = Training(),
+    compute: Compute = Compute(),
+    *,
+    name: str,
+    source: Path,
+    progress: Progress | None = None,
+    check: bool = True,
+    started: float | None = None,
+) -> CalibrationResult:
+    """Calibrate `model`, a graph in memory, against the `teacher` file and write it to `output` (already
+    checked by the caller not to overwrite an input); `name`: what errors call it; `source`: a file that holds
+    the same graph, which ONNX Runtime checks calibration's execution against."""
+    compute.torch_device()  # a missing GPU is said before the teacher loads
+    student_ir, teacher_ir = weights_as_initializers(model), weights_as_initializers(model_io.load(teacher))
     calibrated = calibrate_model(
-        student_ir, teacher_ir, data, training, compute, names=(str(model_path), str(teacher)),
-        sources=(model_path, Path(teacher)), progress=progress, started=started,
+        student_ir, teacher_ir, data, training, compute, names=(name, str(teacher)), sources=(source, Path(teacher)),
+        progress=progress, started=started,
     )  # fmt: skip
     written = calibrated.model
-    model_io.save(written, out_path, external=model_io.uses_external_data(written), check=check)
+    model_io.save(written, output, external=model_io.uses_external_data(written), check=check)
     return calibrated.result

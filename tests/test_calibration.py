@@ -451,11 +451,11 @@ def test_the_threads_fitted_are_printed_in_one_line():
     from rich.console import Console
 
     from aa_deploy.calibration.calibrate import ThreadsFitted
-    from aa_deploy.cli.calibrate import _event
+    from aa_deploy.cli.events import show
     from aa_deploy.common.threads import ThreadFit
 
     console = Console(record=True, width=300)
-    _event(console, ThreadsFitted(ThreadFit(1, 2, 1.93, {2: 0.142, 1: 0.052})))
+    show(console, ThreadsFitted(ThreadFit(1, 2, 1.93, {2: 0.142, 1: 0.052})))
     assert console.export_text().strip() == (
         "1 CPU thread from here, not 2: other processes keep 1.9 cores busy (the student's forward on a few "
         "images: 2 threads 142 ms, 1 thread 52 ms)"

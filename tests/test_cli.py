@@ -204,7 +204,7 @@ def test_calibrate_verdict_says_better_worse_or_not_resolved_by_the_paired_inter
     from types import SimpleNamespace
 
     from aa_deploy.calibration.held_out import Figures
-    from aa_deploy.cli.calibrate import verdict
+    from aa_deploy.calibration.report import verdict
     from aa_deploy.consistency.paired import PairedDelta
 
     result = SimpleNamespace(

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
 
-from aa_deploy.calibration.calibrate import Compute, Data, Training
-from aa_deploy.cli import calibrate as calibrate_cli
-from aa_deploy.cli import common
+from aa_deploy.calibration.calibrate import Compute, Data, Training, calibrate_to_file
+from aa_deploy.calibration.report import CalibrationReport
+from aa_deploy.cli import common, events
+from aa_deploy.common import model_io
 from aa_deploy.common.atomic import refuse_overwrite
 from aa_deploy.common.devices import DEVICES
 from aa_deploy.common.errors import InputError
 from aa_deploy.common.images import list_images
-from aa_deploy.conversion.graph_pass import convert
+from aa_deploy.conversion.graph_pass import Conversion, convert, convert_source, load_source, save_converted
 from aa_deploy.conversion.report import print_sites
-from aa_deploy.verification.drift import output_drift
+from aa_deploy.verification.drift import Drift, output_drift
 
 
 def add(sub) -> None:
@@ -51,66 +52,94 @@ def _check(args: argparse.Namespace) -> None:
     if args.calibrate is not None and args.in_place:
         raise InputError("--calibrate writes a new file: give -o FILE instead of --in-place")
     if args.calibrate is not None:
-        refuse_overwrite(args.output, args.model)  # the converted graph goes elsewhere first: check here
-
+        refuse_overwrite(args.output, args.model, args.calibrate)
         list_images(args.calibrate)  # a missing or empty folder fails before anything is written
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
     _check(args)
+    if args.calibrate is not None:
+        return _convert_and_calibrate(args, console)
     start = time.perf_counter()
     out = args.model if args.in_place else args.output
-    target = out
-    if args.calibrate is not None:  # the converted graph goes to a temporary file beside the output first
-        handle, target = tempfile.mkstemp(suffix=".aa.onnx", dir=Path(out).resolve().parent)
-        os.close(handle)
-    try:
-        result = convert(
-            args.model,
-            target,
-            common.options(args),
-            in_place=args.in_place,
-            check=not args.no_check,
-            target_opset=args.target_opset,
-        )
-        seconds = time.perf_counter() - start
-        common.print_upgrade(result.opset_upgrade, console)
-        if not args.quiet:
-            print_sites(result.actions, f"{args.model} -> {out}", console)
-        changed = len(result.changed)
-        dense = sum(a.action == "dense" for a in result.actions)
-        if result.blurs == 0 and not dense:
-            console.print(
-                f"nothing added: none of the {len(result.actions)} sites needed a blur (see the table); wrote {out}"
-            )
-            if args.calibrate is not None:
-                os.replace(target, out)
-            return common.EXIT_OK
-        console.print(
-            f"changed {changed} of {len(result.actions)} sites with {result.blurs} blur nodes"
-            + (f" and {dense} dense" if dense else "")
-            + f" in {seconds:.2f} s"
-            + ("" if args.calibrate else f"; wrote {out}")
-        )
-        drift = None
-        if not args.no_drift:
-            try:
-                drift = output_drift(args.model, target, common.preprocess(args))
-            except Exception as e:  # noqa: BLE001 - advisory: the converted file is written and checked already
-                console.print(f"outputs not compared with the original's ({str(e).splitlines()[0][:200]})")
-        if drift is not None and args.calibrate is None:
-            _advise(args, out, result.blurs, dense, drift, console)
-        if args.calibrate is not None:
-            if drift is not None:
-                console.print(f"before calibration: {drift.describe()}")
-            data = Data(args.calibrate, preprocess=common.preprocess(args, model=target))
-            return calibrate_cli.calibrate_and_report(
-                target, args.model, out, data, Training(), Compute(device=args.device), console
-            )
-    finally:
-        if target != out and os.path.exists(target):
-            os.unlink(target)
+    result = convert(
+        args.model,
+        out,
+        common.options(args),
+        in_place=args.in_place,
+        check=not args.no_check,
+        target_opset=args.target_opset,
+    )
+    if _summarize(args, result, out, time.perf_counter() - start, console):
+        drift = _drift(args, out, console)
+        if drift is not None:
+            _advise(args, out, result.blurs, _dense(result), drift, console)
     return common.EXIT_OK
+
+
+def _convert_and_calibrate(args: argparse.Namespace, console: Console) -> int:
+    """The graph pass, then calibration, on the model in memory (`convert_source`, `calibrate_to_file`); the
+    converted graph is written once to a temporary folder, checked as convert checks its output, for ONNX
+    Runtime to run: the drift on bundled images and calibration's check of its own execution read it."""
+    start = time.perf_counter()
+    out = Path(args.output)
+    model = load_source(args.model, args.target_opset)
+    external = model_io.uses_external_data(model)
+    result = convert_source(model, args.model, common.options(args))
+    with tempfile.TemporaryDirectory(prefix="aa-deploy-convert-") as tmp:
+        written = Path(tmp) / out.name
+        save_converted(model, args.model, written, external=external, check=not args.no_check)
+        if not _summarize(args, result, out, time.perf_counter() - start, console, calibrating=True):
+            save_converted(model, args.model, out, external=external, check=not args.no_check)
+            return common.EXIT_OK
+        drift = _drift(args, written, console)
+        if drift is not None:
+            console.print(f"before calibration: {drift.describe()}")
+        data = Data(args.calibrate, preprocess=common.preprocess(args, model=written))
+        with common.progress_bars(console, partial(events.show, console)) as progress:
+            calibrated = calibrate_to_file(
+                model, args.model, data, out, Training(), Compute(device=args.device),
+                name=f"{args.model} converted", source=written, progress=progress, started=common.command_started(),
+            )  # fmt: skip
+    console.print(CalibrationReport.of(calibrated, out, model, model_io.load_proto(args.model)))
+    return common.EXIT_OK
+
+
+def _dense(result: Conversion) -> int:
+    return sum(a.action == "dense" for a in result.actions)
+
+
+def _summarize(
+    args: argparse.Namespace, result: Conversion, out, seconds: float, console: Console, calibrating: bool = False
+) -> bool:
+    """The sites table and what changed; False where nothing did (then the output is the input, written)."""
+    common.print_upgrade(result.opset_upgrade, console)
+    if not args.quiet:
+        print_sites(result.actions, f"{args.model} -> {out}", console)
+    dense = _dense(result)
+    if result.blurs == 0 and not dense:
+        console.print(
+            f"nothing added: none of the {len(result.actions)} sites needed a blur (see the table); wrote {out}"
+        )
+        return False
+    console.print(
+        f"changed {len(result.changed)} of {len(result.actions)} sites with {result.blurs} blur nodes"
+        + (f" and {dense} dense" if dense else "")
+        + f" in {seconds:.2f} s"
+        + ("" if calibrating else f"; wrote {out}")
+    )
+    return True
+
+
+def _drift(args: argparse.Namespace, converted, console: Console) -> Drift | None:
+    """How far the conversion moved the outputs on bundled images (advisory: None where not compared)."""
+    if args.no_drift:
+        return None
+    try:
+        return output_drift(args.model, converted, common.preprocess(args))
+    except Exception as e:  # noqa: BLE001 - advisory: the converted file is written and checked already
+        console.print(f"outputs not compared with the original's ({str(e).splitlines()[0][:200]})")
+        return None
 
 
 def _advise(args: argparse.Namespace, out: str, blurs: int, dense: int, drift, console: Console) -> None:

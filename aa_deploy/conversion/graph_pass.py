@@ -195,13 +195,33 @@ def convert(
     dst = Path(dst)
     if not in_place:
         refuse_overwrite(dst, src)
-    model = model_io.load(src, target_opset)
-    if (bad := model_io.non_finite(model)) is not None:
-        raise InputError(f"{src}: initializer {bad!r} holds non-finite values (NaN or inf): export the model again")
+    model = load_source(src, target_opset)
     external = model_io.uses_external_data(model)
+    result = convert_source(model, src, options, allow_empty)
+    save_converted(model, src, dst, external=external, check=check)
+    return result
+
+
+def convert_source(model: ir.Model, src: str | os.PathLike, options: Options, allow_empty: bool = False) -> Conversion:
+    """`convert_model` on the model read from the file `src`: a one-line error where it has no downsampling
+    sites (unless `allow_empty`)."""
     result = convert_model(model, options)
     if not result.actions and not allow_empty:
         raise InputError(f"{src}: no downsampling sites found, nothing to convert")
+    return result
+
+
+def load_source(src: str | os.PathLike, target_opset: int | None = None) -> ir.Model:
+    """The model file `src` as the pass takes it: loaded (upgraded to `target_opset`), its weights finite."""
+    model = model_io.load(src, target_opset)
+    if (bad := model_io.non_finite(model)) is not None:
+        raise InputError(f"{src}: initializer {bad!r} holds non-finite values (NaN or inf): export the model again")
+    return model
+
+
+def save_converted(model: ir.Model, src: str | os.PathLike, dst: Path, *, external: bool, check: bool) -> None:
+    """Write the conversion of the file `src` to `dst` (atomically, `model_io.save`); where onnx.checker
+    refuses it, say in one line whether the input fails it already."""
     try:
         model_io.save(model, dst, external=external, check=check)
     except model_io.CheckError as e:
@@ -212,4 +232,3 @@ def convert(
                 f"{src}: the input model fails onnx.checker already ({complaint}); --no-check skips the check"
             ) from None
         raise InputError(f"the converted model fails onnx.checker: {e}") from None
-    return result

@@ -205,9 +205,7 @@ def _tune(console: Console, folder: Path, original: Path, run_original, images, 
     budget = Budget(max_macs=TUNE_BUDGET, time_limit=60 * TUNE_MINUTES)
     with progress_bars(console) as progress:
         tuned = tune(model_io.load(original), Images(folder / "calib"), budget, only=TUNE_CANDIDATES, progress=progress)
-    console.print(tune_report.table(tuned))
-    console.print(tune_report.summary(tuned))
-    console.print(tune_report.verdict(tuned))
+    console.print(tune_report.Frontier(tuned))
     x = bundled.cifar_normalize(images)
     table = Table(
         title=f"the candidates on the 100 CIFAR-10 test images ({FINAL_PASSES} passes; neither calibrated nor "

@@ -119,18 +119,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
             model, images, budget, args.tolerance, compute, seed=args.seed,
             only=tuple(args.candidates) if args.candidates else None, name=args.model, progress=progress,
         )  # fmt: skip
-    console.print(tune_report.table(tuned))
-    console.print(tune_report.summary(tuned))
-    console.print(tune_report.verdict(tuned))
+    console.print(tune_report.Frontier(tuned))
     outcomes = tune_report.check(requirements, tuned)
     for outcome in outcomes:
         console.print(outcome.line if outcome.passed else f"[red]{outcome.line}[/red]")
     if args.junit:
         gate.write_junit(outcomes, args.junit, "aa-deploy tune")
     if args.report:
-        payload = {"schema": "aa-deploy.tune/1", "model": args.model, **tuned.record()}
-        payload["requirements"] = [o.as_dict() for o in outcomes]
-        write_text(args.report, json.dumps(payload, indent=2) + "\n")
+        write_text(args.report, json.dumps(tune_report.payload(tuned, args.model, outcomes), indent=2) + "\n")
     if args.plot and any(r.status == "measured" for r in tuned.rows[1:]):
         tune_report.plot(tuned, args.plot, f"tune: {len(tuned.split.selection)} selection images")
     passed = all(o.passed for o in outcomes)

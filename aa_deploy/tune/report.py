@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
+from rich.console import Group
 from rich.table import Table
 
 from aa_deploy.common.errors import InputError
@@ -65,6 +67,27 @@ def verdict(tuned: Tuned) -> str:
         f"{c.consistency_delta.text()}, one-pixel {c.one_pixel_delta.text()}, {tuned.rule.accuracy} "
         f"{c.accuracy_delta.text()} points against the original on the selection images"
     )
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """A finished tune as it prints: the frontier table, the split, rule and time on one line, the choice
+    (or that none qualifies) on another."""
+
+    tuned: Tuned
+
+    def __rich__(self) -> Group:
+        return Group(table(self.tuned), summary(self.tuned), verdict(self.tuned))
+
+
+def payload(tuned: Tuned, model: str, outcomes: list[Outcome]) -> dict:
+    """What `tune --report` writes (schema aa-deploy.tune/1): the search's record and each requirement's outcome."""
+    return {
+        "schema": "aa-deploy.tune/1",
+        "model": model,
+        **tuned.record(),
+        "requirements": [o.as_dict() for o in outcomes],
+    }
 
 
 def _pair(d: Delta | None):

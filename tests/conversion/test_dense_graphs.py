@@ -299,7 +299,7 @@ def test_the_blur_path_does_not_fold(lite0_torchscript, tmp_path):
 def test_a_whole_map_average_pool_is_a_global_pool(tmp_path, written):
     """A CIFAR ResNet exported with `avg_pool2d(x, 8)` or an `nn.AvgPool2d(8)` (TorchScript, opset 11,
     batch 1): the pool's kernel covers the 8x8 map, so it is the global pool."""
-    from tests.test_dense import resnet_phase_reference
+    from tests.conversion.test_dense import resnet_phase_reference
 
     resnet, _ = load_model("aa:cifar10_resnet20")
 

@@ -19,8 +19,8 @@ from aa_deploy.common.errors import InputError, SettingError
 from aa_deploy.tune.rule import MEASURED, OUT_OF_TIME, OVER_BUDGET, Budget, Delta, Row, Rule
 from aa_deploy.tune.selection import MIN_PART, split
 from tests import graphs as G
+from tests.cli.test_cli import assert_one_line_error
 from tests.helpers import cli
-from tests.test_cli import assert_one_line_error
 
 
 def _row(name, macs, low, accuracy=0.0, status=MEASURED):

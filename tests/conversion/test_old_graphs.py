@@ -305,7 +305,7 @@ def test_calibrate_runs_on_a_paddle2onnx_graph(tmp_path):
     with defaults, calibrated, every trainable conv matched and rescaled, the result run in ONNX Runtime."""
     from pathlib import Path
 
-    src = Path(__file__).parent / "assets" / "paddle_cls.onnx"
+    src = Path(__file__).parents[1] / "assets" / "paddle_cls.onnx"
     conv, cal = tmp_path / "cls.aa.onnx", tmp_path / "cls.cal.onnx"
     assert cli("convert", src, "-o", conv, "--no-drift").returncode == 0
     proc = _calibrate_on_photo_crops(conv, src, cal, size=64)

@@ -1,0 +1,1 @@
+"""Shift consistency: protocols, the gate, oscillation (aa_deploy/consistency)."""

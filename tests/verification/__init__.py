@@ -1,0 +1,1 @@
+"""The parity gate and the twin on real architectures (aa_deploy/verification)."""

@@ -7,12 +7,12 @@ import os
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from aa_deploy.common.errors import InputError
-from aa_deploy.converters.batching import fill, fixed_batch
+from aa_deploy.converters.batching import fill
 from aa_deploy.converters.bridge import OnnxModule
+from aa_deploy.converters.onnxruntime import OnnxRuntimeRunner
 
 TOLERANCE = 1e-4  # of the reference tensor's scale (its largest magnitude)
 
@@ -28,13 +28,9 @@ def _scaled_error(ours: np.ndarray, reference: np.ndarray) -> float:
     return float(error / max(np.abs(np.nan_to_num(reference)).max(initial=0.0), 1e-12))
 
 
-def _session(model: onnx.ModelProto | str) -> ort.InferenceSession:
-    """A CPU session of the graph as written: no fusions, so that every tensor is the one the graph names."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+def _as_written(model: onnx.ModelProto | str) -> OnnxRuntimeRunner:
+    """A CPU runner of the graph as written: no fusions, so that every tensor is the one the graph names."""
+    return OnnxRuntimeRunner(model, optimized=False)
 
 
 def _first_difference(path: str | os.PathLike, module: OnnxModule, x: np.ndarray) -> str:
@@ -50,9 +46,8 @@ def _first_difference(path: str | os.PathLike, module: OnnxModule, x: np.ndarray
     names = [v.name for n in module.nodes if n.op_type not in ("Constant",) for v in n.outputs if v.name in typed]
     proto.graph.output.extend(typed[name] for name in names if name not in listed)
     try:
-        session = _session(proto)
-        wanted = [o.name for o in session.get_outputs()]
-        theirs = dict(zip(wanted, session.run(wanted, {module.input_name: x}), strict=True))
+        with _as_written(proto) as runner:
+            theirs = runner.infer({module.input_name: x})
     except Exception:  # noqa: BLE001 - ONNX Runtime refuses the extended graph: nothing more to tell
         return ""
     with torch.no_grad():
@@ -89,7 +84,8 @@ def _undecided_softmax(path: str | os.PathLike, module: OnnxModule, x: np.ndarra
     try:
         proto = onnx.load(str(path))
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        theirs = _session(proto).run([name], {module.input_name: x})[0]
+        with _as_written(proto) as runner:
+            theirs = runner.infer({module.input_name: x})[name]
     except Exception:  # noqa: BLE001 - no logits to compare: the output's error stands
         return None
     with torch.no_grad():
@@ -106,11 +102,10 @@ def check_against_onnxruntime(path: str | os.PathLike, module: OnnxModule, x: np
     relative to the output's scale, or raises a one-line InputError naming the first node that differs
     when it exceeds TOLERANCE. ONNX Runtime runs the file as written (its own opset), unoptimized."""
     try:
-        session = _session(str(path))
-        dims = next(i.shape for i in session.get_inputs() if i.name == module.input_name)
-        batch = fixed_batch(dims)
-        x = fill(x[:batch], batch) if batch else x  # a graph exported for a fixed batch takes just that
-        reference = session.run([module.output_names[0]], {module.input_name: x})[0]
+        with _as_written(str(path)) as runner:
+            batch = runner.fixed_batch
+            x = fill(x[:batch], batch) if batch else x  # a graph exported for a fixed batch takes just that
+            reference = runner.infer({module.input_name: x})[module.output_names[0]]
     except Exception as e:  # noqa: BLE001 - ONNX Runtime cannot run it: nothing to check against
         raise InputError(
             f"{path}: ONNX Runtime cannot run this model ({str(e).strip().splitlines()[0][:200]})"

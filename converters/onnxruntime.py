@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from aa_deploy.converters.batching import fixed_batch, run_in_batches
@@ -25,10 +26,18 @@ def available_provider(provider: str) -> str:
 class OnnxRuntimeRunner(Runner):
     """One ONNX Runtime session; `run` maps input names to arrays and returns all outputs, for any number
     of samples also when the model's batch dimension is fixed (`fixed_batch`). Made active: the session
-    is created here."""
+    is created here. `path`: the model file, or a ModelProto (a graph extended in memory, its weights
+    inside it); `optimized` False: the graph as written, without fusions, so that every tensor is the one
+    the graph names (what the bridge's check compares against)."""
 
-    def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None) -> None:
-        self.path, self.provider, self.threads = path, provider, threads
+    def __init__(
+        self,
+        path: str | os.PathLike | onnx.ModelProto,
+        provider: str = "cpu",
+        threads: int | None = None,
+        optimized: bool = True,
+    ) -> None:
+        self.path, self.provider, self.threads, self.optimized = path, provider, threads, optimized
         self.activate()
 
     def _activate(self) -> None:
@@ -36,7 +45,11 @@ class OnnxRuntimeRunner(Runner):
         options = ort.SessionOptions()
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
-        self.session = ort.InferenceSession(str(self.path), options, providers=[name])
+        if not self.optimized:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            options.log_severity_level = 3
+        source = self.path.SerializeToString() if isinstance(self.path, onnx.ModelProto) else str(self.path)
+        self.session = ort.InferenceSession(source, options, providers=[name])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.fixed_batch = fixed_batch(self.session.get_inputs()[0].shape)

@@ -18,7 +18,7 @@ from aa_deploy.common.atomic import refuse_overwrite
 from aa_deploy.common.devices import DEVICES
 from aa_deploy.common.errors import InputError
 from aa_deploy.common.images import list_images
-from aa_deploy.conversion.graph_pass import Conversion, convert, convert_source, load_source, save_converted
+from aa_deploy.conversion.graph_pass import Conversion, convert, save_converted
 from aa_deploy.conversion.report import print_sites
 from aa_deploy.verification.drift import Drift, output_drift
 
@@ -78,18 +78,19 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _convert_and_calibrate(args: argparse.Namespace, console: Console) -> int:
-    """The graph pass, then calibration, on the model in memory (`convert_source`, `calibrate_to_file`); the
-    converted graph is written once to a temporary folder, checked as convert checks its output, for ONNX
-    Runtime to run: the drift on bundled images and calibration's check of its own execution read it."""
+    """The graph pass, then calibration, on the model in memory (`convert`'s result, `calibrate_to_file`);
+    the converted graph is written once, to a temporary folder and checked as convert checks its output, for
+    ONNX Runtime to run: the drift on bundled images and calibration's check of its own execution read it."""
     start = time.perf_counter()
     out = Path(args.output)
-    model = load_source(args.model, args.target_opset)
-    external = model_io.uses_external_data(model)
-    result = convert_source(model, args.model, common.options(args))
     with tempfile.TemporaryDirectory(prefix="aa-deploy-convert-") as tmp:
         written = Path(tmp) / out.name
-        save_converted(model, args.model, written, external=external, check=not args.no_check)
+        result = convert(
+            args.model, written, common.options(args), check=not args.no_check, target_opset=args.target_opset
+        )
+        model = result.model
         if not _summarize(args, result, out, time.perf_counter() - start, console, calibrating=True):
+            external = model_io.uses_external_data(model)
             save_converted(model, args.model, out, external=external, check=not args.no_check)
             return common.EXIT_OK
         drift = _drift(args, written, console)

@@ -186,7 +186,8 @@ def convert(
     allow_empty: bool = False,
     target_opset: int | None = None,
 ) -> Conversion:
-    """Convert the model file `src` and write it to `dst` (atomically; never over `src` unless `in_place`)."""
+    """Convert the model file `src` and write it to `dst` (atomically; never over `src` unless `in_place`);
+    the converted graph stays in memory as the result's `model`."""
     src = Path(src)
     if in_place:
         dst = src
@@ -195,28 +196,15 @@ def convert(
     dst = Path(dst)
     if not in_place:
         refuse_overwrite(dst, src)
-    model = load_source(src, target_opset)
-    external = model_io.uses_external_data(model)
-    result = convert_source(model, src, options, allow_empty)
-    save_converted(model, src, dst, external=external, check=check)
-    return result
-
-
-def convert_source(model: ir.Model, src: str | os.PathLike, options: Options, allow_empty: bool = False) -> Conversion:
-    """`convert_model` on the model read from the file `src`: a one-line error where it has no downsampling
-    sites (unless `allow_empty`)."""
-    result = convert_model(model, options)
-    if not result.actions and not allow_empty:
-        raise InputError(f"{src}: no downsampling sites found, nothing to convert")
-    return result
-
-
-def load_source(src: str | os.PathLike, target_opset: int | None = None) -> ir.Model:
-    """The model file `src` as the pass takes it: loaded (upgraded to `target_opset`), its weights finite."""
     model = model_io.load(src, target_opset)
     if (bad := model_io.non_finite(model)) is not None:
         raise InputError(f"{src}: initializer {bad!r} holds non-finite values (NaN or inf): export the model again")
-    return model
+    external = model_io.uses_external_data(model)
+    result = convert_model(model, options)
+    if not result.actions and not allow_empty:
+        raise InputError(f"{src}: no downsampling sites found, nothing to convert")
+    save_converted(model, src, dst, external=external, check=check)
+    return result
 
 
 def save_converted(model: ir.Model, src: str | os.PathLike, dst: Path, *, external: bool, check: bool) -> None:

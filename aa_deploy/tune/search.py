@@ -190,9 +190,7 @@ def tune(
         report(Tried(rows[0]))
         timing = None
         if budget.max_latency:
-            timing = _Timing(
-                sessions.enter_context(OnnxRuntimeRunner(original, budget.provider)), first, budget.provider
-            )
+            timing = _Timing(sessions.enter_context(OnnxRuntimeRunner(original, budget.provider)), first)
         context = _Context(
             model, selection, base, parts, images, compute, clock, per_scoring, timing, budget, report, folder
         )
@@ -236,11 +234,11 @@ class _Timing:
     """Latency against the original's (its session on ONNX Runtime's `provider`), batch 1, of the files
     `_write` wrote; each candidate's session lives while it is timed."""
 
-    def __init__(self, original: OnnxRuntimeRunner, x: np.ndarray, provider: str) -> None:
-        self.original, self.x, self.provider = original, x, provider
+    def __init__(self, original: OnnxRuntimeRunner, x: np.ndarray) -> None:
+        self.original, self.x = original, x
 
     def ratio(self, path: Path) -> float:
-        with OnnxRuntimeRunner(path, self.provider) as candidate:
+        with OnnxRuntimeRunner(path, self.original.provider) as candidate:
             return latency_ratio(self.original, candidate, self.x)["ratio"]
 
 

@@ -58,8 +58,8 @@ def add(sub) -> None:
     )  # fmt: skip
     t.add_argument(
         "--candidates", nargs="+", metavar="NAME",
-        help="try only these (default: all): dense-1 .. dense-N, dense-1/diagonal .. dense-N/diagonal, "
-        "blur+refit, blur+calibrate, blur+dense-1+calibrate",
+        help="try only these (default: all but blur+refit): dense-1 .. dense-N, dense-1/diagonal .. "
+        "dense-N/diagonal, blur+refit, blur+calibrate, blur+dense-1+calibrate",
     )  # fmt: skip
     t.add_argument("--limit", type=int, help="use at most this many images")
     t.add_argument("--seed", type=int, default=0, help="the split's and the calibrations' seed")

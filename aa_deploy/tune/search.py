@@ -158,7 +158,7 @@ def tune(
     """Choose the remedy for `model` (the original, in memory: not changed) on `images` under `budget`: every
     candidate within it measured on the selection part, paired against the original, and chosen by the rule
     (`rule.Rule` with `tolerance` points). `only`: the candidates to try, by name (spaces left out: `dense-1`,
-    `blur+refit`); None: all. `progress` receives `Trying` and `Tried` per candidate, and the calibrations' own
+    `blur+refit`); None: the default ones (all but `blur+refit`). `progress` receives `Trying` and `Tried` per candidate, and the calibrations' own
     events. `name`: what errors call the model."""
     report = progress or silent
     rule = Rule(tolerance)  # checks the tolerance before anything runs
@@ -208,9 +208,9 @@ def key(name: str) -> str:
 
 
 def _only(costed: list, only: tuple[str, ...] | None) -> list:
-    """The candidates named in `only` (None: all), or a one-line error naming the ones there are."""
+    """The candidates named in `only` (None: the default ones), or a one-line error naming the ones there are."""
     if only is None:
-        return costed
+        return [c for c in costed if c.candidate.default]
     known = [key(c.candidate.name) for c in costed]
     unknown = [n for n in only if key(n) not in known]
     if unknown:

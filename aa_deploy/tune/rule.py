@@ -87,11 +87,12 @@ class Row:
 @dataclass(frozen=True)
 class Rule:
     """The choice's terms: the largest accuracy loss allowed (points), what accuracy is (`top-1` with labels,
-    else `fidelity`) and the consistency protocol that decides."""
+    else `fidelity`), the consistency protocol that decides and its pairs per image (0: not yet known)."""
 
     tolerance: float = 0.5
     accuracy: str = "fidelity"
     protocol: str = "random-crop"
+    pairs: int = 0
 
     def __post_init__(self) -> None:
         if not self.tolerance >= 0:
@@ -99,7 +100,8 @@ class Rule:
 
     def describe(self) -> str:
         return (
-            f"the largest lower bound of the paired {self.protocol} consistency gain (95 % interval, above zero) "
+            f"the largest lower bound of the paired {self.protocol} consistency gain "
+            f"({f'{self.pairs} pairs per image, ' if self.pairs else ''}95 % interval, above zero) "
             f"among the candidates within the budget that lose at most {self.tolerance:g} points of {self.accuracy} "
             "(paired mean); ties: fewer multiply-adds"
         )

@@ -109,6 +109,7 @@ class Tuned:
             "tolerance": self.rule.tolerance,
             "accuracy": self.rule.accuracy,
             "protocol": self.rule.protocol,
+            "pairs": self.rule.pairs,
             "budget": asdict(self.budget),
             "split": self.split.as_dict(),
             "seed": self.split.seed,
@@ -181,7 +182,9 @@ def tune(
             SessionModule(teacher), parts.selection, parts.root, views, labels=images.labels,
             seed=seed, batch=compute.batch_size or MEASURE_BATCH,
         )  # fmt: skip
-        rule = replace(rule, accuracy=selection.accuracy_name, protocol=selection.protocol.name)
+        rule = replace(
+            rule, accuracy=selection.accuracy_name, protocol=selection.protocol.name, pairs=selection.checker.passes
+        )
         report(Trying("original"))
         scoring = time.perf_counter()
         base = selection.measure(selection.teacher)

@@ -159,8 +159,8 @@ def tune(
     """Choose the remedy for `model` (the original, in memory: not changed) on `images` under `budget`: every
     candidate within it measured on the selection part, paired against the original, and chosen by the rule
     (`rule.Rule` with `tolerance` points). `only`: the candidates to try, by name (spaces left out: `dense-1`,
-    `blur+refit`); None: the default ones (all but `blur+refit`). `progress` receives `Trying` and `Tried` per candidate, and the calibrations' own
-    events. `name`: what errors call the model."""
+    `blur+refit`); None: the default ones (all but `blur+refit`). `progress` receives `Trying` and `Tried` per
+    candidate, and the calibrations' own events. `name`: what errors call the model."""
     report = progress or silent
     rule = Rule(tolerance)  # checks the tolerance before anything runs
     clock = _Clock(budget.time_limit)

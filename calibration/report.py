@@ -16,7 +16,8 @@ from aa_deploy.calibration.calibrate import CalibrationResult
 from aa_deploy.common import model_io
 
 
-def _pct(value) -> str:
+def pct(value) -> str:
+    """A share (0..1) as a percentage to one decimal; "-" for none."""
     return "-" if value is None else f"{100 * value:.1f}"
 
 
@@ -116,7 +117,5 @@ class CalibrationReport:
             ("converted", result.before),
             ("calibrated", result.after),
         ):
-            table.add_row(
-                name, _pct(row.fidelity), _pct(row.agreement), *(_pct(row.consistency.get(m)) for m in measured)
-            )
+            table.add_row(name, pct(row.fidelity), pct(row.agreement), *(pct(row.consistency.get(m)) for m in measured))
         return table

@@ -7,6 +7,7 @@ from rich.console import Console
 
 from aa_deploy.calibration.calibrate import Planned, ThreadsFitted
 from aa_deploy.calibration.distill import Epoch, EpochsPlanned
+from aa_deploy.calibration.report import pct
 
 
 def show(console: Console, event: object) -> None:
@@ -33,7 +34,7 @@ def show(console: Console, event: object) -> None:
         loss = "" if event.loss is None else f", loss {event.loss:.3f}"
         of = f" of {event.planned}" if event.planned is not None else ""
         f = event.figures
-        consistency = " / ".join(_pct(value) for value in f.consistency.values())
+        consistency = " / ".join(pct(value) for value in f.consistency.values())
         console.print(
             f"  epoch {event.epoch}{of}: held-out fidelity {100 * f.fidelity:.1f}%, consistency {consistency}, "
             f"score {f.score:.3f}{loss}"
@@ -72,7 +73,3 @@ def time_plan(plan, after_start: bool = False, remeasured: float | None = None) 
         parts.append("no distillation (not two epochs of one batch fit: the start is the result)")
     parts.append(f"final figures ~{minutes('final figures')}")
     return f"{head}: " + "; ".join(parts)
-
-
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"

@@ -50,7 +50,7 @@ def add(sub) -> None:
     t.add_argument(
         "--tolerance", type=float, default=0.5, metavar="POINTS",
         help="the largest loss of top-1 (or fidelity) against the original a choice may have, paired mean "
-        "(default %(default)s)",
+        "over the images it was not calibrated on (default %(default)s)",
     )  # fmt: skip
     t.add_argument(
         "--selection", type=float, default=0.5, metavar="FRACTION",

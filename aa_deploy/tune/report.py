@@ -25,12 +25,17 @@ def _delta(d: Delta | None, first: bool) -> str:
     return "" if d is None or first else d.text()
 
 
+def _accuracy(r: Row) -> str:
+    return "" if r.accuracy is None else f"{_pct(r.accuracy)} ({r.accuracy_images})"
+
+
 def table(tuned: Tuned) -> Table:
-    """The frontier: every candidate, its cost, and its figures against the original where measured."""
+    """The frontier: every candidate, its cost, and its figures against the original where measured (accuracy
+    with the images it is over)."""
     rule = tuned.rule
     out = Table(title=f"candidates on {len(tuned.split.selection)} selection images", title_justify="left")
     columns = (
-        "candidate", "multiply-adds", "latency", f"{rule.accuracy} %", "vs original (95% CI)",
+        "candidate", "multiply-adds", "latency", f"{rule.accuracy} % (images)", "vs original (95% CI)",
         f"{rule.protocol} %", "vs original (95% CI)", "one-pixel %", "vs original (95% CI)", "s", "",
     )  # fmt: skip
     for column in columns:
@@ -40,7 +45,7 @@ def table(tuned: Tuned) -> Table:
         latency = "" if r.latency_ratio is None else f"x{r.latency_ratio:.2f}"
         mark = "chosen" if r is tuned.chosen else (r.reason or r.status if r.status != "measured" else "")
         out.add_row(
-            r.name, macs, latency, _pct(r.accuracy), _delta(r.accuracy_delta, i == 0), _pct(r.consistency),
+            r.name, macs, latency, _accuracy(r), _delta(r.accuracy_delta, i == 0), _pct(r.consistency),
             _delta(r.consistency_delta, i == 0), _pct(r.one_pixel), _delta(r.one_pixel_delta, i == 0),
             f"{r.seconds:.0f}" if r.status == "measured" else "", mark,
             style="bold" if r is tuned.chosen else None,
@@ -64,8 +69,8 @@ def verdict(tuned: Tuned) -> str:
     c = tuned.chosen
     return (
         f"chosen: {c.name} (multiply-adds x{c.macs_ratio:.2f}): {tuned.rule.protocol} consistency "
-        f"{c.consistency_delta.text()}, one-pixel {c.one_pixel_delta.text()}, {tuned.rule.accuracy} "
-        f"{c.accuracy_delta.text()} points against the original on the selection images"
+        f"{c.consistency_delta.text()}, one-pixel {c.one_pixel_delta.text()} against the original on the "
+        f"selection images, {tuned.rule.accuracy} {c.accuracy_delta.text()} points on {c.accuracy_images}"
     )
 
 

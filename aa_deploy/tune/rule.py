@@ -1,8 +1,9 @@
 """How `tune` chooses, on figures it measured: the rule, the budget it applies it under, and each candidate's row.
 
 Among the candidates within the budget whose accuracy loss against the original is within the tolerance
-(the paired mean difference, in points: top-1 with labels, else fidelity, top-1 agreement with the
-original's shift-averaged answer), the one whose paired consistency gain has the largest lower bound
+(the paired mean difference, in points, over every image the candidate did not learn from: the selection
+part, and the calibration part too for a candidate not calibrated; top-1 with labels, else fidelity, top-1
+agreement with the original's shift-averaged answer), the one whose paired consistency gain has the largest lower bound
 (95 % interval over images) under the protocol the preprocessing implies; that bound must be above zero,
 else nothing beats keeping the original. Ties: fewer multiply-adds, then the earlier candidate.
 """
@@ -73,6 +74,8 @@ class Row:
     reason: str = ""
     accuracy: float | None = None
     accuracy_delta: Delta | None = None
+    accuracy_images: int | None = None  # the images accuracy is over: the selection part, and the calibration
+    # part where the candidate was not calibrated on it
     consistency: float | None = None
     consistency_delta: Delta | None = None
     one_pixel: float | None = None
@@ -103,7 +106,7 @@ class Rule:
             f"the largest lower bound of the paired {self.protocol} consistency gain "
             f"({f'{self.pairs} pairs per image, ' if self.pairs else ''}95 % interval, above zero) "
             f"among the candidates within the budget that lose at most {self.tolerance:g} points of {self.accuracy} "
-            "(paired mean); ties: fewer multiply-adds"
+            "(paired mean over every image the candidate was not calibrated on); ties: fewer multiply-adds"
         )
 
     def disqualifies(self, row: Row) -> str | None:

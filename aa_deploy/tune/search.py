@@ -3,8 +3,9 @@
 split the images (calibration part, selection part) -> the candidates and their multiply-adds -> the
 original's figures on the selection part -> each candidate within the budget, cheapest first: convert,
 time it where latency is bounded, calibrate on the calibration part (the candidates that calibrate share
-what is left of the time limit), measure on the selection part, paired against the original -> the rule
-(`rule.Rule`) -> the chosen model with the whole frontier in its metadata.
+what is left of the time limit), measure on the selection part (accuracy on the calibration part too where
+it was not calibrated on it), paired against the original -> the rule (`rule.Rule`) -> the chosen model
+with the whole frontier in its metadata.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def tune(
         teacher = sessions.enter_context(OnnxRuntimeRunner(original))  # the original's sessions: until the end
         selection = Selection(
             SessionModule(teacher), parts.selection, parts.root, views, labels=images.labels,
-            seed=seed, batch=compute.batch_size or MEASURE_BATCH,
+            seed=seed, batch=compute.batch_size or MEASURE_BATCH, unseen=parts.calibration,
         )  # fmt: skip
         rule = replace(
             rule, accuracy=selection.accuracy_name, protocol=selection.protocol.name, pairs=selection.checker.passes
@@ -222,9 +223,14 @@ def _only(costed: list, only: tuple[str, ...] | None) -> list:
 
 
 def _row(row: Row, base: Measured, measured: Measured, seconds: float) -> Row:
-    """`row` with `measured`'s figures and their paired differences from the original's (`base`)."""
-    row.accuracy = float(measured.accuracy.mean())
-    row.accuracy_delta = Delta.of(base.accuracy, measured.accuracy)
+    """`row` with `measured`'s figures and their paired differences from the original's (`base`); accuracy
+    over the calibration part too where the candidate was measured there (it was not calibrated on it)."""
+    ours, theirs = measured.accuracy, base.accuracy
+    if measured.unseen_accuracy is not None:
+        ours = np.concatenate([ours, measured.unseen_accuracy])
+        theirs = np.concatenate([theirs, base.unseen_accuracy])
+    row.accuracy, row.accuracy_images = float(ours.mean()), len(ours)
+    row.accuracy_delta = Delta.of(theirs, ours)
     row.consistency = measured.consistency.consistency
     row.consistency_delta = Delta.of(base.consistency.per_image, measured.consistency.per_image)
     row.one_pixel = measured.one_pixel.consistency
@@ -314,7 +320,7 @@ def _attempt(candidate: Candidate, row: Row, later: list, c: _Context) -> ir.Mod
     if candidate.training is not None:  # the calibrated weights (written into `converted` itself) are measured
         path = _write(model, c.folder, row.name)
     with OnnxRuntimeRunner(path) as session:
-        measured = c.selection.measure(SessionModule(session))
+        measured = c.selection.measure(SessionModule(session), calibrated=candidate.training is not None)
     _row(row, c.base, measured, time.perf_counter() - began)
     row.status = MEASURED
     return model

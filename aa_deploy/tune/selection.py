@@ -1,6 +1,7 @@
 """The images `tune` decides on: a deterministic split of the user's folder into a calibration part and a
 selection part, and the figures every candidate is measured by on the selection part (the same held-out
-figures `calibrate` scores with, and one-pixel consistency beside them)."""
+figures `calibrate` scores with, and one-pixel consistency beside them); accuracy also on the calibration
+part for the candidates that were not calibrated on it."""
 
 from __future__ import annotations
 
@@ -98,41 +99,64 @@ class SessionModule:
 @dataclass(frozen=True)
 class Measured:
     """One model on the selection images, per image: accuracy hits (top-1 against the labels, else against the
-    original's shift-averaged answer), the deciding protocol's result and one-pixel consistency's."""
+    original's shift-averaged answer), the deciding protocol's result and one-pixel consistency's; and its
+    accuracy hits on the calibration part where it was not calibrated on it (else None)."""
 
     accuracy: np.ndarray
     consistency: ConsistencyResult
     one_pixel: ConsistencyResult
+    unseen_accuracy: np.ndarray | None = None
+
+
+def _labels(labels: str | os.PathLike | None, files: tuple[Path, ...], root: Path) -> np.ndarray | None:
+    """Each file's class from the `file,label` CSV, else from a folder per class where there is one, else None."""
+    return csv_labels(labels, list(files), root) if labels else folder_labels(list(files), root)
+
+
+def _checker(teacher: SessionModule, files: tuple[Path, ...], views: Views, seed: int, batch: int) -> HeldOut:
+    """`files` decoded as the model's views take them, with the original's answers on them."""
+    images = np.stack([load_rgb(p, views.decode) for p in files])
+    return HeldOut(
+        teacher, images, views.prepare, seed=seed, batch=batch, shift=views.recipe.shift, span=views.span,
+        passes=PASSES_CANVAS if views.span else PASSES_SMALL,
+    )  # fmt: skip
 
 
 class Selection:
-    """The selection images decoded as the model's views take them, and the original's answers on them."""
+    """The selection images decoded as the model's views take them, and the original's answers on them; the
+    calibration part's (`unseen`) for accuracy alone, which a candidate not calibrated on it is measured on too:
+    the tolerance is checked on every image a candidate never learned from."""
 
     def __init__(self, teacher: SessionModule, files: tuple[Path, ...], root: Path, views: Views, *,
-                 labels: str | os.PathLike | None, seed: int, batch: int) -> None:  # fmt: skip
-        images = np.stack([load_rgb(p, views.decode) for p in files])
+                 labels: str | os.PathLike | None, seed: int, batch: int, unseen: tuple[Path, ...] = ()) -> None:  # fmt: skip
         self.views, self.batch, self.teacher = views, batch, teacher
-        self.labels = csv_labels(labels, list(files), root) if labels else None
-        if labels is None and (found := folder_labels(list(files), root)) is not None:
-            self.labels = found
-        self.checker = HeldOut(
-            teacher, images, views.prepare, seed=seed, batch=batch, shift=views.recipe.shift, span=views.span,
-            passes=PASSES_CANVAS if views.span else PASSES_SMALL,
-        )  # fmt: skip
+        known = _labels(labels, files + unseen, root)  # both parts at once: a folder's classes index the same
+        self.labels = None if known is None else known[: len(files)]
+        self.unseen_labels = None if known is None else known[len(files) :]
+        self.checker = _checker(teacher, files, views, seed, batch)
         if not self.checker.classifier:
             raise InputError("tune compares classes, and this model's output is not (N, classes)")
         self.protocol = self.checker.protocols(final=False)[0]
+        self.unseen = _checker(teacher, unseen, views, seed, batch) if unseen else None
 
     @property
     def accuracy_name(self) -> str:
         return "top-1" if self.labels is not None else "fidelity"
 
-    def measure(self, module: SessionModule) -> Measured:
+    def measure(self, module: SessionModule, calibrated: bool = False) -> Measured:
+        """`module`'s figures; `calibrated`: it learned from the calibration part, so its accuracy there is not
+        counted."""
         scored = self.checker.score(module, final=False, first=True)
-        hits = scored.per_image.fidelity
-        if self.labels is not None:
-            hits = logits(module, self.views.prepare, self.checker.view, self.batch).argmax(1).numpy() == self.labels
-        return Measured(hits.astype(np.float64), scored.runs[self.protocol.name], self._one_pixel(module))
+        hits = scored.per_image.fidelity if self.labels is None else self._hits(module, self.checker, self.labels)
+        more = None
+        if self.unseen is not None and not calibrated:
+            more = self._hits(module, self.unseen, self.unseen_labels)
+        return Measured(hits.astype(np.float64), scored.runs[self.protocol.name], self._one_pixel(module), more)
+
+    def _hits(self, module: SessionModule, checker: HeldOut, labels: np.ndarray | None) -> np.ndarray:
+        """Top-1 on `checker`'s centre views against `labels`, else against the original's shift-averaged answer."""
+        top1 = logits(module, self.views.prepare, checker.view, self.batch).argmax(1).numpy()
+        return (top1 == (checker.averaged_top1 if labels is None else labels)).astype(np.float64)
 
     def _one_pixel(self, module: SessionModule) -> ConsistencyResult:
         """One-pixel diagonal steps: crops of the canvas where the views are its crops (as many steps as it has

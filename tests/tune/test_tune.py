@@ -210,28 +210,55 @@ def test_the_cheap_calibrations_keep_their_share_when_not_all_fit():
     assert _share(later, context) < MIN_CALIBRATION  # not even one fits: out of time
 
 
-def test_a_calibrated_candidate_is_measured_as_calibrated(cifar, tmp_path):
-    """The figures of a calibrating candidate are those of its calibrated weights: its row's top-1 is the
-    top-1 of the model tune returns for it, recomputed here in ONNX Runtime on the selection images."""
+def _logits(model, files, tmp_path) -> np.ndarray:
+    """`model`'s logits on the CIFAR `files`, recomputed in ONNX Runtime."""
     from PIL import Image
 
+    path = tmp_path / "candidate.onnx"
+    onnx.save(ir.serde.serialize_model(model) if isinstance(model, ir.Model) else onnx.load(model), path)
+    x = bundled.cifar_normalize(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i : i + 1]})[0] for i in range(len(x))])
+
+
+def _hits(logits: np.ndarray, files) -> np.ndarray:
+    """Top-1 hits against the class index each file's folder names."""
+    return logits.argmax(1) == np.array([int(f.parent.name) for f in files])
+
+
+def test_a_calibrated_candidate_is_measured_as_calibrated(cifar, tmp_path):
+    """The figures of a calibrating candidate are those of its calibrated weights: its row's top-1 is the
+    top-1 of the model tune returns for it, recomputed here in ONNX Runtime on the selection images (only
+    there: it learned from the calibration part)."""
     from aa_deploy.tune import Budget, Images, tune
 
     model, images = cifar
     tuned = tune(model_io.load(model), Images(images), Budget(max_macs=1.1), only=("blur+refit",))
     row = next(r for r in tuned.rows if r.name == "blur + refit")
     assert row.status == MEASURED and row.calibration["method"] == "reconstruct"
-    path = tmp_path / "refit.onnx"
-    onnx.save(ir.serde.serialize_model(tuned.measured["blur + refit"]), path)
     files = tuned.split.selection
-    x = bundled.cifar_normalize(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    top1 = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i : i + 1]})[0] for i in range(len(x))])
-    labels = np.array([int(f.parent.name) for f in files])
-    assert abs(float((top1.argmax(1) == labels).mean()) - row.accuracy) < 1e-9
+    refit = _logits(tuned.measured["blur + refit"], files, tmp_path)
+    assert row.accuracy_images == len(files) and abs(float(_hits(refit, files).mean()) - row.accuracy) < 1e-9
     # and they are not the uncalibrated blur's: the refit moved the answers
     uncalibrated = tmp_path / "blur.onnx"
     aa_deploy.convert(model, uncalibrated)
-    session = ort.InferenceSession(str(uncalibrated), providers=["CPUExecutionProvider"])
-    blur = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i : i + 1]})[0] for i in range(len(x))])
-    assert np.abs(blur - top1).max() > 1e-3
+    assert np.abs(_logits(uncalibrated, files, tmp_path) - refit).max() > 1e-3
+
+
+def test_an_uncalibrated_candidate_is_checked_on_every_image_it_never_learned_from(cifar, tmp_path):
+    """A candidate that is not calibrated (dense sampling) has its top-1 counted on the calibration part too:
+    its row's top-1 and its paired difference are over all 100 images, recomputed here in ONNX Runtime for it
+    and for the original; the consistency figures stay on the selection part, the same images for every
+    candidate."""
+    from aa_deploy.tune import Budget, Images, tune
+
+    model, images = cifar
+    tuned = tune(model_io.load(model), Images(images), Budget(max_macs=2.5), only=("dense-1",))
+    original, dense = tuned.rows[0], next(r for r in tuned.rows if r.name == "dense-1")
+    files = tuned.split.selection + tuned.split.calibration
+    ours = _hits(_logits(tuned.measured["dense-1"], files, tmp_path), files)
+    theirs = _hits(_logits(model, files, tmp_path), files)
+    assert dense.accuracy_images == original.accuracy_images == 100
+    assert abs(float(ours.mean()) - dense.accuracy) < 1e-9 and abs(float(theirs.mean()) - original.accuracy) < 1e-9
+    assert abs(float(ours.mean() - theirs.mean()) - dense.accuracy_delta.delta) < 1e-9
+    assert len(tuned.split.selection) == 50  # what the consistency figures are over

@@ -120,6 +120,8 @@ class CalibrationResult:
     activation_mb: float = 0.0  # activations one sample produces in a forward pass
     plan: TimePlan | None = None  # how a time limit was spent: the steps' sizes and expected seconds
     trained_on: int = 0  # training images distillation used (fewer than the folder's when a time limit cut them)
+    dense: bool = False  # the calibrated model is a dense conversion (then dense sampling is no suggestion)
+    teacher_dense: bool = False  # so is the teacher: the report names it "the dense teacher"
 
 
 EVAL_BUDGET = 1 << 30  # bytes of activations one evaluation batch may produce
@@ -542,9 +544,10 @@ def calibrate_model(
     speed.refit()
     after = sample.checker.score(pair.student, final=True)
     write_back(pair.written, {name: p.detach().cpu().numpy() for name, p in pair.student.trainable().items()})
-    result = _result(
-        pair, sample, training, plan, _Scores(opening.teacher, opening.before, after), began, start, distilled
-    )
+    result = replace(
+        _result(pair, sample, training, plan, _Scores(opening.teacher, opening.before, after), began, start, distilled),
+        dense=bool(model_io.sites_where(student_ir, "dense")), teacher_dense=bool(model_io.sites_where(teacher_ir, "dense")),
+    )  # fmt: skip
     model_io.write_metadata(pair.written, {"calibration": _record(result, data, training, views, sample.checker, pair)})
     return Calibrated(pair.written, result)
 

@@ -7,13 +7,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import onnx
-import onnx_ir as ir
 from rich.console import Group
 from rich.table import Table
 
 from aa_deploy.calibration.calibrate import CalibrationResult
-from aa_deploy.common import model_io
 
 
 def pct(value) -> str:
@@ -23,11 +20,6 @@ def pct(value) -> str:
 
 def _word(lo: float, hi: float) -> str:
     return "BETTER" if lo > 0 else "WORSE" if hi < 0 else "not resolved"
-
-
-def teacher_word(teacher: ir.Model | onnx.ModelProto) -> str:
-    """How the reports name the teacher: the original, or the dense teacher (a dense conversion of it)."""
-    return "the dense teacher" if model_io.sites_where(teacher, "dense") else "the original"
 
 
 def verdict(result: CalibrationResult, who: str = "the original") -> str:
@@ -44,19 +36,15 @@ def verdict(result: CalibrationResult, who: str = "the original") -> str:
 
 @dataclass(frozen=True)
 class CalibrationReport:
-    """A finished calibration as it prints: `result`, written to `output`; `who`: the teacher's name in the
-    report (`teacher_word`); `dense`: the calibrated model is a dense conversion (then dense sampling is
-    not suggested)."""
+    """A finished calibration as it prints: `result`, written to `output`."""
 
     result: CalibrationResult
     output: str | os.PathLike
-    who: str = "the original"
-    dense: bool = False
 
-    @classmethod
-    def of(cls, result: CalibrationResult, output, student, teacher) -> CalibrationReport:
-        """The report of a calibration of `student` against `teacher` (graphs, or protos as read from files)."""
-        return cls(result, output, teacher_word(teacher), bool(model_io.sites_where(student, "dense")))
+    @property
+    def who(self) -> str:
+        """The teacher's name in the report: the original, or the dense teacher (a dense conversion of it)."""
+        return "the dense teacher" if self.result.teacher_dense else "the original"
 
     def __rich__(self) -> Group:
         result, who = self.result, self.who
@@ -75,7 +63,7 @@ class CalibrationReport:
                 "more calibration images usually help"
                 + (
                     "[/yellow]"
-                    if self.dense
+                    if self.result.dense
                     else "; dense sampling needs no training: aa-deploy convert ORIGINAL --dense-last 2 --filter none "
                     "(exact, at the compute aa-deploy inspect states)[/yellow]"
                 )

@@ -11,7 +11,6 @@ from aa_deploy.calibration.calibrate import METHODS, STARTS, VIEWS, Compute, Dat
 from aa_deploy.calibration.recipe import Recipe
 from aa_deploy.calibration.report import CalibrationReport
 from aa_deploy.cli import common, events
-from aa_deploy.common import model_io
 from aa_deploy.common.devices import DEVICES
 
 
@@ -180,6 +179,5 @@ def run(args: argparse.Namespace, console: Console) -> int:
             args.model, args.teacher, data, args.output, training, compute, progress=progress,
             started=common.command_started(),
         )  # fmt: skip
-    student, teacher = (model_io.load_proto(path) for path in (args.model, args.teacher))
-    console.print(CalibrationReport.of(result, args.output, student, teacher))
+    console.print(CalibrationReport(result, args.output))
     return common.EXIT_OK

@@ -102,7 +102,7 @@ def _convert_and_calibrate(args: argparse.Namespace, console: Console) -> int:
                 model, args.model, data, out, Training(), Compute(device=args.device),
                 name=f"{args.model} converted", source=written, progress=progress, started=common.command_started(),
             )  # fmt: skip
-    console.print(CalibrationReport.of(calibrated, out, model, model_io.load_proto(args.model)))
+    console.print(CalibrationReport(calibrated, out))
     return common.EXIT_OK
 
 

@@ -167,6 +167,23 @@ def test_a_dense_teacher_is_named_as_such_in_the_report(r20, tmp_path):
     assert (tmp_path / "o.onnx").exists()
 
 
+def test_the_result_says_which_graph_is_dense_and_the_report_reads_it(r20, tmp_path):
+    """A dense student (blur + dense-1) against the plain original: the result records it, and the report
+    names the original as the teacher and never suggests dense sampling to a model that has it."""
+    from rich.console import Console
+
+    from aa_deploy.calibration.report import CalibrationReport
+
+    student = tmp_path / "bd1.onnx"
+    aa_deploy.convert(r20 / "r20.onnx", student, aa_deploy.Options(dense_last=1))
+    result = calibrate(student, r20 / "r20.onnx", r20 / "images", tmp_path / "o.onnx", method="reconstruct")
+    assert result.dense and not result.teacher_dense
+    console = Console(record=True, width=200)
+    console.print(CalibrationReport(result, tmp_path / "o.onnx"))
+    text = console.export_text()
+    assert "against the original" in text and "dense teacher" not in text and "--dense-last" not in text
+
+
 def test_an_unreadable_image_met_in_a_worker_is_one_line(tmp_path):
     from aa_deploy.common.images import ImageFiles, Preprocess, batches
 

@@ -19,6 +19,7 @@ import torch
 from aa_deploy.calibration.calibrate import Views
 from aa_deploy.calibration.held_out import HeldOut
 from aa_deploy.calibration.teacher_targets import logits
+from aa_deploy.calibration.views import centre
 from aa_deploy.common.errors import InputError
 from aa_deploy.common.images import csv_labels, folder_labels, list_images, load_rgb, spread
 from aa_deploy.consistency import measure
@@ -113,9 +114,13 @@ def _labels(labels: str | os.PathLike | None, files: tuple[Path, ...], root: Pat
     return csv_labels(labels, list(files), root) if labels else folder_labels(list(files), root)
 
 
-def _checker(teacher: SessionModule, files: tuple[Path, ...], views: Views, seed: int, batch: int) -> HeldOut:
-    """`files` decoded as the model's views take them, with the original's answers on them."""
-    images = np.stack([load_rgb(p, views.decode) for p in files])
+def _decoded(files: tuple[Path, ...], views: Views) -> np.ndarray:
+    """`files` decoded as the model's views take them (canvases where the views are their crops)."""
+    return np.stack([load_rgb(p, views.decode) for p in files])
+
+
+def _checker(teacher: SessionModule, images: np.ndarray, views: Views, seed: int, batch: int) -> HeldOut:
+    """Decoded `images` with the original's answers on them (its shift-averaged one among them)."""
     return HeldOut(
         teacher, images, views.prepare, seed=seed, batch=batch, shift=views.recipe.shift, span=views.span,
         passes=PASSES_CANVAS if views.span else PASSES_SMALL,
@@ -124,20 +129,28 @@ def _checker(teacher: SessionModule, files: tuple[Path, ...], views: Views, seed
 
 class Selection:
     """The selection images decoded as the model's views take them, and the original's answers on them; the
-    calibration part's (`unseen`) for accuracy alone, which a candidate not calibrated on it is measured on too:
-    the tolerance is checked on every image a candidate never learned from."""
+    calibration part's (`unseen`) centre views and what they are scored against, for accuracy alone, which a
+    candidate not calibrated on it is measured on too: the tolerance is checked on every image a candidate
+    never learned from."""
 
     def __init__(self, teacher: SessionModule, files: tuple[Path, ...], root: Path, views: Views, *,
                  labels: str | os.PathLike | None, seed: int, batch: int, unseen: tuple[Path, ...] = ()) -> None:  # fmt: skip
         self.views, self.batch, self.teacher = views, batch, teacher
         known = _labels(labels, files + unseen, root)  # both parts at once: a folder's classes index the same
         self.labels = None if known is None else known[: len(files)]
-        self.unseen_labels = None if known is None else known[len(files) :]
-        self.checker = _checker(teacher, files, views, seed, batch)
+        self.checker = _checker(teacher, _decoded(files, views), views, seed, batch)
         if not self.checker.classifier:
             raise InputError("tune compares classes, and this model's output is not (N, classes)")
         self.protocol = self.checker.protocols(final=False)[0]
-        self.unseen = _checker(teacher, unseen, views, seed, batch) if unseen else None
+        self.unseen_view = self.unseen_target = None
+        if unseen:  # with labels, the centre views alone; else the original's shift-averaged answers on them too
+            images = _decoded(unseen, views)
+            self.unseen_view = centre(images, views.span)
+            self.unseen_target = (
+                known[len(files) :]
+                if known is not None
+                else _checker(teacher, images, views, seed, batch).averaged_top1
+            )
 
     @property
     def accuracy_name(self) -> str:
@@ -147,16 +160,16 @@ class Selection:
         """`module`'s figures; `calibrated`: it learned from the calibration part, so its accuracy there is not
         counted."""
         scored = self.checker.score(module, final=False, first=True)
-        hits = scored.per_image.fidelity if self.labels is None else self._hits(module, self.checker, self.labels)
+        hits = scored.per_image.fidelity if self.labels is None else self._hits(module, self.checker.view, self.labels)
         more = None
-        if self.unseen is not None and not calibrated:
-            more = self._hits(module, self.unseen, self.unseen_labels)
+        if self.unseen_view is not None and not calibrated:
+            more = self._hits(module, self.unseen_view, self.unseen_target)
         return Measured(hits.astype(np.float64), scored.runs[self.protocol.name], self._one_pixel(module), more)
 
-    def _hits(self, module: SessionModule, checker: HeldOut, labels: np.ndarray | None) -> np.ndarray:
-        """Top-1 on `checker`'s centre views against `labels`, else against the original's shift-averaged answer."""
-        top1 = logits(module, self.views.prepare, checker.view, self.batch).argmax(1).numpy()
-        return (top1 == (checker.averaged_top1 if labels is None else labels)).astype(np.float64)
+    def _hits(self, module: SessionModule, view: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """Top-1 on the centre views `view` against `target` (labels, or the original's shift-averaged answers)."""
+        top1 = logits(module, self.views.prepare, view, self.batch).argmax(1).numpy()
+        return (top1 == target).astype(np.float64)
 
     def _one_pixel(self, module: SessionModule) -> ConsistencyResult:
         """One-pixel diagonal steps: crops of the canvas where the views are its crops (as many steps as it has

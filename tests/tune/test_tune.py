@@ -214,10 +214,11 @@ def _logits(model, files, tmp_path) -> np.ndarray:
     """`model`'s logits on the CIFAR `files`, recomputed in ONNX Runtime."""
     from PIL import Image
 
-    path = tmp_path / "candidate.onnx"
-    onnx.save(ir.serde.serialize_model(model) if isinstance(model, ir.Model) else onnx.load(model), path)
+    if isinstance(model, ir.Model):
+        onnx.save(ir.serde.serialize_model(model), tmp_path / "candidate.onnx")
+        model = tmp_path / "candidate.onnx"
     x = bundled.cifar_normalize(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     return np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i : i + 1]})[0] for i in range(len(x))])
 
 
